@@ -1,0 +1,62 @@
+"""Causal FAVOR, chunked: inside a chunk of C positions a masked C x C product, across
+chunks a running state. Linear in L for a fixed C.
+
+The keys' log scales are combined with a running maximum (the state is rescaled when it
+grows), taken over the prefix only: position t never looks at a key after t, so changing
+later tokens leaves output t bit-for-bit unchanged (masked entries are exact zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..features.maps import Features
+from ._normalise import exp_diff, masked_keys, normalise
+from .state import State
+
+__all__ = ["causal_chunked", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 64
+
+
+def causal_chunked(
+    fq: Features,
+    fk: Features,
+    v: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    key_padding_mask: torch.Tensor | None = None,
+    state: State | None = None,
+    guard: float | None = None,
+) -> tuple[torch.Tensor, State]:
+    """fq, fk (..., L, M'), v (..., L, Dv) -> (out (..., L, Dv), state after position L-1)."""
+    qv = fq.values
+    kvals, klog = masked_keys(fk, key_padding_mask)
+    lead = torch.broadcast_shapes(qv.shape[:-2], kvals.shape[:-2], v.shape[:-2])
+    length, dv = qv.shape[-2], v.shape[-1]
+    if state is None:
+        state = State.empty(lead, kvals.shape[-1], dv, dtype=qv.dtype, device=qv.device)
+    kv, z, c = state
+    outs = []
+    for start in range(0, length, chunk_size):
+        sl = slice(start, min(start + chunk_size, length))
+        q_c, k_c, lk_c, v_c = qv[..., sl, :], kvals[..., sl, :], klog[..., sl], v[..., sl, :]
+        n = q_c.shape[-2]
+        # run[t] = max(log scale of the state, keys up to t): the prefix maximum
+        run = torch.maximum(torch.cummax(lk_c, dim=-1).values, c[..., None])
+        causal_mask = torch.ones(n, n, dtype=torch.bool, device=qv.device).tril()
+        weights = exp_diff(lk_c[..., None, :], run[..., :, None])  # (..., C, C): exp(lk_i - run_t)
+        weights = torch.where(causal_mask, weights, torch.zeros_like(weights))
+        scores = (q_c @ k_c.transpose(-1, -2)) * weights
+        carry = exp_diff(c[..., None], run)  # (..., C): the state's weight at each t
+        num = scores @ v_c + (q_c @ kv) * carry[..., None]
+        den = scores.sum(-1) + (q_c @ z[..., None])[..., 0] * carry
+        outs.append(normalise(num, den, guard))
+        new_c = run[..., -1]
+        k_w = k_c * exp_diff(lk_c, new_c[..., None])[..., None]
+        decay = exp_diff(c, new_c)
+        kv = kv * decay[..., None, None] + k_w.transpose(-1, -2) @ v_c
+        z = z * decay[..., None] + k_w.sum(-2)
+        c = new_c
+    out = torch.cat(outs, dim=-2) if outs else qv.new_zeros(*lead, 0, dv)
+    return out, State(kv, z, c)

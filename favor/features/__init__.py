@@ -1,0 +1,7 @@
+"""Random projections and feature maps phi."""
+
+from . import maps, projections
+from .feature_map import KERNELS, FeatureMap, default_num_features
+from .maps import Features
+
+__all__ = ["projections", "maps", "FeatureMap", "Features", "KERNELS", "default_num_features"]
