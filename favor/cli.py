@@ -1,0 +1,49 @@
+"""The ``favor`` command line: ``favor <subcommand> [options]``.
+
+Each subcommand lives in ``favor/commands/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``; this table maps names to those modules, imported only when used so
+that ``favor --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: subcommand -> (module under favor.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "approximation, speed and memory tables vs exact attention; JSON + PNG under runs/demo/"),
+}
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``chosen`` subcommand's module is imported to add its options."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="favor", description="Performer (FAVOR+) attention for PyTorch")
+    parser.add_argument("--version", action="version", version=f"favor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"favor.commands.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(chosen).parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    module = importlib.import_module(f"favor.commands.{COMMANDS[args.command][0]}")
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands; see favor/cli.py for the table that names them."""
