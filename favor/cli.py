@@ -15,6 +15,9 @@ import sys
 #: subcommand -> (module under favor.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "approximation, speed and memory tables vs exact attention; JSON + PNG under runs/demo/"),
+    "train": ("train", "train a Performer LM on proteins (checkpoints, exact --resume, log.jsonl, loss.png)"),
+    "generate": ("generate", "sample a protein from a trained checkpoint"),
+    "data": ("data", "fetch the full Swiss-Prot set (Debian metastudent-data) for long runs"),
 }
 
 

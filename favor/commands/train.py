@@ -1,0 +1,80 @@
+"""favor train: train a Performer LM on proteins, with checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..features.feature_map import KERNELS
+from ..nn.attention import ATTENTIONS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train import PRESETS
+
+    parser.add_argument("--out", required=True, help="run directory (log.jsonl, loss.png, checkpoints/)")
+    parser.add_argument("--config", help="TOML file with [model] and [train] tables, applied over the preset")
+    parser.add_argument(
+        "--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration (default tiny)"
+    )
+    parser.add_argument("--steps", type=int, help="total optimiser steps")
+    parser.add_argument("--seed", type=int, help="seed for data order, initial weights and projections")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+    parser.add_argument("--kernel", choices=sorted(KERNELS), help="feature map kernel")
+    parser.add_argument("--attention", choices=sorted(ATTENTIONS), help="favor, or exact softmax for a baseline")
+    parser.add_argument("--data", help="protein FASTA(.gz) instead of the embedded extract (see `favor data`)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # tests kill a run mid-way; a per-step sleep makes "mid-way" reliable
+    parser.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..checkpoint import CheckpointError
+    from ..train import resolve_config, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model_cfg, train_cfg = resolve_config(
+            preset=args.preset,
+            config_file=args.config,
+            steps=args.steps,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            kernel=args.kernel,
+            attention=args.attention,
+            data=args.data,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"favor train: {e}")
+        return 2
+    bar = tqdm(total=train_cfg.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
+    val = {"bpr": None}
+
+    def on_step(row):
+        if bar.n == 0 and row["step"] > 1:
+            bar.update(row["step"] - 1)
+        if "val_bpr" in row:
+            val["bpr"] = row["val_bpr"]
+        post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if val["bpr"] is not None:
+            post["val_bpr"] = f"{val['bpr']:.3f}"
+        bar.set_postfix(post)
+        bar.update(1)
+
+    try:
+        result = train(args.out, model_cfg, train_cfg, resume=args.resume, on_step=on_step, throttle=args.throttle)
+    except (CheckpointError, FileNotFoundError) as e:
+        bar.close()
+        print(f"favor train: {e}")
+        return 2
+    bar.close()
+    result.pop("model")
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
+    print(f"log: {args.out}/log.jsonl  plot: {args.out}/loss.png  checkpoint: {args.out}/checkpoints/")
+    return 0

@@ -1,0 +1,98 @@
+"""The full Swiss-Prot set, fetched on demand from Debian's ``metastudent-data`` package.
+
+``fetch_swissprot(out_dir)`` runs ``apt-get download metastudent-data`` (225 MB .deb),
+unpacks it with ``dpkg -x``, and writes ``swissprot.fasta.gz``: the union of the three GO
+ontology databases (582,427 proteins, 226 M residues), deduplicated by accession and sorted.
+``extract(...)`` draws the fixed, seeded subset shipped as favor's embedded corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .blastdb import read_blastdb
+from .fasta import write_fasta
+
+__all__ = ["fetch_swissprot", "read_metastudent", "extract", "DEB_PACKAGE"]
+
+log = logging.getLogger(__name__)
+
+DEB_PACKAGE = "metastudent-data"
+_ONTOLOGIES = ("MFO", "BPO", "CCO")
+_SUBDIR = "usr/share/metastudent-data/dataset_201401"
+
+
+def read_metastudent(root: str | Path) -> dict[str, str]:
+    """accession -> sequence over the MFO, BPO and CCO databases under an unpacked package
+    ``root`` (the directory given to ``dpkg -x``)."""
+    base = Path(root) / _SUBDIR
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} does not exist: expected an unpacked {DEB_PACKAGE} package under {root}")
+    seqs: dict[str, str] = {}
+    for onto in _ONTOLOGIES:
+        for acc, seq in read_blastdb(base / onto / "goasp.fasta"):
+            seqs.setdefault(acc, seq)
+    return seqs
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    if shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"{cmd[0]} not found: fetching Swiss-Prot needs a Debian/Ubuntu system with {cmd[0]}")
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+
+
+def download_package(work: Path) -> Path:
+    """apt-get download + dpkg -x into ``work``; returns the unpacked root."""
+    _run(["apt-get", "download", DEB_PACKAGE], work)
+    debs = sorted(work.glob(f"{DEB_PACKAGE}_*.deb"))
+    if not debs:
+        raise RuntimeError(f"apt-get download {DEB_PACKAGE} produced no .deb in {work}")
+    root = work / "root"
+    _run(["dpkg", "-x", str(debs[-1]), str(root)], work)
+    return root
+
+
+def fetch_swissprot(
+    out_dir: str | Path, *, root: str | Path | None = None, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Write ``out_dir/swissprot.fasta.gz`` (all proteins, sorted by accession) and return it.
+
+    ``root`` reuses an already unpacked package instead of downloading one.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = progress or log.info
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        if root is None:
+            say(f"downloading {DEB_PACKAGE} (225 MB) with apt-get")
+            root = download_package(Path(tmp))
+        say("reading the BLAST databases")
+        seqs = read_metastudent(root)
+        dest = out / "swissprot.fasta.gz"
+        part = out / "swissprot.fasta.gz.part"
+        say(f"writing {len(seqs)} proteins to {dest}")
+        write_fasta(part, ((acc, seqs[acc]) for acc in sorted(seqs)))
+        part.replace(dest)
+    return dest
+
+
+def extract(
+    seqs: dict[str, str], *, num_proteins: int, seed: int = 0, max_length: int | None = None
+) -> list[tuple[str, str]]:
+    """A fixed random subset: accessions sorted, then ``num_proteins`` drawn without
+    replacement by numpy's PCG64 seeded with ``seed`` (optionally among those no longer than
+    ``max_length``), returned in accession order."""
+    accs = sorted(a for a, s in seqs.items() if max_length is None or len(s) <= max_length)
+    if num_proteins > len(accs):
+        raise ValueError(f"num_proteins={num_proteins} but only {len(accs)} proteins qualify")
+    pick = np.random.default_rng(seed).choice(len(accs), size=num_proteins, replace=False)
+    return [(accs[i], seqs[accs[i]]) for i in sorted(pick)]
