@@ -6,7 +6,7 @@ import torch
 
 from ..features.maps import Features
 
-__all__ = ["normalise", "masked_keys", "NEG_INF"]
+__all__ = ["normalise", "masked_keys", "exp_diff", "max_log_scale", "NEG_INF"]
 
 NEG_INF = float("-inf")
 
@@ -30,6 +30,13 @@ def masked_keys(fk: Features, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
         values = values.masked_fill(mask[..., None], 0.0)
         log_scale = log_scale.masked_fill(mask, NEG_INF)
     return values, log_scale.expand(values.shape[:-1])
+
+
+def max_log_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """Max over the last dim, keepdim; -inf (nothing there) for an empty dim."""
+    if log_scale.shape[-1] == 0:
+        return torch.full((*log_scale.shape[:-1], 1), NEG_INF, dtype=log_scale.dtype, device=log_scale.device)
+    return log_scale.amax(-1, keepdim=True)
 
 
 def exp_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

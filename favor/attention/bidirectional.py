@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..features.maps import Features
-from ._normalise import exp_diff, masked_keys, normalise
+from ._normalise import exp_diff, masked_keys, max_log_scale, normalise
 
 __all__ = ["bidirectional", "key_summary"]
 
@@ -14,7 +14,7 @@ def key_summary(fk: Features, v: torch.Tensor, mask: torch.Tensor | None) -> tup
     """phi(K)^T V (..., M', Dv) and phi(K)^T 1 (..., M'), both up to one common positive
     factor per (batch, head) that cancels in the output. Padded keys count in neither."""
     values, log_scale = masked_keys(fk, mask)
-    ref = log_scale.amax(-1, keepdim=True)  # one shift per (batch, head): cancels exactly
+    ref = max_log_scale(log_scale)  # one shift per (batch, head): cancels exactly
     weighted = values * exp_diff(log_scale, ref)[..., None]
     return weighted.transpose(-1, -2) @ v, weighted.sum(-2)
 

@@ -13,7 +13,7 @@ import torch
 
 from ..features.feature_map import FeatureMap
 from ._checks import check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
-from ._normalise import exp_diff, masked_keys
+from ._normalise import exp_diff, masked_keys, max_log_scale
 
 __all__ = ["softmax_attention", "kernel_attention", "kernel_matrix"]
 
@@ -76,7 +76,7 @@ def kernel_matrix(
     fq, fk = feature_map.pair(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask)
     k_values, k_log = masked_keys(fk, mask)
     # one shift per (batch, head) over all keys: a common factor, so it cancels
-    k_values = k_values * exp_diff(k_log, k_log.amax(-1, keepdim=True))[..., None]
+    k_values = k_values * exp_diff(k_log, max_log_scale(k_log))[..., None]
     a = fq.values @ k_values.transpose(-1, -2)
     vis = _visibility(q.shape[-2], k.shape[-2], causal, mask, q.device)
     if vis is not None:

@@ -27,13 +27,14 @@ def _randn(*shape: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
 
 
-def _haar_orthogonal(d: int, generator: torch.Generator | None) -> torch.Tensor:
+def _haar_orthogonal(n: int, d: int, generator: torch.Generator | None) -> torch.Tensor:
+    """n independent Haar-distributed d x d orthogonal matrices (n, d, d), rows orthonormal."""
     # QR of a Gaussian matrix is Haar only after fixing the signs of R's diagonal; without
     # it (the official code) the first row of every block has a negative first coordinate.
-    q, r = torch.linalg.qr(_randn(d, d, generator=generator))
-    signs = torch.sign(torch.diagonal(r))
+    q, r = torch.linalg.qr(_randn(n, d, d, generator=generator))
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs[signs == 0] = 1.0
-    return (q * signs).T  # rows orthonormal
+    return (q * signs[..., None, :]).transpose(-1, -2)
 
 
 def _row_norms(m: int, d: int, norm: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -46,9 +47,9 @@ def _row_norms(m: int, d: int, norm: str, generator: torch.Generator | None) -> 
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-def _stack_blocks(m: int, d: int, block, generator) -> torch.Tensor:
-    blocks = [block(d, generator) for _ in range(math.ceil(m / d))]
-    return torch.cat(blocks, dim=0)[:m]
+def _stack_blocks(m: int, d: int, blocks, generator) -> torch.Tensor:
+    """ceil(m/d) blocks of d rows from ``blocks(n, d, generator) -> (n, d, d)``, first m rows."""
+    return blocks(math.ceil(m / d), d, generator).reshape(-1, d)[:m]
 
 
 def _out(w: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -82,12 +83,12 @@ def gaussian_orthogonal(
     return _out(directions * _row_norms(m, d, norm, generator)[:, None], dtype)
 
 
-def _simplex_block(d: int, generator: torch.Generator | None) -> torch.Tensor:
+def _simplex_blocks(n: int, d: int, generator: torch.Generator | None) -> torch.Tensor:
     # Centred basis vectors e_i - 1/d, normalised: d unit vectors with pairwise inner
-    # product -1/(d-1), then one Haar rotation shared by the block.
+    # product -1/(d-1), then one Haar rotation per block.
     s = torch.eye(d, dtype=torch.float64) - 1.0 / d
     s = s / torch.linalg.vector_norm(s, dim=1, keepdim=True)
-    return s @ _haar_orthogonal(d, generator)
+    return s @ _haar_orthogonal(n, d, generator)
 
 
 def simplex(m: int, d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -96,7 +97,7 @@ def simplex(m: int, d: int, *, generator: torch.Generator | None = None, dtype: 
     _check_sizes(m, d)
     if d < 2:
         raise ValueError(f"simplex projections need d >= 2 (a simplex in d dims), got d={d}")
-    directions = _stack_blocks(m, d, _simplex_block, generator)
+    directions = _stack_blocks(m, d, _simplex_blocks, generator)
     return _out(directions * _row_norms(m, d, "chi", generator)[:, None], dtype)
 
 
