@@ -79,7 +79,9 @@ class _LocalState(torch.autograd.Function):
         feat, chunk = ctx.feat, ctx.chunk
         need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.needs_input_grad[2]:
-            raise RuntimeError("local_state: gradients with respect to FAVOR++'s A are not supported (A is a constant in causal attention)")
+            raise RuntimeError(
+                "local_state: gradients with respect to FAVOR++'s A are not supported (A is a constant in causal attention)"
+            )
         lead = c.shape
         g_kv = torch.zeros(*lead, *g_kv.shape[-2:], dtype=k.dtype, device=k.device) if g_kv is None else g_kv
         g_kv = g_kv.expand(*lead, *g_kv.shape[-2:])

@@ -111,7 +111,9 @@ def sequence_parallel_attention(
         )
     _, world = group_rank_size(group)
     if world == 1:
-        return attention(q, k, v, feature_map, causal=True, key_padding_mask=key_padding_mask, scale=scale, chunk_size=chunk_size)
+        return attention(
+            q, k, v, feature_map, causal=True, key_padding_mask=key_padding_mask, scale=scale, chunk_size=chunk_size
+        )
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
     s = check_scale(scale, q.shape[-1])
@@ -122,7 +124,14 @@ def sequence_parallel_attention(
     local = local_state(ks, vs, feature_map.exact_features, a=a, key_padding_mask=mask, chunk_size=DEFAULT_STATE_CHUNK)
     prefix = prefix_state(local, group=group)
     out = attention(
-        q, k, v, feature_map, causal=True, key_padding_mask=key_padding_mask, scale=scale, chunk_size=chunk_size,
+        q,
+        k,
+        v,
+        feature_map,
+        causal=True,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        chunk_size=chunk_size,
         initial_state=prefix,
     )
     if out.shape[-2] == 0 and prefix.kv.requires_grad:

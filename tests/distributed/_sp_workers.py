@@ -8,6 +8,8 @@ deviations on that slice.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 import favor
@@ -31,9 +33,11 @@ def make_case(case: dict):
         mask = torch.rand(b, length, generator=g) < 0.3
         lo, hi = case.get("pad_span", (0, 0))
         mask[0, lo:hi] = True  # a whole slice of padding on some rank
-    fm = favor.FeatureMap(
-        case["kernel"], dim=d, num_features=case.get("M"), generator=torch.Generator().manual_seed(7)
-    ) if case["kernel"] != "elu" else favor.FeatureMap("elu", dim=d)
+    fm = (
+        favor.FeatureMap(case["kernel"], dim=d, num_features=case.get("M"), generator=torch.Generator().manual_seed(7))
+        if case["kernel"] != "elu"
+        else favor.FeatureMap("elu", dim=d)
+    )
     return q, k, v, upstream, mask, fm
 
 
@@ -57,24 +61,28 @@ def sp_case_worker(rank: int, world: int, out_dir: str, cases: list[dict]) -> li
         q, k, v, upstream, mask, fm = make_case(case)
         chunk = case.get("chunk")
         ref = _grads(
-            lambda q_, k_, v_: favor.attention(q_, k_, v_, fm, causal=True, key_padding_mask=mask, chunk_size=chunk),
-            q, k, v, upstream,
+            partial(favor.attention, feature_map=fm, causal=True, key_padding_mask=mask, chunk_size=chunk),
+            q,
+            k,
+            v,
+            upstream,
         )
         bounds = case.get("bounds")
         start, stop = (bounds[rank], bounds[rank + 1]) if bounds else shard_bounds(case["L"], world, rank)
         sl = slice(start, stop)
         local_mask = None if mask is None else mask[:, sl]
         with count_communication() as counter:
-            got = _grads(
-                lambda q_, k_, v_: sequence_parallel_attention(
-                    q_, k_, v_, fm, key_padding_mask=local_mask, chunk_size=chunk
-                ),
-                q[..., sl, :], k[..., sl, :], v[..., sl, :], upstream[..., sl, :],
-            )
-        errs = {name: _err(a, r[..., sl, :]) for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+            sp = partial(sequence_parallel_attention, feature_map=fm, key_padding_mask=local_mask, chunk_size=chunk)
+            got = _grads(sp, q[..., sl, :], k[..., sl, :], v[..., sl, :], upstream[..., sl, :])
+        errs = {name: _err(a, r[..., sl, :]) for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True)}
         errs["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
         m_out = fm.num_outputs
-        errs["payload"] = state_bytes((case["B"], case["H"]), m_out, v.shape[-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        errs["payload"] = state_bytes(
+            (case["B"], case["H"]),
+            m_out,
+            v.shape[-1],
+            dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+        )
         errs["counted"] = (counter.forward_bytes, counter.forward_calls, counter.backward_bytes, counter.backward_calls)
         results.append(errs)
     return results

@@ -48,8 +48,9 @@ def test_local_state_matches_reference(gen, kernel, chunk):
     fm = _fm(kernel)
     k, v, mask = _inputs(gen, std=0.6 if kernel == "trig" else 1.5)
     a = fm.oprf_a(k.detach(), k.detach(), causal=True) if kernel == "oprf" else None
-    gkv, gz = torch.randn(2, 3, fm.num_outputs, 5, generator=gen, dtype=torch.float64), torch.randn(
-        2, 3, fm.num_outputs, generator=gen, dtype=torch.float64
+    gkv, gz = (
+        torch.randn(2, 3, fm.num_outputs, 5, generator=gen, dtype=torch.float64),
+        torch.randn(2, 3, fm.num_outputs, generator=gen, dtype=torch.float64),
     )
     results = []
     for fn, kw in ((local_state, {"chunk_size": chunk}), (local_state_reference, {})):
@@ -58,7 +59,7 @@ def test_local_state_matches_reference(gen, kernel, chunk):
         loss = (kv * gkv).sum() + (z * gz).sum()
         dk, dv = torch.autograd.grad(loss, [k, v])
         results.append((kv.detach(), z.detach(), dk, dv))
-    for got, ref in zip(*results):
+    for got, ref in zip(*results, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -77,9 +78,9 @@ def test_combined_slices_equal_whole_sequence_state(gen, kernel):
         local_state(ks[..., lo:hi, :], v.detach()[..., lo:hi, :], fm.exact_features, a=a)
         for lo, hi in (shard_bounds(length, world, r) for r in range(world))
     ]
-    stacked = [torch.stack(t) for t in zip(*parts)]
+    stacked = [torch.stack(t) for t in zip(*parts, strict=True)]
     combined = combine_states(*stacked, keep=torch.tensor([True] * world))
-    for got, ref in zip(_true(combined), _true(whole)):
+    for got, ref in zip(_true(combined), _true(whole), strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     # keeping no row gives the empty state
     empty = combine_states(*stacked, keep=torch.tensor([False] * world))
@@ -98,7 +99,7 @@ def test_shard_bounds_cover_sequence():
         for world in (1, 2, 3, 4):
             bounds = [shard_bounds(length, world, r) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == length
-            assert all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
+            assert all(b[1] == c[0] for b, c in zip(bounds[:-1], bounds[1:], strict=True))
             sizes = [hi - lo for lo, hi in bounds]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="rank"):
