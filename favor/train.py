@@ -236,13 +236,15 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     time_limit: float | None = None,
     throttle: float = 0.0,
+    stop_at: int | None = None,
     write_plot: bool = True,
 ) -> dict[str, Any]:
     """Train a PerformerLM; writes DIR/log.jsonl, DIR/checkpoints/, DIR/loss.png.
 
     ``on_step(row)`` is called after every step (row has step, loss, tokens_per_s, and
     val_bpr when evaluated) so a caller can drive a progress bar. ``time_limit`` (seconds)
-    stops early after the step that crosses it. ``throttle`` sleeps that long per step
+    stops early after the step that crosses it; ``stop_at``
+    stops (with a checkpoint) after that step, as if interrupted. ``throttle`` sleeps that long per step
     (tests use it to kill a run mid-way). Returns a summary dict.
     """
     out = Path(out_dir)
@@ -316,7 +318,7 @@ def train(
                 "tokens_per_s": x.numel() / max(1e-9, time.perf_counter() - ts),
                 "time": elapsed,
             }
-            final = step == train_cfg.steps or (time_limit is not None and elapsed >= time_limit)
+            final = step == train_cfg.steps or step == stop_at or (time_limit is not None and elapsed >= time_limit)
             if step % train_cfg.eval_every == 0 or final:
                 val_bpr = evaluate_bpr(model, val_x, val_y)
                 row["val_bpr"] = val_bpr
@@ -372,7 +374,12 @@ def plot_log(
         line = ax.plot(steps, [r["loss"] / LN2 for r in rows], alpha=0.5, label=f"{label} train (bits/token)".strip())
         val = [(r["step"], r["val_bpr"]) for r in rows if "val_bpr" in r]
         if val:
-            ax.plot(*zip(*val, strict=False), "o-", color=line[0].get_color(), label=f"{label} validation (bits/residue)".strip())
+            ax.plot(
+                *zip(*val, strict=False),
+                "o-",
+                color=line[0].get_color(),
+                label=f"{label} validation (bits/residue)".strip(),
+            )
     ax.axhline(math.log2(20), color="gray", ls=":", label="uniform over 20 residues")
     ax.set_xlabel("step")
     ax.set_ylabel("bits")

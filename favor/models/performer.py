@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import AttentionState
-from ..nn.redraw import redraw_features
+from ..nn.redraw import mix_seed, redraw_features
 from .block import Block
 from .config import PerformerConfig
 
@@ -32,7 +32,10 @@ class _Trunk(nn.Module):
         redraw_features(self, config.seed, 0)
 
     def _init_weights(self) -> None:
-        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 depth)
+        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 depth);
+        # drawn from config.seed, so equal configs give equal models (and a softmax baseline
+        # starts from the same weights as its FAVOR twin)
+        gen = torch.Generator().manual_seed(mix_seed(self.config.seed, 3))
         for name, p in self.named_parameters():
             if p.ndim >= 2:
                 std = (
@@ -40,7 +43,7 @@ class _Trunk(nn.Module):
                     if name.endswith(("out_proj.weight", "mlp.2.weight"))
                     else 0.02
                 )
-                nn.init.normal_(p, std=std)
+                nn.init.normal_(p, std=std, generator=gen)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
@@ -96,7 +99,9 @@ class PerformerLM(_Trunk):
         super().__init__(config, causal=True)
         self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         if self.head is not None:
-            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.normal_(
+                self.head.weight, std=0.02, generator=torch.Generator().manual_seed(mix_seed(config.seed, 4))
+            )
 
     def forward(
         self, idx: torch.Tensor, *, state: list[AttentionState] | None = None, return_state: bool = False
