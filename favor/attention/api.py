@@ -6,8 +6,11 @@ import torch
 
 from ..features.feature_map import FeatureMap
 from ._checks import check_chunk_size, check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
+from ._fast_features import row_features
 from .bidirectional import bidirectional
+from .bidirectional_fast import DEFAULT_BIDIRECTIONAL_CHUNK, bidirectional_fast
 from .causal import DEFAULT_CHUNK, causal_chunked
+from .causal_fast import DEFAULT_CAUSAL_CHUNK, causal_fast
 from .state import State
 
 __all__ = ["attention"]
@@ -20,6 +23,38 @@ def _check_state(state, lead, m: int, dv: int) -> None:
     got = tuple(tuple(t.shape) for t in state)
     if got != want:
         raise ValueError(f"initial_state has shapes kv {got[0]}, z {got[1]}, log_scale {got[2]}; expected {want}")
+
+
+def _fast_eligible(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The chunked custom-autograd paths take row-wise features (favor's exact numerics:
+    the official key max is a statistic of the whole sequence) and equal (batch, head) shapes;
+    everything else goes to the simple reference paths."""
+    return (
+        feature_map.stabilizer == "exact"
+        and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+        and q.shape[-2] > 0
+        and k.shape[-2] > 0
+    )
+
+
+def _attention_fast(
+    qs, ks, vs, feature_map, *, causal, mask, q_mask, chunk_size, initial_state, return_state, out_dtype
+):
+    feature_map._check_dim(qs, "q")
+    feature_map._check_dim(ks, "k")
+    a = feature_map.oprf_a(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask) if feature_map.kernel == "oprf" else None
+    feat = row_features(feature_map)
+    if not causal:
+        chunk = check_chunk_size(chunk_size, DEFAULT_BIDIRECTIONAL_CHUNK)
+        return bidirectional_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, chunk_size=chunk).to(out_dtype)
+    chunk = check_chunk_size(chunk_size, DEFAULT_CAUSAL_CHUNK)
+    if initial_state is not None:
+        m = feature_map.num_outputs
+        _check_state(initial_state, qs.shape[:-2], initial_state.kv.shape[-2] if m is None else m, vs.shape[-1])
+        initial_state = initial_state.to(dtype=qs.dtype)
+    out, state = causal_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, state=initial_state, chunk_size=chunk)
+    out = out.to(out_dtype)
+    return (out, state) if return_state else out
 
 
 def attention(
@@ -48,7 +83,7 @@ def attention(
     check_qkv(q, k, v, causal=causal)
     s = check_scale(scale, q.shape[-1])
     mask = key_mask(key_padding_mask, k)
-    chunk = check_chunk_size(chunk_size, DEFAULT_CHUNK)
+    check_chunk_size(chunk_size, DEFAULT_CHUNK)
     streaming = initial_state is not None or return_state
     if streaming and not causal:
         raise ValueError("initial_state / return_state apply to causal attention only (causal=True)")
@@ -63,6 +98,21 @@ def attention(
     # self-attention convention: with Lq == Lk, padded positions are padded queries too,
     # so they stay out of sequence statistics (FAVOR++'s rho)
     q_mask = mask if (mask is not None and q.shape[-2] == k.shape[-2]) else None
+    if _fast_eligible(feature_map, q, k, v):
+        return _attention_fast(
+            qs,
+            ks,
+            vs,
+            feature_map,
+            causal=causal,
+            mask=mask,
+            q_mask=q_mask,
+            chunk_size=chunk_size,
+            initial_state=initial_state,
+            return_state=return_state,
+            out_dtype=v.dtype,
+        )
+    chunk = check_chunk_size(chunk_size, DEFAULT_CHUNK)
     guard = feature_map.eps if feature_map.stabilizer == "official" else None
     fq, fk = feature_map.pair(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask)
     if not causal:

@@ -1,0 +1,59 @@
+"""Row-wise feature functions for the chunked fast paths, ``feat(x, a) -> Features``.
+
+For the exponential kernels the |x|^2/2 term is the same for every feature of a row, so it
+is moved out of ``values`` into ``log_scale``: values = exp(s - max_m s), one fewer pass over
+the (rows x M) block. The represented phi(x) = values * exp(log_scale) is the same function
+(maps.positive / maps.oprf are the references, tested equal in tests/attention/test_fast_paths.py),
+and gradients stay exact: keys are differentiated through values and log_scale, and for
+queries the per-row factor cancels in the output, so its gradient is zero either way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..features.feature_map import FeatureMap
+from ..features.maps import Features
+
+__all__ = ["row_features"]
+
+
+def _positive(w: torch.Tensor):
+    log_m = 0.5 * math.log(w.shape[0])
+
+    def feat(x: torch.Tensor, a: torch.Tensor | None = None) -> Features:
+        s = x @ w.to(x.dtype).T
+        shift = s.detach().amax(-1)
+        values = torch.exp(s - shift[..., None])
+        return Features(values, shift - 0.5 * (x * x).sum(-1) - log_m)
+
+    return feat
+
+
+def _oprf(w: torch.Tensor):
+    log_m = 0.5 * math.log(w.shape[0])
+
+    def feat(x: torch.Tensor, a: torch.Tensor) -> Features:
+        wx = w.to(x.dtype)
+        a = a.to(x.dtype)
+        one_minus_4a = 1.0 - 4.0 * a
+        exponent = a[..., None, None] * (wx * wx).sum(-1) + torch.sqrt(one_minus_4a)[..., None, None] * (x @ wx.T)
+        shift = exponent.detach().amax(-1)
+        values = torch.exp(exponent - shift[..., None])
+        log_const = 0.25 * x.shape[-1] * torch.log(one_minus_4a)[..., None] - log_m
+        return Features(values, shift - 0.5 * (x * x).sum(-1) + log_const)
+
+    return feat
+
+
+_SPECIAL = {"positive": _positive, "oprf": _oprf}
+
+
+def row_features(feature_map: FeatureMap):
+    """The fastest row-wise ``feat(x, a)`` for this map's exact numerics."""
+    make = _SPECIAL.get(feature_map.kernel)
+    if make is None or feature_map.stabilizer != "exact":
+        return feature_map.exact_features
+    return make(feature_map.projection)

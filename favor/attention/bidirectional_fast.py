@@ -1,0 +1,157 @@
+"""Bidirectional FAVOR without L x M' feature tensors: the memory-lean twin of
+``bidirectional.bidirectional`` (its reference, tested against it and kernel_attention).
+
+Forward: phi(K)^T V and phi(K)^T 1 are built over key chunks (a running max of the keys'
+log scales, the sums rescaled when it grows), then the outputs over query chunks. Only
+q, k, v, the (M', Dv) summaries, the output and its normaliser are kept. Backward
+recomputes features chunk by chunk and differentiates them with autograd, so any row-wise
+feature map works (``feat(x, a) -> Features``; ``a`` is FAVOR++'s A*, whose gradient is
+returned too when it depends on the data).
+
+The shifts (running max, the features' own row shifts) are constants here: they cancel
+exactly between numerator and normaliser, so the gradient through them is zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..features.maps import Features
+from ._normalise import exp_diff, masked_keys, normalise
+
+__all__ = ["bidirectional_fast", "DEFAULT_BIDIRECTIONAL_CHUNK"]
+
+#: rows of features alive at a time; (B*H) x chunk x M' floats per live tensor
+DEFAULT_BIDIRECTIONAL_CHUNK = 1024
+
+FeatFn = Callable[[torch.Tensor, "torch.Tensor | None"], Features]
+
+
+def _slices(length: int, chunk: int):
+    return [slice(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+def _mask_at(mask: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[..., sl]
+
+
+def _leaf(t: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_(grad)
+
+
+def _grad(outputs, inputs, grads) -> list:
+    """autograd.grad over the pairs that take part; None for inputs that do not."""
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o is not None and o.requires_grad]
+    wanted = [i for i in inputs if i is not None and i.requires_grad]
+    if not pairs or not wanted:
+        return [None] * len(inputs)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    return [next(got) if (i is not None and i.requires_grad) else None for i in inputs]
+
+
+def _add(acc, g):
+    if g is None:
+        return acc
+    return g if acc is None else acc + g
+
+
+def key_sums(k, v, a, mask, feat: FeatFn, chunk: int):
+    """(kvz (..., M', Dv + 1), c (...,)): [sum_j phi(k_j) v_j^T, sum_j phi(k_j)] = kvz * exp(c),
+    over chunks of keys with a running max c of the log scales. The normaliser rides along
+    as a column of ones appended to V: one matmul gives numerator and normaliser."""
+    kvz = c = None
+    for sl in _slices(k.shape[-2], chunk):
+        vals, ls = masked_keys(feat(k[..., sl, :], a), _mask_at(mask, sl))
+        v_c = v[..., sl, :]
+        v1 = torch.cat([v_c, v_c.new_ones(*v_c.shape[:-1], 1)], dim=-1)
+        if kvz is None:
+            lead = vals.shape[:-2]
+            kvz = vals.new_zeros(*lead, vals.shape[-1], v1.shape[-1])
+            c = vals.new_full(lead, float("-inf"))
+        new_c = torch.maximum(c, ls.amax(-1))
+        w = vals * exp_diff(ls, new_c[..., None])[..., None]
+        kvz = kvz * exp_diff(c, new_c)[..., None, None] + w.mT @ v1
+        c = new_c
+    return kvz, c
+
+
+class _Bidirectional(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, a, mask, feat, chunk):
+        kvz, c = key_sums(k, v, a, mask, feat, chunk)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        den = q.new_empty(q.shape[:-1])
+        for sl in _slices(q.shape[-2], chunk):
+            nd = feat(q[..., sl, :], a).values @ kvz
+            out[..., sl, :] = normalise(nd[..., :-1], nd[..., -1], None)
+            den[..., sl] = nd[..., -1]
+        ctx.feat, ctx.chunk = feat, chunk
+        kv, z = kvz[..., :-1], kvz[..., -1]
+        ctx.save_for_backward(q, k, v, a, mask, kv, z, c, out, den)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, a, mask, kv, z, c, out, den = ctx.saved_tensors
+        feat, chunk = ctx.feat, ctx.chunk
+        need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
+        dq = torch.zeros_like(q) if need_q else None
+        dk = torch.zeros_like(k) if need_k else None
+        dv = torch.zeros_like(v) if need_v else None
+        da = None
+        dkv = torch.zeros_like(kv)
+        dz = torch.zeros_like(z)
+        a_leaf = _leaf(a, need_a)
+        for sl in _slices(q.shape[-2], chunk):
+            d = den[..., sl]
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+            g_c = g[..., sl, :]
+            dnum = g_c * inv[..., None]
+            dden = -(g_c * out[..., sl, :]).sum(-1) * inv
+            with torch.enable_grad():
+                qc = _leaf(q[..., sl, :], need_q)
+                fq = feat(qc, a_leaf).values
+            fq_d = fq.detach()
+            dkv += fq_d.mT @ dnum
+            dz += (fq_d.mT @ dden[..., None])[..., 0]
+            if need_q or need_a:
+                dfq = dnum @ kv.mT + dden[..., None] * z[..., None, :]
+                gq, ga = _grad([fq], [qc, a_leaf], [dfq])
+                if gq is not None:
+                    dq[..., sl, :] = gq
+                da = _add(da, ga)
+        if need_k or need_v or need_a:
+            for sl in _slices(k.shape[-2], chunk):
+                v_c = v[..., sl, :]
+                with torch.enable_grad():
+                    kc = _leaf(k[..., sl, :], need_k)
+                    vals, ls = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
+                    w = vals * exp_diff(ls, c[..., None])[..., None]  # c is the final max: a constant
+                if need_v:
+                    dv[..., sl, :] = w.detach() @ dkv
+                if need_k or need_a:
+                    dw = v_c @ dkv.mT + dz[..., None, :]
+                    gk, ga = _grad([w], [kc, a_leaf], [dw])
+                    if gk is not None:
+                        dk[..., sl, :] = gk
+                    da = _add(da, ga)
+        if need_a and da is None:
+            da = torch.zeros_like(a)
+        return dq, dk, dv, da, None, None, None
+
+
+def bidirectional_fast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feat: FeatFn,
+    *,
+    a: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_BIDIRECTIONAL_CHUNK,
+) -> torch.Tensor:
+    """Already-scaled q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) with equal leading
+    shapes -> (..., Lq, Dv); ``feat(x, a)`` gives row-wise Features of x (rows chunked)."""
+    return _Bidirectional.apply(q, k, v, a, key_padding_mask, feat, chunk_size)
