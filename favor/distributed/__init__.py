@@ -2,17 +2,22 @@
 
 - ``sequence_parallel_attention``: causal attention over a sequence split across ranks,
   one all-gather of O(M' Dv) states per call (LASP-2 style), exact and differentiable.
+- ``sequence_parallel(model)`` / ``sequence_parallel_forward``: a model's causal
+  FavorAttention layers attend across ranks (PerformerLM on a slice of positions).
 - ``shard_sequence`` / ``shard_bounds``: contiguous slices of a batch along the sequence.
 - ``count_communication``: tally the bytes the sequence-parallel collectives move.
 """
 
 from .collectives import CommCounter, all_gather_rows, count_communication
 from .local_state import local_state, local_state_reference
+from .modules import sequence_parallel, sequence_parallel_forward
 from .sequence import combine_states, prefix_state, sequence_parallel_attention, state_bytes, state_numel
 from .sharding import shard_bounds, shard_sequence
 
 __all__ = [
     "sequence_parallel_attention",
+    "sequence_parallel",
+    "sequence_parallel_forward",
     "prefix_state",
     "combine_states",
     "local_state",
