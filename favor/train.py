@@ -33,7 +33,7 @@ from .data import ProteinTokenizer, TokenStream, load_proteins, split
 from .models import PerformerConfig, PerformerLM
 from .nn import FeatureRedrawer, mix_seed
 
-__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "evaluate_bpr", "plot_log", "load_lm"]
+__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "evaluate_bpr", "plot_log", "load_lm", "lm_demo"]
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -390,3 +390,6 @@ def plot_log(
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+from .train_demo import lm_demo  # noqa: E402  (re-exported: favor.train.lm_demo)

@@ -60,6 +60,8 @@ def _softmax(module: FavorAttention, q, k, v, mask, state: AttentionState | None
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == 1:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    elif lq == lk:  # a prefill: plain causal, no (Lq, Lk) mask in memory
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
     else:
         past = lk - lq
         vis = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=past)
