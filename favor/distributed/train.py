@@ -1,0 +1,184 @@
+"""Sequence-parallel training of a PerformerLM: ``favor train --sequence-parallel N``.
+
+The loop is ``favor.train.train`` with each sequence split across the N ranks of a group:
+every rank draws the same batch (seeded by (seed, step), no communication), keeps its
+contiguous slice of positions, runs the model with its attention layers sequence-parallel
+(one all-gather of O(M' Dv) states per layer), and takes as loss its slice's summed
+cross-entropy over the global token count, so the ranks' losses add up to the global mean.
+Parameter gradients are then summed across ranks (one all-reduce per parameter), so every
+rank applies the same update; redraws are seeded by (seed, layer, step). The parameters
+after each step equal single-process training on the same batches up to float round-off
+(tests/distributed/test_train_sequence_parallel.py).
+
+Rank 0 writes the log, the checkpoints (the same format as ``favor train``, loadable by
+``favor generate``) and evaluates on the full validation windows with the ordinary model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..checkpoint import save_checkpoint
+from ..data import ProteinTokenizer, TokenStream, load_proteins, split
+from ..models import PerformerConfig, PerformerLM
+from ..nn import FeatureRedrawer, mix_seed
+from ..train import _BATCH_STREAM, TrainConfig, _config_dict, _lr_at, _make_optimizer, evaluate_bpr, plot_log
+from .collectives import group_rank_size
+from .modules import sequence_parallel_forward
+from .sharding import shard_bounds
+
+__all__ = ["train_sequence_parallel", "init_from_env", "all_reduce_gradients"]
+
+log = logging.getLogger(__name__)
+
+
+def init_from_env(*, backend: str | None = None) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT; LOCAL_RANK picks the GPU). Backend: nccl when CUDA is
+    available, else gloo. Returns (rank, world size)."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"not launched by torchrun: environment lacks {missing} (use torchrun --nproc-per-node N)")
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_gradients(model: torch.nn.Module, *, group: dist.ProcessGroup | None = None) -> None:
+    """Sum every parameter's gradient over the group, flattened into one collective."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_sequence_parallel(
+    out_dir: str | Path,
+    model_cfg: PerformerConfig,
+    train_cfg: TrainConfig,
+    *,
+    group: dist.ProcessGroup | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    write_plot: bool = True,
+) -> dict[str, Any]:
+    """Train a PerformerLM with every sequence split across the ranks of ``group``
+    (every rank calls this with the same arguments). Writes, on rank 0, DIR/log.jsonl,
+    DIR/checkpoints/ and DIR/loss.png. Returns the summary dict of ``favor.train.train``
+    (``loss`` is the global mean loss of the last step)."""
+    rank, world = group_rank_size(group)
+    if model_cfg.attention != "favor":
+        raise ValueError(f"sequence parallelism needs attention='favor', got {model_cfg.attention!r}")
+    if train_cfg.seq_len < world:
+        raise ValueError(f"seq_len={train_cfg.seq_len} is shorter than the {world} ranks it is split across")
+    out = Path(out_dir)
+    log_path = out / "log.jsonl"
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():
+            log_path.unlink()
+    config = _config_dict(model_cfg, train_cfg)
+    model = PerformerLM(model_cfg)
+    optimizer = _make_optimizer(model, train_cfg)
+    torch.manual_seed(mix_seed(train_cfg.seed, 2))
+    tok = ProteinTokenizer()
+    train_recs, val_recs = split(
+        load_proteins(train_cfg.data), val_fraction=train_cfg.val_fraction, seed=train_cfg.seed
+    )
+    train_stream = TokenStream(train_recs, tok)
+    val_x = val_y = None
+    if lead:
+        val_x, val_y = TokenStream(val_recs, tok).windows(train_cfg.seq_len, train_cfg.eval_windows)
+    redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
+    lo, hi = shard_bounds(train_cfg.seq_len, world, rank)
+    total_tokens = train_cfg.batch_size * train_cfg.seq_len
+    model.train()
+    t0 = time.perf_counter()
+    last: dict[str, Any] = {}
+    val_bpr = None
+    step = 0
+    logf = open(log_path, "a", encoding="utf-8") if lead else None  # noqa: SIM115 (closed below)
+    try:
+        for step in range(1, train_cfg.steps + 1):
+            ts = time.perf_counter()
+            lr = _lr_at(step, train_cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = train_stream.batch(
+                train_cfg.batch_size,
+                train_cfg.seq_len,
+                torch.Generator().manual_seed(mix_seed(train_cfg.seed, _BATCH_STREAM, step)),
+            )
+            logits = sequence_parallel_forward(model, x[:, lo:hi], offset=lo, group=group)
+            loss = F.cross_entropy(logits.flatten(0, 1), y[:, lo:hi].flatten(), reduction="sum") / total_tokens
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_gradients(model, group=group)
+            if train_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            redrawer.step(step)
+            global_loss = loss.detach().clone()
+            dist.all_reduce(global_loss, group=group)
+            elapsed = time.perf_counter() - t0
+            row: dict[str, Any] = {
+                "step": step,
+                "loss": float(global_loss),
+                "lr": lr,
+                "tokens_per_s": total_tokens / max(1e-9, time.perf_counter() - ts),
+                "time": elapsed,
+                "sequence_parallel": world,
+            }
+            final = step == train_cfg.steps
+            if lead:
+                if step % train_cfg.eval_every == 0 or final:
+                    val_bpr = evaluate_bpr(model, val_x, val_y)
+                    row["val_bpr"] = val_bpr
+                if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
+                    logf.write(json.dumps(row) + "\n")
+                    logf.flush()
+                if step % train_cfg.checkpoint_every == 0 or final:
+                    save_checkpoint(
+                        out, step=step, model=model, config=config, optimizer=optimizer, extra={"val_bpr": val_bpr}
+                    )
+            last = row
+            if on_step is not None:
+                on_step(row)
+    finally:
+        if logf is not None:
+            logf.close()
+    wall = time.perf_counter() - t0
+    if lead and write_plot:
+        try:
+            plot_log(log_path, out / "loss.png", title=f"Performer LM, sequence-parallel over {world} processes")
+        except ImportError:
+            log.warning("matplotlib is not installed (pip install favor[plot]): no loss.png")
+    return {
+        "steps": step,
+        "start_step": 0,
+        "loss": last.get("loss"),
+        "val_bpr": val_bpr,
+        "tokens_per_s": step * total_tokens / max(1e-9, wall),
+        "seconds": wall,
+        "sequence_parallel": world,
+        "model": model,
+    }
