@@ -112,3 +112,25 @@ def test_generate_cli_reports_missing_checkpoint(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "M"]) == 2
     out = capsys.readouterr().out
     assert "none" in out and "does not exist" in out
+
+
+def test_decode_timing_helper_runs_both_cache_kinds(one_thread):
+    from favor.models import PerformerConfig, PerformerLM
+    from favor.train_demo import decode_ms_per_token
+
+    cfg = PerformerConfig(vocab_size=28, dim=16, depth=1, heads=2)
+    ctx = torch.randint(0, 28, (1, 64), generator=torch.Generator().manual_seed(0))
+    assert decode_ms_per_token(PerformerLM(cfg), ctx, tokens=3) > 0
+    soft = PerformerLM(cfg.replace(attention="softmax"))
+    assert decode_ms_per_token(soft, ctx, tokens=3, synthetic_cache=True) > 0
+
+
+@pytest.mark.slow
+def test_lm_demo_reports_everything(tmp_path):
+    from favor.train import lm_demo
+
+    r = lm_demo(tmp_path, seconds=10, seed=0)
+    assert set(r["decode_ms_per_token"]) == {"1024", "16384"}
+    assert r["steps"] >= 1 and r["favor_bpr"] < 6 and r["softmax_bpr"] < 6
+    assert set(r["tokens_per_s"]) == {"favor", "softmax"} and isinstance(r["sample"], str)
+    assert (tmp_path / "lm_loss.png").exists() and (tmp_path / "lm_demo.json").exists()

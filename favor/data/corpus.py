@@ -9,6 +9,7 @@ position of a run is its step number and resuming needs no sampler state.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -24,12 +25,18 @@ __all__ = ["EMBEDDED", "load_proteins", "split", "TokenStream"]
 EMBEDDED = "swissprot_8k.fasta.gz"
 
 
+@functools.lru_cache(maxsize=1)
+def _embedded() -> tuple[tuple[str, str], ...]:
+    # parsed once per process: the demo and training loop ask for it several times
+    with resources.as_file(resources.files("favor.data") / EMBEDDED) as p:
+        return tuple(read_fasta(p))
+
+
 def load_proteins(path: str | Path | None = None) -> list[tuple[str, str]]:
     """(accession, sequence) pairs from ``path`` (FASTA, optionally .gz) or, by default,
     the embedded extract: 8,000 Swiss-Prot proteins, 3.06 M residues."""
     if path is None:
-        with resources.as_file(resources.files("favor.data") / EMBEDDED) as p:
-            return list(read_fasta(p))
+        return list(_embedded())
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"protein FASTA file {path} does not exist")
