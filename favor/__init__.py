@@ -1,9 +1,9 @@
 """favor: Performer (FAVOR+) attention for PyTorch.
 
-    >>> import torch, favor
-    >>> fm = favor.FeatureMap("positive", dim=64, num_features=256)
-    >>> q = k = v = torch.randn(2, 8, 1024, 64)
-    >>> out = favor.attention(q, k, v, fm, causal=True)
+>>> import torch, favor
+>>> fm = favor.FeatureMap("positive", dim=64, num_features=256)
+>>> q = k = v = torch.randn(2, 8, 1024, 64)
+>>> out = favor.attention(q, k, v, fm, causal=True)
 """
 
 from . import attention, projections  # favor.attention is callable (see favor/attention/__init__.py)

@@ -45,13 +45,19 @@ def approximation_table(
     the uniform-attention baseline for the same inputs. Float32, fixed seeds."""
     rows = []
     for logit_std in logit_stds:
-        q, k, v = _inputs(logit_std, batch=1, heads=heads, length=length, dim=dim, generator=torch.Generator().manual_seed(seed))
+        q, k, v = _inputs(
+            logit_std, batch=1, heads=heads, length=length, dim=dim, generator=torch.Generator().manual_seed(seed)
+        )
         exact = softmax_attention(q, k, v, causal=causal)
         uniform = softmax_attention(torch.zeros_like(q), k, v, causal=causal)
         for kernel in kernels:
             for m in num_features if kernel != "elu" else (None,):
                 g = torch.Generator().manual_seed(seed + 1)
-                fm = FeatureMap(kernel, dim=dim, num_features=m, generator=g) if kernel != "elu" else FeatureMap("elu", dim=dim)
+                fm = (
+                    FeatureMap(kernel, dim=dim, num_features=m, generator=g)
+                    if kernel != "elu"
+                    else FeatureMap("elu", dim=dim)
+                )
                 out = attention(q, k, v, fm, causal=causal)
                 rows.append(
                     {

@@ -25,7 +25,11 @@ def masked_keys(fk: Features, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     """Key feature values and log scales with padded keys removed: values 0, log scale -inf.
     Kernels without a log scale get 0 (they need no rescaling)."""
     values = fk.values
-    log_scale = fk.log_scale if fk.log_scale is not None else torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
+    log_scale = (
+        fk.log_scale
+        if fk.log_scale is not None
+        else torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
+    )
     if mask is not None:
         values = values.masked_fill(mask[..., None], 0.0)
         log_scale = log_scale.masked_fill(mask, NEG_INF)

@@ -20,7 +20,12 @@ def key_summary(fk: Features, v: torch.Tensor, mask: torch.Tensor | None) -> tup
 
 
 def bidirectional(
-    fq: Features, fk: Features, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, guard: float | None = None
+    fq: Features,
+    fk: Features,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    guard: float | None = None,
 ) -> torch.Tensor:
     """fq (..., Lq, M'), fk (..., Lk, M'), v (..., Lk, Dv) -> (..., Lq, Dv).
 

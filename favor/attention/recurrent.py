@@ -44,7 +44,9 @@ def step(
     v1 = v.to(dtype)
     fq, fk = feature_map.pair(q1, k1, causal=True)
     f_q, f_k = fq.values[..., 0, :], fk.values[..., 0, :]
-    l_k = fk.log_scale[..., 0] if fk.log_scale is not None else torch.zeros(f_k.shape[:-1], dtype=dtype, device=q.device)
+    l_k = (
+        fk.log_scale[..., 0] if fk.log_scale is not None else torch.zeros(f_k.shape[:-1], dtype=dtype, device=q.device)
+    )
     if state is None:
         lead = torch.broadcast_shapes(f_q.shape[:-1], f_k.shape[:-1], v1.shape[:-1])
         state = State.empty(lead, f_k.shape[-1], v1.shape[-1], dtype=dtype, device=q.device)

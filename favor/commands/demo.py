@@ -63,7 +63,16 @@ def _approximation(out: Path) -> list[dict]:
     _print_table(
         "(a) approximation of exact softmax attention: |out - exact| / |exact|  (L=1024, D=64, H=4, float32)",
         ["logit std", "kernel", "M", "rel error", "uniform baseline"],
-        [[r["logit_std"], r["kernel"], r["num_features"] or "-", f"{r['rel_error']:.4f}", f"{r['uniform_baseline']:.4f}"] for r in rows],
+        [
+            [
+                r["logit_std"],
+                r["kernel"],
+                r["num_features"] or "-",
+                f"{r['rel_error']:.4f}",
+                f"{r['uniform_baseline']:.4f}",
+            ]
+            for r in rows
+        ],
     )
     _plot_approximation(rows, out / "approximation.png")
     return rows

@@ -87,7 +87,9 @@ class FeatureMap(nn.Module):
             return
         if isinstance(projection, torch.Tensor):
             if projection.ndim != 2 or projection.shape[0] < 1 or projection.shape[1] < 1:
-                raise ValueError(f"projection must be an (M, D) tensor with M, D >= 1, got shape {tuple(projection.shape)}")
+                raise ValueError(
+                    f"projection must be an (M, D) tensor with M, D >= 1, got shape {tuple(projection.shape)}"
+                )
             if dim is not None and projection.shape[1] != dim:
                 raise ValueError(f"projection has D={projection.shape[1]} columns but dim={dim}")
             if num_features is not None and projection.shape[0] != num_features:
@@ -137,7 +139,9 @@ class FeatureMap(nn.Module):
         if self.projection is None:
             return
         if self.projection_kind == "explicit":
-            raise ValueError("this FeatureMap was given an explicit projection matrix; it has no distribution to redraw from")
+            raise ValueError(
+                "this FeatureMap was given an explicit projection matrix; it has no distribution to redraw from"
+            )
         m, d = self.projection.shape
         new = PROJECTIONS[self.projection_kind](m, d, norm=self.norm, generator=generator)
         self.projection.copy_(new.to(self.projection.dtype))

@@ -56,7 +56,9 @@ def _out(w: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return w.to(dtype or torch.get_default_dtype())
 
 
-def gaussian_iid(m: int, d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def gaussian_iid(
+    m: int, d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """(m, d) matrix of independent N(0, 1) entries."""
     _check_sizes(m, d)
     return _out(_randn(m, d, generator=generator), dtype)
@@ -91,7 +93,9 @@ def _simplex_blocks(n: int, d: int, generator: torch.Generator | None) -> torch.
     return s @ _haar_orthogonal(n, d, generator)
 
 
-def simplex(m: int, d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def simplex(
+    m: int, d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Simplex random features (Reid et al., ICML 2023): per block of d rows, unit
     directions with pairwise inner product -1/(d-1) under a random rotation, chi_d norms."""
     _check_sizes(m, d)

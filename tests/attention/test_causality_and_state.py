@@ -55,7 +55,14 @@ def test_pieces_equal_one_pass(gen, kernel, cuts):
     state, outs, bounds = None, [], [0, *cuts, 21]
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         out, state = favor.attention(
-            q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], fm, causal=True, chunk_size=3, initial_state=state, return_state=True
+            q[..., a:b, :],
+            k[..., a:b, :],
+            v[..., a:b, :],
+            fm,
+            causal=True,
+            chunk_size=3,
+            initial_state=state,
+            return_state=True,
         )
         outs.append(out)
     assert rel(torch.cat(outs, -2), full) < 1e-10

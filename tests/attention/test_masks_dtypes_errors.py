@@ -14,7 +14,10 @@ def test_padded_batch_equals_unpadded_sequences(gen, kernel, causal):
     lengths = [11, 6, 1]
     seqs = [qkv(gen, lead=(3,), lq=n, lk=n) for n in lengths]
     L = max(lengths)
-    pad = lambda t, n: torch.cat([t, randn(gen, *t.shape[:-2], L - n, t.shape[-1]) * 100], -2)  # junk padding
+
+    def pad(t, n):  # junk padding: large values that would show if they leaked in
+        return torch.cat([t, randn(gen, *t.shape[:-2], L - n, t.shape[-1]) * 100], -2)
+
     q = torch.stack([pad(s[0], n) for s, n in zip(seqs, lengths, strict=True)])
     k = torch.stack([pad(s[1], n) for s, n in zip(seqs, lengths, strict=True)])
     v = torch.stack([pad(s[2], n) for s, n in zip(seqs, lengths, strict=True)])
@@ -117,7 +120,11 @@ def _bad(gen):
         (lambda fm, q, k, v: dict(q=q[..., :5, :], causal=True), ValueError, "causal attention needs Lq == Lk"),
         (lambda fm, q, k, v: dict(feature_map="positive"), TypeError, "favor.FeatureMap"),
         (lambda fm, q, k, v: dict(feature_map=make_fm("positive", d=4)), ValueError, "built for dim=4"),
-        (lambda fm, q, k, v: dict(key_padding_mask=torch.zeros(2, 12, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B=2, Lk=13\)"),
+        (
+            lambda fm, q, k, v: dict(key_padding_mask=torch.zeros(2, 12, dtype=torch.bool)),
+            ValueError,
+            r"key_padding_mask must have shape \(B=2, Lk=13\)",
+        ),
         (lambda fm, q, k, v: dict(key_padding_mask=torch.zeros(2, 13)), TypeError, "torch.bool"),
         (lambda fm, q, k, v: dict(scale=-1.0), ValueError, "scale must be a positive"),
         (lambda fm, q, k, v: dict(chunk_size=0, causal=True), ValueError, "chunk_size must be a positive int"),
@@ -129,7 +136,9 @@ def _bad(gen):
             "initial_state has shapes",
         ),
         (
-            lambda fm, q, k, v: dict(causal=True, return_state=True, feature_map=make_fm("positive", stabilizer="official")),
+            lambda fm, q, k, v: dict(
+                causal=True, return_state=True, feature_map=make_fm("positive", stabilizer="official")
+            ),
             ValueError,
             "cannot be continued",
         ),

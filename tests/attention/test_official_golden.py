@@ -27,7 +27,9 @@ def _run(case, cfg, dtype):
         fm = favor.FeatureMap("relu", projection=torch.from_numpy(case["W"]), eps=cfg["kernel_epsilon"])
         scale = 1.0
     else:
-        fm = favor.FeatureMap(kernel, projection=torch.from_numpy(case["W"]), stabilizer="official", eps=cfg["numerical_stabilizer"])
+        fm = favor.FeatureMap(
+            kernel, projection=torch.from_numpy(case["W"]), stabilizer="official", eps=cfg["numerical_stabilizer"]
+        )
         scale = None  # 1/sqrt(d), split as d^-1/4 on q and k, as the reference does
     return favor.attention(q, k, v, fm, causal=cfg["causal"], scale=scale).transpose(1, 2)
 

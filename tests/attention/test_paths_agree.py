@@ -21,7 +21,11 @@ def make_fm(kernel, d=8, m=16, seed=0, **kw):
 
 
 def qkv(gen, lead=(2, 3), lq=13, lk=13, d=8, dv=5, dtype=torch.float64, std=0.6):
-    return randn(gen, *lead, lq, d, dtype=dtype, std=std), randn(gen, *lead, lk, d, dtype=dtype, std=std), randn(gen, *lead, lk, dv, dtype=dtype)
+    return (
+        randn(gen, *lead, lq, d, dtype=dtype, std=std),
+        randn(gen, *lead, lk, d, dtype=dtype, std=std),
+        randn(gen, *lead, lk, dv, dtype=dtype),
+    )
 
 
 def rel(a, b):
@@ -55,7 +59,10 @@ def test_gradients_equal_reference(gen, kernel, causal):
     q, k, v = (t.requires_grad_() for t in qkv(gen))
     w = randn(gen, 2, 3, 13, 5)
     grads = []
-    for fn in (lambda: favor.attention(q, k, v, fm, causal=causal, chunk_size=4), lambda: favor.kernel_attention(q, k, v, fm, causal=causal)):
+    for fn in (
+        lambda: favor.attention(q, k, v, fm, causal=causal, chunk_size=4),
+        lambda: favor.kernel_attention(q, k, v, fm, causal=causal),
+    ):
         grads.append(torch.autograd.grad((fn() * w).sum(), (q, k, v)))
     for fast, ref in zip(*grads, strict=True):
         assert rel(fast, ref) < 1e-10

@@ -25,9 +25,11 @@ def _direct(kernel, x, w, eps=1e-3, a=None):
         "trig": lambda: torch.exp(half) / math.sqrt(m) * torch.cat([torch.cos(s), torch.sin(s)], -1),
         "relu": lambda: torch.relu(s) + eps,
         "elu": lambda: torch.nn.functional.elu(x) + 1,
-        "oprf": lambda: (1 - 4 * a) ** (x.shape[-1] / 4)
-        * torch.exp(a * (w * w).sum(-1) + math.sqrt(1 - 4 * a) * s - half)
-        / math.sqrt(m),
+        "oprf": lambda: (
+            (1 - 4 * a) ** (x.shape[-1] / 4)
+            * torch.exp(a * (w * w).sum(-1) + math.sqrt(1 - 4 * a) * s - half)
+            / math.sqrt(m)
+        ),
     }
     return table[kernel]()
 
@@ -94,7 +96,7 @@ def test_softmax_kernels_are_unbiased(gen, kernel, projection):
     est = _estimates(fm, x, y, 1500, seed=11)
     stderr = est.std(0) / math.sqrt(est.shape[0])
     # a Monte Carlo mean is within 5 standard errors of its expectation (fixed seed)
-    assert torch.all((est.mean(0) - exact).abs() < 5 * stderr + 1e-12), ((est.mean(0) - exact) / stderr)
+    assert torch.all((est.mean(0) - exact).abs() < 5 * stderr + 1e-12), (est.mean(0) - exact) / stderr
 
 
 def _lemma2_mse(kernel, x, y, m):

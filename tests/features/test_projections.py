@@ -41,7 +41,9 @@ def test_no_sign_bias_in_any_row(make):
     # has std 0.011; 0.06 is > 5 std.
     g = torch.Generator().manual_seed(7)
     d = 6
-    first = torch.stack([projections.PROJECTIONS[make](d, d, generator=g, dtype=torch.float64)[:, 0] for _ in range(2000)])
+    first = torch.stack(
+        [projections.PROJECTIONS[make](d, d, generator=g, dtype=torch.float64)[:, 0] for _ in range(2000)]
+    )
     frac_positive = (first > 0).double().mean(0)
     assert torch.all((frac_positive - 0.5).abs() < 0.06), frac_positive
 
@@ -49,7 +51,9 @@ def test_no_sign_bias_in_any_row(make):
 def test_unsigned_qr_would_fail_the_sign_test():
     # guards the test above: the artefact it looks for is real
     g = torch.Generator().manual_seed(7)
-    q = torch.stack([torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0].T[0, 0] for _ in range(500)])
+    q = torch.stack(
+        [torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0].T[0, 0] for _ in range(500)]
+    )
     assert (q > 0).double().mean() < 0.01
 
 
