@@ -122,15 +122,29 @@ def _plot(out: Path, results: dict[str, Any]) -> list[str]:
     return ["lm_loss.png", "lm_decode.png"]
 
 
-def lm_demo(out_dir: str | Path, *, seconds: float = 60.0, seed: int = 0) -> dict[str, Any]:
+def lm_demo(out_dir: str | Path, *, seconds: float = 60.0, seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Train a FAVOR+ LM and a same-size softmax LM for about ``seconds`` in total.
 
     Returns {"favor_bpr", "softmax_bpr", "steps", "tokens_per_s": {favor, softmax},
     "sample", "decode_ms_per_token": {"1024", "16384"} (favor), "unigram_bpr" (context-free baseline),
     "softmax_decode_ms_per_token": {...}, "config", "plots"}; writes the two runs
     (log.jsonl, checkpoints) under out_dir/favor and out_dir/softmax, lm_loss.png,
-    lm_decode.png and lm_demo.json.
+    lm_decode.png and lm_demo.json. ``threads`` sets torch's CPU threads for the duration
+    (restored afterwards); on a machine shared with other jobs, 1 avoids thread contention.
     """
+    if threads is None:
+        return _lm_demo(out_dir, seconds=seconds, seed=seed)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _lm_demo(out_dir, seconds=seconds, seed=seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _lm_demo(out_dir: str | Path, *, seconds: float, seed: int) -> dict[str, Any]:
     from .train import resolve_config, train
 
     if not seconds > 0:
@@ -151,7 +165,15 @@ def lm_demo(out_dir: str | Path, *, seconds: float = 60.0, seed: int = 0) -> dic
     )
     # FAVOR trains first under a time cap (a loaded machine can be slower than the estimate);
     # softmax then stops at the same step, so both see the same batches and schedule
-    runs = {"favor": train(out / "favor", cfgs["favor"], train_cfg, time_limit=budget * per_step["favor"] / sum(per_step.values()), write_plot=False)}
+    runs = {
+        "favor": train(
+            out / "favor",
+            cfgs["favor"],
+            train_cfg,
+            time_limit=budget * per_step["favor"] / sum(per_step.values()),
+            write_plot=False,
+        )
+    }
     done = runs["favor"]["steps"]
     runs["softmax"] = train(out / "softmax", cfgs["softmax"], train_cfg, stop_at=done, write_plot=False)
     favor_model = runs["favor"]["model"].eval()

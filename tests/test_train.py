@@ -14,7 +14,16 @@ from favor.checkpoint import CheckpointError
 from favor.cli import main
 from favor.train import resolve_config, train
 
-SMALL = {"steps": 8, "seq_len": 32, "batch_size": 4, "eval_every": 4, "eval_windows": 4, "checkpoint_every": 4}
+# redraws every 3 steps, so resume tests also cover the redraw schedule
+SMALL = {
+    "steps": 8,
+    "seq_len": 32,
+    "batch_size": 4,
+    "eval_every": 4,
+    "eval_windows": 4,
+    "checkpoint_every": 4,
+    "redraw_interval": 3,
+}
 
 
 def _log(path):

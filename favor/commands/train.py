@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = train(args.out, model_cfg, train_cfg, resume=args.resume, on_step=on_step, throttle=args.throttle)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         bar.close()
         print(f"favor train: {e}")
         return 2

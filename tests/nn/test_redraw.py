@@ -1,8 +1,5 @@
 """Feature redraws derive from (seed, layer, step) alone."""
 
-import subprocess
-import sys
-
 import torch
 from torch import nn
 
@@ -36,17 +33,13 @@ def test_layers_steps_and_seeds_all_differ():
     assert not torch.equal(p[0], _projections(m)[0])
 
 
-def test_mix_seed_is_fixed_across_processes():
-    # Python's hash() is randomised per process; mix_seed must not be
-    code = "from favor.nn import mix_seed; print(mix_seed(1, 2, 3))"
-    outs = {
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": s}, check=True
-        ).stdout.strip()
-        for s in ("1", "2")
-    }
-    assert outs == {str(mix_seed(1, 2, 3))}
+def test_mix_seed_is_a_fixed_function():
+    # pinned values: Python's hash() is randomised per process, mix_seed must not be, so
+    # every process (and machine) derives the same projections from (seed, layer, step)
+    assert mix_seed(1, 2, 3) == 3185519299078453620
+    assert mix_seed(0, 0, 0) == 2667378694719959124
     assert mix_seed(1, 2, 3) != mix_seed(3, 2, 1)
+    assert 0 <= mix_seed(-5, 2**70) < 2**63
 
 
 def test_redrawer_interval_and_exact_state_dict_round_trip():
