@@ -1,0 +1,337 @@
+"""Timing and peak-memory measurements of favor against exact attention (and peers).
+
+Used by ``favor bench``, ``favor demo`` (``speed_table``) and the scripts in benchmarks/.
+Library code: nothing is printed; results are lists of dicts.
+
+Method: every contender is checked against its reference before it is timed (a failing
+check is recorded and the contender is not timed); warm-up, then the median of ``repeats``
+runs, contenders interleaved round by round so that a busy machine slows them alike; peak
+memory is ``ru_maxrss`` of a fresh process (forked from a clean server that has imported
+torch and favor) after the run, minus its value once the inputs exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import favor
+
+__all__ = [
+    "BenchConfig",
+    "CONTENDERS",
+    "machine_info",
+    "matmul_gflops",
+    "check_contender",
+    "time_contenders",
+    "peak_memory_mib",
+    "speed_table",
+    "decode_latency",
+    "flops",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batch: int = 1
+    heads: int = 8
+    dim: int = 64
+    num_features: int = 256
+    kernel: str = "positive"
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+# -- machine ------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "favor": favor.__version__,
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 GEMM throughput measured now (the machine's practical peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def flops(name: str, length: int, cfg: BenchConfig) -> float | None:
+    """Matmul flops of favor's bidirectional forward: 8 L M D per head (two feature
+    projections, phi(K)^T V, phi(Q) (phi(K)^T V)); None for other contenders."""
+    if name == "favor":
+        return 8.0 * length * cfg.num_features * cfg.dim * cfg.heads * cfg.batch
+    return None
+
+
+# -- contenders ---------------------------------------------------------------------------
+def _inputs(length: int, cfg: BenchConfig, grad: bool):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch, cfg.heads, length, cfg.dim)
+    return [torch.randn(*shape, generator=gen).to(cfg.dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _feature_map(cfg: BenchConfig) -> favor.FeatureMap:
+    return favor.FeatureMap(
+        cfg.kernel, dim=cfg.dim, num_features=cfg.num_features, generator=torch.Generator().manual_seed(cfg.seed)
+    )
+
+
+def _favor(causal: bool):
+    def build(cfg: BenchConfig):
+        fm = _feature_map(cfg)
+        return lambda q, k, v: favor.attention(q, k, v, fm, causal=causal)
+
+    return build
+
+
+def _sdpa(causal: bool):
+    def build(cfg: BenchConfig):
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return build
+
+
+def _performer(causal: bool):
+    def build(cfg: BenchConfig):
+        import contextlib
+        import io
+
+        from performer_pytorch import FastAttention
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints when its CUDA kernel is missing
+            attn = FastAttention(dim_heads=cfg.dim, nb_features=cfg.num_features, causal=causal)
+        return lambda q, k, v: attn(q, k, v)
+
+    return build
+
+
+def _peer_available(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass(frozen=True)
+class Contender:
+    build: Callable  # cfg -> f(q, k, v)
+    causal: bool
+    #: how time and memory grow with L, to skip configurations predicted to run too long
+    exponent: float
+    #: whether the implementation is installed
+    available: Callable[[], bool] = field(default=lambda: True)
+
+
+CONTENDERS: dict[str, Contender] = {
+    "favor": Contender(_favor(False), False, 1.0),
+    "sdpa": Contender(_sdpa(False), False, 2.0),
+    "performer-pytorch": Contender(_performer(False), False, 1.0, lambda: _peer_available("performer_pytorch")),
+    "favor-causal": Contender(_favor(True), True, 1.0),
+    "sdpa-causal": Contender(_sdpa(True), True, 2.0),
+    "performer-pytorch-causal": Contender(_performer(True), True, 1.0, lambda: _peer_available("performer_pytorch")),
+}
+
+
+def check_contender(name: str, cfg: BenchConfig, *, length: int = 256) -> tuple[bool, str]:
+    """Compare a contender with its reference on a small input (float32).
+
+    favor: the explicit L x L kernelised attention with the same feature map, 1e-4.
+    SDPA: favor.softmax_attention (exact), 1e-4. performer-pytorch estimates softmax with
+    its own random features, so only a sanity bound holds: finite, and its error vs exact
+    softmax below that of uniform attention plus a margin (0.5 of the output scale).
+    """
+    contender = CONTENDERS[name]
+    q, k, v = (t.float() for t in _inputs(length, cfg, grad=False))
+    with torch.no_grad():
+        out = contender.build(cfg)(q, k, v).float()
+        exact = favor.softmax_attention(q, k, v, causal=contender.causal)
+        if not torch.isfinite(out).all():
+            return False, "non-finite output"
+        if name.startswith("favor"):
+            fm = _feature_map(cfg)
+            want = favor.kernel_attention(q.double(), k.double(), v.double(), fm.double(), causal=contender.causal)
+            err = (out.double() - want).abs().max().item()
+            return err < 1e-4, f"max |favor - kernel_attention| = {err:.2e} (bound 1e-4)"
+        if name.startswith("sdpa"):
+            err = (out - exact).abs().max().item()
+            return err < 1e-4, f"max |sdpa - exact softmax| = {err:.2e} (bound 1e-4)"
+        scale = exact.abs().mean().item()
+        err = (out - exact).abs().mean().item() / scale
+        return math.isfinite(err) and err < 1.5, f"mean rel. error vs exact softmax = {err:.2f} (sanity bound 1.5)"
+
+
+# -- timing -------------------------------------------------------------------------------
+def _run_once(f, q, k, v, backward: bool):
+    if backward:
+        out = f(q, k, v)
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+    else:
+        with torch.no_grad():
+            f(q, k, v)
+
+
+def time_contenders(
+    names: list[str], length: int, cfg: BenchConfig, *, backward: bool, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call, contenders interleaved round by round."""
+    q, k, v = _inputs(length, cfg, grad=backward)
+    fns = {n: CONTENDERS[n].build(cfg) for n in names}
+    for _ in range(warmup):
+        for f in fns.values():
+            _run_once(f, q, k, v, backward)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            _run_once(f, q, k, v, backward)
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+# -- memory -------------------------------------------------------------------------------
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _memory_child(name: str, length: int, cfg: BenchConfig, backward: bool, threads: int) -> tuple[float, float]:
+    torch.set_num_threads(threads)
+    q, k, v = _inputs(length, cfg, grad=backward)
+    f = CONTENDERS[name].build(cfg)
+    base = _maxrss_bytes()
+    t0 = time.perf_counter()
+    _run_once(f, q, k, v, backward)
+    return (_maxrss_bytes() - base) / 2**20, time.perf_counter() - t0
+
+
+_POOL_CTX = None
+
+
+def _context():
+    global _POOL_CTX
+    if _POOL_CTX is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _POOL_CTX = multiprocessing.get_context("forkserver")
+            _POOL_CTX.set_forkserver_preload(["torch", "favor", "favor.bench"])
+        else:
+            _POOL_CTX = multiprocessing.get_context("spawn")
+    return _POOL_CTX
+
+
+def peak_memory_mib(name: str, length: int, cfg: BenchConfig, *, backward: bool) -> tuple[float, float]:
+    """(peak MiB above baseline, seconds of that first, cold run) in a fresh process."""
+    with _context().Pool(1) as pool:
+        return pool.apply(_memory_child, (name, length, cfg, backward, torch.get_num_threads()))
+
+
+# -- the demo's table ---------------------------------------------------------------------
+def speed_table(
+    lengths: tuple[int, ...] = (1024, 4096, 16384),
+    *,
+    quick: bool = True,
+    cfg: BenchConfig | None = None,
+    memory: bool = True,
+) -> list[dict]:
+    """favor bidirectional (forward) and causal (forward + backward) vs SDPA at each length:
+    milliseconds, peak MiB and speed-ups. Quick: one warm-up, median of 3 runs below 8192
+    and of 1 run from there (the exact attention calls alone take seconds), about 40 s on
+    a 2-core CPU; otherwise median of 5."""
+    cfg = cfg or BenchConfig()
+    rows = []
+    for length in lengths:
+        repeats = (1 if length >= 8192 else 3) if quick else 5
+        warmup = 0 if (quick and length >= 8192) else 1
+        fwd = time_contenders(["favor", "sdpa"], length, cfg, backward=False, repeats=repeats, warmup=warmup)
+        both = time_contenders(
+            ["favor-causal", "sdpa-causal"], length, cfg, backward=True, repeats=repeats, warmup=warmup
+        )
+        row = {
+            "L": length,
+            "favor_fwd_ms": 1e3 * fwd["favor"],
+            "sdpa_fwd_ms": 1e3 * fwd["sdpa"],
+            "fwd_speedup": fwd["sdpa"] / fwd["favor"],
+            "favor_causal_fwdbwd_ms": 1e3 * both["favor-causal"],
+            "sdpa_causal_fwdbwd_ms": 1e3 * both["sdpa-causal"],
+            "causal_fwdbwd_speedup": both["sdpa-causal"] / both["favor-causal"],
+        }
+        if memory:
+            for key, name, bwd in (
+                ("favor_fwd_mib", "favor", False),
+                ("sdpa_fwd_mib", "sdpa", False),
+                ("favor_causal_fwdbwd_mib", "favor-causal", True),
+                ("sdpa_causal_fwdbwd_mib", "sdpa-causal", True),
+            ):
+                if quick and name.startswith("sdpa") and length >= 8192:
+                    row[key] = None  # a cold exact run of several seconds: left out of the quick table
+                    continue
+                row[key] = peak_memory_mib(name, length, cfg, backward=bwd)[0]
+        log.info("speed_table L=%d: %s", length, row)
+        rows.append(row)
+    return rows
+
+
+# -- decoding -----------------------------------------------------------------------------
+def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int = 50) -> dict[str, float]:
+    """Seconds per generated token at a given context length: favor.step from the state vs
+    SDPA over a preallocated KV cache (one new query against all cached keys)."""
+    cfg = cfg or BenchConfig()
+    fm = _feature_map(cfg)
+    q, k, v = _inputs(context, cfg, grad=False)
+    with torch.no_grad():
+        _, state = favor.attention(q, k, v, fm, causal=True, return_state=True)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        new = torch.randn(steps + 1, 3, cfg.batch, cfg.heads, cfg.dim, generator=gen)
+        cache_k = torch.empty(cfg.batch, cfg.heads, context + steps + 1, cfg.dim)
+        cache_v = torch.empty_like(cache_k)
+        cache_k[:, :, :context], cache_v[:, :, :context] = k, v
+
+        def favor_step(i, st):
+            out, st = favor.step(st, new[i, 0], new[i, 1], new[i, 2], fm)
+            return st
+
+        def sdpa_step(i, n):
+            cache_k[:, :, n], cache_v[:, :, n] = new[i, 1], new[i, 2]
+            F.scaled_dot_product_attention(new[i, 0][:, :, None], cache_k[:, :, : n + 1], cache_v[:, :, : n + 1])
+            return n + 1
+
+        state = favor_step(steps, state)  # warm-up
+        n = sdpa_step(steps, context)
+        tf, ts = [], []
+        for i in range(steps):  # interleaved
+            t0 = time.perf_counter()
+            state = favor_step(i, state)
+            tf.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n = sdpa_step(i, n)
+            ts.append(time.perf_counter() - t0)
+    return {"context": context, "favor_step_s": statistics.median(tf), "sdpa_kv_cache_s": statistics.median(ts)}
