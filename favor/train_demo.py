@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = {"dim": 64, "depth": 2, "heads": 2, "chunk_size": 64}
 DEMO_TRAIN = {"batch_size": 8, "seq_len": 256, "lr": 3e-3, "warmup": 10, "eval_windows": 32, "log_every": 1}
-CONTEXTS = (1024, 16384)
+CONTEXTS = (1024, 4096, 16384)
 
 
 def _step_seconds(model_cfg: PerformerConfig, batch_size: int, seq_len: int, reps: int = 3) -> float:
@@ -99,6 +99,7 @@ def _plot(out: Path, results: dict[str, Any]) -> list[str]:
         val = [(r["step"], r["val_bpr"]) for r in rows if "val_bpr" in r]
         ax.plot(*zip(*val, strict=True), "o-", color=line[0].get_color(), label=f"{name} validation (bits/residue)")
     ax.axhline(math.log2(20), color="gray", ls=":", label="uniform over 20 residues")
+    ax.axhline(results["unigram_bpr"], color="black", ls="--", lw=0.8, label="residue frequencies (no context)")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per token / residue")
     ax.set_title("Causal protein LM, same size and steps: FAVOR+ vs exact softmax")
@@ -126,7 +127,7 @@ def lm_demo(out_dir: str | Path, *, seconds: float = 60.0, seed: int = 0, thread
     """Train a FAVOR+ LM and a same-size softmax LM for about ``seconds`` in total.
 
     Returns {"favor_bpr", "softmax_bpr", "steps", "tokens_per_s": {favor, softmax},
-    "sample", "decode_ms_per_token": {"1024", "16384"} (favor), "unigram_bpr" (context-free baseline),
+    "sample", "decode_ms_per_token": {"1024", "4096", "16384"} (favor), "unigram_bpr" (context-free baseline),
     "softmax_decode_ms_per_token": {...}, "config", "plots"}; writes the two runs
     (log.jsonl, checkpoints) under out_dir/favor and out_dir/softmax, lm_loss.png,
     lm_decode.png and lm_demo.json. ``threads`` sets torch's CPU threads for the duration

@@ -139,7 +139,7 @@ def test_lm_demo_reports_everything(tmp_path):
     from favor.train import lm_demo
 
     r = lm_demo(tmp_path, seconds=10, seed=0)
-    assert set(r["decode_ms_per_token"]) == {"1024", "16384"}
+    assert {"1024", "16384"} <= set(r["decode_ms_per_token"])
     assert r["steps"] >= 1 and r["favor_bpr"] < 6 and r["softmax_bpr"] < 6
     assert set(r["tokens_per_s"]) == {"favor", "softmax"} and isinstance(r["sample"], str)
     assert (tmp_path / "lm_loss.png").exists() and (tmp_path / "lm_demo.json").exists()
