@@ -128,6 +128,7 @@ class PerformerLM(_Trunk):
         The prompt is run once; each new token then costs one recurrent step (constant
         time and memory in the context length for FAVOR; a growing key/value cache for
         softmax). ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens.
+        Call ``model.eval()`` first if the model has dropout.
         """
         self._check_tokens(idx)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
