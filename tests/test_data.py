@@ -80,3 +80,48 @@ def test_extract_is_deterministic_and_filters_length():
 def test_load_proteins_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.fasta"):
         load_proteins(tmp_path / "nope.fasta")
+
+
+def _write_blastdb(base, records):
+    """A minimal BLAST v4 protein database in the layout metastudent-data ships."""
+    import struct
+
+    from favor.data.blastdb import NCBISTDAA
+
+    psq, phr, soff, hoff = bytearray(b"\x00"), bytearray(), [], []
+    for acc, seq in records:
+        soff.append(len(psq))
+        psq += bytes(NCBISTDAA.index(c) for c in seq) + b"\x00"
+        hoff.append(len(phr))
+        phr += b"\x30\x80\x1a" + bytes([len(acc) + 3]) + acc.encode() + b"|GO:0000001\x00\x00"
+    soff.append(len(psq))
+    hoff.append(len(phr))
+    title, date = b"test", b"Jan 1, 2014"
+    n = len(records)
+    pin = struct.pack(">ii", 4, 1) + struct.pack(">i", len(title)) + title + struct.pack(">i", len(date)) + date
+    pin += struct.pack(">i", n) + struct.pack("<q", sum(len(s) for _, s in records))
+    pin += struct.pack(">i", max(len(s) for _, s in records))
+    pin += struct.pack(f">{n + 1}i", *hoff) + struct.pack(f">{n + 1}i", *soff)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    (base.parent / (base.name + ".pin")).write_bytes(pin)
+    (base.parent / (base.name + ".psq")).write_bytes(bytes(psq))
+    (base.parent / (base.name + ".phr")).write_bytes(bytes(phr))
+
+
+def test_blastdb_reader_and_data_command(tmp_path, capsys):
+    from favor.cli import main
+    from favor.data.blastdb import read_blastdb
+
+    root = tmp_path / "root"
+    onto = root / "usr/share/metastudent-data/dataset_201401"
+    recs = {"MFO": [("P00001", "MKVLA"), ("Q00002", "ACDEFGHIKW")], "BPO": [("P00001", "MKVLA"), ("A00003", "WY")]}
+    for name in ("MFO", "BPO", "CCO"):
+        _write_blastdb(onto / name / "goasp.fasta", recs.get(name, [("Z00009", "GG")]))
+    assert list(read_blastdb(onto / "MFO" / "goasp.fasta")) == recs["MFO"]
+    out = tmp_path / "out"
+    assert main(["data", "swissprot", "--root", str(root), "--out", str(out), "--extract", "2"]) == 0
+    got = list(read_fasta(out / "swissprot.fasta.gz"))
+    assert got == [("A00003", "WY"), ("P00001", "MKVLA"), ("Q00002", "ACDEFGHIKW"), ("Z00009", "GG")]
+    assert len(list(read_fasta(out / "swissprot_2.fasta.gz"))) == 2
+    assert main(["data", "swissprot", "--root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().out

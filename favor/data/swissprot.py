@@ -78,7 +78,7 @@ def fetch_swissprot(
         say("reading the BLAST databases")
         seqs = read_metastudent(root)
         dest = out / "swissprot.fasta.gz"
-        part = out / "swissprot.fasta.gz.part"
+        part = out / ".swissprot.partial.fasta.gz"  # ends in .gz: write_fasta compresses by suffix
         say(f"writing {len(seqs)} proteins to {dest}")
         write_fasta(part, ((acc, seqs[acc]) for acc in sorted(seqs)))
         part.replace(dest)
