@@ -1,0 +1,56 @@
+"""Chunk-size sweep for the fast paths (how the defaults were chosen): causal forward +
+backward and bidirectional forward time vs chunk size, interleaved, median of 5.
+
+    python -m benchmarks.tune_chunk [--length 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from ._common import header, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_chunk", description=__doc__)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    import torch
+
+    import favor
+
+    info = header(f"tune_chunk: L={args.length} B=1 H=8 D=64 M=256 float32")
+    fm = favor.FeatureMap("positive", dim=64, num_features=256, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, args.length, 64, generator=gen).requires_grad_() for _ in range(3))
+
+    def causal(c):
+        out = favor.attention(q, k, v, fm, causal=True, chunk_size=c)
+        out.backward(torch.ones_like(out))
+
+    def bidir(c):
+        with torch.no_grad():
+            favor.attention(q, k, v, fm, chunk_size=c)
+
+    cands = {f"causal fwd+bwd C={c}": (causal, c) for c in (32, 64, 128, 256, 512)}
+    cands |= {f"bidirectional fwd C={c}": (bidir, c) for c in (256, 512, 1024, 2048, 4096)}
+    times = {n: [] for n in cands}
+    for f, c in cands.values():
+        f(c)
+    for _ in range(args.repeats):
+        for n, (f, c) in cands.items():
+            t0 = time.perf_counter()
+            f(c)
+            times[n].append(time.perf_counter() - t0)
+    rows = [{"name": n, "median_s": statistics.median(t)} for n, t in times.items()]
+    for r in rows:
+        print(f"{r['name']:>28}: {1e3 * r['median_s']:8.1f} ms")
+    print(f"wrote {write_json('tune_chunk', {'machine': info, 'length': args.length, 'rows': rows})}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
