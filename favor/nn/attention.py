@@ -50,7 +50,13 @@ def _softmax(module: FavorAttention, q, k, v, mask, state: AttentionState | None
     p = module.dropout if module.training else 0.0
     if not stateful:
         if mask is not None:
-            # rows with no visible key must give 0, not SDPA's NaN: use the exact reference
+            b, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+            vis = ~mask.view(b, 1, 1, lk)
+            if module.causal:
+                vis = vis & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            if bool(vis.any(-1).all()):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, dropout_p=p), None
+            # some query sees no key: SDPA would give NaN, the exact reference gives 0
             out = softmax_attention(q, k, v, causal=module.causal, key_padding_mask=mask)
             return (F.dropout(out, p, module.training) if p else out), None
         return F.scaled_dot_product_attention(q, k, v, is_causal=module.causal, dropout_p=p), None

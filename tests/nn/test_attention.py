@@ -169,3 +169,15 @@ def test_bad_inputs_raise_naming_the_argument():
         fa(torch.randn(1, 3, E), return_state=True)
     with pytest.raises(ValueError, match="query must be a 3-d"):
         fa(torch.randn(3, E))
+
+
+@pytest.mark.parametrize("attention", ["favor", "softmax"])
+def test_fully_padded_row_gives_bias_only_not_nan(attention):
+    # nn.MultiheadAttention returns NaN here; favor's contract is 0 before out_proj
+    fa = FavorAttention(E, H, attention=attention).double()
+    x = torch.randn(2, 4, E, dtype=torch.float64)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1] = True
+    out, _ = fa(x, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], fa.out_proj.bias.expand(4, E), rtol=0, atol=1e-12)
