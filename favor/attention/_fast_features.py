@@ -26,9 +26,21 @@ def _positive(w: torch.Tensor):
     def feat(x: torch.Tensor, a: torch.Tensor | None = None) -> Features:
         s = x @ w.to(x.dtype).T
         shift = s.detach().amax(-1)
-        values = torch.exp(s - shift[..., None])
+        if torch.is_grad_enabled() and x.requires_grad:
+            values = torch.exp(s - shift[..., None])
+        else:  # no graph to keep: reuse the block, no extra (rows x M) allocations
+            values = s.sub_(shift[..., None]).exp_()
         return Features(values, shift - 0.5 * (x * x).sum(-1) - log_m)
 
+    def vjp(x: torch.Tensor, values: torch.Tensor, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
+        """dL/dx from dL/dvalues and dL/dlog_scale without an autograd graph (the shift is a
+        constant): values = exp(x W^T - shift), log_scale = shift - |x|^2/2 - log(M)/2."""
+        dx = d_values.mul_(values) @ w.to(x.dtype)
+        if d_log_scale is not None:
+            dx = dx.sub_(d_log_scale[..., None] * x)
+        return dx
+
+    feat.vjp = vjp
     return feat
 
 

@@ -71,7 +71,7 @@ def key_sums(k, v, a, mask, feat: FeatFn, chunk: int):
             kvz = vals.new_zeros(*lead, vals.shape[-1], v1.shape[-1])
             c = vals.new_full(lead, float("-inf"))
         new_c = torch.maximum(c, ls.amax(-1))
-        w = vals * exp_diff(ls, new_c[..., None])[..., None]
+        w = vals.mul_(exp_diff(ls, new_c[..., None])[..., None])  # no grad in forward: in place
         kvz = kvz * exp_diff(c, new_c)[..., None, None] + w.mT @ v1
         c = new_c
     return kvz, c
@@ -104,20 +104,28 @@ class _Bidirectional(torch.autograd.Function):
         dkv = torch.zeros_like(kv)
         dz = torch.zeros_like(z)
         a_leaf = _leaf(a, need_a)
+        vjp = getattr(feat, "vjp", None) if not need_a else None
         for sl in _slices(q.shape[-2], chunk):
             d = den[..., sl]
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
             g_c = g[..., sl, :]
             dnum = g_c * inv[..., None]
             dden = -(g_c * out[..., sl, :]).sum(-1) * inv
-            with torch.enable_grad():
-                qc = _leaf(q[..., sl, :], need_q)
-                fq = feat(qc, a_leaf).values
+            if vjp is not None:  # hand-written feature gradient, no graph
+                qc = q[..., sl, :]
+                fq = feat(qc, a).values
+            else:
+                with torch.enable_grad():
+                    qc = _leaf(q[..., sl, :], need_q)
+                    fq = feat(qc, a_leaf).values
             fq_d = fq.detach()
             dkv += fq_d.mT @ dnum
             dz += (fq_d.mT @ dden[..., None])[..., 0]
             if need_q or need_a:
                 dfq = dnum @ kv.mT + dden[..., None] * z[..., None, :]
+                if vjp is not None:
+                    dq[..., sl, :] = vjp(qc, fq_d, dfq, None)
+                    continue
                 gq, ga = _grad([fq], [qc, a_leaf], [dfq])
                 if gq is not None:
                     dq[..., sl, :] = gq
@@ -125,14 +133,25 @@ class _Bidirectional(torch.autograd.Function):
         if need_k or need_v or need_a:
             for sl in _slices(k.shape[-2], chunk):
                 v_c = v[..., sl, :]
-                with torch.enable_grad():
-                    kc = _leaf(k[..., sl, :], need_k)
-                    vals, ls = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
-                    w = vals * exp_diff(ls, c[..., None])[..., None]  # c is the final max: a constant
+                if vjp is not None:
+                    kc = k[..., sl, :]
+                    f = feat(kc, a)
+                    vals, ls = masked_keys(f, _mask_at(mask, sl))
+                    e = exp_diff(ls, c[..., None])  # c is the final max: a constant
+                    w = vals * e[..., None]
+                else:
+                    with torch.enable_grad():
+                        kc = _leaf(k[..., sl, :], need_k)
+                        vals, ls = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
+                        w = vals * exp_diff(ls, c[..., None])[..., None]
                 if need_v:
                     dv[..., sl, :] = w.detach() @ dkv
                 if need_k or need_a:
                     dw = v_c @ dkv.mT + dz[..., None, :]
+                    if vjp is not None:
+                        d_ls = (dw * w).sum(-1)
+                        dk[..., sl, :] = vjp(kc, f.values, dw.mul_(e[..., None]), d_ls)
+                        continue
                     gk, ga = _grad([w], [kc, a_leaf], [dw])
                     if gk is not None:
                         dk[..., sl, :] = gk

@@ -91,6 +91,7 @@ class _Causal(torch.autograd.Function):
         dv = torch.zeros_like(v) if need_v else None
         da = None
         a_leaf = _leaf(a, need_a)
+        vjp = getattr(feat, "vjp", None) if not need_a else None
         kv_last, z_last = kv_s[-1], z_s[-1]
         # gradient of the state after the current chunk (from later chunks or return_state)
         dkv_next = torch.zeros_like(kv_last) if g_kv is None else g_kv.expand_as(kv_last).clone()
@@ -98,11 +99,17 @@ class _Causal(torch.autograd.Function):
         for i in reversed(range(len(slices))):
             sl, kv, z, c = slices[i], kv_s[i], z_s[i], c_s[i]
             v_c = v[..., sl, :]
-            with torch.enable_grad():
-                qc = _leaf(q[..., sl, :], need_q)
-                kc = _leaf(k[..., sl, :], need_k)
-                fq = feat(qc, a_leaf).values
-                kvals, lk = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
+            if vjp is not None:  # hand-written feature gradient, no graph
+                qc, kc = q[..., sl, :], k[..., sl, :]
+                fq = feat(qc, a).values
+                fk = feat(kc, a)
+                kvals, lk = masked_keys(fk, _mask_at(mask, sl))
+            else:
+                with torch.enable_grad():
+                    qc = _leaf(q[..., sl, :], need_q)
+                    kc = _leaf(k[..., sl, :], need_k)
+                    fq = feat(qc, a_leaf).values
+                    kvals, lk = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
             fq_d, kv_d, lk_d = fq.detach(), kvals.detach(), lk.detach()
             run, weights, carry = _chunk_terms(fq_d, kv_d, lk_d, c)
             scores = (fq_d @ kv_d.mT) * weights
@@ -132,7 +139,13 @@ class _Causal(torch.autograd.Function):
             dz_next = dz_next * decay[..., None] + (fq_d.mT @ dden_c[..., None])[..., 0]
             if need_v:
                 dv[..., sl, :] = dv_c
-            if need_q or need_k or need_a:
+            if vjp is not None:
+                # masked keys have zero weight, so dkvals and dlk vanish on them already
+                if need_q:
+                    dq[..., sl, :] = vjp(qc, fq_d, dfq, None)
+                if need_k:
+                    dk[..., sl, :] = vjp(kc, fk.values, dkvals, dlk)
+            elif need_q or need_k or need_a:
                 gq, gk, ga = _grad([fq, kvals, lk], [qc, kc, a_leaf], [dfq, dkvals, dlk])
                 if gq is not None:
                     dq[..., sl, :] = gq

@@ -89,7 +89,10 @@ def run_bench(
             for name in ok:
                 t_pred = _predict(done, name, mode, length, "time_s")
                 m_pred = _predict(done, name, mode, length, "mem_mib")
-                if t_pred is not None and t_pred * (repeats + 2) > max_seconds:
+                # favor itself always runs: the grid bounds it, and its large-L rows are the point
+                if name.startswith("favor"):
+                    run_names.append(name)
+                elif t_pred is not None and t_pred * (repeats + 2) > max_seconds:
                     done[(name, mode, length)] = {"skipped": f"predicted {t_pred:.1f} s per call"}
                 elif m_pred is not None and m_pred > max_memory_mib:
                     done[(name, mode, length)] = {"skipped": f"predicted {m_pred:.0f} MiB"}
