@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="protein FASTA(.gz) instead of the embedded extract (see `favor data`)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..distributed.cli import add_sequence_parallel_argument
+
+    add_sequence_parallel_argument(parser)
     # tests kill a run mid-way; a per-step sleep makes "mid-way" reliable
     parser.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -53,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"favor train: {e}")
         return 2
+    sp = getattr(args, "sequence_parallel", None)
+    if sp is not None and (sp != 1 or "WORLD_SIZE" in os.environ):  # 1 without torchrun: plain training
+        from ..distributed.cli import run_sequence_parallel
+
+        return run_sequence_parallel(args, model_cfg, train_cfg)
     bar = tqdm(total=train_cfg.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     val = {"bpr": None}
 
