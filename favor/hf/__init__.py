@@ -1,0 +1,33 @@
+"""favor.hf: Performer attention inside Hugging Face transformers models (extra ``favor[hf]``).
+
+    >>> import favor.hf
+    >>> model = favor.hf.performerize(model, kernel="oprf", num_features=256, calibration=batches)
+    >>> favor.hf.save_pretrained(model, "out/")
+    >>> model = favor.hf.from_pretrained("out/")
+
+Importing this package registers ``attn_implementation="favor"`` with transformers.
+"""
+
+from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map
+from .attention import favor_attention_forward
+from .io import from_pretrained, save_pretrained
+from .masks import MaskPlan, plan_from_mask
+from .performerize import PerformerConfig, performerize
+from .registry import NAME, register
+
+register()
+
+__all__ = [
+    "NAME",
+    "register",
+    "performerize",
+    "PerformerConfig",
+    "save_pretrained",
+    "from_pretrained",
+    "favor_attention_forward",
+    "FavorAdapter",
+    "HeadwiseFeatureMap",
+    "balancing_map",
+    "MaskPlan",
+    "plan_from_mask",
+]

@@ -1,0 +1,81 @@
+"""The attention function registered with transformers as "favor".
+
+transformers calls ``fn(module, query, key, value, attention_mask, dropout=, scaling=, **kw)``
+with query (B, H, Lq, D), key/value (B, Hkv, Lk, D) and a 4D mask or None, and expects
+``(out (B, Lq, H, D), weights or None)``. The layer's FavorAdapter (``module.favor``, put
+there by ``performerize``) holds its feature map and reparametrisation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention import attention as favor_attention
+from .adapter import FavorAdapter
+from .masks import plan_from_mask
+
+__all__ = ["favor_attention_forward", "ATTRIBUTE"]
+
+log = logging.getLogger(__name__)
+
+#: the attribute of an attention module that holds its FavorAdapter
+ATTRIBUTE = "favor"
+_warned_dropout = False
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, hkv, length, d = x.shape
+    if hkv == heads:
+        return x
+    if heads % hkv:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({hkv})")
+    return x[:, :, None].expand(b, hkv, heads // hkv, length, d).reshape(b, heads, length, d)
+
+
+def adapter_of(module: torch.nn.Module) -> FavorAdapter:
+    adapter = getattr(module, ATTRIBUTE, None)
+    if not isinstance(adapter, FavorAdapter):
+        raise RuntimeError(
+            f"{type(module).__name__} runs attn_implementation='favor' but has no FavorAdapter; "
+            "call favor.hf.performerize(model) (or load with favor.hf.from_pretrained) first"
+        )
+    return adapter
+
+
+def favor_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,  # transformers passes model-specific extras (position ids, cache info); none change attention here
+) -> tuple[torch.Tensor, None]:
+    global _warned_dropout
+    adapter = adapter_of(module)
+    if dropout and not _warned_dropout:
+        log.warning("attention dropout (p=%s) is not applied by FAVOR (it never forms the weights)", dropout)
+        _warned_dropout = True
+    b, h, lq, _ = query.shape
+    lk = key.shape[-2]
+    causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
+    plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=lk, is_causal=causal_module)
+    key, value = _repeat_kv(key, h)[..., : plan.kv_length, :], _repeat_kv(value, h)[..., : plan.kv_length, :]
+    q, k = adapter.transform(query, key)
+    v = value.to(q.dtype)
+    pad = plan.key_padding_mask
+    if pad is not None:
+        pad = pad[:, : plan.kv_length].expand(b, plan.kv_length)
+    if plan.causal and plan.offset > 0:
+        # queries sit at the end of the keys (decoding with a cache): run the causal pass over
+        # all keys with zero queries in front, so the numbers equal the teacher-forced pass
+        q = torch.cat([q.new_zeros(b, h, plan.offset, q.shape[-1]), q], dim=-2)
+    out = favor_attention(q, k, v, adapter.feature_map, causal=plan.causal, key_padding_mask=pad, scale=scaling)
+    out = out[..., out.shape[-2] - lq :, :]
+    if plan.dead_queries is not None:
+        out = out.masked_fill(plan.dead_queries[:, None, :, None], 0.0)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None

@@ -1,0 +1,92 @@
+"""How close a performerized model is to its softmax self.
+
+Both are the same model object: ``attn_implementation`` "sdpa" gives the softmax model and
+"favor" the Performer, so no weights are copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import favor_attention_forward
+from .registry import NAME, probing
+
+__all__ = ["mean_pool", "embeddings", "embedding_cosine", "layer_errors", "tokenize_batches"]
+
+
+def tokenize_batches(tokenizer, texts: list[str], *, batch_size: int = 16, max_length: int = 128) -> list[dict]:
+    """Tokenized batches (padded to the longest in each batch)."""
+    return [
+        dict(
+            tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings (B, C): mean over non-padding tokens, L2-normalised (sentence-transformers)."""
+    m = attention_mask[..., None].to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+
+
+@torch.no_grad()
+def embeddings(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, attn: str) -> torch.Tensor:
+    """Mean-pooled embeddings of every sequence under ``attn`` ("sdpa" or "favor")."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attn)
+    try:
+        out = []
+        for b in batches:
+            hidden = model(**b, output_hidden_states=True).hidden_states[-1]
+            out.append(mean_pool(hidden.float(), b["attention_mask"]))
+        return torch.cat(out)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def embedding_cosine(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Cosine between softmax and FAVOR sentence embeddings, one per sequence."""
+    ref = embeddings(model, batches, attn="sdpa")
+    got = embeddings(model, batches, attn=NAME)
+    return (ref * got).sum(-1)
+
+
+@torch.no_grad()
+def layer_errors(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
+    """Per attention layer: |favor - softmax| / |softmax| of its output on the softmax model's
+    own queries, keys and values (so errors do not compound), over non-padding queries."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    num: dict[int, float] = {}
+    den: dict[int, float] = {}
+    order: list[int] = []
+
+    def record(module, query, key, value, attention_mask, scaling, is_causal):
+        ref, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal)
+        got, _ = favor_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
+        )
+        diff, ref = (got - ref).double(), ref.double()
+        if current_mask is not None:  # (B, L): keep real tokens only
+            keep = current_mask[:, : ref.shape[1], None, None].to(ref.dtype)
+            diff, ref = diff * keep, ref * keep
+        i = id(module)
+        if i not in num:
+            order.append(i)
+            num[i] = den[i] = 0.0
+        num[i] += float((diff**2).sum())
+        den[i] += float((ref**2).sum())
+
+    current_mask = None
+    with probing(model, record):
+        for b in batches:
+            current_mask = b.get("attention_mask")
+            model(**b)
+    return [(num[i] / max(den[i], 1e-300)) ** 0.5 for i in order]

@@ -1,0 +1,110 @@
+"""Fit each layer's feature map to its softmax attention on calibration text (no model weights change).
+
+The unbiased random features of FAVOR+/FAVOR++ need M ~ exp(|q|^2 + |k|^2) (scaled) for a
+small error, and pretrained layers have |q|^2, |k|^2 of 3-40: no M in the hundreds makes
+the swap accurate. Here the adapter's parameters (query map, key map, key shift, and the
+projection W of the positive-exponential features) are instead fitted, layer by layer, to
+reproduce the layer's softmax attention output on the softmax model's own queries, keys and
+values (so errors do not compound while fitting). The features keep FAVOR's form
+exp(w.x - |x|^2/2) and the attention stays linear in length; they are learned rather than
+random (cf. Hedgehog, Zhang et al., ICLR 2024, which fits feature maps the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .attention import ATTRIBUTE, favor_attention_forward
+from .registry import probing
+
+__all__ = ["record_attention", "fit_adapters"]
+
+log = logging.getLogger(__name__)
+
+_PARAMS = ("query_map", "key_map", "key_shift")
+
+
+@torch.no_grad()
+def record_attention(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
+    """Run the softmax model and keep every attention call's inputs and output:
+    {module: [(q, k, v, mask, scaling, is_causal, softmax_out, query_keep)]} in layer order."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls: dict[nn.Module, list] = {}
+    keep_mask = None
+
+    def record(module, query, key, value, attention_mask, scaling, is_causal):
+        ref, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal)
+        keep = None if keep_mask is None or keep_mask.shape[1] != query.shape[2] else keep_mask.bool()
+        calls.setdefault(module, []).append(
+            (query.float(), key.float(), value.float(), attention_mask, scaling, is_causal, ref.float(), keep)
+        )
+
+    with probing(model, record):
+        for b in batches:
+            keep_mask = b.get("attention_mask")
+            model(**b)
+    return calls
+
+
+def _loss(module, call) -> torch.Tensor:
+    q, k, v, mask, scaling, is_causal, ref, keep = call
+    out, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=is_causal)
+    diff = (out - ref) ** 2
+    den = ref**2
+    if keep is not None:  # (B, Lq): real tokens only
+        w = keep[:, :, None, None].to(diff.dtype)
+        diff, den = diff * w, den * w
+    return diff.sum() / den.sum().clamp_min(1e-12)
+
+
+def fit_adapters(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    steps: int = 150,
+    lr: float = 3e-3,
+    fit_projection: bool = True,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[tuple[float, float]]:
+    """Fit every FavorAdapter of a performerized ``model`` on ``batches`` (Adam, ``steps`` full
+    passes per layer). Returns [(relative error before, after)] per layer, on the fitting data.
+    ``progress(layer, step, loss)`` is called after every step (the CLI draws a bar from it)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    calls = record_attention(model, list(batches))
+    results = []
+    for layer, (module, recorded) in enumerate(calls.items()):
+        adapter = getattr(module, ATTRIBUTE)
+        fm = adapter.feature_map
+        adapter.calibrated.fill_(True)
+        names = list(_PARAMS) + (["projection"] if fit_projection and fm.projection is not None else [])
+        owners = {n: (fm if n == "projection" else adapter) for n in names}
+        params = {n: getattr(owners[n], n).detach().clone().float().requires_grad_(True) for n in names}
+        for n, p in params.items():
+            setattr(owners[n], n, p)  # buffers may hold tensors that require grad
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        with torch.no_grad():
+            before = float(sum(_loss(module, c) for c in recorded) / len(recorded)) ** 0.5
+        initial = {n: p.detach().clone() for n, p in params.items()}
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = sum(_loss(module, c) for c in recorded) / len(recorded)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress(layer, step, float(loss))
+        with torch.no_grad():
+            after = float(sum(_loss(module, c) for c in recorded) / len(recorded)) ** 0.5
+        final = {n: p.detach().clone() for n, p in params.items()}
+        if not after < before:  # never leave a layer worse than it came
+            final, after = initial, before
+        for n, p in final.items():
+            setattr(owners[n], n, p.to(getattr(owners[n], n).dtype))
+        results.append((before, after))
+        log.info("layer %d: relative attention error %.4f -> %.4f", layer, before, after)
+    return results

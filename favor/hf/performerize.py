@@ -1,0 +1,225 @@
+"""performerize: switch a loaded transformers model to FAVOR attention in place.
+
+Each attention module gets a FavorAdapter (``module.favor``): a per-layer feature map with
+its own projection (seeded by (seed, layer)), and, when calibration inputs are given, an
+exact reparametrisation of queries and keys plus FAVOR++'s rho per head, all computed from
+the softmax model's own queries and keys on those inputs (see adapter.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..features.feature_map import KERNELS
+from ..features.projections import NORMS, PROJECTIONS
+from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map
+from .attention import ATTRIBUTE
+from .masks import plan_from_mask
+from .registry import NAME, probing, register
+
+__all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modules", "CONFIG_KEY"]
+
+log = logging.getLogger(__name__)
+
+#: where performerize records its PerformerConfig on ``model.config`` (saved in config.json)
+CONFIG_KEY = "favor_performer"
+
+
+@dataclass(frozen=True)
+class PerformerConfig:
+    """What performerize did, enough to rebuild the adapters' shapes for loading."""
+
+    kernel: str = "oprf"
+    num_features: int = 256
+    projection: str = "orthogonal"
+    norm: str = "chi"
+    seed: int = 0
+    center_keys: bool = True
+    balance: bool = True
+    calibrate_rho: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS or not KERNELS[self.kernel][0]:
+            ok = sorted(k for k, v in KERNELS.items() if v[0])
+            raise ValueError(f"kernel must be one of {ok} (random-feature kernels), got {self.kernel!r}")
+        if isinstance(self.num_features, bool) or not isinstance(self.num_features, int) or self.num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {self.num_features!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {sorted(PROJECTIONS)}, got {self.projection!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+
+class _Stats:
+    """Running first and second moments of queries and keys per head, in float64."""
+
+    def __init__(self) -> None:
+        self.n_q = self.n_k = 0.0
+        self.sum_q = self.sum_k = self.sq_q = self.sq_k = None
+        self.heads = self.dim = None
+        self.scaling = None
+
+    @staticmethod
+    def _acc(x: torch.Tensor, keep: torch.Tensor | None):
+        # x (B, H, L, D); keep (B, L) bool or None -> count, (H, D), (H, D, D)
+        x = x.double()
+        if keep is not None:
+            x = x * keep[:, None, :, None].to(x.dtype)
+            n = float(keep.sum()) if keep.ndim == 2 else float(keep.numel())
+        else:
+            n = float(x.shape[0] * x.shape[2])
+        return n, x.sum((0, 2)), torch.einsum("bhld,bhle->hde", x, x)
+
+    def add(self, q, k, q_keep, k_keep, scaling) -> None:
+        nq, sq, qq = self._acc(q, q_keep)
+        nk, sk, kk = self._acc(k, k_keep)
+        if self.sum_q is None:
+            self.heads, self.dim = q.shape[1], q.shape[-1]
+            self.sum_q, self.sq_q, self.sum_k, self.sq_k = sq, qq, sk, kk
+        else:
+            self.sum_q, self.sq_q, self.sum_k, self.sq_k = (
+                self.sum_q + sq,
+                self.sq_q + qq,
+                self.sum_k + sk,
+                self.sq_k + kk,
+            )
+        self.n_q += nq
+        self.n_k += nk
+        self.scaling = scaling
+
+
+def attention_modules(model: nn.Module, inputs: Iterable[Mapping[str, torch.Tensor]] | None = None):
+    """Run the model (softmax attention) on ``inputs`` (default: its dummy inputs) and return the
+    attention modules in call order as [(qualified name, module, _Stats)]."""
+    register()
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[int, tuple[str, nn.Module, _Stats]] = {}
+
+    def record(module, query, key, value, attention_mask, scaling, is_causal):
+        b, h, lq, d = query.shape
+        lk = key.shape[-2]
+        causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
+        plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=lk, is_causal=causal_module)
+        if h % key.shape[1]:
+            raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({key.shape[1]})")
+        k = key.repeat_interleave(h // key.shape[1], dim=1) if key.shape[1] != h else key
+        k_keep = None if plan.key_padding_mask is None else ~plan.key_padding_mask.expand(b, lk)
+        q_keep = k_keep if (k_keep is not None and lq == lk) else None
+        entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
+        entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
+
+    batches = list(inputs) if inputs is not None else [model.dummy_inputs]
+    with probing(model, record), torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} made no calls through transformers' AttentionInterface; "
+            "favor.hf supports models whose attention is dispatched by attn_implementation"
+        )
+    return list(found.values())
+
+
+def attach_adapters(model: nn.Module, config: PerformerConfig, layers) -> list[FavorAdapter]:
+    """Give every attention module a fresh FavorAdapter (identity reparametrisation).
+
+    ``layers``: [(module, heads, head dim)] in layer order; layer i's projection is drawn
+    from seed * 1_000_003 + i."""
+    adapters = []
+    for layer, (module, heads, dim) in enumerate(layers):
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + layer)
+        fm = HeadwiseFeatureMap(
+            config.kernel,
+            heads=heads,
+            dim=dim,
+            num_features=config.num_features,
+            projection=config.projection,
+            norm=config.norm,
+            generator=g,
+        )
+        adapter = FavorAdapter(fm, heads=heads, dim=dim)
+        p = next(module.parameters(), None)
+        if p is not None:
+            adapter.to(p.device)
+        module.add_module(ATTRIBUTE, adapter)
+        adapters.append(adapter)
+    return adapters
+
+
+@torch.no_grad()
+def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) -> None:
+    h, d = stats.heads, stats.dim
+    mean_q = stats.sum_q / stats.n_q  # (H, D)
+    mean_k = stats.sum_k / stats.n_k
+    sq = stats.sq_q / stats.n_q  # E[q^T q] (H, D, D)
+    sk = stats.sq_k / stats.n_k
+    shift = mean_k if config.center_keys else torch.zeros_like(mean_k)
+    # second moment of the shifted keys: E[(k-c)^T (k-c)] = E[k^T k] - c^T m - m^T c + c^T c
+    sk_c = sk - shift[:, :, None] * mean_k[:, None, :] - mean_k[:, :, None] * shift[:, None, :]
+    sk_c = sk_c + shift[:, :, None] * shift[:, None, :]
+    a = balancing_map(sq, sk_c) if config.balance else torch.eye(d, dtype=torch.float64).expand(h, d, d).clone()
+    adapter.set_reparametrisation(shift.to(adapter.key_shift.dtype), a.to(adapter.query_map.dtype))
+    if config.kernel == "oprf" and config.calibrate_rho:
+        # rho = mean over pairs of |q' + k'|^2 / D with q', k' the scaled, reparametrised inputs
+        s = stats.scaling
+        a = a.double()
+        b = torch.linalg.inv(a).transpose(-1, -2)
+        eq2 = torch.einsum("hde,hdf,hfe->h", a, sq, a) * s  # E|q A|^2 * scale
+        ek2 = torch.einsum("hde,hdf,hfe->h", b, sk_c, b) * s
+        mq = torch.einsum("hd,hde->he", mean_q, a)
+        mk = torch.einsum("hd,hde->he", mean_k - shift, b)
+        rho = (eq2 + ek2 + 2.0 * s * (mq * mk).sum(-1)) / d
+        adapter.feature_map.rho.copy_(rho)
+
+
+def performerize(
+    model: nn.Module,
+    *,
+    kernel: str = "oprf",
+    num_features: int = 256,
+    seed: int = 0,
+    projection: str = "orthogonal",
+    norm: str = "chi",
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    center_keys: bool = True,
+    balance: bool = True,
+    calibrate_rho: bool = True,
+) -> nn.Module:
+    """Switch ``model`` (a transformers PreTrainedModel) to FAVOR attention in place; returns it.
+
+    ``calibration``: batches (dicts of model inputs, e.g. a tokenizer's output) on which the
+    softmax model's queries and keys are measured to fit, per layer and head, the key shift,
+    the query/key balancing map and FAVOR++'s rho (``center_keys``, ``balance``,
+    ``calibrate_rho`` switch them). Without it the adapters are the identity and rho comes
+    from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
+    ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
+    """
+    config = PerformerConfig(
+        kernel=kernel,
+        num_features=num_features,
+        projection=projection,
+        norm=norm,
+        seed=seed,
+        center_keys=center_keys,
+        balance=balance,
+        calibrate_rho=calibrate_rho,
+    )
+    calibrated = calibration is not None
+    modules = attention_modules(model, calibration)
+    adapters = attach_adapters(model, config, [(m, st.heads, st.dim) for _, m, st in modules])
+    if calibrated:
+        for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
+            _calibrate(adapter, stats, config)
+    setattr(
+        model.config, CONFIG_KEY, {**asdict(config), "calibrated": calibrated, "modules": [n for n, _, _ in modules]}
+    )
+    model.set_attn_implementation(NAME)
+    log.info("performerized %d attention modules (%s, M=%d)", len(adapters), kernel, num_features)
+    return model
