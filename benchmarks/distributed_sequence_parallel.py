@@ -16,24 +16,29 @@ Writes JSON and a PNG under --out.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import resource
-import statistics
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+# passive OpenMP waiting before torch starts (as benchmarks/_common.py): on a shared machine
+# spinning threads steal the cores the other process needs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import favor
-from favor.distributed import count_communication, sequence_parallel_attention, shard_bounds, state_bytes
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import favor  # noqa: E402
+from favor.distributed import count_communication, sequence_parallel_attention, shard_bounds, state_bytes  # noqa: E402
 
 B, H, D, M = 1, 8, 64, 256
 
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "config": {"B": B, "H": H, "D": D, "M": M, "dtype": "float32", "kernel": "positive", "world": w},
     }

@@ -42,9 +42,10 @@ def local_state_reference(
     *,
     a: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    root: float = 1.0,
 ) -> State:
-    """Already-scaled k (..., L, D), v (..., L, Dv) -> State of the whole slice, plain autograd."""
-    kvals, lk = masked_keys(feat(k, a), key_padding_mask)
+    """k (..., L, D), v (..., L, Dv) -> State of the whole slice of keys k * root, plain autograd."""
+    kvals, lk = masked_keys(feat(k * root, a), key_padding_mask)
     c = lk.amax(-1).detach() if lk.shape[-1] else lk.new_full(lk.shape[:-1], float("-inf"))
     k_w = kvals * exp_diff(lk, c[..., None])[..., None]
     return State(k_w.mT @ v, k_w.sum(-2), c)
@@ -52,12 +53,12 @@ def local_state_reference(
 
 class _LocalState(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v, a, mask, feat, chunk):
+    def forward(ctx, k, v, a, mask, feat, chunk, root):
         kv = z = c = None
         with torch.no_grad():
             for start in range(0, k.shape[-2], chunk):
                 sl = slice(start, start + chunk)
-                kvals, lk = masked_keys(feat(k[..., sl, :], a), _mask_at(mask, sl))
+                kvals, lk = masked_keys(feat(k[..., sl, :] * root, a), _mask_at(mask, sl))
                 new_c = lk.amax(-1) if c is None else torch.maximum(c, lk.amax(-1))
                 k_w = kvals * exp_diff(lk, new_c[..., None])[..., None]
                 add_kv, add_z = k_w.mT @ v[..., sl, :], k_w.sum(-2)
@@ -68,7 +69,7 @@ class _LocalState(torch.autograd.Function):
                     kv = kv * decay[..., None, None] + add_kv
                     z = z * decay[..., None] + add_z
                 c = new_c
-        ctx.feat, ctx.chunk = feat, chunk
+        ctx.feat, ctx.chunk, ctx.root = feat, chunk, root
         ctx.save_for_backward(k, v, a, mask, c)
         ctx.mark_non_differentiable(c)
         return kv, z, c
@@ -76,7 +77,7 @@ class _LocalState(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_kv, g_z, _g_c):
         k, v, a, mask, c = ctx.saved_tensors
-        feat, chunk = ctx.feat, ctx.chunk
+        feat, chunk, root = ctx.feat, ctx.chunk, ctx.root
         need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.needs_input_grad[2]:
             raise RuntimeError(
@@ -93,7 +94,7 @@ class _LocalState(torch.autograd.Function):
             sl = slice(start, start + chunk)
             with torch.enable_grad():
                 kc = k[..., sl, :].detach().requires_grad_(need_k)
-                kvals, lk = masked_keys(feat(kc, a), _mask_at(mask, sl))
+                kvals, lk = masked_keys(feat(kc * root, a), _mask_at(mask, sl))
             e = exp_diff(lk.detach(), c[..., None])
             k_w = kvals.detach() * e[..., None]
             v_c = v[..., sl, :]
@@ -109,7 +110,7 @@ class _LocalState(torch.autograd.Function):
                     (gk,) = torch.autograd.grad(outs, [kc], grads, allow_unused=True)
                     if gk is not None:
                         dk[..., sl, :] = gk
-        return dk, dv, None, None, None, None
+        return dk, dv, None, None, None, None, None
 
 
 def local_state(
@@ -120,12 +121,14 @@ def local_state(
     a: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_STATE_CHUNK,
+    root: float = 1.0,
 ) -> State:
-    """Already-scaled k (..., L, D), v (..., L, Dv), equal leading shapes -> State of the slice.
+    """k (..., L, D), v (..., L, Dv), equal leading shapes -> State of the slice of keys
+    k * root (``root`` = sqrt(scale): scaling chunk by chunk keeps no scaled copy of k).
 
     Memory for backward is k and v plus one (..., C, M') chunk; ``feat(x, a)`` gives
     row-wise Features (``FeatureMap.exact_features``)."""
     if k.shape[-2] == 0:
-        return local_state_reference(k, v, feat, a=a, key_padding_mask=key_padding_mask)
-    kv, z, c = _LocalState.apply(k, v, a, key_padding_mask, feat, chunk_size)
+        return local_state_reference(k, v, feat, a=a, key_padding_mask=key_padding_mask, root=root)
+    kv, z, c = _LocalState.apply(k, v, a, key_padding_mask, feat, chunk_size, root)
     return State(kv, z, c)

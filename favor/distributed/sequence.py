@@ -119,9 +119,12 @@ def sequence_parallel_attention(
     s = check_scale(scale, q.shape[-1])
     mask = key_mask(key_padding_mask, k)
     dtype = compute_dtype(q.dtype)
-    ks, vs = k.to(dtype) * s**0.5, v.to(dtype)
-    a = feature_map.oprf_a(ks, ks, causal=True) if feature_map.kernel == "oprf" else None
-    local = local_state(ks, vs, feature_map.exact_features, a=a, key_padding_mask=mask, chunk_size=DEFAULT_STATE_CHUNK)
+    kc, vc, root = k.to(dtype), v.to(dtype), s**0.5  # no copies for float32/float64 inputs
+    # causal A* depends only on D and the rho buffer, never on the data (see FeatureMap.oprf_a)
+    a = feature_map.oprf_a(kc, kc, causal=True) if feature_map.kernel == "oprf" else None
+    local = local_state(
+        kc, vc, feature_map.exact_features, a=a, key_padding_mask=mask, chunk_size=DEFAULT_STATE_CHUNK, root=root
+    )
     prefix = prefix_state(local, group=group)
     out = attention(
         q,
