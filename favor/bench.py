@@ -7,7 +7,8 @@ Method: every contender is checked against its reference before it is timed (a f
 check is recorded and the contender is not timed); warm-up, then the median of ``repeats``
 runs, contenders interleaved round by round so that a busy machine slows them alike; peak
 memory is ``ru_maxrss`` of a fresh process (forked from a clean server that has imported
-torch and favor) after the run, minus its value once the inputs exist.
+torch and favor) after the run, minus its value once the inputs exist (after one tiny
+warm-up call, so that library workspaces are not counted).
 """
 
 from __future__ import annotations
@@ -226,8 +227,11 @@ def _maxrss_bytes() -> int:
 
 def _memory_child(name: str, length: int, cfg: BenchConfig, backward: bool, threads: int) -> tuple[float, float]:
     torch.set_num_threads(threads)
-    q, k, v = _inputs(length, cfg, grad=backward)
     f = CONTENDERS[name].build(cfg)
+    # one tiny call first: one-time library workspaces (BLAS, thread pools) are not the
+    # contender's memory and would otherwise dominate short sequences
+    _run_once(f, *_inputs(min(length, 64), cfg, grad=backward), backward)
+    q, k, v = _inputs(length, cfg, grad=backward)
     base = _maxrss_bytes()
     t0 = time.perf_counter()
     _run_once(f, q, k, v, backward)
