@@ -23,11 +23,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--minutes", type=float, default=9.0, help="training time budget (default 9)")
     parser.add_argument("--kernel", default="oprf")
     parser.add_argument("--num-features", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=64, help="training tokens per passage (default 64)")
+    parser.add_argument("--eval-max-length", type=int, default=128, help="held-out tokens per passage (default 128)")
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--samples", type=int, default=64, help="held-out passages for the cosine (default 64)")
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -70,7 +71,7 @@ def run(args) -> int:
     if kind == "masked-lm":
         train, held = [" ".join(s.replace(" ", "")) for s in train], [" ".join(s.replace(" ", "")) for s in held]
     batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=args.max_length)
-    ev = tokenize_batches(tok, held, batch_size=32, max_length=args.max_length)
+    ev = tokenize_batches(tok, held, batch_size=32, max_length=args.eval_max_length)
     t0 = time.perf_counter()
     student = fh.performerize(
         copy.deepcopy(teacher),

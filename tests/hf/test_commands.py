@@ -1,0 +1,93 @@
+"""The CLI end to end on a tiny random BERT saved with a character-level tokenizer (offline)."""
+
+import json
+import string
+
+import torch
+
+import favor.hf as fh
+from favor.cli import main
+
+
+def _save_tiny(tiny_bert, path):
+    from transformers import BertTokenizer
+
+    chars = list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + list(",.;:")
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    model = tiny_bert()
+    model.float()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_performerize_command_writes_json_and_png(tiny_bert, tmp_path, capsys):
+    d = _save_tiny(tiny_bert, tmp_path / "tiny")
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "performerize",
+            "--model",
+            str(d),
+            "--kernel",
+            "oprf",
+            "--num-features",
+            "16",
+            "--num-features",
+            "256",
+            "--samples",
+            "4",
+            "--calibration-samples",
+            "4",
+            "--max-length",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads((out / "performerize.json").read_text())["rows"]
+    assert [(r["kernel"], r["num_features"]) for r in rows] == [("oprf", 16), ("oprf", 256)]
+    assert all(0.0 < r["cosine_mean"] <= 1.0 + 1e-6 and len(r["layer_errors"]) == 2 for r in rows)
+    # more features, closer to softmax (Monte Carlo error ~ M^-1/2)
+    assert sum(rows[1]["layer_errors"]) < sum(rows[0]["layer_errors"])
+    assert (out / "performerize.png").stat().st_size > 0
+    assert "cos mean" in capsys.readouterr().out
+
+
+def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path):
+    d = _save_tiny(tiny_bert, tmp_path / "tiny")
+    out = tmp_path / "distilled"
+    rc = main(
+        [
+            "distill",
+            "--model",
+            str(d),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--samples",
+            "4",
+            "--num-features",
+            "16",
+            "--eval-every",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "16",
+            "--eval-max-length",
+            "32",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "distill.json").read_text())
+    assert res["steps"] == 3 and len(res["curve"]["eval_cosine"]) == 4
+    assert (out / "distill.png").stat().st_size > 0
+    model = fh.from_pretrained(out)
+    assert model.config._attn_implementation == fh.NAME
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
