@@ -79,12 +79,18 @@ def train_sequence_parallel(
     group: dist.ProcessGroup | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     write_plot: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Train a PerformerLM with every sequence split across the ranks of ``group``
     (every rank calls this with the same arguments). Writes, on rank 0, DIR/log.jsonl,
     DIR/checkpoints/ and DIR/loss.png. Returns the summary dict of ``favor.train.train``
-    (``loss`` is the global mean loss of the last step)."""
+    (``loss`` is the global mean loss of the last step). ``device`` defaults to this
+    rank's GPU under NCCL, else the CPU."""
     rank, world = group_rank_size(group)
+    if device is None:
+        nccl = world > 1 and str(dist.get_backend(group)).lower() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    device = torch.device(device)
     if model_cfg.attention != "favor":
         raise ValueError(f"sequence parallelism needs attention='favor', got {model_cfg.attention!r}")
     if train_cfg.seq_len < world:
@@ -97,7 +103,7 @@ def train_sequence_parallel(
         if log_path.exists():
             log_path.unlink()
     config = _config_dict(model_cfg, train_cfg)
-    model = PerformerLM(model_cfg)
+    model = PerformerLM(model_cfg).to(device)
     optimizer = _make_optimizer(model, train_cfg)
     torch.manual_seed(mix_seed(train_cfg.seed, 2))
     tok = ProteinTokenizer()
@@ -107,7 +113,9 @@ def train_sequence_parallel(
     train_stream = TokenStream(train_recs, tok)
     val_x = val_y = None
     if lead:
-        val_x, val_y = TokenStream(val_recs, tok).windows(train_cfg.seq_len, train_cfg.eval_windows)
+        val_x, val_y = (
+            t.to(device) for t in TokenStream(val_recs, tok).windows(train_cfg.seq_len, train_cfg.eval_windows)
+        )
     redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
     lo, hi = shard_bounds(train_cfg.seq_len, world, rank)
     total_tokens = train_cfg.batch_size * train_cfg.seq_len
@@ -128,8 +136,9 @@ def train_sequence_parallel(
                 train_cfg.seq_len,
                 torch.Generator().manual_seed(mix_seed(train_cfg.seed, _BATCH_STREAM, step)),
             )
-            logits = sequence_parallel_forward(model, x[:, lo:hi], offset=lo, group=group)
-            loss = F.cross_entropy(logits.flatten(0, 1), y[:, lo:hi].flatten(), reduction="sum") / total_tokens
+            x, y = x[:, lo:hi].to(device), y[:, lo:hi].to(device)
+            logits = sequence_parallel_forward(model, x, offset=lo, group=group)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             all_reduce_gradients(model, group=group)
