@@ -17,7 +17,7 @@ import torch
 from ..features.feature_map import FeatureMap
 from ..features.maps import Features
 
-__all__ = ["row_features"]
+__all__ = ["row_features", "scaled"]
 
 
 def _positive(w: torch.Tensor):
@@ -69,3 +69,22 @@ def row_features(feature_map: FeatureMap):
     if make is None or feature_map.stabilizer != "exact":
         return feature_map.exact_features
     return make(feature_map.projection)
+
+
+def scaled(feat, root: float):
+    """feat(x * root, a): the attention scale applied chunk by chunk, so that no scaled
+    copy of q and k (L x D each) is ever held; gradients carry the factor back."""
+    if root == 1.0:
+        return feat
+
+    def feat_scaled(x: torch.Tensor, a: torch.Tensor | None = None) -> Features:
+        return feat(x * root, a)
+
+    base_vjp = getattr(feat, "vjp", None)
+    if base_vjp is not None:
+
+        def vjp(x, values, d_values, d_log_scale):
+            return base_vjp(x * root, values, d_values, d_log_scale).mul_(root)
+
+        feat_scaled.vjp = vjp
+    return feat_scaled

@@ -6,7 +6,7 @@ import torch
 
 from ..features.feature_map import FeatureMap
 from ._checks import check_chunk_size, check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
-from ._fast_features import row_features
+from ._fast_features import row_features, scaled
 from .bidirectional import bidirectional
 from .bidirectional_fast import DEFAULT_BIDIRECTIONAL_CHUNK, bidirectional_fast
 from .causal import DEFAULT_CHUNK, causal_chunked
@@ -38,12 +38,16 @@ def _fast_eligible(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, v:
 
 
 def _attention_fast(
-    qs, ks, vs, feature_map, *, causal, mask, q_mask, chunk_size, initial_state, return_state, out_dtype
+    qs, ks, vs, feature_map, *, root, causal, mask, q_mask, chunk_size, initial_state, return_state, out_dtype
 ):
+    """``qs``, ``ks`` are q and k in the compute dtype, not yet scaled: the fast paths scale
+    them chunk by chunk (``root`` = sqrt(scale)), so no scaled L x D copies are held."""
     feature_map._check_dim(qs, "q")
     feature_map._check_dim(ks, "k")
-    a = feature_map.oprf_a(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask) if feature_map.kernel == "oprf" else None
-    feat = row_features(feature_map)
+    a = None
+    if feature_map.kernel == "oprf":
+        a = feature_map.oprf_a(qs * root, ks * root, causal=causal, q_mask=q_mask, k_mask=mask)
+    feat = scaled(row_features(feature_map), root)
     if not causal:
         chunk = check_chunk_size(chunk_size, DEFAULT_BIDIRECTIONAL_CHUNK)
         return bidirectional_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, chunk_size=chunk).to(out_dtype)
@@ -94,16 +98,17 @@ def attention(
         )
     dtype = compute_dtype(q.dtype)
     root = s**0.5
-    qs, ks, vs = q.to(dtype) * root, k.to(dtype) * root, v.to(dtype)
+    vs = v.to(dtype)
     # self-attention convention: with Lq == Lk, padded positions are padded queries too,
     # so they stay out of sequence statistics (FAVOR++'s rho)
     q_mask = mask if (mask is not None and q.shape[-2] == k.shape[-2]) else None
     if _fast_eligible(feature_map, q, k, v):
         return _attention_fast(
-            qs,
-            ks,
+            q.to(dtype),
+            k.to(dtype),
             vs,
             feature_map,
+            root=root,
             causal=causal,
             mask=mask,
             q_mask=q_mask,
@@ -112,6 +117,7 @@ def attention(
             return_state=return_state,
             out_dtype=v.dtype,
         )
+    qs, ks = q.to(dtype) * root, k.to(dtype) * root
     chunk = check_chunk_size(chunk_size, DEFAULT_CHUNK)
     guard = feature_map.eps if feature_map.stabilizer == "official" else None
     fq, fk = feature_map.pair(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask)
