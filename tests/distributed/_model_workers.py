@@ -119,9 +119,10 @@ def sequence_parallel_model_worker(rank: int, world: int, out_dir: str, position
     base = tiny_lm(position=position)
     reference = _train(copy.deepcopy(base), data, redraw_every=2, step_fn=_loss)
     # logits of the untrained model: the forward alone
-    full_logits = base(data[0][:, :-1])
     lo, hi = shard_bounds(length, world, rank)
-    local_logits = sequence_parallel_forward(base, data[0][:, lo:hi], offset=lo)
+    with torch.no_grad():
+        full_logits = base(data[0][:, :-1])
+        local_logits = sequence_parallel_forward(base, data[0][:, lo:hi], offset=lo)
 
     def sp_loss(model, tokens):
         x, y = tokens[:, :-1][:, lo:hi], tokens[:, 1:][:, lo:hi]
@@ -149,9 +150,12 @@ def sequence_parallel_model_worker(rank: int, world: int, out_dir: str, position
     }
 
 
-def all_models_worker(rank: int, world: int, out_dir: str) -> dict:
+def all_models_worker(rank: int, world: int, out_dir: str, train_overrides: dict) -> dict:
     """Every model-level check in one spawn (process start-up dominates on a small machine)."""
+    from ._train_workers import train_worker
+
     return {
+        "train": train_worker(rank, world, out_dir, train_overrides),
         "ddp": data_parallel_worker(rank, world, out_dir, "ddp", 4, 4, 12),
         "fsdp": data_parallel_worker(rank, world, out_dir, "fsdp", 4, 4, 12),
         "sp_rotary": sequence_parallel_model_worker(rank, world, out_dir, "rotary", 3),
