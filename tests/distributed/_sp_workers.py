@@ -56,8 +56,18 @@ def _err(a, b):
 
 
 def sp_case_worker(rank: int, world: int, out_dir: str, cases: list[dict]) -> list[dict]:
+    import torch.distributed as dist
+
     results = []
     for case in cases:
+        group, g_rank, g_world = None, rank, world
+        if case.get("split_groups"):
+            # two sequence groups side by side (as on a data x sequence mesh), each with its
+            # own sequence: every rank creates every group, then uses its own
+            half = world // 2
+            groups = [dist.new_group(list(range(0, half))), dist.new_group(list(range(half, world)))]
+            group, g_rank, g_world = groups[rank // half], rank % half, half
+            case = {**case, "seed": case.get("seed", 0) + rank // half}
         q, k, v, upstream, mask, fm = make_case(case)
         chunk = case.get("chunk")
         ref = _grads(
@@ -68,11 +78,13 @@ def sp_case_worker(rank: int, world: int, out_dir: str, cases: list[dict]) -> li
             upstream,
         )
         bounds = case.get("bounds")
-        start, stop = (bounds[rank], bounds[rank + 1]) if bounds else shard_bounds(case["L"], world, rank)
+        start, stop = (bounds[g_rank], bounds[g_rank + 1]) if bounds else shard_bounds(case["L"], g_world, g_rank)
         sl = slice(start, stop)
         local_mask = None if mask is None else mask[:, sl]
         with count_communication() as counter:
-            sp = partial(sequence_parallel_attention, feature_map=fm, key_padding_mask=local_mask, chunk_size=chunk)
+            sp = partial(
+                sequence_parallel_attention, feature_map=fm, group=group, key_padding_mask=local_mask, chunk_size=chunk
+            )
             got = _grads(sp, q[..., sl, :], k[..., sl, :], v[..., sl, :], upstream[..., sl, :])
         errs = {name: _err(a, r[..., sl, :]) for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True)}
         errs["finite"] = all(bool(torch.isfinite(t).all()) for t in got)

@@ -34,6 +34,7 @@ CASES_4 = [
     {**BASE, "kernel": "trig", "L": 41, "chunk": 3, "std": 0.5},
     {**BASE, "kernel": "positive", "L": 44, "mask": True, "pad_span": (0, 11), "chunk": 4},  # rank 0 row 0 all padding
     {**BASE, "kernel": "oprf", "L": 23, "bounds": [0, 10, 10, 11, 23]},  # rank 1 holds no tokens
+    {**BASE, "kernel": "positive", "L": 26, "chunk": 4, "split_groups": True},  # groups {0,1} and {2,3}, own data
 ]
 
 
