@@ -11,7 +11,8 @@ Before timing, the W-process path is checked against single-process attention at
 length (outputs and gradients, float32 tolerance); it is not timed if that fails.
 Communication is counted by favor.distributed.count_communication (the payload this
 process hands to the collectives) for several lengths: it must not depend on L.
-Writes JSON and a PNG under --out.
+Wall time on a shared machine depends on its load; CPU seconds per process (all threads
+of the busiest process) measure the work each process does. Writes JSON and a PNG under --out.
 """
 
 from __future__ import annotations
@@ -114,20 +115,23 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, task: str, leng
     else:  # time
         xs = [q, k, v, up]
         del q, k, v, up
-        times = []
+        times, cpu = [], []
         with _PeakRSS() as mem:
             for i in range(reps + 1):
                 if world > 1:
                     dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _fwd_bwd(sp, *xs)
+                c1 = time.process_time()
                 if world > 1:
                     dist.barrier()  # the step is done when the slowest rank is
                 if i:  # the first run is warm-up
                     times.append(time.perf_counter() - t0)
+                    cpu.append(c1 - c0)
         res.update(
             times=times,
             median_s=statistics.median(times),
+            median_cpu_s=statistics.median(cpu),
             peak_above_inputs_mb=(mem.peak - mem.base) / 2**20,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             inputs_mb=sum(t.numel() * t.element_size() for t in xs) / 2**20,
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in runs.items():
         summary[name] = {
             "median_s": max(r["median_s"] for r in rows),
+            "median_cpu_s_per_process": max(r["median_cpu_s"] for r in rows),
             "peak_above_inputs_mb_per_process": max(r["peak_above_inputs_mb"] for r in rows),
             "peak_rss_mb_per_process": max(r["peak_rss_mb"] for r in rows),
             "inputs_mb_per_process": max(r["inputs_mb"] for r in rows),
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         s = summary[name]
         print(
-            f"L={args.length} {name}: fwd+bwd {s['median_s']:.2f} s (median), per process: inputs (q, k, v, dout) "
+            f"L={args.length} {name}: fwd+bwd {s['median_s']:.2f} s wall, {s['median_cpu_s_per_process']:.2f} s CPU "
+            f"(medians; CPU: the busiest process, all its threads), per process: inputs (q, k, v, dout) "
             f"{s['inputs_mb_per_process']:.0f} MB, peak above inputs {s['peak_above_inputs_mb_per_process']:.0f} MB, "
             f"peak RSS {s['peak_rss_mb_per_process']:.0f} MB"
         )
