@@ -44,7 +44,13 @@ def _chunk_terms(fq, kvals, lk, c):
     return run, weights, carry
 
 
+def _with_ones(v_c: torch.Tensor) -> torch.Tensor:
+    """[V, 1]: numerator and normaliser come out of one matmul."""
+    return torch.cat([v_c, v_c.new_ones(*v_c.shape[:-1], 1)], dim=-1)
+
+
 class _Causal(torch.autograd.Function):
+    # the state is held as kvz = [kv, z] (..., M', Dv + 1), split only at the boundary
     @staticmethod
     def forward(ctx, q, k, v, a, mask, kv0, z0, c0, feat, chunk):
         slices = _slices(q.shape[-2], chunk)
@@ -52,44 +58,39 @@ class _Causal(torch.autograd.Function):
         starts = None  # the state before each chunk, kept only for backward
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         den = q.new_empty(q.shape[:-1])
-        kv, z, c = kv0, z0, c0
-        for sl in slices:
+        kvz = None if kv0 is None else torch.cat([kv0, z0[..., None]], dim=-1)
+        c = c0
+        for i, sl in enumerate(slices):
             fq = feat(q[..., sl, :], a).values
             kvals, lk = masked_keys(feat(k[..., sl, :], a), _mask_at(mask, sl))
-            v_c = v[..., sl, :]
-            if kv is None:  # empty initial state: shapes come from the first chunk
+            v1 = _with_ones(v[..., sl, :])
+            if kvz is None:  # empty initial state: shapes come from the first chunk
                 lead = fq.shape[:-2]
-                kv = fq.new_zeros(*lead, kvals.shape[-1], v.shape[-1])
-                z = fq.new_zeros(*lead, kvals.shape[-1])
+                kvz = fq.new_zeros(*lead, kvals.shape[-1], v1.shape[-1])
                 c = fq.new_full(lead, float("-inf"))
             if keep:
                 if starts is None:
-                    n = len(slices)
-                    starts = (kv.new_empty(n, *kv.shape), z.new_empty(n, *z.shape), c.new_empty(n, *c.shape))
-                i = sl.start // chunk
-                starts[0][i], starts[1][i], starts[2][i] = kv, z, c
+                    starts = (kvz.new_empty(len(slices), *kvz.shape), c.new_empty(len(slices), *c.shape))
+                starts[0][i], starts[1][i] = kvz, c
             run, weights, carry = _chunk_terms(fq, kvals, lk, c)
-            scores = (fq @ kvals.mT) * weights
-            num = scores @ v_c + (fq @ kv) * carry[..., None]
-            d = scores.sum(-1) + (fq @ z[..., None])[..., 0] * carry
-            out[..., sl, :] = normalise(num, d, None)
-            den[..., sl] = d
+            scores = (fq @ kvals.mT).mul_(weights)
+            nd = (scores @ v1).add_((fq @ kvz).mul_(carry[..., None]))
+            out[..., sl, :] = normalise(nd[..., :-1], nd[..., -1], None)
+            den[..., sl] = nd[..., -1]
             new_c = run[..., -1]
-            k_w = kvals * exp_diff(lk, new_c[..., None])[..., None]
-            decay = exp_diff(c, new_c)
-            kv = kv * decay[..., None, None] + k_w.mT @ v_c
-            z = z * decay[..., None] + k_w.sum(-2)
+            k_w = kvals.mul_(exp_diff(lk, new_c[..., None])[..., None])
+            kvz = (kvz * exp_diff(c, new_c)[..., None, None]).add_(k_w.mT @ v1)
             c = new_c
         ctx.feat, ctx.slices = feat, slices
         if starts is None:
-            starts = (None, None, None)
+            starts = (None, None)
         ctx.save_for_backward(q, k, v, a, mask, out, den, *starts)
         ctx.mark_non_differentiable(c)
-        return out, kv, z, c
+        return out, kvz[..., :-1].contiguous(), kvz[..., -1].contiguous(), c
 
     @staticmethod
     def backward(ctx, g, g_kv, g_z, _g_c):
-        q, k, v, a, mask, out, den, kv_s, z_s, c_s = ctx.saved_tensors
+        q, k, v, a, mask, out, den, kvz_s, c_s = ctx.saved_tensors
         feat, slices = ctx.feat, ctx.slices
         need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
         dq = torch.zeros_like(q) if need_q else None
@@ -98,13 +99,17 @@ class _Causal(torch.autograd.Function):
         da = None
         a_leaf = _leaf(a, need_a)
         vjp = getattr(feat, "vjp", None) if not need_a else None
-        kv_last, z_last = kv_s[-1], z_s[-1]
+        last = kvz_s[-1]
         # gradient of the state after the current chunk (from later chunks or return_state)
-        dkv_next = torch.zeros_like(kv_last) if g_kv is None else g_kv.expand_as(kv_last).clone()
-        dz_next = torch.zeros_like(z_last) if g_z is None else g_z.expand_as(z_last).clone()
+        dkvz = torch.zeros_like(last)
+        if g_kv is not None:
+            dkvz[..., :-1] = g_kv
+        if g_z is not None:
+            dkvz[..., -1] = g_z
         for i in reversed(range(len(slices))):
-            sl, kv, z, c = slices[i], kv_s[i], z_s[i], c_s[i]
+            sl, kvz, c = slices[i], kvz_s[i], c_s[i]
             v_c = v[..., sl, :]
+            v1 = _with_ones(v_c)
             if vjp is not None:  # hand-written feature gradient, no graph
                 qc, kc = q[..., sl, :], k[..., sl, :]
                 fq = feat(qc, a).values
@@ -118,31 +123,31 @@ class _Causal(torch.autograd.Function):
                     kvals, lk = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
             fq_d, kv_d, lk_d = fq.detach(), kvals.detach(), lk.detach()
             run, weights, carry = _chunk_terms(fq_d, kv_d, lk_d, c)
-            scores = (fq_d @ kv_d.mT) * weights
+            scores = (fq_d @ kv_d.mT).mul_(weights)
             d = den[..., sl]
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
             g_c = g[..., sl, :]
             dnum = g_c * inv[..., None]
             dden = -(g_c * out[..., sl, :]).sum(-1) * inv
+            dnd = torch.cat([dnum, dden[..., None]], dim=-1)  # (.., C, Dv + 1)
             # intra-chunk: scores = (fq kvals^T) * weights, weights = exp(lk_i - run_t)
-            dscores = dnum @ v_c.mT + dden[..., None]
+            dscores = dnd @ v1.mT
             draw = dscores * weights
-            dlk = (dscores * scores).sum(-2)
+            dlk = (dscores.mul_(scores)).sum(-2)
             dv_c = scores.mT @ dnum
-            dnum_c, dden_c = dnum * carry[..., None], dden * carry
-            dfq = draw @ kv_d + dnum_c @ kv.mT + dden_c[..., None] * z[..., None, :]
+            dnd_c = dnd.mul_(carry[..., None])
+            dfq = (draw @ kv_d).add_(dnd_c @ kvz.mT)
             dkvals = draw.mT @ fq_d
-            # the state update kv' = kv * decay + (kvals * e)^T v, z' = z * decay + sum(kvals * e)
+            # the state update kvz' = kvz * decay + (kvals * e)^T [v, 1]
             new_c = run[..., -1]
             e = exp_diff(lk_d, new_c[..., None])
             k_w = kv_d * e[..., None]
-            dk_w = v_c @ dkv_next.mT + dz_next[..., None, :]
-            dv_c = dv_c + k_w @ dkv_next
-            dkvals = dkvals + dk_w * e[..., None]
-            dlk = dlk + (dk_w * k_w).sum(-1)
+            dk_w = v1 @ dkvz.mT
+            dv_c = dv_c.add_(k_w @ dkvz[..., :-1])
+            dkvals = dkvals.add_(dk_w * e[..., None])
+            dlk = dlk.add_((dk_w * k_w).sum(-1))
             decay = exp_diff(c, new_c)
-            dkv_next = dkv_next * decay[..., None, None] + fq_d.mT @ dnum_c
-            dz_next = dz_next * decay[..., None] + (fq_d.mT @ dden_c[..., None])[..., 0]
+            dkvz = (dkvz * decay[..., None, None]).add_(fq_d.mT @ dnd_c)
             if need_v:
                 dv[..., sl, :] = dv_c
             if vjp is not None:
@@ -160,8 +165,8 @@ class _Causal(torch.autograd.Function):
                 da = _add(da, ga)
         if need_a and da is None:
             da = torch.zeros_like(a)
-        d_kv0 = dkv_next if ctx.needs_input_grad[5] else None
-        d_z0 = dz_next if ctx.needs_input_grad[6] else None
+        d_kv0 = dkvz[..., :-1] if ctx.needs_input_grad[5] else None
+        d_z0 = dkvz[..., -1] if ctx.needs_input_grad[6] else None
         return dq, dk, dv, da, None, d_kv0, d_z0, None, None, None
 
 

@@ -271,7 +271,7 @@ def test_saved_for_backward_is_linear_and_small():
             out = favor.attention(q, k, v, fm, causal=causal, chunk_size=chunk)
         features = 2 * length * m
         assert sum(saved) < features // 2, (causal, sum(saved), features)
-        states = (length // chunk) * 2 * m * d  # (L/C) x H x M' x Dv, the causal chunk states
+        states = (length // chunk) * 2 * m * (d + 1)  # (L/C) x H x M' x (Dv + 1), the causal chunk states
         assert max(saved) <= max(2 * length * d, states)
         out.sum().backward()
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
