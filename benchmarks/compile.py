@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         out.backward(torch.ones_like(out))
 
     from favor.attention.api import attention as eager  # the function (favor.attention is a callable module)
+
     compiled = torch.compile(eager, dynamic=False)
     result = {"machine": info, "length": args.length}
     for label, f in (("bidirectional fwd", bidir), ("causal fwd+bwd", causal)):
