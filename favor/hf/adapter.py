@@ -7,10 +7,12 @@ and two changes leave every attention weight unchanged:
   and softmax is invariant to adding a constant to a row of logits;
 * queries may be mapped by an invertible A and keys by A^-T: (qA).(kA^-T) = q.k.
 
-FAVOR's estimator is not invariant: its variance grows like exp(|q + k|^2) (scaled), so the
-adapter picks c and A from the layer's query/key statistics to make the scaled norms small
-(c = mean key; A balancing the second moments of queries and keys, see ``balance``), and
-the random features then see smaller inputs. Identity when uncalibrated.
+FAVOR's estimator is not invariant: the relative variance of its estimate of exp(q.k) is
+exp(|q + k|^2) - 1 (scaled inputs), so the adapter picks c and A from the layer's query/key
+statistics to make that small: c = mean(q) + mean(k) minimises E|q + k - c|^2 (shifting by
+the mean key alone can make it larger: in MiniLM mean(q).mean(k) < 0), and A balances the
+second moments of queries and keys (``balancing_map``; the cross term q.k is fixed). The
+random features then see smaller inputs. Identity when uncalibrated.
 
 Legend: H heads, D head dim, M features.
 """

@@ -26,6 +26,10 @@ __all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modu
 
 log = logging.getLogger(__name__)
 
+#: the key shift c: none; "keys": the mean key; "pair": the mean key plus the mean query, which
+#: minimises E|q + k - c|^2, the (log) variance of FAVOR's estimate of exp(q.k) (scaled)
+KEY_SHIFTS = ("none", "keys", "pair")
+
 #: where performerize records its PerformerConfig on ``model.config`` (saved in config.json)
 CONFIG_KEY = "favor_performer"
 
@@ -39,7 +43,7 @@ class PerformerConfig:
     projection: str = "orthogonal"
     norm: str = "chi"
     seed: int = 0
-    center_keys: bool = True
+    key_shift: str = "pair"
     balance: bool = True
     calibrate_rho: bool = True
 
@@ -53,6 +57,8 @@ class PerformerConfig:
             raise ValueError(f"projection must be one of {sorted(PROJECTIONS)}, got {self.projection!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.key_shift not in KEY_SHIFTS:
+            raise ValueError(f"key_shift must be one of {KEY_SHIFTS}, got {self.key_shift!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
 
@@ -160,7 +166,7 @@ def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) ->
     mean_k = stats.sum_k / stats.n_k
     sq = stats.sq_q / stats.n_q  # E[q^T q] (H, D, D)
     sk = stats.sq_k / stats.n_k
-    shift = mean_k if config.center_keys else torch.zeros_like(mean_k)
+    shift = {"none": torch.zeros_like(mean_k), "keys": mean_k, "pair": mean_k + mean_q}[config.key_shift]
     # second moment of the shifted keys: E[(k-c)^T (k-c)] = E[k^T k] - c^T m - m^T c + c^T c
     sk_c = sk - shift[:, :, None] * mean_k[:, None, :] - mean_k[:, :, None] * shift[:, None, :]
     sk_c = sk_c + shift[:, :, None] * shift[:, None, :]
@@ -188,7 +194,7 @@ def performerize(
     projection: str = "orthogonal",
     norm: str = "chi",
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    center_keys: bool = True,
+    key_shift: str = "pair",
     balance: bool = True,
     calibrate_rho: bool = True,
 ) -> nn.Module:
@@ -196,7 +202,7 @@ def performerize(
 
     ``calibration``: batches (dicts of model inputs, e.g. a tokenizer's output) on which the
     softmax model's queries and keys are measured to fit, per layer and head, the key shift,
-    the query/key balancing map and FAVOR++'s rho (``center_keys``, ``balance``,
+    the query/key balancing map and FAVOR++'s rho (``key_shift``, ``balance``,
     ``calibrate_rho`` switch them). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
@@ -207,7 +213,7 @@ def performerize(
         projection=projection,
         norm=norm,
         seed=seed,
-        center_keys=center_keys,
+        key_shift=key_shift,
         balance=balance,
         calibrate_rho=calibrate_rho,
     )
