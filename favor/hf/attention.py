@@ -34,14 +34,40 @@ def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hkv, heads // hkv, length, d).reshape(b, heads, length, d)
 
 
-def adapter_of(module: torch.nn.Module) -> FavorAdapter:
-    adapter = getattr(module, ATTRIBUTE, None)
-    if not isinstance(adapter, FavorAdapter):
+def _default_adapter(module: torch.nn.Module, heads: int, dim: int, device) -> FavorAdapter:
+    """What a model loaded with attn_implementation="favor" but never performerized gets on its
+    first call: FAVOR++ with M=256, projection seeded by the layer index, no calibration."""
+    from .adapter import HeadwiseFeatureMap
+
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
         raise RuntimeError(
-            f"{type(module).__name__} runs attn_implementation='favor' but has no FavorAdapter; "
-            "call favor.hf.performerize(model) (or load with favor.hf.from_pretrained) first"
+            f"{type(module).__name__} runs attn_implementation='favor' without a FavorAdapter and has no "
+            "layer_idx to seed one; call favor.hf.performerize(model) first"
         )
+    log.warning(
+        "%s (layer %d) has no FavorAdapter: using uncalibrated FAVOR++ with M=256; "
+        "favor.hf.performerize(model, calibration=...) is far more accurate",
+        type(module).__name__,
+        layer,
+    )
+    g = torch.Generator().manual_seed(layer)  # as performerize(seed=0) draws layer i's projection
+    fm = HeadwiseFeatureMap("oprf", heads=heads, dim=dim, num_features=256, generator=g)
+    adapter = FavorAdapter(fm, heads=heads, dim=dim).to(device)
+    module.add_module(ATTRIBUTE, adapter)
     return adapter
+
+
+def adapter_of(module: torch.nn.Module, heads: int | None = None, dim: int | None = None, device=None) -> FavorAdapter:
+    adapter = getattr(module, ATTRIBUTE, None)
+    if isinstance(adapter, FavorAdapter):
+        return adapter
+    if heads is None:
+        raise RuntimeError(
+            f"{type(module).__name__} has no FavorAdapter; call favor.hf.performerize(model) "
+            "(or load with favor.hf.from_pretrained) first"
+        )
+    return _default_adapter(module, heads, dim, device)
 
 
 def favor_attention_forward(
@@ -56,7 +82,7 @@ def favor_attention_forward(
     **kwargs,  # transformers passes model-specific extras (position ids, cache info); none change attention here
 ) -> tuple[torch.Tensor, None]:
     global _warned_dropout
-    adapter = adapter_of(module)
+    adapter = adapter_of(module, query.shape[1], query.shape[-1], query.device)
     if dropout and not _warned_dropout:
         log.warning("attention dropout (p=%s) is not applied by FAVOR (it never forms the weights)", dropout)
         _warned_dropout = True

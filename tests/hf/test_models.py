@@ -105,3 +105,18 @@ def test_llama_cached_decoding_equals_teacher_forcing(tiny_llama):
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_attn_implementation_favor_without_performerize(tiny_bert, tmp_path):
+    from transformers import AutoModel
+
+    tiny_bert().save_pretrained(tmp_path / "m")
+    model = AutoModel.from_pretrained(tmp_path / "m", attn_implementation="favor").double().eval()
+    inputs = _bert_inputs()
+    out = _hidden(model, inputs)
+    # each layer got a default adapter whose projection matches performerize(seed=0, M=256)
+    ref = fh.performerize(tiny_bert(), num_features=256, seed=0)
+    a = {k: v for k, v in model.state_dict().items() if k.endswith("projection")}
+    b = {k: v for k, v in ref.state_dict().items() if k.endswith("projection")}
+    assert a.keys() == b.keys() and all(torch.equal(a[k].double(), b[k].double()) for k in a)
+    torch.testing.assert_close(out, _hidden(ref, inputs), rtol=1e-6, atol=1e-8)
