@@ -51,9 +51,13 @@ def _oprf(w: torch.Tensor):
         wx = w.to(x.dtype)
         a = a.to(x.dtype)
         one_minus_4a = 1.0 - 4.0 * a
-        exponent = a[..., None, None] * (wx * wx).sum(-1) + torch.sqrt(one_minus_4a)[..., None, None] * (x @ wx.T)
+        # sqrt(1-4A) scales the (rows x D) input rather than the (rows x M) product
+        bias = a[..., None, None] * (wx * wx).sum(-1)  # (..., 1, M)
+        exponent = (x * torch.sqrt(one_minus_4a)[..., None, None]) @ wx.T
+        grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
+        exponent = exponent + bias if grad else exponent.add_(bias)
         shift = exponent.detach().amax(-1)
-        values = torch.exp(exponent - shift[..., None])
+        values = torch.exp(exponent - shift[..., None]) if grad else exponent.sub_(shift[..., None]).exp_()
         log_const = 0.25 * x.shape[-1] * torch.log(one_minus_4a)[..., None] - log_m
         return Features(values, shift - 0.5 * (x * x).sum(-1) + log_const)
 
