@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..features.feature_map import FeatureMap
+from ..features.maps import oprf_a, oprf_rho
 from ._checks import check_chunk_size, check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
 from ._fast_features import row_features, scaled
 from .bidirectional import bidirectional
@@ -46,7 +47,13 @@ def _attention_fast(
     feature_map._check_dim(ks, "k")
     a = None
     if feature_map.kernel == "oprf":
-        a = feature_map.oprf_a(qs * root, ks * root, causal=causal, q_mask=q_mask, k_mask=mask)
+        if not causal and bool(torch.isnan(feature_map.rho)):
+            # rho is homogeneous of degree 2 in (q, k): take it from the unscaled inputs, so
+            # that no scaled copies are kept for its gradient
+            rho = oprf_rho(qs, ks, x_mask=q_mask, y_mask=mask) * root**2
+            a = oprf_a(rho.expand(torch.broadcast_shapes(qs.shape[:-2], ks.shape[:-2])))
+        else:  # a constant: only shapes, dtype and device of q, k are used
+            a = feature_map.oprf_a(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask)
     feat = scaled(row_features(feature_map), root)
     if not causal:
         chunk = check_chunk_size(chunk_size, DEFAULT_BIDIRECTIONAL_CHUNK)
