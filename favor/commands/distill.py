@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--samples", type=int, default=64, help="held-out passages for the cosine (default 64)")
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument(
+        "--fit-steps", type=int, default=0, help="first fit each layer's adapter N steps (favor.hf.fit)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -80,6 +83,10 @@ def run(args) -> int:
         seed=args.seed,
         calibration=batches[:2],
     )
+    if args.fit_steps:
+        from favor.hf.fit import fit_adapters
+
+        fit_adapters(student, batches[:2], steps=args.fit_steps)
     ref = embeddings(teacher, ev, attn="sdpa")
     curve = {"loss": [], "eval_steps": [], "eval_cosine": [], "eval_cosine_min": []}
     bar = tqdm(total=args.steps, desc="distill", unit="step")
@@ -106,6 +113,7 @@ def run(args) -> int:
         "kernel": args.kernel,
         "num_features": args.num_features,
         "steps": len(curve["loss"]),
+        "fit_steps": args.fit_steps,
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,
         "held_out_passages": len(held),
@@ -119,7 +127,8 @@ def run(args) -> int:
     (out / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(curve, out / "distill.png")
     print(
-        f"held-out embedding cosine to softmax: {result['zero_shot_cosine']:.4f} (calibrated, zero-shot) -> "
+        f"held-out embedding cosine to softmax: {result['zero_shot_cosine']:.4f} (zero-shot: calibrated"
+        f"{', fitted' if args.fit_steps else ''}) -> "
         f"{result['final_cosine']:.4f} after {result['steps']} steps ({result['seconds']:.0f} s); min {result['final_cosine_min']:.4f}"
     )
     print(f"saved {out} (favor.hf.from_pretrained), {out / 'distill.json'}, {out / 'distill.png'}")
