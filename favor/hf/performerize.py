@@ -182,7 +182,7 @@ def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) ->
         mq = torch.einsum("hd,hde->he", mean_q, a)
         mk = torch.einsum("hd,hde->he", mean_k - shift, b)
         rho = (eq2 + ek2 + 2.0 * s * (mq * mk).sum(-1)) / d
-        adapter.feature_map.rho.copy_(rho)
+        adapter.feature_map.set_head_rho(rho)
 
 
 def performerize(

@@ -66,3 +66,19 @@ def test_unknown_kernel_and_unperformerized_save(tiny_bert, tmp_path):
         fh.performerize(tiny_bert(), kernel="softmax")
     with pytest.raises(ValueError, match="performerize"):
         fh.save_pretrained(tiny_bert(), tmp_path)
+
+
+def test_headwise_rho_matches_scalar_rho_per_head():
+    import favor
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    hw = fh.HeadwiseFeatureMap("oprf", heads=3, dim=8, num_features=32, generator=torch.Generator().manual_seed(0))
+    rho = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
+    hw.set_head_rho(rho)
+    out = favor.attention(q, k, v, hw)
+    for h in range(3):
+        plain = favor.FeatureMap("oprf", projection=hw.projection, rho=float(rho[h]))
+        ref = favor.attention(q[:, h], k[:, h], v[:, h], plain)
+        # same projection, same A* for this head: an exact identity up to float64 round-off
+        torch.testing.assert_close(out[:, h], ref, rtol=1e-10, atol=1e-12)
