@@ -14,7 +14,10 @@ import sys
 
 #: subcommand -> (module under favor.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("bench", "time and peak memory vs L: favor vs SDPA (and performer-pytorch); JSON + PNG under runs/bench/"),
+    "bench": (
+        "bench",
+        "time and peak memory vs L: favor vs SDPA (and performer-pytorch); JSON + PNG under runs/bench/",
+    ),
     "demo": ("demo", "approximation, speed and memory tables vs exact attention; JSON + PNG under runs/demo/"),
     "train": ("train", "train a Performer LM on proteins (checkpoints, exact --resume, log.jsonl, loss.png)"),
     "generate": ("generate", "sample a protein from a trained checkpoint"),

@@ -135,8 +135,6 @@ def attention(
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         _check_state(initial_state, lead, fk.values.shape[-1], v.shape[-1])
         initial_state = initial_state.to(dtype=dtype)
-    out, state = causal_chunked(
-        fq, fk, vs, chunk_size=chunk, key_padding_mask=mask, state=initial_state, guard=guard
-    )
+    out, state = causal_chunked(fq, fk, vs, chunk_size=chunk, key_padding_mask=mask, state=initial_state, guard=guard)
     out = out.to(v.dtype)
     return (out, state) if return_state else out
