@@ -36,7 +36,8 @@ def _plot_approximation(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scales = sorted({r["logit_std"] for r in rows})
-    fig, axes = plt.subplots(1, len(scales), figsize=(5 * len(scales), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(scales), figsize=(5 * len(scales), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, s in zip(axes, scales, strict=True):
         sub = [r for r in rows if r["logit_std"] == s]
         for kernel in dict.fromkeys(r["kernel"] for r in sub):
@@ -78,10 +79,38 @@ def _approximation(out: Path) -> list[dict]:
     return rows
 
 
+def _plot_speed(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    series = [
+        ("favor_fwd", "favor bidirectional fwd", "C0", "-"),
+        ("sdpa_fwd", "SDPA fwd", "C0", "--"),
+        ("favor_causal_fwdbwd", "favor causal fwd+bwd", "C3", "-"),
+        ("sdpa_causal_fwdbwd", "SDPA causal fwd+bwd", "C3", "--"),
+    ]
+    for key, label, color, ls in series:
+        for ax, unit in ((ax_t, "ms"), (ax_m, "mib")):
+            pts = [(r["L"], r.get(f"{key}_{unit}")) for r in rows if r.get(f"{key}_{unit}") is not None]
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), marker="o", color=color, ls=ls, label=label)
+    ax_t.set(xlabel="sequence length L", ylabel="time (ms)", title="time (B=1, H=8, D=64, M=256)")
+    ax_m.set(xlabel="sequence length L", ylabel="peak memory above baseline (MiB)", title="peak memory")
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _speed(out: Path, lengths: list[int]) -> list[dict]:
     from .bench import demo_speed_table
 
-    return demo_speed_table(lengths, out=out, print_table=_print_table)
+    rows = demo_speed_table(lengths, out=out, print_table=_print_table)
+    _plot_speed(rows, out / "speed.png")
+    return rows
 
 
 def _language_model(out: Path, seconds: float) -> dict:

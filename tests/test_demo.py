@@ -1,0 +1,41 @@
+import json
+
+from favor.approximation import approximation_table
+from favor.cli import main
+from favor.commands.demo import _plot_approximation, _plot_speed
+
+
+def test_approximation_table_falls_with_m_and_carries_the_baseline(tmp_path):
+    rows = approximation_table(
+        kernels=("positive", "elu"), num_features=(16, 1024), logit_stds=(0.1,), length=64, dim=8
+    )
+    pos = [r for r in rows if r["kernel"] == "positive"]
+    assert [r["num_features"] for r in pos] == [16, 1024]
+    # 64x more features: the Monte Carlo error shrinks by ~8x; 2x is a loose, safe bound
+    assert pos[1]["rel_error"] < pos[0]["rel_error"] / 2
+    assert all(r["finite"] and r["uniform_baseline"] > 0 for r in rows)
+    assert [r["num_features"] for r in rows if r["kernel"] == "elu"] == [None]
+    _plot_approximation(rows, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_speed_plot(tmp_path):
+    rows = [
+        {"L": n, "favor_fwd_ms": n / 100, "sdpa_fwd_ms": n * n / 1e5, "favor_fwd_mib": 1.0, "sdpa_fwd_mib": None}
+        for n in (1024, 4096)
+    ]
+    _plot_speed(rows, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_cli_approximation_only(tmp_path, monkeypatch, capsys):
+    import favor.approximation as approx
+
+    small = approx.approximation_table
+    monkeypatch.setattr(
+        approx, "approximation_table", lambda: small(kernels=("positive",), num_features=(8,), length=16, dim=4)
+    )
+    assert main(["demo", "--out", str(tmp_path), "--skip-speed", "--lm-seconds", "0"]) == 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert len(report["approximation"]) == 2 and "rel error" in capsys.readouterr().out
+    assert (tmp_path / "approximation.png").exists()
