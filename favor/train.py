@@ -174,6 +174,21 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Put the schedule's learning rate for ``step`` into every parameter group; returns it."""
+    lr = _lr_at(step, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def step_batch(stream: TokenStream, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step``: a function of (seed, step) only, so a resumed run and every
+    process of a distributed run draw exactly the same tokens."""
+    gen = torch.Generator().manual_seed(mix_seed(cfg.seed, _BATCH_STREAM, step))
+    return stream.batch(cfg.batch_size, cfg.seq_len, gen)
+
+
 @torch.no_grad()
 def evaluate_bpr(model: PerformerLM, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16) -> float:
     """Bits per residue: mean cross-entropy over targets that are residues, in bits."""
@@ -293,14 +308,8 @@ def train(
     with open(log_path, "a", encoding="utf-8") as logf:
         for step in range(start + 1, train_cfg.steps + 1):
             ts = time.perf_counter()
-            lr = _lr_at(step, train_cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = train_stream.batch(
-                train_cfg.batch_size,
-                train_cfg.seq_len,
-                torch.Generator().manual_seed(mix_seed(train_cfg.seed, _BATCH_STREAM, step)),
-            )
+            lr = set_learning_rate(optimizer, step, train_cfg)
+            x, y = step_batch(train_stream, step, train_cfg)
             logits = model(x)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             optimizer.zero_grad(set_to_none=True)

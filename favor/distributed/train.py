@@ -32,7 +32,7 @@ from ..checkpoint import save_checkpoint
 from ..data import ProteinTokenizer, TokenStream, load_proteins, split
 from ..models import PerformerConfig, PerformerLM
 from ..nn import FeatureRedrawer, mix_seed
-from ..train import _BATCH_STREAM, TrainConfig, _config_dict, _lr_at, _make_optimizer, evaluate_bpr, plot_log
+from ..train import TrainConfig, _config_dict, _make_optimizer, evaluate_bpr, plot_log, set_learning_rate, step_batch
 from .collectives import group_rank_size
 from .modules import sequence_parallel_forward
 from .sharding import shard_bounds
@@ -128,14 +128,8 @@ def train_sequence_parallel(
     try:
         for step in range(1, train_cfg.steps + 1):
             ts = time.perf_counter()
-            lr = _lr_at(step, train_cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = train_stream.batch(
-                train_cfg.batch_size,
-                train_cfg.seq_len,
-                torch.Generator().manual_seed(mix_seed(train_cfg.seed, _BATCH_STREAM, step)),
-            )
+            lr = set_learning_rate(optimizer, step, train_cfg)
+            x, y = step_batch(train_stream, step, train_cfg)
             x, y = x[:, lo:hi].to(device), y[:, lo:hi].to(device)
             logits = sequence_parallel_forward(model, x, offset=lo, group=group)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
