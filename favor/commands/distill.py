@@ -62,17 +62,16 @@ def run(args) -> int:
     from favor.hf.corpus import load_text
     from favor.hf.distill import DistillConfig, distill
     from favor.hf.fidelity import embeddings, tokenize_batches
-    from favor.hf.models import load
+    from favor.hf.models import load_softmax, model_texts
 
     torch.manual_seed(args.seed)
-    teacher, tok, kind = load(args.model)
-    if getattr(teacher.config, "favor_performer", None):
-        print("--model is already performerized; give the softmax model")
+    try:
+        teacher, tok, kind = load_softmax(args.model)
+    except ValueError as e:
+        print(e)
         return 2
-    train = load_text(args.text)
-    held = load_text(args.heldout)[: args.samples]
-    if kind == "masked-lm":
-        train, held = [" ".join(s.replace(" ", "")) for s in train], [" ".join(s.replace(" ", "")) for s in held]
+    train = model_texts(load_text(args.text), kind)
+    held = model_texts(load_text(args.heldout)[: args.samples], kind)
     batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=args.max_length)
     ev = tokenize_batches(tok, held, batch_size=32, max_length=args.eval_max_length)
     t0 = time.perf_counter()

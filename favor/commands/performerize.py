@@ -71,17 +71,16 @@ def run(args) -> int:
     from favor.hf.corpus import load_text
     from favor.hf.fidelity import embedding_cosine, layer_errors, tokenize_batches
     from favor.hf.fit import fit_adapters
-    from favor.hf.models import load
+    from favor.hf.models import load_softmax, model_texts
 
     torch.manual_seed(args.seed)
-    base, tok, kind = load(args.model)
-    if getattr(base.config, "favor_performer", None):
-        print("--model is already performerized; give the softmax model")
+    try:
+        base, tok, kind = load_softmax(args.model)
+    except ValueError as e:
+        print(e)
         return 2
-    held = load_text(args.text)[: args.samples]
-    cal = load_text(args.calibration_text)[: args.calibration_samples]
-    if kind == "masked-lm":  # protein: residues joined by spaces
-        held, cal = [" ".join(s.replace(" ", "")) for s in held], [" ".join(s.replace(" ", "")) for s in cal]
+    held = model_texts(load_text(args.text)[: args.samples], kind)
+    cal = model_texts(load_text(args.calibration_text)[: args.calibration_samples], kind)
     ev = tokenize_batches(tok, held, max_length=args.max_length)
     cb = tokenize_batches(tok, cal, max_length=args.max_length)
     kernels = args.kernel or list(DEFAULT_KERNELS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-__all__ = ["load", "NAMED"]
+__all__ = ["load", "load_softmax", "model_texts", "NAMED"]
 
 
 def _minilm_path() -> Path:
@@ -58,3 +58,18 @@ def load(spec: str | Path):
     else:
         model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True), "encoder"
+
+
+def load_softmax(spec: str | Path):
+    """``load`` for the softmax model that performerize/distill start from (their reference)."""
+    model, tok, kind = load(spec)
+    if getattr(model.config, "favor_performer", None):
+        raise ValueError(f"--model {str(spec)!r} is already performerized; give the softmax model")
+    return model, tok, kind
+
+
+def model_texts(texts: list[str], kind: str) -> list[str]:
+    """Texts as the model reads them: a protein masked LM takes residues joined by spaces."""
+    if kind == "masked-lm":
+        return [" ".join(s.replace(" ", "")) for s in texts]
+    return list(texts)

@@ -56,7 +56,7 @@ def test_performerize_command_writes_json_and_png(tiny_bert, tmp_path, capsys):
     assert "cos mean" in capsys.readouterr().out
 
 
-def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path):
+def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
     d = _save_tiny(tiny_bert, tmp_path / "tiny")
     out = tmp_path / "distilled"
     rc = main(
@@ -91,3 +91,18 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path):
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
+    # a performerized model is not a valid starting point for another swap or distillation
+    for cmd in (
+        ["distill", "--model", str(out), "--out", str(tmp_path / "again")],
+        ["performerize", "--model", str(out)],
+    ):
+        capsys.readouterr()
+        assert main(cmd) == 2
+        assert "already performerized" in capsys.readouterr().out
+
+
+def test_model_texts_formats_proteins_only():
+    from favor.hf.models import model_texts
+
+    assert model_texts(["MK V", "AC"], "masked-lm") == ["M K V", "A C"]
+    assert model_texts(["In the beginning"], "encoder") == ["In the beginning"]
