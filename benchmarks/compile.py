@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    import favor
+    from favor.bench import BenchConfig, bench_feature_map, bench_inputs
 
     info = header(f"compile: L={args.length} B=1 H=8 D=64 M=256 float32")
-    fm = favor.FeatureMap("positive", dim=64, num_features=256, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 8, args.length, 64, generator=gen).requires_grad_() for _ in range(3))
+    cfg = BenchConfig()  # B=1, H=8, D=64, M=256, positive, float32
+    fm = bench_feature_map(cfg)
+    q, k, v = bench_inputs(args.length, cfg, grad=True)
 
     def bidir(fn):
         with torch.no_grad():

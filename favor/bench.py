@@ -31,6 +31,8 @@ import favor
 
 __all__ = [
     "BenchConfig",
+    "bench_inputs",
+    "bench_feature_map",
     "CONTENDERS",
     "machine_info",
     "matmul_gflops",
@@ -96,13 +98,15 @@ def flops(name: str, length: int, cfg: BenchConfig) -> float | None:
 
 
 # -- contenders ---------------------------------------------------------------------------
-def _inputs(length: int, cfg: BenchConfig, grad: bool):
+def bench_inputs(length: int, cfg: BenchConfig, grad: bool) -> list[torch.Tensor]:
+    """q, k, v (B, H, L, D) for the benchmark configuration, seeded by cfg.seed."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch, cfg.heads, length, cfg.dim)
     return [torch.randn(*shape, generator=gen).to(cfg.dtype).requires_grad_(grad) for _ in range(3)]
 
 
-def _feature_map(cfg: BenchConfig) -> favor.FeatureMap:
+def bench_feature_map(cfg: BenchConfig) -> favor.FeatureMap:
+    """The benchmarks' feature map (cfg.kernel, D, M), seeded by cfg.seed."""
     return favor.FeatureMap(
         cfg.kernel, dim=cfg.dim, num_features=cfg.num_features, generator=torch.Generator().manual_seed(cfg.seed)
     )
@@ -110,7 +114,7 @@ def _feature_map(cfg: BenchConfig) -> favor.FeatureMap:
 
 def _favor(causal: bool):
     def build(cfg: BenchConfig):
-        fm = _feature_map(cfg)
+        fm = bench_feature_map(cfg)
         return lambda q, k, v: favor.attention(q, k, v, fm, causal=causal)
 
     return build
@@ -172,14 +176,14 @@ def check_contender(name: str, cfg: BenchConfig, *, length: int = 256) -> tuple[
     softmax below that of uniform attention plus a margin (0.5 of the output scale).
     """
     contender = CONTENDERS[name]
-    q, k, v = (t.float() for t in _inputs(length, cfg, grad=False))
+    q, k, v = (t.float() for t in bench_inputs(length, cfg, grad=False))
     with torch.no_grad():
         out = contender.build(cfg)(q, k, v).float()
         exact = favor.softmax_attention(q, k, v, causal=contender.causal)
         if not torch.isfinite(out).all():
             return False, "non-finite output"
         if name.startswith("favor"):
-            fm = _feature_map(cfg)
+            fm = bench_feature_map(cfg)
             want = favor.kernel_attention(q.double(), k.double(), v.double(), fm.double(), causal=contender.causal)
             err = (out.double() - want).abs().max().item()
             return err < 1e-4, f"max |favor - kernel_attention| = {err:.2e} (bound 1e-4)"
@@ -206,7 +210,7 @@ def time_contenders(
     names: list[str], length: int, cfg: BenchConfig, *, backward: bool, repeats: int = 5, warmup: int = 1
 ) -> dict[str, float]:
     """Median seconds per call, contenders interleaved round by round."""
-    q, k, v = _inputs(length, cfg, grad=backward)
+    q, k, v = bench_inputs(length, cfg, grad=backward)
     fns = {n: CONTENDERS[n].build(cfg) for n in names}
     for _ in range(warmup):
         for f in fns.values():
@@ -230,8 +234,8 @@ def _memory_child(name: str, length: int, cfg: BenchConfig, backward: bool, thre
     f = CONTENDERS[name].build(cfg)
     # one tiny call first: one-time library workspaces (BLAS, thread pools) are not the
     # contender's memory and would otherwise dominate short sequences
-    _run_once(f, *_inputs(min(length, 64), cfg, grad=backward), backward)
-    q, k, v = _inputs(length, cfg, grad=backward)
+    _run_once(f, *bench_inputs(min(length, 64), cfg, grad=backward), backward)
+    q, k, v = bench_inputs(length, cfg, grad=backward)
     base = _maxrss_bytes()
     t0 = time.perf_counter()
     _run_once(f, q, k, v, backward)
@@ -309,8 +313,8 @@ def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int =
     """Seconds per generated token at a given context length: favor.step from the state vs
     SDPA over a preallocated KV cache (one new query against all cached keys)."""
     cfg = cfg or BenchConfig()
-    fm = _feature_map(cfg)
-    q, k, v = _inputs(context, cfg, grad=False)
+    fm = bench_feature_map(cfg)
+    q, k, v = bench_inputs(context, cfg, grad=False)
     with torch.no_grad():
         _, state = favor.attention(q, k, v, fm, causal=True, return_state=True)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
