@@ -7,7 +7,7 @@ import torch
 from ..features.feature_map import FeatureMap
 from ..features.maps import oprf_a, oprf_rho
 from ._checks import check_chunk_size, check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
-from ._fast_features import row_features, scaled
+from ._fast_features import row_features
 from .bidirectional import bidirectional
 from .bidirectional_fast import DEFAULT_BIDIRECTIONAL_CHUNK, bidirectional_fast
 from .causal import DEFAULT_CHUNK, causal_chunked
@@ -54,7 +54,7 @@ def _attention_fast(
             a = oprf_a(rho.expand(torch.broadcast_shapes(qs.shape[:-2], ks.shape[:-2])))
         else:  # a constant: only shapes, dtype and device of q, k are used
             a = feature_map.oprf_a(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask)
-    feat = scaled(row_features(feature_map), root)
+    feat = row_features(feature_map, root)
     if not causal:
         chunk = check_chunk_size(chunk_size, DEFAULT_BIDIRECTIONAL_CHUNK)
         return bidirectional_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, chunk_size=chunk).to(out_dtype)

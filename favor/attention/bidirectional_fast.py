@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 
 from ..features.maps import Features
-from ._normalise import exp_diff, masked_keys, normalise
+from ._normalise import exp_diff, masked_keys
 
 __all__ = ["bidirectional_fast", "DEFAULT_BIDIRECTIONAL_CHUNK"]
 
 #: rows of features alive at a time; (B*H) x chunk x M' floats per live tensor
-DEFAULT_BIDIRECTIONAL_CHUNK = 1024
+DEFAULT_BIDIRECTIONAL_CHUNK = 512
 
 FeatFn = Callable[[torch.Tensor, "torch.Tensor | None"], Features]
 
@@ -60,21 +60,27 @@ def _add(acc, g):
 def key_sums(k, v, a, mask, feat: FeatFn, chunk: int):
     """(kvz (..., M', Dv + 1), c (...,)): [sum_j phi(k_j) v_j^T, sum_j phi(k_j)] = kvz * exp(c),
     over chunks of keys with a running max c of the log scales. The normaliser rides along
-    as a column of ones appended to V: one matmul gives numerator and normaliser."""
+    as a column of ones appended to V: one matmul gives numerator and normaliser. Each key's
+    weight exp(log_scale - c) scales its row of [V, 1] (Dv + 1 floats), not its M' features."""
     kvz = c = None
     for sl in _slices(k.shape[-2], chunk):
         vals, ls = masked_keys(feat(k[..., sl, :], a), _mask_at(mask, sl))
-        v_c = v[..., sl, :]
-        v1 = torch.cat([v_c, v_c.new_ones(*v_c.shape[:-1], 1)], dim=-1)
         if kvz is None:
             lead = vals.shape[:-2]
-            kvz = vals.new_zeros(*lead, vals.shape[-1], v1.shape[-1])
+            kvz = vals.new_zeros(*lead, vals.shape[-1], v.shape[-1] + 1)
             c = vals.new_full(lead, float("-inf"))
         new_c = torch.maximum(c, ls.amax(-1))
-        w = vals.mul_(exp_diff(ls, new_c[..., None])[..., None])  # no grad in forward: in place
-        kvz = kvz * exp_diff(c, new_c)[..., None, None] + w.mT @ v1
+        e = exp_diff(ls, new_c[..., None])[..., None]
+        v1 = torch.cat([v[..., sl, :] * e, e], dim=-1)
+        kvz.mul_(exp_diff(c, new_c)[..., None, None]).add_(vals.mT @ v1)
         c = new_c
     return kvz, c
+
+
+def _inverse(den: torch.Tensor) -> torch.Tensor:
+    """1 / den, and 0 where den == 0 (a query with no visible key returns 0, not NaN)."""
+    zero = den == 0
+    return den.masked_fill(zero, 1.0).reciprocal_().masked_fill_(zero, 0.0)
 
 
 class _Bidirectional(torch.autograd.Function):
@@ -85,8 +91,9 @@ class _Bidirectional(torch.autograd.Function):
         den = q.new_empty(q.shape[:-1])
         for sl in _slices(q.shape[-2], chunk):
             nd = feat(q[..., sl, :], a).values @ kvz
-            out[..., sl, :] = normalise(nd[..., :-1], nd[..., -1], None)
-            den[..., sl] = nd[..., -1]
+            d = nd[..., -1]
+            den[..., sl] = d
+            torch.mul(nd[..., :-1], _inverse(d)[..., None], out=out[..., sl, :])
         ctx.feat, ctx.chunk = feat, chunk
         kv, z = kvz[..., :-1], kvz[..., -1]
         ctx.save_for_backward(q, k, v, a, mask, kv, z, c, out, den)
@@ -106,8 +113,7 @@ class _Bidirectional(torch.autograd.Function):
         a_leaf = _leaf(a, need_a)
         vjp = getattr(feat, "vjp", None) if not need_a else None
         for sl in _slices(q.shape[-2], chunk):
-            d = den[..., sl]
-            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+            inv = _inverse(den[..., sl])
             g_c = g[..., sl, :]
             dnum = g_c * inv[..., None]
             dden = -(g_c * out[..., sl, :]).sum(-1) * inv

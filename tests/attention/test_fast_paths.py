@@ -232,14 +232,29 @@ def test_fully_padded_row_returns_zero(gen):
         assert all(torch.isfinite(x).all() for x in g)
 
 
-@pytest.mark.parametrize("kernel", ["positive", "oprf"])
-def test_row_features_equal_maps(gen, kernel):
+@pytest.mark.parametrize("root", [1.0, 0.6])
+@pytest.mark.parametrize("kernel", ["positive", "oprf", "trig"])
+def test_row_features_equal_maps(gen, kernel, root):
+    """The base-2, scale-folded fast features are phi(x * root) of the reference maps."""
     fm = _map(kernel, d=8, m=16)
     x = torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64)
-    a = fm.oprf_a(x, x) if kernel == "oprf" else None
-    want = fm.exact_features(x, a).explicit()
-    got = row_features(fm)(x, a).explicit()
+    a = fm.oprf_a(x * root, x * root) if kernel == "oprf" else None
+    want = fm.exact_features(x * root, a).explicit()
+    got = row_features(fm, root)(x, a).explicit()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_positive_row_features_vjp_equals_autograd(gen):
+    fm = _map("positive", d=8, m=16)
+    feat = row_features(fm, 0.6)
+    x = torch.randn(2, 11, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = feat(x)
+    dvals = torch.randn(f.values.shape, generator=gen, dtype=torch.float64)
+    dls = torch.randn(f.log_scale.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad([f.values, f.log_scale], x, [dvals, dls])[0]
+    with torch.no_grad():
+        got = feat.vjp(x.detach(), feat(x.detach()).values, dvals.clone(), dls)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_bidirectional_fast_matches_simple_path_directly(gen):
