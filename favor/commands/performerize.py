@@ -4,6 +4,9 @@ For each kernel and M in {64, 256, 1024}: performerize the model (calibrated on 
 training text: key shift, query/key balancing, FAVOR++ rho per head; optionally fitted with
 --fit-steps), then on held-out text report the cosine between the softmax and FAVOR sentence
 embeddings (mean pooling) and each layer's relative attention-output error. JSON + PNG in --out.
+A protein masked LM (``--model antiberty``) is calibrated on and evaluated with Swiss-Prot
+antibody V regions (favor.hf.antibodies) and also reports masked-residue accuracy (15 % of the
+held-out residues masked, fixed seed) next to the softmax model's.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kernel", action="append", help=f"kernel(s) to try (default: {', '.join(DEFAULT_KERNELS)})")
     parser.add_argument("--num-features", type=int, action="append", help="M values (default: 64, 256, 1024)")
     parser.add_argument(
-        "--text", default="heldout", help="held-out text: 'heldout' (built in) or a file, one passage a line"
+        "--text",
+        default="heldout",
+        help="held-out text: 'heldout' (built in: KJV, or antibody V regions for a masked LM) or a file, one a line",
     )
     parser.add_argument("--calibration-text", default="train", help="calibration text: 'train' (built in) or a file")
+    parser.add_argument("--mask-seed", type=int, default=0, help="seed of the masked positions (masked LMs)")
     parser.add_argument("--samples", type=int, default=64, help="held-out passages to evaluate (default 64)")
     parser.add_argument("--calibration-samples", type=int, default=32, help="calibration passages (default 32)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per passage (default 128)")
+    parser.add_argument("--max-length", type=int, help="tokens per passage (default 128; 160 for a masked LM)")
     parser.add_argument("--fit-steps", type=int, default=0, help="also fit each layer's feature map for N steps (slow)")
     parser.add_argument("--naive", action="store_true", help="also report the uncalibrated swap")
     parser.add_argument("--seed", type=int, default=0)
@@ -36,13 +42,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save", help="save the last performerized model to this directory")
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, softmax_accuracy: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 3 if softmax_accuracy is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    a1, a2 = axes[0], axes[1]
     for key in dict.fromkeys((r["kernel"], r["mode"]) for r in rows):
         sub = [r for r in rows if (r["kernel"], r["mode"]) == key]
         a1.semilogx(
@@ -58,6 +66,20 @@ def _plot(rows: list[dict], path: Path) -> None:
     a2.set_xlabel("layer")
     a2.set_ylabel(f"relative attention error (M={max(x['num_features'] for x in rows)})")
     a2.legend(fontsize=8)
+    if softmax_accuracy is not None:
+        a3 = axes[2]
+        for key in dict.fromkeys((r["kernel"], r["mode"]) for r in rows):
+            sub = [r for r in rows if (r["kernel"], r["mode"]) == key]
+            a3.semilogx(
+                [r["num_features"] for r in sub],
+                [r["masked_accuracy"] for r in sub],
+                marker="o",
+                label=f"{key[0]} {key[1]}",
+            )
+        a3.axhline(softmax_accuracy, color="black", ls="--", label="softmax")
+        a3.set_xlabel("random features M")
+        a3.set_ylabel("masked-residue accuracy (held out)")
+        a3.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -68,10 +90,10 @@ def run(args) -> int:
     from tqdm import tqdm
 
     import favor.hf as fh
-    from favor.hf.corpus import load_text
+    from favor.hf.antibodies import masked_accuracy, masked_batches
     from favor.hf.fidelity import embedding_cosine, layer_errors, tokenize_batches
     from favor.hf.fit import fit_adapters
-    from favor.hf.models import load_softmax, model_texts
+    from favor.hf.models import builtin_texts, load_softmax, model_texts
 
     torch.manual_seed(args.seed)
     try:
@@ -79,10 +101,15 @@ def run(args) -> int:
     except ValueError as e:
         print(e)
         return 2
-    held = model_texts(load_text(args.text)[: args.samples], kind)
-    cal = model_texts(load_text(args.calibration_text)[: args.calibration_samples], kind)
-    ev = tokenize_batches(tok, held, max_length=args.max_length)
-    cb = tokenize_batches(tok, cal, max_length=args.max_length)
+    max_length = args.max_length or (160 if kind == "masked-lm" else 128)
+    held = model_texts(builtin_texts(args.text, kind)[: args.samples], kind)
+    cal = model_texts(builtin_texts(args.calibration_text, kind)[: args.calibration_samples], kind)
+    ev = tokenize_batches(tok, held, max_length=max_length)
+    cb = tokenize_batches(tok, cal, max_length=max_length)
+    mlm = kind == "masked-lm"
+    if mlm:
+        mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=args.mask_seed)
+        softmax_acc, n_masked = masked_accuracy(base, mb)
     kernels = args.kernel or list(DEFAULT_KERNELS)
     ms = args.num_features or list(DEFAULT_M)
     modes = (["naive"] if args.naive else []) + ["calibrated"] + (["fitted"] if args.fit_steps else [])
@@ -105,8 +132,10 @@ def run(args) -> int:
         for name, mdl in results:
             cos = embedding_cosine(mdl, ev)
             errs = layer_errors(mdl, ev[:2])
+            extra = {"masked_accuracy": masked_accuracy(mdl, mb)[0]} if mlm else {}
             rows.append(
                 {
+                    **extra,
                     "kernel": kernel,
                     "num_features": m,
                     "mode": name,
@@ -122,21 +151,31 @@ def run(args) -> int:
     meta = {
         "model": str(args.model),
         "dtype": str(next(base.parameters()).dtype),
-        "held_out": {"text": args.text, "passages": len(held), "max_length": args.max_length},
+        "held_out": {"text": args.text, "passages": len(held), "max_length": max_length},
         "calibration": {"text": args.calibration_text, "passages": len(cal), "fit_steps": args.fit_steps},
         "seed": args.seed,
+        **(
+            {"masked": {"residues": n_masked, "rate": 0.15, "seed": args.mask_seed, "softmax_accuracy": softmax_acc}}
+            if mlm
+            else {}
+        ),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
     (out / "performerize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    _plot(rows, out / "performerize.png")
+    _plot(rows, out / "performerize.png", softmax_acc if mlm else None)
     print(f"\n{args.model}: embedding cosine to the softmax model on {len(held)} held-out passages")
-    print(f"{'kernel':>9} {'M':>5} {'mode':>10} {'cos mean':>9} {'cos min':>8}  per-layer attention error")
+    if mlm:
+        print(f"masked-residue accuracy on {n_masked} masked held-out residues: softmax {softmax_acc:.4f}")
+    acc_head = f" {'mask acc':>8}" if mlm else ""
+    print(f"{'kernel':>9} {'M':>5} {'mode':>10} {'cos mean':>9} {'cos min':>8}{acc_head}  per-layer attention error")
     for r in rows:
         errs = " ".join(f"{e:.3f}" for e in r["layer_errors"])
+        acc = f" {r['masked_accuracy']:>8.4f}" if mlm else ""
         print(
-            f"{r['kernel']:>9} {r['num_features']:>5} {r['mode']:>10} {r['cosine_mean']:>9.4f} {r['cosine_min']:>8.4f}  {errs}"
+            f"{r['kernel']:>9} {r['num_features']:>5} {r['mode']:>10} {r['cosine_mean']:>9.4f} {r['cosine_min']:>8.4f}"
+            f"{acc}  {errs}"
         )
     print(f"wrote {out / 'performerize.json'} and {out / 'performerize.png'}")
     if args.save and model is not None:

