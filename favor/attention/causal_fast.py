@@ -1,87 +1,136 @@
 """Causal FAVOR for training: the chunked algorithm of ``causal.causal_chunked`` (its
 reference, tested against it and kernel_attention) with a hand-written backward.
 
-Forward keeps only what backward cannot cheaply redo: the state (kv, z, log scale) at the
-start of every chunk, O(L/C * M' * Dv), plus the output and its normaliser. Backward walks
-the chunks in reverse, recomputes each chunk's features and C x C products, and carries
-the gradient of the state backwards (in the spirit of SLiM Performer, Likhosherstov et al.
-2020). No L x M' x Dv tensor exists, and no L x M' feature tensor is held for backward.
+Chunks of C positions are processed in blocks of ``BLOCK_CHUNKS``: inside a block every
+chunk's C x C product, chunk summary and state read are one batched matmul each, and only
+the (M' x Dv) state recursion across the block's chunks is a Python loop of two small ops
+per chunk. Per-op dispatch, not arithmetic, was what held the one-chunk-at-a-time loop to a
+third of matmul peak on CPU.
 
-Numerics are those of the reference: a prefix running max of the keys' log scales, so
-output t is bit-for-bit independent of tokens after t. The shifts (running max, features'
-row shifts) are constants in the gradient: for each output row they cancel exactly.
+Forward keeps only what backward cannot cheaply redo: the state (kv, z, log scale) at the
+start of every block, O(L/(C*BLOCK_CHUNKS) * M' * Dv), plus the output and its normaliser.
+Backward walks the blocks in reverse, recomputes each block's features, products and
+in-block states, and carries the gradient of the state backwards (in the spirit of SLiM
+Performer, Likhosherstov et al. 2020). No L x M' x Dv tensor exists, and no L x M' feature
+tensor is held for backward: features live one block at a time.
+
+Numerics are those of the reference: a prefix running max of the keys' log scales (over
+earlier chunks and, inside a chunk, over keys up to t), so output t is bit-for-bit
+independent of tokens after t (masked entries are exact zeros). The shifts are constants
+in the gradient: for each output row they cancel exactly.
+
+Legend: n chunks in a block, C chunk, M' features, E = Dv + 1 (V with a column of ones:
+numerator and normaliser come out of one matmul).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._normalise import exp_diff, masked_keys, normalise
-from .bidirectional_fast import FeatFn, _add, _grad, _leaf, _mask_at, _slices
+from ._normalise import exp_diff, masked_keys
+from .bidirectional_fast import FeatFn, _add, _grad, _inverse, _leaf, _mask_at, _slices
 from .state import State
 
-__all__ = ["causal_fast", "DEFAULT_CAUSAL_CHUNK"]
+__all__ = ["causal_fast", "DEFAULT_CAUSAL_CHUNK", "BLOCK_CHUNKS"]
 
-#: tuned on a 2-core CPU (benchmarks/tune_chunk.py): 128 balances the C x C intra-chunk
-#: products against the per-chunk state updates and Python overhead
+#: tuned on a 2-core CPU (benchmarks/tune_chunk.py): the C x C intra-chunk products cost
+#: O(C) per position, the state reads and updates O(M' * Dv / C)
 DEFAULT_CAUSAL_CHUNK = 128
+#: chunks per block: features of C * BLOCK_CHUNKS positions are alive at a time
+BLOCK_CHUNKS = 16
 
 
-def _chunk_terms(fq, kvals, lk, c):
-    """The reference's per-chunk quantities: running max, C x C weights, carry factor."""
-    n = fq.shape[-2]
-    run = torch.maximum(torch.cummax(lk, dim=-1).values, c[..., None])
-    tril = torch.ones(n, n, dtype=torch.bool, device=fq.device).tril()
-    if bool(torch.isfinite(lk).all()):
-        # no padded key in this chunk: run is finite, so a plain exp gives exp_diff's bits in
-        # two passes instead of six; entries above the diagonal (future keys, possibly inf)
-        # are overwritten with exact zeros
-        weights = torch.exp(lk[..., None, :] - run[..., :, None]).masked_fill_(~tril, 0.0)
-    else:
-        weights = exp_diff(lk[..., None, :], run[..., :, None])
-        weights = torch.where(tril, weights, torch.zeros_like(weights))
-    carry = exp_diff(c[..., None], run)
-    return run, weights, carry
+def _rows(x: torch.Tensor, n: int, c: int, fill: float = 0.0) -> torch.Tensor:
+    """(..., R, X) -> (..., n, c, X), rows padded with ``fill`` up to n * c."""
+    pad = n * c - x.shape[-2]
+    if pad:
+        x = torch.cat([x, x.new_full((*x.shape[:-2], pad, x.shape[-1]), fill)], dim=-2)
+    return x.unflatten(-2, (n, c))
 
 
-def _with_ones(v_c: torch.Tensor) -> torch.Tensor:
-    """[V, 1]: numerator and normaliser come out of one matmul."""
-    return torch.cat([v_c, v_c.new_ones(*v_c.shape[:-1], 1)], dim=-1)
+def _ones_column(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+class _Terms:
+    """A block's log-scale bookkeeping, all from prefixes only.
+
+    lk (..., n, C) key log scales, c0 (...) the state's log scale before the block.
+    after (..., n): running max after chunk i; before (..., n): before chunk i;
+    weights (..., n, C, C): exp(lk_j - run_t) for j <= t, else 0, where run_t is the max
+    before the chunk and over its keys up to t; carry (..., n, C): the state's weight at t;
+    e (..., n, C): key j's weight in its chunk's summary; decay (..., n): the state's factor
+    across chunk i."""
+
+    def __init__(self, lk: torch.Tensor, c0: torch.Tensor) -> None:
+        within = torch.cummax(lk, dim=-1).values
+        self.after = torch.cummax(torch.maximum(within[..., -1], c0[..., None]), dim=-1).values
+        self.before = torch.cat([c0[..., None], self.after[..., :-1]], dim=-1)
+        run = torch.maximum(within, self.before[..., None])
+        c = lk.shape[-1]
+        tril = torch.ones(c, c, dtype=torch.bool, device=lk.device).tril()
+        if bool(torch.isfinite(lk).all()):
+            # no padded key: run is finite, a plain exp gives exp_diff's bits; entries above
+            # the diagonal (future keys) are overwritten with exact zeros
+            self.weights = torch.exp(lk[..., None, :] - run[..., :, None]).masked_fill_(~tril, 0.0)
+            self.e = torch.exp(lk - self.after[..., None])
+        else:
+            self.weights = torch.where(tril, exp_diff(lk[..., None, :], run[..., :, None]), 0.0)
+            self.e = exp_diff(lk, self.after[..., None])
+        self.carry = exp_diff(self.before[..., None], run)
+        self.decay = exp_diff(self.before, self.after)
+
+
+def _block_features(feat, q, k, a, mask, sl, grad: bool, leaves):
+    """Features of the block's rows; with ``grad`` under autograd from fresh leaves."""
+    if not grad:
+        fq = feat(q[..., sl, :], a).values
+        fk = feat(k[..., sl, :], a)
+        kvals, lk = masked_keys(fk, _mask_at(mask, sl))
+        return fq, fk, kvals, lk
+    qb, kb, a_leaf = leaves
+    with torch.enable_grad():
+        fq = feat(qb, a_leaf).values
+        fk = feat(kb, a_leaf)
+        kvals, lk = masked_keys(fk, _mask_at(mask, sl))
+    return fq, fk, kvals, lk
 
 
 class _Causal(torch.autograd.Function):
-    # the state is held as kvz = [kv, z] (..., M', Dv + 1), split only at the boundary
+    # the state is held as kvz = [kv, z] (..., M', E), split only at the boundary
     @staticmethod
     def forward(ctx, q, k, v, a, mask, kv0, z0, c0, feat, chunk):
-        slices = _slices(q.shape[-2], chunk)
+        length, dv = q.shape[-2], v.shape[-1]
+        blocks = _slices(length, chunk * BLOCK_CHUNKS)
         keep = any(ctx.needs_input_grad)
-        starts = None  # the state before each chunk, kept only for backward
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        starts = None  # the state before each block, kept only for backward
+        out = q.new_empty(*q.shape[:-1], dv)
         den = q.new_empty(q.shape[:-1])
         kvz = None if kv0 is None else torch.cat([kv0, z0[..., None]], dim=-1)
         c = c0
-        for i, sl in enumerate(slices):
-            fq = feat(q[..., sl, :], a).values
-            kvals, lk = masked_keys(feat(k[..., sl, :], a), _mask_at(mask, sl))
-            v1 = _with_ones(v[..., sl, :])
-            if kvz is None:  # empty initial state: shapes come from the first chunk
+        for b, sl in enumerate(blocks):
+            fq, _, kvals, lk = _block_features(feat, q, k, a, mask, sl, False, None)
+            if kvz is None:  # empty initial state: shapes come from the first block
                 lead = fq.shape[:-2]
-                kvz = fq.new_zeros(*lead, kvals.shape[-1], v1.shape[-1])
+                kvz = fq.new_zeros(*lead, kvals.shape[-1], dv + 1)
                 c = fq.new_full(lead, float("-inf"))
             if keep:
                 if starts is None:
-                    starts = (kvz.new_empty(len(slices), *kvz.shape), c.new_empty(len(slices), *c.shape))
-                starts[0][i], starts[1][i] = kvz, c
-            run, weights, carry = _chunk_terms(fq, kvals, lk, c)
-            scores = (fq @ kvals.mT).mul_(weights)
-            nd = (scores @ v1).add_((fq @ kvz).mul_(carry[..., None]))
-            out[..., sl, :] = normalise(nd[..., :-1], nd[..., -1], None)
-            den[..., sl] = nd[..., -1]
-            new_c = run[..., -1]
-            k_w = kvals.mul_(exp_diff(lk, new_c[..., None])[..., None])
-            kvz = (kvz * exp_diff(c, new_c)[..., None, None]).add_(k_w.mT @ v1)
-            c = new_c
-        ctx.feat, ctx.slices = feat, slices
+                    starts = (kvz.new_empty(len(blocks), *kvz.shape), c.new_empty(len(blocks), *c.shape))
+                starts[0][b], starts[1][b] = kvz, c
+            rows = fq.shape[-2]
+            n = -(-rows // chunk)
+            fq, kvals, v1 = _rows(fq, n, chunk), _rows(kvals, n, chunk), _rows(_ones_column(v[..., sl, :]), n, chunk)
+            lk = _rows(lk[..., None], n, chunk, float("-inf"))[..., 0]
+            t = _Terms(lk, c)
+            states, kvz = _scan(kvz, kvals.mT @ (v1 * t.e[..., None]), t.decay)
+            nd = ((fq @ kvals.mT).mul_(t.weights) @ v1).add_((fq @ states).mul_(t.carry[..., None]))
+            nd = nd.flatten(-3, -2)[..., :rows, :]
+            d = nd[..., -1]
+            den[..., sl] = d
+            torch.mul(nd[..., :-1], _inverse(d)[..., None], out=out[..., sl, :])
+            c = t.after[..., -1]
+        ctx.feat, ctx.chunk, ctx.blocks = feat, chunk, blocks
         if starts is None:
             starts = (None, None)
         ctx.save_for_backward(q, k, v, a, mask, out, den, *starts)
@@ -91,73 +140,68 @@ class _Causal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_kv, g_z, _g_c):
         q, k, v, a, mask, out, den, kvz_s, c_s = ctx.saved_tensors
-        feat, slices = ctx.feat, ctx.slices
+        feat, chunk, blocks = ctx.feat, ctx.chunk, ctx.blocks
         need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
         dq = torch.zeros_like(q) if need_q else None
         dk = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
         da = None
-        a_leaf = _leaf(a, need_a)
         vjp = getattr(feat, "vjp", None) if not need_a else None
-        last = kvz_s[-1]
-        # gradient of the state after the current chunk (from later chunks or return_state)
-        dkvz = torch.zeros_like(last)
+        # gradient of the state after the current block (from later blocks or return_state)
+        dkvz = torch.zeros_like(kvz_s[-1])
         if g_kv is not None:
             dkvz[..., :-1] = g_kv
         if g_z is not None:
             dkvz[..., -1] = g_z
-        for i in reversed(range(len(slices))):
-            sl, kvz, c = slices[i], kvz_s[i], c_s[i]
-            v_c = v[..., sl, :]
-            v1 = _with_ones(v_c)
-            if vjp is not None:  # hand-written feature gradient, no graph
-                qc, kc = q[..., sl, :], k[..., sl, :]
-                fq = feat(qc, a).values
-                fk = feat(kc, a)
-                kvals, lk = masked_keys(fk, _mask_at(mask, sl))
-            else:
-                with torch.enable_grad():
-                    qc = _leaf(q[..., sl, :], need_q)
-                    kc = _leaf(k[..., sl, :], need_k)
-                    fq = feat(qc, a_leaf).values
-                    kvals, lk = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
-            fq_d, kv_d, lk_d = fq.detach(), kvals.detach(), lk.detach()
-            run, weights, carry = _chunk_terms(fq_d, kv_d, lk_d, c)
-            scores = (fq_d @ kv_d.mT).mul_(weights)
-            d = den[..., sl]
-            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+        for b in reversed(range(len(blocks))):
+            sl, kvz, c = blocks[b], kvz_s[b], c_s[b]
+            leaves = None
+            if vjp is None:
+                leaves = (_leaf(q[..., sl, :], need_q), _leaf(k[..., sl, :], need_k), _leaf(a, need_a))
+            fq, fk, kvals, lk = _block_features(feat, q, k, a, mask, sl, vjp is None, leaves)
+            rows = fq.shape[-2]
+            n = -(-rows // chunk)
+            fq_d, kv_d = _rows(fq.detach(), n, chunk), _rows(kvals.detach(), n, chunk)
+            lk_d = _rows(lk.detach()[..., None], n, chunk, float("-inf"))[..., 0]
+            v_c = _rows(v[..., sl, :], n, chunk)
+            v1 = _ones_column(v_c)
+            t = _Terms(lk_d, c)
+            v1e = v1 * t.e[..., None]
+            states, _ = _scan(kvz, kv_d.mT @ v1e, t.decay)
+            scores = (fq_d @ kv_d.mT).mul_(t.weights)
+            inv = _inverse(den[..., sl])
             g_c = g[..., sl, :]
             dnum = g_c * inv[..., None]
             dden = -(g_c * out[..., sl, :]).sum(-1) * inv
-            dnd = torch.cat([dnum, dden[..., None]], dim=-1)  # (.., C, Dv + 1)
-            # intra-chunk: scores = (fq kvals^T) * weights, weights = exp(lk_i - run_t)
+            dnd = _rows(torch.cat([dnum, dden[..., None]], dim=-1), n, chunk)  # (.., n, C, E)
+            # intra-chunk: scores = (fq kvals^T) * weights, weights = exp(lk_j - run_t)
             dscores = dnd @ v1.mT
-            draw = dscores * weights
-            dlk = (dscores.mul_(scores)).sum(-2)
-            dv_c = scores.mT @ dnum
-            dnd_c = dnd.mul_(carry[..., None])
-            dfq = (draw @ kv_d).add_(dnd_c @ kvz.mT)
+            draw = dscores * t.weights
+            dlk = dscores.mul_(scores).sum(-2)
+            dv_c = scores.mT @ dnd[..., :-1]
+            dnd_c = dnd.mul_(t.carry[..., None])
+            dfq = (draw @ kv_d).add_(dnd_c @ states.mT)
             dkvals = draw.mT @ fq_d
-            # the state update kvz' = kvz * decay + (kvals * e)^T [v, 1]
-            new_c = run[..., -1]
-            e = exp_diff(lk_d, new_c[..., None])
-            k_w = kv_d * e[..., None]
-            dk_w = v1 @ dkvz.mT
-            dv_c = dv_c.add_(k_w @ dkvz[..., :-1])
-            dkvals = dkvals.add_(dk_w * e[..., None])
+            # the state recursion, backwards: grad[i] is that of the state after chunk i
+            grads, dkvz = _scan_back(dkvz, fq_d.mT @ dnd_c, t.decay)
+            # chunk summaries (kvals * e)^T [v, 1]
+            dk_w = v1 @ grads.mT
+            k_w = kv_d * t.e[..., None]
+            dv_c = dv_c.add_(k_w @ grads[..., :-1])
+            dkvals = dkvals.add_(dk_w * t.e[..., None])
             dlk = dlk.add_((dk_w * k_w).sum(-1))
-            decay = exp_diff(c, new_c)
-            dkvz = (dkvz * decay[..., None, None]).add_(fq_d.mT @ dnd_c)
+            dfq, dkvals = dfq.flatten(-3, -2)[..., :rows, :], dkvals.flatten(-3, -2)[..., :rows, :]
+            dlk = dlk.flatten(-2, -1)[..., :rows]
             if need_v:
-                dv[..., sl, :] = dv_c
+                dv[..., sl, :] = dv_c.flatten(-3, -2)[..., :rows, :]
             if vjp is not None:
                 # masked keys have zero weight, so dkvals and dlk vanish on them already
                 if need_q:
-                    dq[..., sl, :] = vjp(qc, fq_d, dfq, None)
+                    dq[..., sl, :] = vjp(q[..., sl, :], fq, dfq, None)
                 if need_k:
-                    dk[..., sl, :] = vjp(kc, fk.values, dkvals, dlk)
+                    dk[..., sl, :] = vjp(k[..., sl, :], fk.values, dkvals, dlk)
             elif need_q or need_k or need_a:
-                gq, gk, ga = _grad([fq, kvals, lk], [qc, kc, a_leaf], [dfq, dkvals, dlk])
+                gq, gk, ga = _grad([fq, kvals, lk], list(leaves), [dfq, dkvals, dlk])
                 if gq is not None:
                     dq[..., sl, :] = gq
                 if gk is not None:
@@ -168,6 +212,26 @@ class _Causal(torch.autograd.Function):
         d_kv0 = dkvz[..., :-1] if ctx.needs_input_grad[5] else None
         d_z0 = dkvz[..., -1] if ctx.needs_input_grad[6] else None
         return dq, dk, dv, da, None, d_kv0, d_z0, None, None, None
+
+
+def _scan(kvz: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor):
+    """States before each chunk (..., n, M', E) and after the last, from the state before
+    the block and the chunk summaries: state_i = state_{i-1} * decay_i + sums_i."""
+    states = torch.empty_like(sums)
+    for i in range(sums.shape[-3]):
+        states[..., i, :, :] = kvz
+        kvz = kvz * decay[..., i, None, None] + sums[..., i, :, :]
+    return states, kvz
+
+
+def _scan_back(grad: torch.Tensor, reads: torch.Tensor, decay: torch.Tensor):
+    """Gradients of the state after each chunk (..., n, M', E) and of the state before the
+    block, from the gradient after the block and each chunk's read of its start state."""
+    grads = torch.empty_like(reads)
+    for i in reversed(range(reads.shape[-3])):
+        grads[..., i, :, :] = grad
+        grad = grad * decay[..., i, None, None] + reads[..., i, :, :]
+    return grads, grad
 
 
 def causal_fast(

@@ -12,6 +12,7 @@ import torch
 
 import favor
 from favor.attention import api
+from favor.attention import causal_fast as causal_fast_module
 from favor.attention._fast_features import row_features
 from favor.attention.bidirectional import bidirectional
 from favor.attention.bidirectional_fast import bidirectional_fast
@@ -170,9 +171,11 @@ def test_state_continuation_matches_one_pass_and_reference(gen, chunk):
         _close(x, y, 1e-10)
 
 
+@pytest.mark.parametrize("blocks", [2, 16])
 @pytest.mark.parametrize("chunk", [4, 16])
 @pytest.mark.parametrize("kernel", ["positive", "trig"])
-def test_causal_fast_bitwise_independent_of_future(gen, chunk, kernel):
+def test_causal_fast_bitwise_independent_of_future(gen, monkeypatch, chunk, kernel, blocks):
+    monkeypatch.setattr(causal_fast_module, "BLOCK_CHUNKS", blocks)
     fm = _map(kernel, dtype=torch.float32)
     q, k, v = (t.detach() for t in _qkv(gen, shape=(1, 2, 40, 8), dtype=torch.float32))
     t = 13  # inside a chunk for both chunk sizes
@@ -184,6 +187,64 @@ def test_causal_fast_bitwise_independent_of_future(gen, chunk, kernel):
     out2 = favor.attention(q2, k2, v2, fm, causal=True, chunk_size=chunk)
     assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
     assert not torch.equal(out[..., t + 1 :, :], out2[..., t + 1 :, :])
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+@pytest.mark.parametrize("kernel", ["positive", "oprf", "relu"])
+def test_causal_fast_blocks_equal_reference(gen, monkeypatch, kernel, chunk, blocks):
+    """Several blocks of chunks, a padded last block, key padding, a continued state and a
+    gradient flowing in through the returned state: equal to the simple chunked path."""
+    monkeypatch.setattr(causal_fast_module, "BLOCK_CHUNKS", blocks)
+    fm = _map(kernel)
+    q, k, v = _qkv(gen, shape=(2, 3, 29, 8))
+    mask = _mask(2, 29)
+    cut = 11
+    a, s1 = favor.attention(
+        q[..., :cut, :], k[..., :cut, :], v[..., :cut, :], fm, causal=True, chunk_size=chunk, return_state=True
+    )
+    b, s2 = favor.attention(
+        q[..., cut:, :],
+        k[..., cut:, :],
+        v[..., cut:, :],
+        fm,
+        causal=True,
+        key_padding_mask=mask[:, cut:],
+        chunk_size=chunk,
+        initial_state=s1,
+        return_state=True,
+    )
+    keep = api._fast_eligible
+    monkeypatch.setattr(api, "_fast_eligible", lambda *x: False)
+    ra, r1 = favor.attention(
+        q[..., :cut, :], k[..., :cut, :], v[..., :cut, :], fm, causal=True, chunk_size=chunk, return_state=True
+    )
+    rb, r2 = favor.attention(
+        q[..., cut:, :],
+        k[..., cut:, :],
+        v[..., cut:, :],
+        fm,
+        causal=True,
+        key_padding_mask=mask[:, cut:],
+        chunk_size=chunk,
+        initial_state=r1,
+        return_state=True,
+    )
+    monkeypatch.setattr(api, "_fast_eligible", keep)
+    got, want = torch.cat([a, b], -2), torch.cat([ra, rb], -2)
+    _close(got, want, 1e-10)
+    _close(s2.kv * s2.log_scale.exp()[..., None, None], r2.kv * r2.log_scale.exp()[..., None, None], 1e-10)
+    g = torch.randn(got.shape, generator=gen, dtype=got.dtype)
+    gkv = torch.randn(s2.kv.shape, generator=gen, dtype=got.dtype)
+
+    def loss(out, st):
+        # the state enters as a true sum kv * exp(log_scale), the same whichever max was used
+        return (out * g).sum() + (st.kv * st.log_scale.exp()[..., None, None] * gkv).sum()
+
+    for x, y in zip(
+        torch.autograd.grad(loss(got, s2), (q, k, v)), torch.autograd.grad(loss(want, r2), (q, k, v)), strict=True
+    ):
+        _close(x, y, 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
