@@ -14,6 +14,19 @@ the mean key alone can make it larger: in MiniLM mean(q).mean(k) < 0), and A bal
 second moments of queries and keys (``balancing_map``; the cross term q.k is fixed). The
 random features then see smaller inputs. Identity when uncalibrated.
 
+Dense-exponential features (``dense=True``, kernel "derf" in performerize): FAVOR++ uses one
+A* per head, A*|w|^2 in the exponent. The dense-exponential random features (DERF) of
+Likhosherstov et al. (ICLR 2023) use a matrix, w^T A w; with A diagonal in the eigenbasis of
+the pair statistic E[(q + k)(q + k)^T] (scaled, reparametrised inputs) the log-variance
+splits over directions and each direction i takes FAVOR++'s closed-form A* for its own
+eigenvalue lambda_i: phi(x) ~ exp(sum_i a_i w_i^2 + sum_i b_i w_i x_i - |x|^2/2),
+b_i = sqrt(1 - 4 a_i), still unbiased for exp(x.y) and positive. The rotation into the
+eigenbasis is orthogonal, so it folds into the query and key maps; the rest is expressed
+with the core's FAVOR+ ("positive") features on augmented inputs, so the core's fast paths
+run it unchanged: x' = [kappa b*x, a, e] against projection rows [w/kappa, w*w, 0], with
+kappa = 1/max(b) <= 1 and e = sqrt(|x|^2 - |kappa b*x|^2) restoring the |x|^2/2 term
+(the per-head constant |a|^2/2 cancels in the normaliser).
+
 Legend: H heads, D head dim, M features.
 """
 
@@ -25,7 +38,7 @@ from torch import nn
 from ..features import maps
 from ..features.feature_map import FeatureMap
 
-__all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map"]
+__all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection"]
 
 
 class HeadwiseFeatureMap(FeatureMap):
@@ -94,22 +107,74 @@ def balancing_map(sq: torch.Tensor, sk: torch.Tensor, *, ridge: float = 1e-4) ->
     return powm(0.5 * (p + p.transpose(-1, -2)), 0.5)
 
 
+def dense_projection(w: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
+    """The (M, 2D+1) FAVOR+ projection [w/kappa, w*w, 0] that dense-exponential features use
+    (see the module docstring), from an (M, D) Gaussian projection w."""
+    return torch.cat([w / kappa, w * w, w.new_zeros(w.shape[0], 1)], dim=-1)
+
+
 class FavorAdapter(nn.Module):
     """Per-layer FAVOR state: the feature map, a key shift (H, D), and the query map A (H, D, D)
-    with the key map A^-T (H, D, D), stored both so the forward pass needs no inverse."""
+    with the key map A^-T (H, D, D), stored both so the forward pass needs no inverse.
 
-    def __init__(self, feature_map: FeatureMap, *, heads: int, dim: int) -> None:
+    ``dense=True``: dense-exponential features; ``dense_a`` (H, D) holds a_i per head and
+    direction (0: plain FAVOR+) and ``dense_kappa`` the scalar kappa; ``feature_map`` is then
+    a "positive" map over 2D+1 inputs with projection ``dense_projection(w, kappa)``."""
+
+    def __init__(self, feature_map: FeatureMap, *, heads: int, dim: int, dense: bool = False) -> None:
         super().__init__()
         self.feature_map = feature_map
-        self.heads, self.dim = heads, dim
+        self.heads, self.dim, self.dense = heads, dim, dense
         eye = torch.eye(dim).expand(heads, dim, dim).clone()
         self.register_buffer("key_shift", torch.zeros(heads, dim))
         self.register_buffer("query_map", eye.clone())
         self.register_buffer("key_map", eye.clone())
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        if dense:
+            if feature_map.kernel != "positive" or feature_map.dim != 2 * dim + 1:
+                raise ValueError(
+                    f"dense features need a 'positive' feature map over 2D+1={2 * dim + 1} inputs, "
+                    f"got {feature_map.kernel!r} over {feature_map.dim}"
+                )
+            self.register_buffer("dense_a", torch.zeros(heads, dim, dtype=torch.float64))
+            self.register_buffer("dense_kappa", torch.ones((), dtype=torch.float64))
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, dim={self.dim}"
+        return f"heads={self.heads}, dim={self.dim}" + (", dense" if self.dense else "")
+
+    def inputs(
+        self, q: torch.Tensor, k: torch.Tensor, scaling: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(q', k', scale) to hand to ``favor.attention`` with ``self.feature_map``: the
+        reparametrised q and k with the layer's scaling, or, for dense features, the augmented,
+        already scaled inputs with scale 1."""
+        qa, kb = self.transform(q, k)
+        if not self.dense:
+            return qa, kb, scaling
+        root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
+        a = self.dense_a.to(qa.dtype)  # (H, D)
+        b = torch.sqrt(1.0 - 4.0 * a) * self.dense_kappa.to(qa.dtype)  # kappa b <= 1
+
+        def augment(x):
+            x = x * root
+            xb = x * b[:, None, :]
+            e = ((x * x).sum(-1) - (xb * xb).sum(-1)).clamp_min(1e-20).sqrt()  # >= 0 as kappa b <= 1
+            return torch.cat([xb, a[:, None, :].expand(x.shape[:-1] + (self.dim,)), e[..., None]], dim=-1)
+
+        return augment(qa), augment(kb), 1.0
+
+    @torch.no_grad()
+    def set_dense(self, a: torch.Tensor) -> None:
+        """Install a_i (H, D) (each <= 0) and rewrite the projection for kappa = 1/max b."""
+        if not self.dense:
+            raise ValueError("set_dense needs an adapter built with dense=True")
+        if tuple(a.shape) != (self.heads, self.dim) or bool((a > 0).any()):
+            raise ValueError(f"a must be (H={self.heads}, D={self.dim}) and <= 0, got {tuple(a.shape)}")
+        w = self.feature_map.projection[:, : self.dim].double() * self.dense_kappa  # the Gaussian rows
+        kappa = float(torch.sqrt(1.0 - 4.0 * a.double()).max()) ** -1
+        self.dense_a.copy_(a)
+        self.dense_kappa.fill_(kappa)
+        self.feature_map.projection.copy_(dense_projection(w, kappa).to(self.feature_map.projection.dtype))
 
     def transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k (B, H, L, D) -> (qA, (k - c)A^-T), in float32 (float64 for float64 inputs); the

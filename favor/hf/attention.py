@@ -91,7 +91,7 @@ def favor_attention_forward(
     causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
     plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=lk, is_causal=causal_module)
     key, value = _repeat_kv(key, h)[..., : plan.kv_length, :], _repeat_kv(value, h)[..., : plan.kv_length, :]
-    q, k = adapter.transform(query, key)
+    q, k, scale = adapter.inputs(query, key, scaling)
     v = value.to(q.dtype)
     pad = plan.key_padding_mask
     if pad is not None:
@@ -100,7 +100,7 @@ def favor_attention_forward(
         # queries sit at the end of the keys (decoding with a cache): run the causal pass over
         # all keys with zero queries in front, so the numbers equal the teacher-forced pass
         q = torch.cat([q.new_zeros(b, h, plan.offset, q.shape[-1]), q], dim=-2)
-    out = favor_attention(q, k, v, adapter.feature_map, causal=plan.causal, key_padding_mask=pad, scale=scaling)
+    out = favor_attention(q, k, v, adapter.feature_map, causal=plan.causal, key_padding_mask=pad, scale=scale)
     out = out[..., out.shape[-2] - lq :, :]
     if plan.dead_queries is not None:
         out = out.masked_fill(plan.dead_queries[:, None, :, None], 0.0)

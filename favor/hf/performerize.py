@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..features.feature_map import KERNELS
+from ..features.feature_map import KERNELS, FeatureMap
+from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
-from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map
+from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection
 from .attention import ATTRIBUTE
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 #: the key shift c: none; "keys": the mean key; "pair": the mean key plus the mean query, which
 #: minimises E|q + k - c|^2, the (log) variance of FAVOR's estimate of exp(q.k) (scaled)
 KEY_SHIFTS = ("none", "keys", "pair")
+
+#: favor.hf's own kernel: dense-exponential random features (see adapter.py), run as FAVOR+
+DENSE = "derf"
 
 #: where performerize records its PerformerConfig on ``model.config`` (saved in config.json)
 CONFIG_KEY = "favor_performer"
@@ -48,8 +52,8 @@ class PerformerConfig:
     calibrate_rho: bool = True
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS or not KERNELS[self.kernel][0]:
-            ok = sorted(k for k, v in KERNELS.items() if v[0])
+        if self.kernel != DENSE and (self.kernel not in KERNELS or not KERNELS[self.kernel][0]):
+            ok = sorted([DENSE] + [k for k, v in KERNELS.items() if v[0]])
             raise ValueError(f"kernel must be one of {ok} (random-feature kernels), got {self.kernel!r}")
         if isinstance(self.num_features, bool) or not isinstance(self.num_features, int) or self.num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {self.num_features!r}")
@@ -141,16 +145,20 @@ def attach_adapters(model: nn.Module, config: PerformerConfig, layers) -> list[F
     adapters = []
     for layer, (module, heads, dim) in enumerate(layers):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + layer)
-        fm = HeadwiseFeatureMap(
-            config.kernel,
-            heads=heads,
-            dim=dim,
-            num_features=config.num_features,
-            projection=config.projection,
-            norm=config.norm,
-            generator=g,
-        )
-        adapter = FavorAdapter(fm, heads=heads, dim=dim)
+        if config.kernel == DENSE:
+            w = PROJECTIONS[config.projection](config.num_features, dim, norm=config.norm, generator=g)
+            fm = FeatureMap("positive", projection=dense_projection(w))
+        else:
+            fm = HeadwiseFeatureMap(
+                config.kernel,
+                heads=heads,
+                dim=dim,
+                num_features=config.num_features,
+                projection=config.projection,
+                norm=config.norm,
+                generator=g,
+            )
+        adapter = FavorAdapter(fm, heads=heads, dim=dim, dense=config.kernel == DENSE)
         p = next(module.parameters(), None)
         if p is not None:
             adapter.to(p.device)
@@ -171,6 +179,9 @@ def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) ->
     sk_c = sk - shift[:, :, None] * mean_k[:, None, :] - mean_k[:, :, None] * shift[:, None, :]
     sk_c = sk_c + shift[:, :, None] * shift[:, None, :]
     a = balancing_map(sq, sk_c) if config.balance else torch.eye(d, dtype=torch.float64).expand(h, d, d).clone()
+    if config.kernel == DENSE:
+        _calibrate_dense(adapter, stats, shift, a, sq, sk_c)
+        return
     adapter.set_reparametrisation(shift.to(adapter.key_shift.dtype), a.to(adapter.query_map.dtype))
     if config.kernel == "oprf" and config.calibrate_rho:
         # rho = mean over pairs of |q' + k'|^2 / D with q', k' the scaled, reparametrised inputs
@@ -183,6 +194,23 @@ def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) ->
         mk = torch.einsum("hd,hde->he", mean_k - shift, b)
         rho = (eq2 + ek2 + 2.0 * s * (mq * mk).sum(-1)) / d
         adapter.feature_map.set_head_rho(rho)
+
+
+@torch.no_grad()
+def _calibrate_dense(adapter: FavorAdapter, stats: _Stats, shift, a, sq, sk_c) -> None:
+    """Dense-exponential features: rotate the reparametrised inputs into the eigenbasis of the
+    pair statistic S = E[(q' + k')(q' + k')^T] (scaled; q', k' from independent tokens) and
+    give direction i FAVOR++'s A* for its eigenvalue."""
+    s = stats.scaling
+    a = a.double()
+    b = torch.linalg.inv(a).transpose(-1, -2)
+    mq = torch.einsum("hd,hde->he", stats.sum_q / stats.n_q, a) * s**0.5
+    mk = torch.einsum("hd,hde->he", stats.sum_k / stats.n_k - shift, b) * s**0.5
+    pair = (a.transpose(-1, -2) @ sq @ a + b.transpose(-1, -2) @ sk_c @ b) * s
+    pair = pair + mq[:, :, None] * mk[:, None, :] + mk[:, :, None] * mq[:, None, :]
+    lam, rot = torch.linalg.eigh(pair)  # (H, D), (H, D, D) orthogonal: q.k is unchanged
+    adapter.set_reparametrisation(shift.to(adapter.key_shift.dtype), (a @ rot).to(adapter.query_map.dtype))
+    adapter.set_dense(oprf_a(lam.clamp_min(0.0)))
 
 
 def performerize(
@@ -203,7 +231,8 @@ def performerize(
     ``calibration``: batches (dicts of model inputs, e.g. a tokenizer's output) on which the
     softmax model's queries and keys are measured to fit, per layer and head, the key shift,
     the query/key balancing map and FAVOR++'s rho (``key_shift``, ``balance``,
-    ``calibrate_rho`` switch them). Without it the adapters are the identity and rho comes
+    ``calibrate_rho`` switch them). ``kernel="derf"``: dense-exponential features, a matrix A
+    per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
     """
