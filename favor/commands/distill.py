@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--fit-steps", type=int, default=0, help="first fit each layer's adapter N steps (favor.hf.fit)"
     )
+    parser.add_argument("--schedule", default="constant", help="learning rate: constant or cosine (to 10%%)")
+    parser.add_argument("--train", default="all", help="student weights to train: all or query-key (plus adapters)")
+    parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -131,7 +134,19 @@ def run(args) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", cos=f"{curve['eval_cosine'][-1]:.4f}")
 
-    config = DistillConfig(steps=args.steps, max_seconds=60.0 * args.minutes, lr=args.lr, seed=args.seed)
+    try:
+        config = DistillConfig(
+            steps=args.steps,
+            max_seconds=60.0 * args.minutes,
+            lr=args.lr,
+            adapter_lr=args.adapter_lr,
+            seed=args.seed,
+            schedule=args.schedule,
+            train=args.train,
+        )
+    except ValueError as e:
+        print(f"favor distill: {e}")
+        return 2
     distill(student, teacher, batches, config, on_step=on_step, evaluate=evaluate, eval_every=args.eval_every)
     bar.close()
     out = Path(args.out)
@@ -142,6 +157,10 @@ def run(args) -> int:
         "num_features": args.num_features,
         "steps": len(curve["loss"]),
         "fit_steps": args.fit_steps,
+        "schedule": args.schedule,
+        "train": args.train,
+        "lr": args.lr,
+        "adapter_lr": args.adapter_lr,
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,
         "held_out_passages": len(held),

@@ -9,6 +9,7 @@ FAVOR adapters (query/key maps, key shift, projection) are all trained; dropout 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from torch import nn
 from .attention import ATTRIBUTE
 from .fidelity import mean_pool
 
-__all__ = ["DistillConfig", "distill", "adapter_tensors"]
+__all__ = ["DistillConfig", "distill", "adapter_tensors", "SCHEDULES", "TRAINABLE"]
+
+#: learning-rate schedules over the run (by elapsed fraction of steps or of the time budget,
+#: whichever is further along): constant, or cosine decay to 10 % after a linear warm-up
+SCHEDULES = ("constant", "cosine")
+#: which student weights train besides the FAVOR adapters: every weight, or only the
+#: self-attention layers' query/key projections (the rest stays the teacher's)
+TRAINABLE = ("all", "query-key")
+_QUERY_KEY = ("query", "key", "q_proj", "k_proj")  # BERT, Llama
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +41,15 @@ class DistillConfig:
     adapter_lr: float = 3e-3
     embedding_weight: float = 1.0
     seed: int = 0
+    schedule: str = "constant"
+    warmup_steps: int = 10
+    train: str = "all"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.train not in TRAINABLE:
+            raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.max_seconds > 0:
@@ -98,6 +114,19 @@ def distill(
         adapter = getattr(module, ATTRIBUTE, None)
         if isinstance(adapter, nn.Module):
             adapter.calibrated.fill_(True)
+    if config.train == "query-key":
+        keep = {
+            id(p)
+            for m in student.modules()
+            if isinstance(getattr(m, ATTRIBUTE, None), nn.Module)
+            for name in _QUERY_KEY
+            if isinstance(getattr(m, name, None), nn.Module)
+            for p in getattr(m, name).parameters()
+        }
+        if not keep:
+            raise ValueError(f"train='query-key' found no attention modules with projections named {_QUERY_KEY}")
+        for p in student.parameters():
+            p.requires_grad_(id(p) in keep)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [{"params": params, "lr": config.lr}, {"params": extra, "lr": config.adapter_lr, "weight_decay": 0.0}],
@@ -109,7 +138,13 @@ def distill(
     step = 0
     if evaluate is not None:
         evaluate(0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     while step < config.steps and time.perf_counter() - start < config.max_seconds:
+        if config.schedule == "cosine":
+            done = max(step / config.steps, (time.perf_counter() - start) / config.max_seconds)
+            factor = min(1.0, (step + 1) / max(config.warmup_steps, 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
+            for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = lr * factor
         if not order:
             order = torch.randperm(len(batches), generator=g).tolist()
         batch = batches[order.pop()]

@@ -1,0 +1,41 @@
+"""favor.hf.distill options: which weights train, the learning-rate schedule, bad configs."""
+
+import copy
+
+import pytest
+import torch
+
+import favor.hf as fh
+from favor.hf.distill import DistillConfig, distill
+
+
+def _batches():
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(1, 64, (2, 10), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones(2, 10, dtype=torch.long)})
+    return out
+
+
+def test_query_key_training_leaves_other_weights_alone(tiny_bert):
+    teacher = tiny_bert()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=_batches())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = DistillConfig(steps=3, lr=1e-2, train="query-key", schedule="cosine", warmup_steps=2)
+    losses = distill(student, teacher, _batches(), config)
+    assert len(losses) == 3
+    after = student.state_dict()
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    qk = {k for k in changed if ".attention.self.query." in k or ".attention.self.key." in k}
+    favor = {k for k in changed if ".favor." in k}
+    assert qk and favor  # the query/key projections and the adapters trained
+    assert changed == qk | favor  # nothing else moved (values, outputs, FFNs, embeddings)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"schedule": "linear"}, "schedule must be"), ({"train": "values"}, "train must be")]
+)
+def test_distill_config_rejects_unknown_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**kwargs)
