@@ -33,18 +33,26 @@ def _base2(w: torch.Tensor, x: torch.Tensor, root: float) -> torch.Tensor:
     return w.to(x.dtype) * (root * LOG2E)
 
 
+def _square_norm(x: torch.Tensor) -> torch.Tensor:
+    """|x|^2 per row without an (rows x D) temporary (no-graph paths only: the norm's
+    gradient is undefined at 0)."""
+    return torch.linalg.vector_norm(x, dim=-1).square_()
+
+
 def _positive(w: torch.Tensor, root: float):
     log_m = 0.5 * math.log(w.shape[0])
     half_r2 = 0.5 * root * root
 
-    def feat(x: torch.Tensor, a: torch.Tensor | None = None) -> Features:
-        s = x @ _base2(w, x, root).T
-        shift = s.detach().amax(-1)
+    def feat(x: torch.Tensor, a: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> Features:
         if torch.is_grad_enabled() and x.requires_grad:
-            values = torch.exp2(s - shift[..., None])
-        else:  # no graph to keep: reuse the block, no extra (rows x M) allocations
-            values = s.sub_(shift[..., None]).exp2_()
-        return Features(values, shift * LN2 - half_r2 * (x * x).sum(-1) - log_m)
+            s = x @ _base2(w, x, root).T
+            shift = s.detach().amax(-1)
+            return Features(torch.exp2(s - shift[..., None]), shift * LN2 - half_r2 * (x * x).sum(-1) - log_m)
+        # no graph to keep: the (rows x M) block is computed in place, in ``out`` if given
+        s = torch.matmul(x, _base2(w, x, root).T, out=out)
+        shift = s.amax(-1)
+        values = s.sub_(shift[..., None]).exp2_()
+        return Features(values, shift * LN2 - half_r2 * _square_norm(x) - log_m)
 
     def vjp(x: torch.Tensor, values: torch.Tensor, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
         """dL/dx from dL/dvalues and dL/dlog_scale without an autograd graph (the shift is a
@@ -62,20 +70,24 @@ def _oprf(w: torch.Tensor, root: float):
     log_m = 0.5 * math.log(w.shape[0])
     half_r2 = 0.5 * root * root
 
-    def feat(x: torch.Tensor, a: torch.Tensor) -> Features:
+    def feat(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None) -> Features:
         wx = _base2(w, x, 1.0)
         a = a.to(x.dtype)
         one_minus_4a = 1.0 - 4.0 * a
-        # root * sqrt(1-4A) scales the (rows x D) input rather than the (rows x M) product;
         # A |w|^2 in base 2 is A |w log2 e|^2 / log2(e)
         bias = (a * LN2)[..., None, None] * (wx * wx).sum(-1)  # (..., 1, M)
-        exponent = (x * (root * torch.sqrt(one_minus_4a))[..., None, None]) @ wx.T
-        grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
-        exponent = exponent + bias if grad else exponent.add_(bias)
-        shift = exponent.detach().amax(-1)
-        values = torch.exp2(exponent - shift[..., None]) if grad else exponent.sub_(shift[..., None]).exp2_()
         log_const = 0.25 * x.shape[-1] * torch.log(one_minus_4a)[..., None] - log_m
-        return Features(values, shift * LN2 - half_r2 * (x * x).sum(-1) + log_const)
+        # root * sqrt(1-4A) scales the projection per head, (..., M, D), not the rows
+        w_a = wx * (root * torch.sqrt(one_minus_4a))[..., None, None]
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+            exponent = x @ w_a.mT + bias
+            shift = exponent.detach().amax(-1)
+            values = torch.exp2(exponent - shift[..., None])
+            return Features(values, shift * LN2 - half_r2 * (x * x).sum(-1) + log_const)
+        exponent = torch.matmul(x, w_a.mT, out=out).add_(bias)
+        shift = exponent.amax(-1)
+        values = exponent.sub_(shift[..., None]).exp2_()
+        return Features(values, shift * LN2 - half_r2 * _square_norm(x) + log_const)
 
     return feat
 
@@ -84,11 +96,16 @@ _SPECIAL = {"positive": _positive, "oprf": _oprf}
 
 
 def row_features(feature_map: FeatureMap, root: float = 1.0):
-    """The fastest row-wise ``feat(x, a)`` of ``x * root`` for this map's exact numerics
-    (``root`` = sqrt(scale); gradients carry the factor back)."""
+    """The fastest row-wise ``feat(x, a, out=None)`` of ``x * root`` for this map's exact
+    numerics (``root`` = sqrt(scale); gradients carry the factor back). Where set,
+    ``feat.width`` is the number of features per row and ``feat`` takes ``out=``, a reusable
+    (rows x width) buffer for the no-graph case."""
     make = _SPECIAL.get(feature_map.kernel)
     if make is not None and feature_map.stabilizer == "exact":
-        return make(feature_map.projection, root)
+        feat = make(feature_map.projection, root)
+        feat.width = feature_map.projection.shape[0]  # features per row: ``out`` may be given
+        return feat
+
     if root == 1.0:
         return feature_map.exact_features
 

@@ -75,11 +75,14 @@ def oprf_rho(
     """
 
     def moments(t, mask):
-        keep = torch.ones(t.shape[:-1], dtype=t.dtype, device=t.device) if mask is None else (~mask).to(t.dtype)
-        keep = keep.expand(t.shape[:-1])
+        # reductions without (..., L, D) temporaries: rho is taken over whole sequences
+        if mask is None:
+            n = max(t.shape[-2], 1)  # an empty sequence has zero moments
+            return torch.linalg.vector_norm(t, dim=(-2, -1)).square() / n, t.sum(-2) / n
+        keep = (~mask).to(t.dtype).expand(t.shape[:-1])
         n = keep.sum(-1).clamp_min(1.0)
-        mean_sq = (keep * (t * t).sum(-1)).sum(-1) / n
-        mean = (keep[..., None] * t).sum(-2) / n[..., None]
+        mean_sq = (keep * torch.linalg.vector_norm(t, dim=-1).square()).sum(-1) / n
+        mean = (keep[..., None, :] @ t)[..., 0, :] / n[..., None]
         return mean_sq, mean
 
     xs, xm = moments(x, x_mask)
