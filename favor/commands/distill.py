@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", default="constant", help="learning rate: constant or cosine (to 10%%)")
     parser.add_argument("--train", default="all", help="student weights to train: all or query-key (plus adapters)")
     parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
+    parser.add_argument(
+        "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -140,6 +143,7 @@ def run(args) -> int:
             max_seconds=60.0 * args.minutes,
             lr=args.lr,
             adapter_lr=args.adapter_lr,
+            logit_weight=args.logit_weight,
             seed=args.seed,
             schedule=args.schedule,
             train=args.train,
@@ -161,6 +165,7 @@ def run(args) -> int:
         "train": args.train,
         "lr": args.lr,
         "adapter_lr": args.adapter_lr,
+        "logit_weight": args.logit_weight,
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,
         "held_out_passages": len(held),

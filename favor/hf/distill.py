@@ -2,7 +2,8 @@
 
 Student and teacher start from the same weights; the teacher keeps softmax attention. The
 loss matches every layer's hidden states (MSE over real tokens, normalised by the teacher's
-variance) plus 1 - cosine of the mean-pooled embeddings. The student's weights and its
+variance) plus 1 - cosine of the mean-pooled embeddings, plus, for a model with an LM head
+(masked LMs such as AntiBERTy), the KL divergence from the teacher's token distributions. The student's weights and its
 FAVOR adapters (query/key maps, key shift, projection) are all trained; dropout is off.
 """
 
@@ -40,6 +41,7 @@ class DistillConfig:
     lr: float = 1e-4
     adapter_lr: float = 3e-3
     embedding_weight: float = 1.0
+    logit_weight: float = 1.0
     seed: int = 0
     schedule: str = "constant"
     warmup_steps: int = 10
@@ -71,10 +73,20 @@ def adapter_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def _hidden(model, batch, *, grad: bool):
     with torch.set_grad_enabled(grad):
-        return model(**batch, output_hidden_states=True).hidden_states
+        return model(**batch, output_hidden_states=True)
 
 
-def _loss(student_h, teacher_h, keep, weight: float) -> torch.Tensor:
+def _logit_kl(student_logits, teacher_logits, keep) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher || student) of the output distributions."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    w = keep.to(kl.dtype)
+    return (kl * w).sum() / w.sum().clamp_min(1.0)
+
+
+def _loss(student_out, teacher_out, keep, weight: float, logit_weight: float = 0.0) -> torch.Tensor:
+    student_h, teacher_h = student_out.hidden_states, teacher_out.hidden_states
     w = keep[..., None].to(teacher_h[-1].dtype)
     n = w.sum()
     total = 0.0
@@ -83,7 +95,10 @@ def _loss(student_h, teacher_h, keep, weight: float) -> torch.Tensor:
         total = total + (((s - t) ** 2) * w).sum() / (n * t.shape[-1]) / var.clamp_min(1e-12)
     total = total / (len(student_h) - 1)
     cos = (mean_pool(student_h[-1], keep) * mean_pool(teacher_h[-1], keep)).sum(-1)
-    return total + weight * (1.0 - cos).mean()
+    total = total + weight * (1.0 - cos).mean()
+    if logit_weight and getattr(teacher_out, "logits", None) is not None:
+        total = total + logit_weight * _logit_kl(student_out.logits, teacher_out.logits, keep)
+    return total
 
 
 def distill(
@@ -148,9 +163,10 @@ def distill(
         if not order:
             order = torch.randperm(len(batches), generator=g).tolist()
         batch = batches[order.pop()]
-        teacher_h = _hidden(teacher, batch, grad=False)
-        student_h = _hidden(student, batch, grad=True)
-        loss = _loss(student_h, teacher_h, batch["attention_mask"].bool(), config.embedding_weight)
+        teacher_out = _hidden(teacher, batch, grad=False)
+        student_out = _hidden(student, batch, grad=True)
+        keep = batch["attention_mask"].bool()
+        loss = _loss(student_out, teacher_out, keep, config.embedding_weight, config.logit_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + extra, 1.0)

@@ -39,3 +39,17 @@ def test_query_key_training_leaves_other_weights_alone(tiny_bert):
 def test_distill_config_rejects_unknown_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillConfig(**kwargs)
+
+
+def test_logit_kl_is_zero_for_the_teacher_and_counts_real_tokens_only():
+    from favor.hf.distill import _logit_kl
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 7, generator=g)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert float(_logit_kl(t, t, keep)) == pytest.approx(0.0, abs=1e-7)
+    s = t.clone()
+    s[0, 3:] += 5.0  # padding only: ignored
+    assert float(_logit_kl(s, t, keep)) == pytest.approx(0.0, abs=1e-7)
+    s[1, 0, 0] += 5.0
+    assert float(_logit_kl(s, t, keep)) > 1e-3
