@@ -73,6 +73,11 @@ class Scratch:
             buf = self._bufs[name] = like.new_empty(shape)
         return buf
 
+    def matmul(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b into the buffer ``name``."""
+        shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        return torch.matmul(a, b, out=self(name, shape, a))
+
     def features(self, feat: FeatFn, x: torch.Tensor, a, name: str = "features") -> Features:
         """feat(x, a), its (rows x M') block in a reused buffer when feat takes one."""
         width = getattr(feat, "width", None)
@@ -101,9 +106,7 @@ def key_sums(k, v, a, mask, feat: FeatFn, chunk: int, scratch: Scratch | None = 
         v1 = scratch("v1", (*vals.shape[:-1], dv + 1), vals)
         torch.mul(v_c, e, out=v1[..., :dv])
         v1[..., dv:] = e
-        kvz.mul_(exp_diff(c, new_c)[..., None, None]).add_(
-            torch.matmul(vals.mT, v1, out=scratch("summary", kvz.shape, kvz))
-        )
+        kvz.mul_(exp_diff(c, new_c)[..., None, None]).add_(scratch.matmul("summary", vals.mT, v1))
         c = new_c
     return kvz, c
 
@@ -123,7 +126,7 @@ class _Bidirectional(torch.autograd.Function):
         den = q.new_empty(q.shape[:-1])
         for sl in _slices(q.shape[-2], chunk):
             fq = scratch.features(feat, q[..., sl, :], a).values
-            nd = torch.matmul(fq, kvz, out=scratch("nd", (*fq.shape[:-1], kvz.shape[-1]), fq))
+            nd = scratch.matmul("nd", fq, kvz)
             d = nd[..., -1]
             den[..., sl] = d
             torch.mul(nd[..., :-1], _inverse(d)[..., None], out=out[..., sl, :])

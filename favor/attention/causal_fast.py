@@ -28,16 +28,16 @@ from __future__ import annotations
 import torch
 
 from ._normalise import exp_diff, masked_keys
-from .bidirectional_fast import FeatFn, _add, _grad, _inverse, _leaf, _mask_at, _slices
+from .bidirectional_fast import FeatFn, Scratch, _add, _grad, _inverse, _leaf, _mask_at, _slices
 from .state import State
 
 __all__ = ["causal_fast", "DEFAULT_CAUSAL_CHUNK", "BLOCK_CHUNKS"]
 
 #: tuned on a 2-core CPU (benchmarks/tune_chunk.py): the C x C intra-chunk products cost
 #: O(C) per position, the state reads and updates O(M' * Dv / C)
-DEFAULT_CAUSAL_CHUNK = 128
+DEFAULT_CAUSAL_CHUNK = 64
 #: chunks per block: features of C * BLOCK_CHUNKS positions are alive at a time
-BLOCK_CHUNKS = 16
+BLOCK_CHUNKS = 4
 
 
 def _rows(x: torch.Tensor, n: int, c: int, fill: float = 0.0) -> torch.Tensor:
@@ -81,11 +81,11 @@ class _Terms:
         self.decay = exp_diff(self.before, self.after)
 
 
-def _block_features(feat, q, k, a, mask, sl, grad: bool, leaves):
+def _block_features(feat, q, k, a, mask, sl, grad: bool, leaves, scratch: Scratch):
     """Features of the block's rows; with ``grad`` under autograd from fresh leaves."""
     if not grad:
-        fq = feat(q[..., sl, :], a).values
-        fk = feat(k[..., sl, :], a)
+        fq = scratch.features(feat, q[..., sl, :], a, "fq").values
+        fk = scratch.features(feat, k[..., sl, :], a, "fk")
         kvals, lk = masked_keys(fk, _mask_at(mask, sl))
         return fq, fk, kvals, lk
     qb, kb, a_leaf = leaves
@@ -108,8 +108,9 @@ class _Causal(torch.autograd.Function):
         den = q.new_empty(q.shape[:-1])
         kvz = None if kv0 is None else torch.cat([kv0, z0[..., None]], dim=-1)
         c = c0
+        scratch = Scratch()
         for b, sl in enumerate(blocks):
-            fq, _, kvals, lk = _block_features(feat, q, k, a, mask, sl, False, None)
+            fq, _, kvals, lk = _block_features(feat, q, k, a, mask, sl, False, None, scratch)
             if kvz is None:  # empty initial state: shapes come from the first block
                 lead = fq.shape[:-2]
                 kvz = fq.new_zeros(*lead, kvals.shape[-1], dv + 1)
@@ -123,8 +124,9 @@ class _Causal(torch.autograd.Function):
             fq, kvals, v1 = _rows(fq, n, chunk), _rows(kvals, n, chunk), _rows(_ones_column(v[..., sl, :]), n, chunk)
             lk = _rows(lk[..., None], n, chunk, float("-inf"))[..., 0]
             t = _Terms(lk, c)
-            states, kvz = _scan(kvz, kvals.mT @ (v1 * t.e[..., None]), t.decay)
-            nd = ((fq @ kvals.mT).mul_(t.weights) @ v1).add_((fq @ states).mul_(t.carry[..., None]))
+            states, kvz = _scan(kvz, scratch.matmul("summary", kvals.mT, v1 * t.e[..., None]), t.decay, scratch)
+            scores = scratch.matmul("scores", fq, kvals.mT).mul_(t.weights)
+            nd = scratch.matmul("nd", scores, v1).add_(scratch.matmul("read", fq, states).mul_(t.carry[..., None]))
             nd = nd.flatten(-3, -2)[..., :rows, :]
             d = nd[..., -1]
             den[..., sl] = d
@@ -153,12 +155,13 @@ class _Causal(torch.autograd.Function):
             dkvz[..., :-1] = g_kv
         if g_z is not None:
             dkvz[..., -1] = g_z
+        scratch = Scratch()
         for b in reversed(range(len(blocks))):
             sl, kvz, c = blocks[b], kvz_s[b], c_s[b]
             leaves = None
             if vjp is None:
                 leaves = (_leaf(q[..., sl, :], need_q), _leaf(k[..., sl, :], need_k), _leaf(a, need_a))
-            fq, fk, kvals, lk = _block_features(feat, q, k, a, mask, sl, vjp is None, leaves)
+            fq, fk, kvals, lk = _block_features(feat, q, k, a, mask, sl, vjp is None, leaves, scratch)
             rows = fq.shape[-2]
             n = -(-rows // chunk)
             fq_d, kv_d = _rows(fq.detach(), n, chunk), _rows(kvals.detach(), n, chunk)
@@ -166,30 +169,29 @@ class _Causal(torch.autograd.Function):
             v_c = _rows(v[..., sl, :], n, chunk)
             v1 = _ones_column(v_c)
             t = _Terms(lk_d, c)
-            v1e = v1 * t.e[..., None]
-            states, _ = _scan(kvz, kv_d.mT @ v1e, t.decay)
-            scores = (fq_d @ kv_d.mT).mul_(t.weights)
+            states, _ = _scan(kvz, scratch.matmul("summary", kv_d.mT, v1 * t.e[..., None]), t.decay, scratch)
+            scores = scratch.matmul("scores", fq_d, kv_d.mT).mul_(t.weights)
             inv = _inverse(den[..., sl])
             g_c = g[..., sl, :]
             dnum = g_c * inv[..., None]
             dden = -(g_c * out[..., sl, :]).sum(-1) * inv
             dnd = _rows(torch.cat([dnum, dden[..., None]], dim=-1), n, chunk)  # (.., n, C, E)
             # intra-chunk: scores = (fq kvals^T) * weights, weights = exp(lk_j - run_t)
-            dscores = dnd @ v1.mT
-            draw = dscores * t.weights
+            dscores = scratch.matmul("dscores", dnd, v1.mT)
+            draw = torch.mul(dscores, t.weights, out=scratch("draw", dscores.shape, dscores))
             dlk = dscores.mul_(scores).sum(-2)
             dv_c = scores.mT @ dnd[..., :-1]
             dnd_c = dnd.mul_(t.carry[..., None])
-            dfq = (draw @ kv_d).add_(dnd_c @ states.mT)
-            dkvals = draw.mT @ fq_d
+            dfq = scratch.matmul("dfq", draw, kv_d).add_(scratch.matmul("dfq_state", dnd_c, states.mT))
+            dkvals = scratch.matmul("dkvals", draw.mT, fq_d)
             # the state recursion, backwards: grad[i] is that of the state after chunk i
-            grads, dkvz = _scan_back(dkvz, fq_d.mT @ dnd_c, t.decay)
+            grads, dkvz = _scan_back(dkvz, scratch.matmul("reads", fq_d.mT, dnd_c), t.decay, scratch)
             # chunk summaries (kvals * e)^T [v, 1]
-            dk_w = v1 @ grads.mT
-            k_w = kv_d * t.e[..., None]
+            dk_w = scratch.matmul("dk_w", v1, grads.mT)
+            k_w = torch.mul(kv_d, t.e[..., None], out=scratch("k_w", kv_d.shape, kv_d))
             dv_c = dv_c.add_(k_w @ grads[..., :-1])
-            dkvals = dkvals.add_(dk_w * t.e[..., None])
             dlk = dlk.add_((dk_w * k_w).sum(-1))
+            dkvals = dkvals.add_(dk_w.mul_(t.e[..., None]))
             dfq, dkvals = dfq.flatten(-3, -2)[..., :rows, :], dkvals.flatten(-3, -2)[..., :rows, :]
             dlk = dlk.flatten(-2, -1)[..., :rows]
             if need_v:
@@ -214,20 +216,20 @@ class _Causal(torch.autograd.Function):
         return dq, dk, dv, da, None, d_kv0, d_z0, None, None, None
 
 
-def _scan(kvz: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor):
+def _scan(kvz: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor, scratch: Scratch):
     """States before each chunk (..., n, M', E) and after the last, from the state before
     the block and the chunk summaries: state_i = state_{i-1} * decay_i + sums_i."""
-    states = torch.empty_like(sums)
+    states = scratch("states", sums.shape, sums)
     for i in range(sums.shape[-3]):
         states[..., i, :, :] = kvz
         kvz = kvz * decay[..., i, None, None] + sums[..., i, :, :]
     return states, kvz
 
 
-def _scan_back(grad: torch.Tensor, reads: torch.Tensor, decay: torch.Tensor):
+def _scan_back(grad: torch.Tensor, reads: torch.Tensor, decay: torch.Tensor, scratch: Scratch):
     """Gradients of the state after each chunk (..., n, M', E) and of the state before the
     block, from the gradient after the block and each chunk's read of its start state."""
-    grads = torch.empty_like(reads)
+    grads = scratch("grads", reads.shape, reads)
     for i in reversed(range(reads.shape[-3])):
         grads[..., i, :, :] = grad
         grad = grad * decay[..., i, None, None] + reads[..., i, :, :]
