@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heldout", default="heldout", help="held-out text for the cosine curve: 'heldout' or a file")
     parser.add_argument("--steps", type=int, default=400, help="training steps (default 400, or until --minutes)")
     parser.add_argument("--minutes", type=float, default=9.0, help="training time budget (default 9)")
-    parser.add_argument("--kernel", default="oprf")
+    parser.add_argument("--kernel", default="derf", help="derf (default: dense-exponential), oprf, positive, ...")
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(

@@ -1,7 +1,8 @@
 """favor performerize: how close a Performer-swapped pretrained model stays to its softmax self.
 
 For each kernel and M in {64, 256, 1024}: performerize the model (calibrated on the built-in
-training text: key shift, query/key balancing, FAVOR++ rho per head; optionally fitted with
+training text: key shift, query/key balancing, FAVOR++ rho per head, or for "derf" the
+dense-exponential features' per-direction parameters; optionally fitted with
 --fit-steps), then on held-out text report the cosine between the softmax and FAVOR sentence
 embeddings (mean pooling) and each layer's relative attention-output error. JSON + PNG in --out.
 A protein masked LM (``--model antiberty``) is calibrated on and evaluated with Swiss-Prot
@@ -17,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-DEFAULT_KERNELS = ("positive", "oprf")
+DEFAULT_KERNELS = ("positive", "oprf", "derf")
 DEFAULT_M = (64, 256, 1024)
 
 
