@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch starts)
+from . import _common  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
