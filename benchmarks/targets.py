@@ -1,6 +1,8 @@
 """The issue's targets, measured in one run (B=1, H=8, D=64, M=256, float32): bidirectional
 forward and causal forward + backward at L=16384 against SDPA and performer-pytorch
-(interleaved, 1 warm-up + median of --repeats), the matmul GFLOP/s in the same run, peak
+(interleaved, 1 warm-up + median of --repeats; causal also against performer-pytorch with
+the fast-transformers CPU kernel once benchmarks/fast_transformers_cpu.py has installed
+it), the matmul GFLOP/s in the same run, peak
 memory of forward + backward at L=65536 (fresh process each), decoding latency at context
 1024 vs 65536 and vs SDPA with a KV cache.
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     bi = [n for n in ("favor", "sdpa", "performer-pytorch") if n in names]
     t_bi = time_contenders(bi, args.length, cfg, backward=False, repeats=args.repeats)
     gf1 = matmul_gflops()
-    causal = [n for n in ("favor-causal", "sdpa-causal") if n in names]
+    causal = [n for n in ("favor-causal", "sdpa-causal", "performer-pytorch-causal-ft") if n in names]
     t_c = time_contenders(causal, args.length, cfg, backward=True, repeats=args.repeats)
     gf = (gf0 + gf1) / 2
     fav = flops("favor", args.length, cfg) / t_bi["favor"] / 1e9
@@ -61,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         f"; favor {fav:.1f} GFLOP/s = {100 * fav / gf:.0f}% of matmul {gf:.1f} GFLOP/s (before {gf0:.1f}, after {gf1:.1f})"
     )
     print(f"L={args.length} causal forward+backward (ms): " + ", ".join(f"{n} {1e3 * t:.0f}" for n, t in t_c.items()))
-    print(f"  favor vs causal SDPA {t_c['sdpa-causal'] / t_c['favor-causal']:.1f}x")
+    print(f"  favor vs causal SDPA {t_c['sdpa-causal'] / t_c['favor-causal']:.1f}x", end="")
+    if "performer-pytorch-causal-ft" in t_c:
+        ratio = t_c["performer-pytorch-causal-ft"] / t_c["favor-causal"]
+        print(f", vs performer-pytorch with the fast-transformers CPU kernel {ratio:.2f}x", end="")
+    print()
     mem = {}
     for n in ("favor", "favor-causal"):
         mem[n] = peak_memory_mib(n, args.memory_length, cfg, backward=True)

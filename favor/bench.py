@@ -127,15 +127,22 @@ def _sdpa(causal: bool):
     return build
 
 
-def _performer(causal: bool):
+def _performer(causal: bool, *, kernel: bool = False):
+    """performer-pytorch's FastAttention. Its causal mode takes the fast-transformers
+    causal-product kernel only when that kernel's CUDA build imports; ``kernel`` makes it use
+    the CPU build (benchmarks/fast_transformers_cpu.py installs it), as the issue measured."""
+
     def build(cfg: BenchConfig):
         import contextlib
         import io
 
         from performer_pytorch import FastAttention
+        from performer_pytorch.performer_pytorch import causal_linear_attention
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints when its CUDA kernel is missing
             attn = FastAttention(dim_heads=cfg.dim, nb_features=cfg.num_features, causal=causal)
+        if kernel:
+            attn.causal_linear_fn = causal_linear_attention
         return lambda q, k, v: attn(q, k, v)
 
     return build
@@ -164,6 +171,12 @@ CONTENDERS: dict[str, Contender] = {
     "favor-causal": Contender(_favor(True), True, 1.0),
     "sdpa-causal": Contender(_sdpa(True), True, 2.0),
     "performer-pytorch-causal": Contender(_performer(True), True, 1.0, lambda: _peer_available("performer_pytorch")),
+    "performer-pytorch-causal-ft": Contender(
+        _performer(True, kernel=True),
+        True,
+        1.0,
+        lambda: _peer_available("performer_pytorch") and _peer_available("fast_transformers.causal_product"),
+    ),
 }
 
 
