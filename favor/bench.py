@@ -74,6 +74,9 @@ def machine_info() -> dict:
         "favor": favor.__version__,
         "python": platform.python_version(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        # favor's per-chunk ops are small: idle OpenMP threads that spin (the default) make
+        # them fast on a quiet machine, and slow when a neighbour holds the other core
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
 
 

@@ -4,13 +4,13 @@
 Prints the machine, a table and the ratios; writes bench.json and bench.png (log-log time
 and memory vs L, crossover marked) under --out. ``--quick`` stays under 2 minutes on a
 2-core CPU. The measurement code is favor.bench (also behind ``favor demo``'s speed table).
+On a machine shared with other jobs run it with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP
+threads whose sibling core is busy slow 2-thread matmuls many times over.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -273,20 +273,7 @@ def demo_speed_table(lengths, *, out: Path | None = None, print_table=_print_tab
     return rows
 
 
-def _passive_openmp() -> None:
-    """Re-run this command with OMP_WAIT_POLICY=PASSIVE unless set: on a shared machine,
-    OpenMP threads that spin while their sibling is descheduled slow 2-thread matmuls
-    up to 10x, which would measure the neighbours rather than the code. The variable is
-    read when OpenMP starts, so it needs a fresh interpreter."""
-    if "OMP_WAIT_POLICY" in os.environ or "bench" not in sys.argv[1:]:
-        return
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    print("re-running with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)", flush=True)
-    os.execve(sys.executable, [sys.executable, "-m", "favor.cli", *sys.argv[1:]], env)
-
-
 def run(args) -> int:
-    _passive_openmp()
     import torch
     from tqdm import tqdm
 
@@ -299,7 +286,7 @@ def run(args) -> int:
     max_seconds = args.max_seconds or (12.0 if args.quick else 150.0)
     info = machine_info()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, load {info['load_avg']}"
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, load {info['load_avg']}, OMP_WAIT_POLICY {info['omp_wait_policy']}"
     )
     print(
         f"shapes: B={cfg.batch} H={cfg.heads} D={cfg.dim} M={cfg.num_features} kernel={cfg.kernel} {cfg.dtype}; lengths {lengths}"
