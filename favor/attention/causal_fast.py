@@ -144,9 +144,10 @@ class _Causal(torch.autograd.Function):
         q, k, v, a, mask, out, den, kvz_s, c_s = ctx.saved_tensors
         feat, chunk, blocks = ctx.feat, ctx.chunk, ctx.blocks
         need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
-        dq = torch.zeros_like(q) if need_q else None
-        dk = torch.zeros_like(k) if need_k else None
-        dv = torch.zeros_like(v) if need_v else None
+        # every block writes its rows of the gradients it needs
+        dq = torch.empty_like(q) if need_q else None
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
         da = None
         vjp = getattr(feat, "vjp", None) if not need_a else None
         # gradient of the state after the current block (from later blocks or return_state)
@@ -186,12 +187,12 @@ class _Causal(torch.autograd.Function):
             dkvals = scratch.matmul("dkvals", draw.mT, fq_d)
             # the state recursion, backwards: grad[i] is that of the state after chunk i
             grads, dkvz = _scan_back(dkvz, scratch.matmul("reads", fq_d.mT, dnd_c), t.decay, scratch)
-            # chunk summaries (kvals * e)^T [v, 1]
-            dk_w = scratch.matmul("dk_w", v1, grads.mT)
-            k_w = torch.mul(kv_d, t.e[..., None], out=scratch("k_w", kv_d.shape, kv_d))
-            dv_c = dv_c.add_(k_w @ grads[..., :-1])
-            dlk = dlk.add_((dk_w * k_w).sum(-1))
-            dkvals = dkvals.add_(dk_w.mul_(t.e[..., None]))
+            # chunk summaries (kvals * e)^T [v, 1]: e scales rows, so it is applied to the
+            # (C x Dv) products rather than to a (C x M') copy of the features
+            dk_w = scratch.matmul("dk_w", v1, grads.mT).mul_(t.e[..., None])
+            dv_c = dv_c.add_((kv_d @ grads[..., :-1]).mul_(t.e[..., None]))
+            dlk = dlk.add_(torch.mul(dk_w, kv_d, out=scratch("dk_w_k", kv_d.shape, kv_d)).sum(-1))
+            dkvals = dkvals.add_(dk_w)
             dfq, dkvals = dfq.flatten(-3, -2)[..., :rows, :], dkvals.flatten(-3, -2)[..., :rows, :]
             dlk = dlk.flatten(-2, -1)[..., :rows]
             if need_v:
@@ -204,10 +205,10 @@ class _Causal(torch.autograd.Function):
                     dk[..., sl, :] = vjp(k[..., sl, :], fk.values, dkvals, dlk)
             elif need_q or need_k or need_a:
                 gq, gk, ga = _grad([fq, kvals, lk], list(leaves), [dfq, dkvals, dlk])
-                if gq is not None:
-                    dq[..., sl, :] = gq
-                if gk is not None:
-                    dk[..., sl, :] = gk
+                if need_q:
+                    dq[..., sl, :] = 0.0 if gq is None else gq
+                if need_k:
+                    dk[..., sl, :] = 0.0 if gk is None else gk
                 da = _add(da, ga)
         if need_a and da is None:
             da = torch.zeros_like(a)
