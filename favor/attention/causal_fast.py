@@ -33,11 +33,13 @@ from .state import State
 
 __all__ = ["causal_fast", "DEFAULT_CAUSAL_CHUNK", "BLOCK_CHUNKS"]
 
-#: tuned on a 2-core CPU (benchmarks/tune_chunk.py): the C x C intra-chunk products cost
-#: O(C) per position, the state reads and updates O(M' * Dv / C)
+#: tuned on a 2-core CPU (python -m benchmarks.tune_chunk, quiet machine, fwd+bwd at
+#: L=16384: C=64 in blocks of 8 994 ms; blocks of 1, the chunk-at-a-time loop, 1430 ms;
+#: C=128 in blocks of 4 1119 ms; C=32 in blocks of 8 1120 ms). The C x C intra-chunk
+#: products cost O(C) per position, the state reads and updates O(M' * Dv / C)
 DEFAULT_CAUSAL_CHUNK = 64
 #: chunks per block: features of C * BLOCK_CHUNKS positions are alive at a time
-BLOCK_CHUNKS = 4
+BLOCK_CHUNKS = 8
 
 
 def _rows(x: torch.Tensor, n: int, c: int, fill: float = 0.0) -> torch.Tensor:
