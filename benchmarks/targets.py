@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         check_contender,
         decode_latency,
         flops,
+        matmul_fraction,
         matmul_gflops,
         peak_memory_mib,
         time_contenders,
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f", vs performer-pytorch {t_bi['performer-pytorch'] / t_bi['favor']:.2f}x", end="")
     print(
         f"; favor {fav:.1f} GFLOP/s = {100 * fav / gf:.0f}% of matmul {gf:.1f} GFLOP/s (before {gf0:.1f}, after {gf1:.1f})"
+    )
+    frac = matmul_fraction(args.length, cfg, repeats=7)
+    res["matmul_fraction"] = frac
+    print(
+        f"  favor and a 2048^3 GEMM alternated, medians of 7: {frac['favor_gflops']:.1f} of "
+        f"{frac['matmul_gflops']:.1f} GFLOP/s = {100 * frac['fraction']:.0f}% of matmul"
     )
     print(f"L={args.length} causal forward+backward (ms): " + ", ".join(f"{n} {1e3 * t:.0f}" for n, t in t_c.items()))
     print(f"  favor vs causal SDPA {t_c['sdpa-causal'] / t_c['favor-causal']:.1f}x", end="")

@@ -36,6 +36,7 @@ __all__ = [
     "CONTENDERS",
     "machine_info",
     "matmul_gflops",
+    "matmul_fraction",
     "check_contender",
     "time_contenders",
     "peak_memory_mib",
@@ -90,6 +91,29 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def matmul_fraction(length: int, cfg: BenchConfig, *, repeats: int = 7, n: int = 2048) -> dict:
+    """favor's bidirectional forward in GFLOP/s (``flops``) against an n x n float32 GEMM,
+    the two timed alternately round by round (1 warm-up, medians), so that both see the
+    same machine state; on a 2-core CPU the GEMM rate alone moved by 25 % between two
+    measurements a minute apart."""
+    fm = bench_feature_map(cfg)
+    q, k, v = bench_inputs(length, cfg, grad=False)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    runs = {"favor": lambda: favor.attention(q, k, v, fm), "matmul": lambda: a @ b}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for f in runs.values():
+            f()
+        for _ in range(repeats):
+            for name, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+    fav = flops("favor", length, cfg) / statistics.median(times["favor"]) / 1e9
+    mm = 2 * n**3 / statistics.median(times["matmul"]) / 1e9
+    return {"favor_gflops": fav, "matmul_gflops": mm, "fraction": fav / mm}
 
 
 def flops(name: str, length: int, cfg: BenchConfig) -> float | None:
