@@ -43,15 +43,24 @@ def _positive(w: torch.Tensor, root: float):
     log_m = 0.5 * math.log(w.shape[0])
     half_r2 = 0.5 * root * root
 
-    def feat(x: torch.Tensor, a: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> Features:
+    w2: dict = {}  # the base-2 projection per dtype, made once per call of favor.attention
+
+    def feat(
+        x: torch.Tensor, a: torch.Tensor | None = None, *, out: torch.Tensor | None = None, log_scale: bool = True
+    ) -> Features:
         if torch.is_grad_enabled() and x.requires_grad:
             s = x @ _base2(w, x, root).T
             shift = s.detach().amax(-1)
             return Features(torch.exp2(s - shift[..., None]), shift * LN2 - half_r2 * (x * x).sum(-1) - log_m)
         # no graph to keep: the (rows x M) block is computed in place, in ``out`` if given
-        s = torch.matmul(x, _base2(w, x, root).T, out=out)
+        wt = w2.get(x.dtype)
+        if wt is None:
+            wt = w2[x.dtype] = _base2(w, x, root).T
+        s = torch.matmul(x, wt, out=out)
         shift = s.amax(-1)
         values = s.sub_(shift[..., None]).exp2_()
+        if not log_scale:  # a query's per-row factor cancels in its output
+            return Features(values, None)
         return Features(values, shift * LN2 - half_r2 * _square_norm(x) - log_m)
 
     def vjp(x: torch.Tensor, values: torch.Tensor, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
@@ -70,7 +79,7 @@ def _oprf(w: torch.Tensor, root: float):
     log_m = 0.5 * math.log(w.shape[0])
     half_r2 = 0.5 * root * root
 
-    def feat(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None) -> Features:
+    def feat(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None, log_scale: bool = True) -> Features:
         wx = _base2(w, x, 1.0)
         a = a.to(x.dtype)
         one_minus_4a = 1.0 - 4.0 * a
@@ -87,6 +96,8 @@ def _oprf(w: torch.Tensor, root: float):
         exponent = torch.matmul(x, w_a.mT, out=out).add_(bias)
         shift = exponent.amax(-1)
         values = exponent.sub_(shift[..., None]).exp2_()
+        if not log_scale:
+            return Features(values, None)
         return Features(values, shift * LN2 - half_r2 * _square_norm(x) + log_const)
 
     return feat
@@ -98,8 +109,9 @@ _SPECIAL = {"positive": _positive, "oprf": _oprf}
 def row_features(feature_map: FeatureMap, root: float = 1.0):
     """The fastest row-wise ``feat(x, a, out=None)`` of ``x * root`` for this map's exact
     numerics (``root`` = sqrt(scale); gradients carry the factor back). Where set,
-    ``feat.width`` is the number of features per row and ``feat`` takes ``out=``, a reusable
-    (rows x width) buffer for the no-graph case."""
+    ``feat.width`` is the number of features per row and ``feat`` takes, for the no-graph
+    case, ``out=`` (a reusable (rows x width) buffer) and ``log_scale=False`` (values only,
+    for queries)."""
     make = _SPECIAL.get(feature_map.kernel)
     if make is not None and feature_map.stabilizer == "exact":
         feat = make(feature_map.projection, root)

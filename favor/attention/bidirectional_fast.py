@@ -78,12 +78,13 @@ class Scratch:
         shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         return torch.matmul(a, b, out=self(name, shape, a))
 
-    def features(self, feat: FeatFn, x: torch.Tensor, a, name: str = "features") -> Features:
-        """feat(x, a), its (rows x M') block in a reused buffer when feat takes one."""
+    def features(self, feat: FeatFn, x: torch.Tensor, a, name: str = "features", *, log_scale: bool = True) -> Features:
+        """feat(x, a), its (rows x M') block in a reused buffer when feat takes one (and
+        without the log scale, when not wanted and feat can skip it)."""
         width = getattr(feat, "width", None)
         if width is None:
             return feat(x, a)
-        return feat(x, a, out=self(name, (*x.shape[:-1], width), x))
+        return feat(x, a, out=self(name, (*x.shape[:-1], width), x), log_scale=log_scale)
 
 
 def key_sums(k, v, a, mask, feat: FeatFn, chunk: int, scratch: Scratch | None = None):
@@ -101,12 +102,16 @@ def key_sums(k, v, a, mask, feat: FeatFn, chunk: int, scratch: Scratch | None = 
             kvz = vals.new_zeros(*lead, vals.shape[-1], dv + 1)
             c = vals.new_full(lead, float("-inf"))
         new_c = torch.maximum(c, ls.amax(-1))
-        e = exp_diff(ls, new_c[..., None])[..., None]
+        # without padding every log scale is finite, and so is new_c: plain exp gives
+        # exp_diff's values (exp(-inf) = 0 for the empty start) in one op instead of six
+        plain = mask is None
+        e = (torch.exp(ls - new_c[..., None]) if plain else exp_diff(ls, new_c[..., None]))[..., None]
+        decay = torch.exp(c - new_c) if plain else exp_diff(c, new_c)
         v_c = v[..., sl, :]
         v1 = scratch("v1", (*vals.shape[:-1], dv + 1), vals)
         torch.mul(v_c, e, out=v1[..., :dv])
         v1[..., dv:] = e
-        kvz.mul_(exp_diff(c, new_c)[..., None, None]).add_(scratch.matmul("summary", vals.mT, v1))
+        kvz.mul_(decay[..., None, None]).add_(scratch.matmul("summary", vals.mT, v1))
         c = new_c
     return kvz, c
 
@@ -125,7 +130,7 @@ class _Bidirectional(torch.autograd.Function):
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         den = q.new_empty(q.shape[:-1])
         for sl in _slices(q.shape[-2], chunk):
-            fq = scratch.features(feat, q[..., sl, :], a).values
+            fq = scratch.features(feat, q[..., sl, :], a, log_scale=False).values
             nd = scratch.matmul("nd", fq, kvz)
             d = nd[..., -1]
             den[..., sl] = d
