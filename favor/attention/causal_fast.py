@@ -223,20 +223,28 @@ def _scan(kvz: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor, scratch: S
     """States before each chunk (..., n, M', E) and after the last, from the state before
     the block and the chunk summaries: state_i = state_{i-1} * decay_i + sums_i."""
     states = scratch("states", sums.shape, sums)
-    for i in range(sums.shape[-3]):
-        states[..., i, :, :] = kvz
-        kvz = kvz * decay[..., i, None, None] + sums[..., i, :, :]
-    return states, kvz
+    return states, _recur(states, kvz, sums, decay, range(sums.shape[-3]))
 
 
 def _scan_back(grad: torch.Tensor, reads: torch.Tensor, decay: torch.Tensor, scratch: Scratch):
     """Gradients of the state after each chunk (..., n, M', E) and of the state before the
     block, from the gradient after the block and each chunk's read of its start state."""
     grads = scratch("grads", reads.shape, reads)
-    for i in reversed(range(reads.shape[-3])):
-        grads[..., i, :, :] = grad
-        grad = grad * decay[..., i, None, None] + reads[..., i, :, :]
-    return grads, grad
+    return grads, _recur(grads, grad, reads, decay, range(reads.shape[-3] - 1, -1, -1))
+
+
+def _recur(out: torch.Tensor, x: torch.Tensor, terms: torch.Tensor, decay: torch.Tensor, order: range):
+    """out[i] = x before step i, in ``order``; x <- x * decay[i] + terms[i]. Each step is
+    written straight into its slot of ``out`` (no temporaries); returns the final x."""
+    prev = None
+    for i in order:
+        if prev is None:
+            out[..., i, :, :] = x
+        else:
+            torch.mul(out[..., prev, :, :], decay[..., prev, None, None], out=out[..., i, :, :])
+            out[..., i, :, :].add_(terms[..., prev, :, :])
+        prev = i
+    return out[..., prev, :, :] * decay[..., prev, None, None] + terms[..., prev, :, :]
 
 
 def causal_fast(
