@@ -200,38 +200,29 @@ def test_causal_fast_blocks_equal_reference(gen, monkeypatch, kernel, chunk, blo
     q, k, v = _qkv(gen, shape=(2, 3, 29, 8))
     mask = _mask(2, 29)
     cut = 11
-    a, s1 = favor.attention(
-        q[..., :cut, :], k[..., :cut, :], v[..., :cut, :], fm, causal=True, chunk_size=chunk, return_state=True
-    )
-    b, s2 = favor.attention(
-        q[..., cut:, :],
-        k[..., cut:, :],
-        v[..., cut:, :],
-        fm,
-        causal=True,
-        key_padding_mask=mask[:, cut:],
-        chunk_size=chunk,
-        initial_state=s1,
-        return_state=True,
-    )
-    keep = api._fast_eligible
+
+    def two_pieces():
+        a, s1 = favor.attention(
+            q[..., :cut, :], k[..., :cut, :], v[..., :cut, :], fm, causal=True, chunk_size=chunk, return_state=True
+        )
+        b, s2 = favor.attention(
+            q[..., cut:, :],
+            k[..., cut:, :],
+            v[..., cut:, :],
+            fm,
+            causal=True,
+            key_padding_mask=mask[:, cut:],
+            chunk_size=chunk,
+            initial_state=s1,
+            return_state=True,
+        )
+        return torch.cat([a, b], -2), s2
+
+    got, s2 = two_pieces()
+    fast = api._fast_eligible
     monkeypatch.setattr(api, "_fast_eligible", lambda *x: False)
-    ra, r1 = favor.attention(
-        q[..., :cut, :], k[..., :cut, :], v[..., :cut, :], fm, causal=True, chunk_size=chunk, return_state=True
-    )
-    rb, r2 = favor.attention(
-        q[..., cut:, :],
-        k[..., cut:, :],
-        v[..., cut:, :],
-        fm,
-        causal=True,
-        key_padding_mask=mask[:, cut:],
-        chunk_size=chunk,
-        initial_state=r1,
-        return_state=True,
-    )
-    monkeypatch.setattr(api, "_fast_eligible", keep)
-    got, want = torch.cat([a, b], -2), torch.cat([ra, rb], -2)
+    want, r2 = two_pieces()  # the simple chunked path
+    monkeypatch.setattr(api, "_fast_eligible", fast)
     _close(got, want, 1e-10)
     _close(s2.kv * s2.log_scale.exp()[..., None, None], r2.kv * r2.log_scale.exp()[..., None, None], 1e-10)
     g = torch.randn(got.shape, generator=gen, dtype=got.dtype)

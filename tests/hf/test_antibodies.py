@@ -1,7 +1,6 @@
 """Antibody V regions (the shipped Swiss-Prot extract, its rebuild) and masked-residue accuracy."""
 
 import json
-import struct
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +14,7 @@ from favor.hf.antibodies import (
     masked_batches,
     v_region,
 )
+from tests.test_data import _write_blastdb  # the minimal BLAST v4 database writer
 
 # mature V regions from the extract (UniProt P01743 heavy, P01594 kappa)
 HEAVY = "QVQLVQSGAEVKKPGASVKVSCKASGYTFTSYAMHWVRQAPGQRLEWMGWINAGNGNTKYSQKFQGRVTITRDTSASTAYMELSSLRSEDTAVYYCAR"
@@ -51,28 +51,6 @@ def test_shipped_extract_splits():
     assert load_antibodies("heldout") == held  # seeded
     with pytest.raises(ValueError, match="split must be one of"):
         load_antibodies("test")
-
-
-def _write_blastdb(base, records):
-    """A minimal BLAST v4 protein database in metastudent-data's layout (as tests/test_data.py)."""
-    from favor.data.blastdb import NCBISTDAA
-
-    psq, phr, soff, hoff = bytearray(b"\x00"), bytearray(), [], []
-    for acc, seq in records:
-        soff.append(len(psq))
-        psq += bytes(NCBISTDAA.index(c) for c in seq) + b"\x00"
-        hoff.append(len(phr))
-        phr += b"\x30\x80\x1a" + bytes([len(acc) + 3]) + acc.encode() + b"|GO:0003823\x00\x00"
-    soff.append(len(psq))
-    hoff.append(len(phr))
-    n = len(records)
-    pin = struct.pack(">ii", 4, 1) + struct.pack(">i", 1) + b"t" + struct.pack(">i", 1) + b"d"
-    pin += struct.pack(">i", n) + struct.pack("<q", sum(len(s) for _, s in records))
-    pin += struct.pack(">i", max(len(s) for _, s in records))
-    pin += struct.pack(f">{n + 1}i", *hoff) + struct.pack(f">{n + 1}i", *soff)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for ext, data in ((".pin", pin), (".psq", bytes(psq)), (".phr", bytes(phr))):
-        (base.parent / (base.name + ext)).write_bytes(data)
 
 
 def test_build_extract_from_an_unpacked_package(tmp_path):
