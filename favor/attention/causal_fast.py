@@ -86,7 +86,7 @@ class _Terms:
 def _block_features(feat, q, k, a, mask, sl, grad: bool, leaves, scratch: Scratch):
     """Features of the block's rows; with ``grad`` under autograd from fresh leaves."""
     if not grad:
-        fq = scratch.features(feat, q[..., sl, :], a, "fq").values
+        fq = scratch.features(feat, q[..., sl, :], a, "fq", log_scale=False).values  # cancels
         fk = scratch.features(feat, k[..., sl, :], a, "fk")
         kvals, lk = masked_keys(fk, _mask_at(mask, sl))
         return fq, fk, kvals, lk
