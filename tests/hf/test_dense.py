@@ -9,14 +9,11 @@ import torch
 import favor.hf as fh
 from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
+from tests.hf._batches import padded_batch
 
 
 def _inputs():
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, 64, (3, 12), generator=g)
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[1, 7:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_batch(3, 12, seed=2, pad_row=1, pad_from=7)
 
 
 def _calibrated(tiny_bert, m, seed=0):

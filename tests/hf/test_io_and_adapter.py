@@ -4,14 +4,11 @@ import torch
 import favor.hf as fh
 from favor.hf.adapter import balancing_map
 from favor.hf.fit import fit_adapters
+from tests.hf._batches import padded_batch
 
 
 def _inputs():
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(1, 64, (4, 10), generator=g)
-    mask = torch.ones(4, 10, dtype=torch.long)
-    mask[3, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_batch(4, 10, seed=5, pad_row=3, pad_from=6)
 
 
 def test_save_load_round_trip_is_exact(tiny_bert, tmp_path):
