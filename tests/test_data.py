@@ -17,7 +17,8 @@ def proteins():
 def test_embedded_extract_is_the_documented_one(proteins):
     # numbers from favor/data/NOTICE
     assert len(proteins) == 8000
-    assert sum(len(s) for _, s in proteins) == 3_060_485
+    assert sum(len(s) for _, s in proteins) == 2_876_298
+    assert not any(a.isdigit() for a, _ in proteins)  # no entry named by its position
     assert max(len(s) for _, s in proteins) <= 4096
     accs = [a for a, _ in proteins]
     assert accs == sorted(accs) and len(set(accs)) == len(accs)
@@ -82,18 +83,28 @@ def test_load_proteins_missing_file_names_it(tmp_path):
         load_proteins(tmp_path / "nope.fasta")
 
 
-def _write_blastdb(base, records):
-    """A minimal BLAST v4 protein database in the layout metastudent-data ships."""
+def _ber_length(n):
+    return bytes([n]) if n < 0x80 else bytes([0x81, n]) if n < 0x100 else bytes([0x82, n >> 8, n & 0xFF])
+
+
+def _write_blastdb(base, records, *, go_terms=1):
+    """A minimal BLAST v4 protein database in the layout metastudent-data ships: headers
+    "ACC|GO:...,GO:..." with ``go_terms`` terms (an int, or one per record); 12 terms make a
+    title of >= 128 bytes, 24 one of >= 256 (BER lengths 0x81 NN and 0x82 NN NN)."""
     import struct
 
     from favor.data.blastdb import NCBISTDAA
 
+    terms = [go_terms] * len(records) if isinstance(go_terms, int) else list(go_terms)
     psq, phr, soff, hoff = bytearray(b"\x00"), bytearray(), [], []
-    for acc, seq in records:
+    for (acc, seq), k in zip(records, terms, strict=True):
         soff.append(len(psq))
         psq += bytes(NCBISTDAA.index(c) for c in seq) + b"\x00"
         hoff.append(len(phr))
-        phr += b"\x30\x80\x1a" + bytes([len(acc) + 3]) + acc.encode() + b"|GO:0000001\x00\x00"
+        title = f"{acc}|" + ",".join(f"GO:{j:07d}" for j in range(1, k + 1))
+        # Blast-def-line-set { Blast-def-line { [0] title, [1] seqid lcl|BL_ORD_ID } }, as in the package
+        phr += b"\x30\x80\x30\x80\xa0\x80\x1a" + _ber_length(len(title)) + title.encode() + b"\x00\x00"
+        phr += b"\xa1\x80\x30\x80\xaa\x80\x30\x80\xa0\x80\x1a\x09BL_ORD_ID\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
     soff.append(len(psq))
     hoff.append(len(phr))
     title, date = b"test", b"Jan 1, 2014"
@@ -106,6 +117,38 @@ def _write_blastdb(base, records):
     (base.parent / (base.name + ".pin")).write_bytes(pin)
     (base.parent / (base.name + ".psq")).write_bytes(bytes(psq))
     (base.parent / (base.name + ".phr")).write_bytes(bytes(phr))
+
+
+def test_blastdb_reads_accessions_of_long_headers(tmp_path):
+    # Titles of >= 128 bytes carry a two- or three-byte BER length; reading the length as one
+    # byte lost those accessions (5 % of the package's entries) and named them by position.
+    from favor.data.blastdb import parse_header, read_blastdb
+
+    recs = [("P00001", "MKV"), ("Q00002", "ACD"), ("A0A001-2", "WY"), ("O00004", "GG")]
+    terms = [1, 12, 24, 11]
+    base = tmp_path / "db" / "goasp.fasta"
+    _write_blastdb(base, recs, go_terms=terms)
+    phr = base.with_name("goasp.fasta.phr").read_bytes()
+    titles = [f"{a}|" + ",".join(f"GO:{j:07d}" for j in range(1, k + 1)) for (a, _), k in zip(recs, terms, strict=True)]
+    assert [len(t) for t in titles] == [17, 138, 272, 127]  # lengths 0x11, 0x81 0x8a, 0x82 0x01 0x10, 0x7f
+    got = list(read_blastdb(base))
+    assert got == recs
+    assert len({a for a, _ in got}) == len(got) and not any(a.isdigit() for a, _ in got)
+    first = phr[: phr.index(b"\x30\x80\x30\x80", 1)]
+    assert parse_header(first) == ("P00001", "GO:0000001")
+    i = phr.index(b"A0A001-2") - 10  # the third header starts at its 0x30 0x80 prefix
+    assert parse_header(phr[i:]) == ("A0A001-2", titles[2].split("|", 1)[1])
+
+
+def test_blastdb_header_without_accession_names_the_entry(tmp_path):
+    from favor.data.blastdb import parse_header, read_blastdb
+
+    base = tmp_path / "goasp.fasta"
+    _write_blastdb(base, [("P00001", "MKV"), ("bad_acc", "GG")])
+    with pytest.raises(ValueError, match=r"goasp.fasta.phr, entry 1: expected a BLAST header"):
+        list(read_blastdb(base))
+    with pytest.raises(ValueError, match="ACCESSION"):
+        parse_header(b"\x30\x80\x30\x80\xa0\x80\x1a\x81")  # length cut off
 
 
 def test_blastdb_reader_and_data_command(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 ``fetch_swissprot(out_dir)`` runs ``apt-get download metastudent-data`` (225 MB .deb),
 unpacks it with ``dpkg -x``, and writes ``swissprot.fasta.gz``: the union of the three GO
-ontology databases (582,427 proteins, 226 M residues), deduplicated by accession and sorted.
-``extract(...)`` draws the fixed, seeded subset shipped as favor's embedded corpus.
+ontology databases (1,338,325 entries; 516,371 distinct accessions, 186.7 M residues, 435,059
+distinct sequences), deduplicated by accession and sorted. ``extract(...)`` draws the fixed,
+seeded subset shipped as favor's embedded corpus.
 """
 
 from __future__ import annotations
@@ -20,24 +21,38 @@ import numpy as np
 from .blastdb import read_blastdb
 from .fasta import write_fasta
 
-__all__ = ["fetch_swissprot", "read_metastudent", "extract", "DEB_PACKAGE"]
+__all__ = ["fetch_swissprot", "read_metastudent", "extract", "metastudent_databases", "DEB_PACKAGE", "DATASET_DIR"]
 
 log = logging.getLogger(__name__)
 
 DEB_PACKAGE = "metastudent-data"
+#: where the BLAST databases lie inside an unpacked package (relative to the ``dpkg -x`` root)
+DATASET_DIR = "usr/share/metastudent-data/dataset_201401"
+_SUBDIR = DATASET_DIR  # old private name, still imported by favor.hf.antibodies
 _ONTOLOGIES = ("MFO", "BPO", "CCO")
-_SUBDIR = "usr/share/metastudent-data/dataset_201401"
+
+
+def metastudent_databases(root: str | Path) -> dict[str, Path]:
+    """ontology ("MFO", "BPO", "CCO") -> BLAST database base path (for ``read_blastdb``) under an
+    unpacked package ``root`` (the directory given to ``dpkg -x``); FileNotFoundError when one
+    is missing."""
+    base = Path(root) / DATASET_DIR
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} does not exist: expected an unpacked {DEB_PACKAGE} package under {root}")
+    dbs = {onto: base / onto / "goasp.fasta" for onto in _ONTOLOGIES}
+    for db in dbs.values():
+        if not Path(f"{db}.pin").is_file():
+            raise FileNotFoundError(f"{db}.pin does not exist: expected an unpacked {DEB_PACKAGE} package under {root}")
+    return dbs
 
 
 def read_metastudent(root: str | Path) -> dict[str, str]:
     """accession -> sequence over the MFO, BPO and CCO databases under an unpacked package
-    ``root`` (the directory given to ``dpkg -x``)."""
-    base = Path(root) / _SUBDIR
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base} does not exist: expected an unpacked {DEB_PACKAGE} package under {root}")
+    ``root``. An accession in several databases has the same sequence in each (checked on
+    package 2.0.1-8); the first one read is kept."""
     seqs: dict[str, str] = {}
-    for onto in _ONTOLOGIES:
-        for acc, seq in read_blastdb(base / onto / "goasp.fasta"):
+    for db in metastudent_databases(root).values():
+        for acc, seq in read_blastdb(db):
             seqs.setdefault(acc, seq)
     return seqs
 
