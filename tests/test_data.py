@@ -161,6 +161,13 @@ def test_blastdb_reader_and_data_command(tmp_path, capsys):
     for name in ("MFO", "BPO", "CCO"):
         _write_blastdb(onto / name / "goasp.fasta", recs.get(name, [("Z00009", "GG")]))
     assert list(read_blastdb(onto / "MFO" / "goasp.fasta")) == recs["MFO"]
+    from favor.data.swissprot import metastudent_databases
+
+    assert list(metastudent_databases(root)) == ["MFO", "BPO", "CCO"]
+    (onto / "CCO" / "goasp.fasta.pin").unlink()
+    with pytest.raises(FileNotFoundError, match="CCO/goasp.fasta.pin does not exist"):
+        metastudent_databases(root)
+    _write_blastdb(onto / "CCO" / "goasp.fasta", [("Z00009", "GG")])
     out = tmp_path / "out"
     assert main(["data", "swissprot", "--root", str(root), "--out", str(out), "--extract", "2"]) == 0
     got = list(read_fasta(out / "swissprot.fasta.gz"))
