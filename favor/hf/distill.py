@@ -5,6 +5,11 @@ loss matches every layer's hidden states (MSE over real tokens, normalised by th
 variance) plus 1 - cosine of the mean-pooled embeddings, plus, for a model with an LM head
 (masked LMs such as AntiBERTy), the KL divergence from the teacher's token distributions. The student's weights and its
 FAVOR adapters (query/key maps, key shift, projection) are all trained; dropout is off.
+
+``attention_weight`` adds attention transfer (as in LoLCATs, Zhang et al. 2024): every layer's
+FAVOR output is also matched to softmax attention on the student's own queries, keys and
+values (relative squared error over real tokens, target detached), a dense per-layer signal
+that keeps the feature map an approximation of softmax while the projections move.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 from .attention import ATTRIBUTE
 from .fidelity import mean_pool
+from .registry import observing
 
 __all__ = ["DistillConfig", "distill", "adapter_tensors", "SCHEDULES", "TRAINABLE"]
 
@@ -46,6 +52,7 @@ class DistillConfig:
     schedule: str = "constant"
     warmup_steps: int = 10
     train: str = "all"
+    attention_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -54,6 +61,8 @@ class DistillConfig:
             raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.attention_weight >= 0:
+            raise ValueError(f"attention_weight must be >= 0, got {self.attention_weight}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
 
@@ -74,6 +83,37 @@ def adapter_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def _hidden(model, batch, *, grad: bool):
     with torch.set_grad_enabled(grad):
         return model(**batch, output_hidden_states=True)
+
+
+def _student_with_transfer(student, batch):
+    """Student forward that also returns the attention-transfer loss: mean over attention calls
+    of |favor - softmax|^2 / |softmax|^2 on the call's own q, k, v (real query tokens only)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    keep_tokens = batch["attention_mask"].bool()
+    terms = []
+
+    def observe(module, query, key, value, attention_mask, scaling, is_causal, out):
+        with torch.no_grad():
+            ref, _ = sdpa_attention_forward(
+                module,
+                query.detach(),
+                key.detach(),
+                value.detach(),
+                attention_mask,
+                scaling=scaling,
+                is_causal=is_causal,
+            )
+        dt = torch.promote_types(out.dtype, torch.float32)  # half precision in float32
+        diff, ref = (out.to(dt) - ref.to(dt)) ** 2, ref.to(dt) ** 2  # (B, Lq, H, D)
+        if keep_tokens.shape[1] == out.shape[1]:
+            w = keep_tokens[:, :, None, None].to(diff.dtype)
+            diff, ref = diff * w, ref * w
+        terms.append(diff.sum() / ref.sum().clamp_min(1e-12))
+
+    with observing(student, observe):
+        out = _hidden(student, batch, grad=True)
+    return out, torch.stack(terms).mean()
 
 
 def _logit_kl(student_logits, teacher_logits, keep) -> torch.Tensor:
@@ -164,9 +204,13 @@ def distill(
             order = torch.randperm(len(batches), generator=g).tolist()
         batch = batches[order.pop()]
         teacher_out = _hidden(teacher, batch, grad=False)
-        student_out = _hidden(student, batch, grad=True)
         keep = batch["attention_mask"].bool()
+        if config.attention_weight:
+            student_out, transfer = _student_with_transfer(student, batch)
+        else:
+            student_out, transfer = _hidden(student, batch, grad=True), 0.0
         loss = _loss(student_out, teacher_out, keep, config.embedding_weight, config.logit_weight)
+        loss = loss + config.attention_weight * transfer
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + extra, 1.0)

@@ -18,7 +18,7 @@ from torch import nn
 from ..features.feature_map import KERNELS, FeatureMap
 from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
-from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection
+from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection, sequence_pair_mean
 from .attention import ATTRIBUTE
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
@@ -28,8 +28,10 @@ __all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modu
 log = logging.getLogger(__name__)
 
 #: the key shift c: none; "keys": the mean key; "pair": the mean key plus the mean query, which
-#: minimises E|q + k - c|^2, the (log) variance of FAVOR's estimate of exp(q.k) (scaled)
-KEY_SHIFTS = ("none", "keys", "pair")
+#: minimises E|q + k - c|^2, the (log) variance of FAVOR's estimate of exp(q.k) (scaled);
+#: "sequence": each sequence's own pair mean at run time (bidirectional layers), plus the
+#: calibrated pair mean of what remains
+KEY_SHIFTS = ("none", "keys", "pair", "sequence")
 
 #: favor.hf's own kernel: dense-exponential random features (see adapter.py), run as FAVOR+
 DENSE = "derf"
@@ -105,9 +107,12 @@ class _Stats:
         self.scaling = scaling
 
 
-def attention_modules(model: nn.Module, inputs: Iterable[Mapping[str, torch.Tensor]] | None = None):
+def attention_modules(
+    model: nn.Module, inputs: Iterable[Mapping[str, torch.Tensor]] | None = None, *, sequence_shift: bool = False
+):
     """Run the model (softmax attention) on ``inputs`` (default: its dummy inputs) and return the
-    attention modules in call order as [(qualified name, module, _Stats)]."""
+    attention modules in call order as [(qualified name, module, _Stats)]. ``sequence_shift``:
+    the key statistics are of keys minus their sequence's pair mean (``sequence_pair_mean``)."""
     register()
     names = {id(m): n for n, m in model.named_modules()}
     found: dict[int, tuple[str, nn.Module, _Stats]] = {}
@@ -122,6 +127,8 @@ def attention_modules(model: nn.Module, inputs: Iterable[Mapping[str, torch.Tens
         k = key.repeat_interleave(h // key.shape[1], dim=1) if key.shape[1] != h else key
         k_keep = None if plan.key_padding_mask is None else ~plan.key_padding_mask.expand(b, lk)
         q_keep = k_keep if (k_keep is not None and lq == lk) else None
+        if sequence_shift:
+            k = k - sequence_pair_mean(query.double(), k.double(), k_keep)
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
 
@@ -158,7 +165,9 @@ def attach_adapters(model: nn.Module, config: PerformerConfig, layers) -> list[F
                 norm=config.norm,
                 generator=g,
             )
-        adapter = FavorAdapter(fm, heads=heads, dim=dim, dense=config.kernel == DENSE)
+        adapter = FavorAdapter(
+            fm, heads=heads, dim=dim, dense=config.kernel == DENSE, sequence_shift=config.key_shift == "sequence"
+        )
         p = next(module.parameters(), None)
         if p is not None:
             adapter.to(p.device)
@@ -174,7 +183,9 @@ def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) ->
     mean_k = stats.sum_k / stats.n_k
     sq = stats.sq_q / stats.n_q  # E[q^T q] (H, D, D)
     sk = stats.sq_k / stats.n_k
-    shift = {"none": torch.zeros_like(mean_k), "keys": mean_k, "pair": mean_k + mean_q}[config.key_shift]
+    shift = {"none": torch.zeros_like(mean_k), "keys": mean_k, "pair": mean_k + mean_q, "sequence": mean_k + mean_q}[
+        config.key_shift
+    ]
     # second moment of the shifted keys: E[(k-c)^T (k-c)] = E[k^T k] - c^T m - m^T c + c^T c
     sk_c = sk - shift[:, :, None] * mean_k[:, None, :] - mean_k[:, :, None] * shift[:, None, :]
     sk_c = sk_c + shift[:, :, None] * shift[:, None, :]
@@ -247,7 +258,7 @@ def performerize(
         calibrate_rho=calibrate_rho,
     )
     calibrated = calibration is not None
-    modules = attention_modules(model, calibration)
+    modules = attention_modules(model, calibration, sequence_shift=key_shift == "sequence")
     adapters = attach_adapters(model, config, [(m, st.heads, st.dim) for _, m, st in modules])
     if calibrated:
         for adapter, (_, _, stats) in zip(adapters, modules, strict=True):

@@ -7,14 +7,18 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
-__all__ = ["NAME", "PROBE", "register", "probing"]
+__all__ = ["NAME", "PROBE", "OBSERVE", "register", "probing", "observing"]
 
 #: the attn_implementation name
 NAME = "favor"
 #: softmax attention that also reports each call's queries and keys (calibration)
 PROBE = "favor_probe"
 
+#: FAVOR attention that also hands each call's inputs and output to an observer (distillation)
+OBSERVE = "favor_observe"
+
 _recorder: Callable | None = None
+_observer: Callable | None = None
 
 
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -27,6 +31,17 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
     )
 
 
+def _observe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    from .attention import favor_attention_forward
+
+    out, weights = favor_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+    if _observer is not None:
+        _observer(module, query, key, value, attention_mask, scaling, is_causal, out)
+    return out, weights
+
+
 def register() -> None:
     """Make ``attn_implementation="favor"`` known to transformers (idempotent).
 
@@ -37,7 +52,7 @@ def register() -> None:
 
     from .attention import favor_attention_forward
 
-    for name, fn in ((NAME, favor_attention_forward), (PROBE, _probe_forward)):
+    for name, fn in ((NAME, favor_attention_forward), (PROBE, _probe_forward), (OBSERVE, _observe_forward)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)
 
@@ -55,3 +70,19 @@ def probing(model: nn.Module, recorder: Callable) -> Iterator[None]:
     finally:
         _recorder = None
         model.set_attn_implementation(previous if previous is not None else "sdpa")
+
+
+@contextlib.contextmanager
+def observing(model: nn.Module, observer: Callable) -> Iterator[None]:
+    """Run ``model`` with FAVOR attention that calls ``observer(module, q, k, v, mask, scaling,
+    is_causal, out)`` after every attention call (``out`` keeps its graph: losses may use it)."""
+    global _observer
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(OBSERVE)
+    _observer = observer
+    try:
+        yield
+    finally:
+        _observer = None
+        model.set_attn_implementation(previous if previous is not None else NAME)

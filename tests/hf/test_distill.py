@@ -53,3 +53,46 @@ def test_logit_kl_is_zero_for_the_teacher_and_counts_real_tokens_only():
     assert float(_logit_kl(s, t, keep)) == pytest.approx(0.0, abs=1e-7)
     s[1, 0, 0] += 5.0
     assert float(_logit_kl(s, t, keep)) > 1e-3
+
+
+def test_attention_transfer_loss_is_the_mean_relative_error_of_each_call(tiny_bert):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from favor.hf.attention import favor_attention_forward
+    from favor.hf.distill import _student_with_transfer
+    from favor.hf.registry import observing
+
+    batch = {"input_ids": _batches()[0]["input_ids"], "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    batch["attention_mask"][1, 6:] = 0
+    keep = batch["attention_mask"].bool()
+    student = fh.performerize(tiny_bert(), num_features=8, calibration=_batches())
+    out, transfer = _student_with_transfer(student, batch)
+    assert student.config._attn_implementation == fh.NAME  # restored
+    with torch.no_grad():
+        torch.testing.assert_close(out.last_hidden_state, student(**batch).last_hidden_state, rtol=0, atol=0)
+    # the reference: each layer's FAVOR and softmax outputs on its float64 q, k, v (as the FAVOR
+    # model computes them: the observer only records), real tokens only
+    calls = []
+    with observing(student, lambda module, *args: calls.append((module, *args[:6]))), torch.no_grad():
+        student(**batch)
+    errs = []
+    for module, q, k, v, mask, scaling, is_causal in calls:
+        got, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=is_causal)
+        ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=is_causal)
+        errs.append(((got - ref)[keep] ** 2).sum() / (ref[keep] ** 2).sum())
+    assert len(errs) == 2
+    # the same float64 numbers summed in a different order
+    torch.testing.assert_close(transfer.detach(), torch.stack(errs).mean(), rtol=1e-10, atol=0)
+    assert float(transfer) > 1e-3
+    transfer.backward()  # the loss reaches the student's query/key projections
+    assert student.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_distill_with_attention_transfer_trains(tiny_bert):
+    teacher = tiny_bert()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=_batches())
+    config = DistillConfig(steps=2, lr=1e-2, attention_weight=1.0)
+    losses = distill(student, teacher, _batches(), config)
+    assert len(losses) == 2 and all(x > 0 for x in losses)
+    with pytest.raises(ValueError, match="attention_weight"):
+        DistillConfig(attention_weight=-1.0)
