@@ -128,7 +128,7 @@ class _Causal(torch.autograd.Function):
             t = _Terms(lk, c)
             states, kvz = _scan(kvz, scratch.matmul("summary", kvals.mT, v1 * t.e[..., None]), t.decay, scratch)
             scores = scratch.matmul("scores", fq, kvals.mT).mul_(t.weights)
-            nd = scratch.matmul("nd", scores, v1).add_(scratch.matmul("read", fq, states).mul_(t.carry[..., None]))
+            nd = _accumulate(scratch.matmul("nd", fq, states).mul_(t.carry[..., None]), scores, v1)
             nd = nd.flatten(-3, -2)[..., :rows, :]
             d = nd[..., -1]
             den[..., sl] = d
@@ -172,7 +172,8 @@ class _Causal(torch.autograd.Function):
             v_c = _rows(v[..., sl, :], n, chunk)
             v1 = _ones_column(v_c)
             t = _Terms(lk_d, c)
-            states, _ = _scan(kvz, scratch.matmul("summary", kv_d.mT, v1 * t.e[..., None]), t.decay, scratch)
+            v1e = v1 * t.e[..., None]
+            states, _ = _scan(kvz, scratch.matmul("summary", kv_d.mT, v1e), t.decay, scratch)
             scores = scratch.matmul("scores", fq_d, kv_d.mT).mul_(t.weights)
             inv = _inverse(den[..., sl])
             g_c = g[..., sl, :]
@@ -185,16 +186,17 @@ class _Causal(torch.autograd.Function):
             dlk = dscores.mul_(scores).sum(-2)
             dv_c = scores.mT @ dnd[..., :-1]
             dnd_c = dnd.mul_(t.carry[..., None])
-            dfq = scratch.matmul("dfq", draw, kv_d).add_(scratch.matmul("dfq_state", dnd_c, states.mT))
+            dfq = _accumulate(scratch.matmul("dfq", draw, kv_d), dnd_c, states.mT)
             dkvals = scratch.matmul("dkvals", draw.mT, fq_d)
             # the state recursion, backwards: grad[i] is that of the state after chunk i
             grads, dkvz = _scan_back(dkvz, scratch.matmul("reads", fq_d.mT, dnd_c), t.decay, scratch)
-            # chunk summaries (kvals * e)^T [v, 1]: e scales rows, so it is applied to the
-            # (C x Dv) products rather than to a (C x M') copy of the features
-            dk_w = scratch.matmul("dk_w", v1, grads.mT).mul_(t.e[..., None])
-            dv_c = dv_c.add_((kv_d @ grads[..., :-1]).mul_(t.e[..., None]))
-            dlk = dlk.add_(torch.mul(dk_w, kv_d, out=scratch("dk_w_k", kv_d.shape, kv_d)).sum(-1))
-            dkvals = dkvals.add_(dk_w)
+            # chunk summaries kvals^T ([v, 1] * e): e scales rows, so it is applied to (C x E)
+            # products, never to a (C x M') copy of the features. The log-scale gradient
+            # sum_m dkvals_jm kvals_jm = sum_E v1e_jE (kvals grads)_jE needs no C x M' pass
+            dkvals = _accumulate(dkvals, v1e, grads.mT)
+            kvg = scratch.matmul("kv_grads", kv_d, grads)
+            dv_c = dv_c.add_(kvg[..., :-1].mul(t.e[..., None]))
+            dlk = dlk.add_(kvg.mul_(v1e).sum(-1))
             dfq, dkvals = dfq.flatten(-3, -2)[..., :rows, :], dkvals.flatten(-3, -2)[..., :rows, :]
             dlk = dlk.flatten(-2, -1)[..., :rows]
             if need_v:
@@ -219,6 +221,12 @@ class _Causal(torch.autograd.Function):
         return dq, dk, dv, da, None, d_kv0, d_z0, None, None, None
 
 
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a @ b in the GEMM itself (beta = 1): no (C x M') temporary, no extra pass."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out
+
+
 def _scan(kvz: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor, scratch: Scratch):
     """States before each chunk (..., n, M', E) and after the last, from the state before
     the block and the chunk summaries: state_i = state_{i-1} * decay_i + sums_i."""
@@ -235,16 +243,16 @@ def _scan_back(grad: torch.Tensor, reads: torch.Tensor, decay: torch.Tensor, scr
 
 def _recur(out: torch.Tensor, x: torch.Tensor, terms: torch.Tensor, decay: torch.Tensor, order: range):
     """out[i] = x before step i, in ``order``; x <- x * decay[i] + terms[i]. Each step is
-    written straight into its slot of ``out`` (no temporaries); returns the final x."""
+    one fused pass written straight into its slot of ``out``; returns the final x."""
     prev = None
+    step = decay[..., None, None].unbind(-3)
     for i in order:
         if prev is None:
             out[..., i, :, :] = x
         else:
-            torch.mul(out[..., prev, :, :], decay[..., prev, None, None], out=out[..., i, :, :])
-            out[..., i, :, :].add_(terms[..., prev, :, :])
+            torch.addcmul(terms[..., prev, :, :], out[..., prev, :, :], step[prev], out=out[..., i, :, :])
         prev = i
-    return out[..., prev, :, :] * decay[..., prev, None, None] + terms[..., prev, :, :]
+    return torch.addcmul(terms[..., prev, :, :], out[..., prev, :, :], step[prev])
 
 
 def causal_fast(
