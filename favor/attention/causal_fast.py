@@ -72,15 +72,18 @@ class _Terms:
         c = lk.shape[-1]
         tril = torch.ones(c, c, dtype=torch.bool, device=lk.device).tril()
         if bool(torch.isfinite(lk).all()):
-            # no padded key: run is finite, a plain exp gives exp_diff's bits; entries above
-            # the diagonal (future keys) are overwritten with exact zeros
+            # no padded key: run and after are finite (before is -inf only for an empty
+            # state, where exp gives the 0 that exp_diff would), so a plain exp gives
+            # exp_diff's bits; entries above the diagonal (future keys) become exact zeros
             self.weights = torch.exp(lk[..., None, :] - run[..., :, None]).masked_fill_(~tril, 0.0)
             self.e = torch.exp(lk - self.after[..., None])
+            self.carry = torch.exp(self.before[..., None] - run)
+            self.decay = torch.exp(self.before - self.after)
         else:
             self.weights = torch.where(tril, exp_diff(lk[..., None, :], run[..., :, None]), 0.0)
             self.e = exp_diff(lk, self.after[..., None])
-        self.carry = exp_diff(self.before[..., None], run)
-        self.decay = exp_diff(self.before, self.after)
+            self.carry = exp_diff(self.before[..., None], run)
+            self.decay = exp_diff(self.before, self.after)
 
 
 def _block_features(feat, q, k, a, mask, sl, grad: bool, leaves, scratch: Scratch):
@@ -245,14 +248,15 @@ def _recur(out: torch.Tensor, x: torch.Tensor, terms: torch.Tensor, decay: torch
     """out[i] = x before step i, in ``order``; x <- x * decay[i] + terms[i]. Each step is
     one fused pass written straight into its slot of ``out``; returns the final x."""
     prev = None
-    step = decay[..., None, None].unbind(-3)
+    # one unbind each instead of three Python-level index ops per step
+    slots, terms, step = out.unbind(-3), terms.unbind(-3), decay[..., None, None].unbind(-3)
     for i in order:
         if prev is None:
-            out[..., i, :, :] = x
+            slots[i].copy_(x)
         else:
-            torch.addcmul(terms[..., prev, :, :], out[..., prev, :, :], step[prev], out=out[..., i, :, :])
+            torch.addcmul(terms[prev], slots[prev], step[prev], out=slots[i])
         prev = i
-    return torch.addcmul(terms[..., prev, :, :], out[..., prev, :, :], step[prev])
+    return torch.addcmul(terms[prev], slots[prev], step[prev])
 
 
 def causal_fast(
