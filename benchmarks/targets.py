@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         CONTENDERS,
         BenchConfig,
         check_contender,
+        decode_flatness,
         decode_latency,
         flops,
         matmul_fraction,
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         f"decoding us/token: favor {1e6 * dec[0]['favor_step_s']:.0f} at 1024, {1e6 * dec[1]['favor_step_s']:.0f} at 65536 "
         f"({dec[1]['favor_step_s'] / dec[0]['favor_step_s']:.2f}x); SDPA+KV cache at 65536 "
         f"{1e6 * dec[1]['sdpa_kv_cache_s']:.0f} ({dec[1]['sdpa_kv_cache_s'] / dec[1]['favor_step_s']:.1f}x favor)"
+    )
+    flat = decode_flatness((1024, 65536), cfg)
+    res["decode_flatness"] = {str(c): t for c, t in flat.items()}
+    print(
+        f"  contexts taking turns, medians of 300 steps: {1e6 * flat[1024]:.0f} us at 1024, "
+        f"{1e6 * flat[65536]:.0f} at 65536 ({flat[65536] / flat[1024]:.2f}x)"
     )
     print(f"wrote {write_json(f'targets_{cfg.kernel}', res)}")
     return 0

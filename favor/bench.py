@@ -42,6 +42,7 @@ __all__ = [
     "peak_memory_mib",
     "speed_table",
     "decode_latency",
+    "decode_flatness",
     "flops",
 ]
 
@@ -389,3 +390,31 @@ def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int =
                 n = sdpa_step(i, n)
                 ts.append(time.perf_counter() - t0)
     return {"context": context, "favor_step_s": statistics.median(tf), "sdpa_kv_cache_s": statistics.median(ts)}
+
+
+def decode_flatness(
+    contexts: tuple[int, ...] = (1024, 65536), cfg: BenchConfig | None = None, *, steps: int = 50, rounds: int = 6
+) -> dict[int, float]:
+    """Median seconds per favor.step after each context, the contexts taking turns: ``rounds``
+    times, ``steps`` tokens back to back from each context's state. A step is the same
+    (M' x Dv) update whatever the context, so separate runs differ by the machine's drift
+    (sub-ms steps moved 1.8x between runs here); taking turns puts that drift on all alike."""
+    cfg = cfg or BenchConfig()
+    fm = bench_feature_map(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    new = torch.randn(steps, 3, cfg.batch, cfg.heads, cfg.dim, generator=gen)
+    times: dict[int, list[float]] = {c: [] for c in contexts}
+    with torch.no_grad():
+        states = {}
+        for c in contexts:
+            q, k, v = bench_inputs(c, cfg, grad=False)
+            states[c] = favor.attention(q, k, v, fm, causal=True, return_state=True)[1]
+            favor.step(states[c], new[0, 0], new[0, 1], new[0, 2], fm)  # warm-up
+        for _ in range(rounds):
+            for c in contexts:
+                st = states[c]  # every round restarts from the context's state
+                for i in range(steps):
+                    t0 = time.perf_counter()
+                    _, st = favor.step(st, new[i, 0], new[i, 1], new[i, 2], fm)
+                    times[c].append(time.perf_counter() - t0)
+    return {c: statistics.median(t) for c, t in times.items()}

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from favor.bench import BenchConfig, check_contender, decode_latency, peak_memory_mib, speed_table, time_contenders
+from favor.bench import (
+    BenchConfig,
+    check_contender,
+    decode_flatness,
+    decode_latency,
+    peak_memory_mib,
+    speed_table,
+    time_contenders,
+)
 from favor.commands.bench import _crossover, _ratio_table
 
 TINY = BenchConfig(heads=2, dim=16, num_features=32)
@@ -45,6 +53,8 @@ def test_speed_table_and_decode_shapes():
     assert rows[0]["L"] == 64 and rows[0]["fwd_speedup"] > 0
     d = decode_latency(128, TINY, steps=3)
     assert d["favor_step_s"] > 0 and d["sdpa_kv_cache_s"] > 0
+    flat = decode_flatness((16, 64), TINY, steps=3, rounds=2)
+    assert set(flat) == {16, 64} and min(flat.values()) > 0
 
 
 def test_crossover_and_table():
