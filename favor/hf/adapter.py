@@ -18,7 +18,8 @@ Per-sequence shift (``sequence_shift=True``, key_shift "sequence" in performeriz
 well depend on the sequence, since every query of a bidirectional layer sees the same keys;
 c_s = masked mean of the sequence's queries + of its keys (``sequence_pair_mean``) is the
 per-sequence minimiser of sum |q + k - c|^2 (the calibrated constant then only holds the
-residual). Not for causal layers: c_s would carry future tokens into every position.
+residual). Causal layers keep the constant alone: c_s would carry future tokens into every
+position (``sequence=False``; calibration follows the same rule).
 
 Dense-exponential features (``dense=True``, kernel "derf" in performerize): FAVOR++ uses one
 A* per head, A*|w|^2 in the exponent. The dense-exponential random features (DERF) of
@@ -170,12 +171,19 @@ class FavorAdapter(nn.Module):
         return f"heads={self.heads}, dim={self.dim}{extra}"
 
     def inputs(
-        self, q: torch.Tensor, k: torch.Tensor, scaling: float | None, *, keep: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scaling: float | None,
+        *,
+        keep: torch.Tensor | None = None,
+        sequence: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(q', k', scale) to hand to ``favor.attention`` with ``self.feature_map``: the
         reparametrised q and k with the layer's scaling, or, for dense features, the augmented,
-        already scaled inputs with scale 1. ``keep`` (B, Lk) bool: real keys (sequence shift)."""
-        qa, kb = self.transform(q, k, keep=keep)
+        already scaled inputs with scale 1. ``keep`` (B, Lk) bool: real keys; ``sequence``: apply
+        the sequence shift (if the adapter has one; False for causal attention)."""
+        qa, kb = self.transform(q, k, keep=keep, sequence=sequence)
         if not self.dense:
             return qa, kb, scaling
         root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
@@ -204,16 +212,16 @@ class FavorAdapter(nn.Module):
         self.feature_map.projection.copy_(dense_projection(w, kappa).to(self.feature_map.projection.dtype))
 
     def transform(
-        self, q: torch.Tensor, k: torch.Tensor, *, keep: torch.Tensor | None = None
+        self, q: torch.Tensor, k: torch.Tensor, *, keep: torch.Tensor | None = None, sequence: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k (B, H, L, D) -> (qA, (k - c)A^-T), in float32 (float64 for float64 inputs); the
         logits q.k change by a per-query constant only (c includes the sequence's pair mean
-        when ``sequence_shift``; ``keep`` (B, Lk) bool marks real keys)."""
+        when ``sequence_shift`` and ``sequence``; ``keep`` (B, Lk) bool marks real keys)."""
         if not bool(self.calibrated):
             return q, k
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         q, k = q.to(dt), k.to(dt)
-        if self.sequence_shift:
+        if self.sequence_shift and sequence:
             k = k - sequence_pair_mean(q, k, keep)
         qa = q @ self.query_map.to(dt)
         kb = (k - self.key_shift.to(dt)[:, None, :]) @ self.key_map.to(dt)

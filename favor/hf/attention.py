@@ -94,12 +94,9 @@ def favor_attention_forward(
     pad = plan.key_padding_mask
     if pad is not None:
         pad = pad[:, : plan.kv_length].expand(b, plan.kv_length)
-    if adapter.sequence_shift and plan.causal:
-        raise ValueError(
-            "key_shift='sequence' needs bidirectional attention (a causal layer would see future tokens "
-            "through the sequence mean); performerize with key_shift='pair'"
-        )
-    q, k, scale = adapter.inputs(query, key, scaling, keep=None if pad is None else ~pad)
+    # a sequence mean would carry future tokens into a causal layer: it keeps the constant shift
+    keep = None if pad is None else ~pad
+    q, k, scale = adapter.inputs(query, key, scaling, keep=keep, sequence=not plan.causal)
     v = value.to(q.dtype)
     if plan.causal and plan.offset > 0:
         # queries sit at the end of the keys (decoding with a cache): run the causal pass over

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 #: the key shift c: none; "keys": the mean key; "pair": the mean key plus the mean query, which
 #: minimises E|q + k - c|^2, the (log) variance of FAVOR's estimate of exp(q.k) (scaled);
-#: "sequence": each sequence's own pair mean at run time (bidirectional layers), plus the
-#: calibrated pair mean of what remains
+#: "sequence": each sequence's own pair mean at run time, plus the calibrated pair mean of what
+#: remains (bidirectional layers; causal layers keep "pair": a sequence mean sees the future)
 KEY_SHIFTS = ("none", "keys", "pair", "sequence")
 
 #: favor.hf's own kernel: dense-exponential random features (see adapter.py), run as FAVOR+
@@ -127,7 +127,7 @@ def attention_modules(
         k = key.repeat_interleave(h // key.shape[1], dim=1) if key.shape[1] != h else key
         k_keep = None if plan.key_padding_mask is None else ~plan.key_padding_mask.expand(b, lk)
         q_keep = k_keep if (k_keep is not None and lq == lk) else None
-        if sequence_shift:
+        if sequence_shift and not plan.causal:  # as favor_attention_forward: causal layers keep the constant
             k = k - sequence_pair_mean(query.double(), k.double(), k_keep)
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)

@@ -1,5 +1,5 @@
 """Per-sequence key shift (key_shift="sequence"): the pair mean of each sequence, exact for
-softmax, independent of padding, calibrated on centred keys, refused for causal layers."""
+softmax, independent of padding, calibrated on centred keys, left out of causal layers."""
 
 import pytest
 import torch
@@ -99,8 +99,17 @@ def test_sequence_calibration_sees_centred_keys(tiny_bert):
         torch.testing.assert_close(sc.sum_q, sp.sum_q, rtol=0, atol=0)  # queries are not shifted
 
 
-def test_sequence_shift_refuses_causal_layers(tiny_llama):
-    ids = torch.tensor([[5, 6, 7, 8]])
-    model = fh.performerize(tiny_llama(), num_features=8, key_shift="sequence", calibration=[{"input_ids": ids}])
-    with pytest.raises(ValueError, match="bidirectional"), torch.no_grad():
-        model(input_ids=ids)
+def test_causal_layers_keep_the_constant_shift(tiny_llama):
+    # a sequence mean would leak future tokens: causal layers calibrate and run as key_shift="pair"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (2, 9), generator=g)
+    cal = [{"input_ids": ids}]
+    seq = fh.performerize(tiny_llama(), num_features=8, key_shift="sequence", calibration=cal)
+    pair = fh.performerize(tiny_llama(), num_features=8, key_shift="pair", calibration=cal)
+    assert all(m.favor.sequence_shift for m in seq.modules() if isinstance(getattr(m, "favor", None), torch.nn.Module))
+    with torch.no_grad():
+        a, b = seq(input_ids=ids).logits, pair(input_ids=ids).logits
+        assert torch.equal(a, b)
+        # and the prefix's outputs do not depend on later tokens
+        c = seq(input_ids=ids[:, :5]).logits
+    torch.testing.assert_close(c, a[:, :5], rtol=1e-10, atol=1e-10)
