@@ -79,7 +79,9 @@ def _oprf(w: torch.Tensor, root: float):
     log_m = 0.5 * math.log(w.shape[0])
     half_r2 = 0.5 * root * root
 
-    def feat(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None, log_scale: bool = True) -> Features:
+    def constants(x: torch.Tensor, a: torch.Tensor):
+        """(w_a, bias, log_const) for A = a: the per-head projection, A |w|^2 and the log
+        of the normalising constant, in x's dtype."""
         wx = _base2(w, x, 1.0)
         a = a.to(x.dtype)
         one_minus_4a = 1.0 - 4.0 * a
@@ -88,12 +90,33 @@ def _oprf(w: torch.Tensor, root: float):
         log_const = 0.25 * x.shape[-1] * torch.log(one_minus_4a)[..., None] - log_m
         # root * sqrt(1-4A) scales the projection per head, (..., M, D), not the rows
         w_a = wx * (root * torch.sqrt(one_minus_4a))[..., None, None]
+        return w_a, bias, log_const
+
+    # no-graph path: the constants per dtype for the last A seen (the same A for every chunk
+    # of a call of favor.attention), kept with A itself and its version so a new or
+    # modified A is never served stale ones
+    cache: dict = {}
+
+    def feat(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None, log_scale: bool = True) -> Features:
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+            w_a, bias, log_const = constants(x, a)
             exponent = x @ w_a.mT + bias
             shift = exponent.detach().amax(-1)
             values = torch.exp2(exponent - shift[..., None])
             return Features(values, shift * LN2 - half_r2 * (x * x).sum(-1) + log_const)
-        exponent = torch.matmul(x, w_a.mT, out=out).add_(bias)
+        lead, rows = x.shape[:-2], x.shape[-2]
+        hit = cache.get((x.dtype, lead))
+        if hit is None or hit[0] is not a or hit[1] != a._version:
+            w_a, bias, log_const = constants(x, a)
+            # 3-D per (batch, head): bias + x w_a^T is then one baddbmm (the GEMM adds it)
+            w_a = w_a.expand(*lead, *w_a.shape[-2:]).reshape(-1, *w_a.shape[-2:])
+            bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
+            hit = cache[(x.dtype, lead)] = (a, a._version, w_a, bias, log_const)
+        w_a, bias, log_const = hit[2:]
+        if out is None:
+            out = x.new_empty(*lead, rows, w_a.shape[-2])
+        torch.baddbmm(bias, x.reshape(-1, rows, x.shape[-1]), w_a.mT, out=out.view(-1, rows, w_a.shape[-2]))
+        exponent = out
         shift = exponent.amax(-1)
         values = exponent.sub_(shift[..., None]).exp2_()
         if not log_scale:
