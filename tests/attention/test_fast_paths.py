@@ -296,6 +296,21 @@ def test_row_features_equal_maps(gen, kernel, root):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+def test_oprf_row_features_follow_a_new_or_modified_a(gen):
+    """oprf's per-call constants are cached for the A last seen: a different A, or the same
+    tensor modified in place, must give that A's features, not the cached ones."""
+    fm = _map("oprf", d=8, m=16)
+    x = torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64)
+    feat = row_features(fm)
+    a = torch.full((2, 3), -0.1, dtype=torch.float64)
+    with torch.no_grad():
+        for value in (-0.1, -0.3):
+            a.fill_(value)  # in place: same tensor, new version
+            torch.testing.assert_close(feat(x, a).explicit(), fm.exact_features(x, a).explicit(), rtol=1e-12, atol=0)
+        b = torch.full((2, 3), -0.05, dtype=torch.float64)
+        torch.testing.assert_close(feat(x, b).explicit(), fm.exact_features(x, b).explicit(), rtol=1e-12, atol=0)
+
+
 def test_positive_row_features_vjp_equals_autograd(gen):
     fm = _map("positive", d=8, m=16)
     feat = row_features(fm, 0.6)
