@@ -63,7 +63,7 @@ def _positive(w: torch.Tensor, root: float):
             return Features(values, None)
         return Features(values, shift * LN2 - half_r2 * _square_norm(x) - log_m)
 
-    def vjp(x: torch.Tensor, values: torch.Tensor, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
+    def vjp(x, a, values: torch.Tensor, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
         """dL/dx from dL/dvalues and dL/dlog_scale without an autograd graph (the shift is a
         constant): values = exp(root x W^T - shift), log_scale = shift - root^2 |x|^2/2 - log(M)/2."""
         dx = d_values.mul_(values) @ (w.to(x.dtype) * root)
@@ -97,6 +97,18 @@ def _oprf(w: torch.Tensor, root: float):
     # modified A is never served stale ones
     cache: dict = {}
 
+    def cached(x: torch.Tensor, a: torch.Tensor):
+        """(w_a, bias, log_const), w_a and bias 3-D per (batch, head) for x's leading dims."""
+        lead = x.shape[:-2]
+        hit = cache.get((x.dtype, lead))
+        if hit is None or hit[0] is not a or hit[1] != a._version:
+            w_a, bias, log_const = constants(x, a)
+            # 3-D per (batch, head): bias + x w_a^T is then one baddbmm (the GEMM adds it)
+            w_a = w_a.expand(*lead, *w_a.shape[-2:]).reshape(-1, *w_a.shape[-2:])
+            bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
+            hit = cache[(x.dtype, lead)] = (a, a._version, w_a, bias, log_const)
+        return hit[2:]
+
     def feat(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None, log_scale: bool = True) -> Features:
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             w_a, bias, log_const = constants(x, a)
@@ -105,14 +117,7 @@ def _oprf(w: torch.Tensor, root: float):
             values = torch.exp2(exponent - shift[..., None])
             return Features(values, shift * LN2 - half_r2 * (x * x).sum(-1) + log_const)
         lead, rows = x.shape[:-2], x.shape[-2]
-        hit = cache.get((x.dtype, lead))
-        if hit is None or hit[0] is not a or hit[1] != a._version:
-            w_a, bias, log_const = constants(x, a)
-            # 3-D per (batch, head): bias + x w_a^T is then one baddbmm (the GEMM adds it)
-            w_a = w_a.expand(*lead, *w_a.shape[-2:]).reshape(-1, *w_a.shape[-2:])
-            bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
-            hit = cache[(x.dtype, lead)] = (a, a._version, w_a, bias, log_const)
-        w_a, bias, log_const = hit[2:]
+        w_a, bias, log_const = cached(x, a)
         if out is None:
             out = x.new_empty(*lead, rows, w_a.shape[-2])
         torch.baddbmm(bias, x.reshape(-1, rows, x.shape[-1]), w_a.mT, out=out.view(-1, rows, w_a.shape[-2]))
@@ -123,6 +128,17 @@ def _oprf(w: torch.Tensor, root: float):
             return Features(values, None)
         return Features(values, shift * LN2 - half_r2 * _square_norm(x) + log_const)
 
+    def vjp(x: torch.Tensor, a: torch.Tensor, values, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
+        """dL/dx for a constant A (no graph): values = exp2(x w_a^T + bias - shift), so
+        d values / dx = values ln(2) w_a; log_scale = shift ln 2 - root^2 |x|^2 / 2 + const."""
+        w_a = cached(x, a)[0]
+        rows = x.shape[-2]
+        dx = torch.bmm(d_values.mul_(values).reshape(-1, rows, w_a.shape[-2]), w_a * LN2).view(x.shape)
+        if d_log_scale is not None:
+            dx = dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
+        return dx
+
+    feat.vjp = vjp
     return feat
 
 

@@ -171,7 +171,7 @@ class _Bidirectional(torch.autograd.Function):
             if need_q or need_a:
                 dfq = dnum @ kv.mT + dden[..., None] * z[..., None, :]
                 if vjp is not None:
-                    dq[..., sl, :] = vjp(qc, fq_d, dfq, None)
+                    dq[..., sl, :] = vjp(qc, a, fq_d, dfq, None)
                     continue
                 gq, ga = _grad([fq], [qc, a_leaf], [dfq])
                 if gq is not None:
@@ -197,7 +197,7 @@ class _Bidirectional(torch.autograd.Function):
                     dw = v_c @ dkv.mT + dz[..., None, :]
                     if vjp is not None:
                         d_ls = (dw * w).sum(-1)
-                        dk[..., sl, :] = vjp(kc, f.values, dw.mul_(e[..., None]), d_ls)
+                        dk[..., sl, :] = vjp(kc, a, f.values, dw.mul_(e[..., None]), d_ls)
                         continue
                     gk, ga = _grad([w], [kc, a_leaf], [dw])
                     if gk is not None:

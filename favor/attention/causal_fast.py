@@ -207,9 +207,9 @@ class _Causal(torch.autograd.Function):
             if vjp is not None:
                 # masked keys have zero weight, so dkvals and dlk vanish on them already
                 if need_q:
-                    dq[..., sl, :] = vjp(q[..., sl, :], fq, dfq, None)
+                    dq[..., sl, :] = vjp(q[..., sl, :], a, fq, dfq, None)
                 if need_k:
-                    dk[..., sl, :] = vjp(k[..., sl, :], fk.values, dkvals, dlk)
+                    dk[..., sl, :] = vjp(k[..., sl, :], a, fk.values, dkvals, dlk)
             elif need_q or need_k or need_a:
                 gq, gk, ga = _grad([fq, kvals, lk], list(leaves), [dfq, dkvals, dlk])
                 if need_q:

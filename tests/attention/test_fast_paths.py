@@ -311,16 +311,20 @@ def test_oprf_row_features_follow_a_new_or_modified_a(gen):
         torch.testing.assert_close(feat(x, b).explicit(), fm.exact_features(x, b).explicit(), rtol=1e-12, atol=0)
 
 
-def test_positive_row_features_vjp_equals_autograd(gen):
-    fm = _map("positive", d=8, m=16)
+@pytest.mark.parametrize("kernel", ["positive", "oprf"])
+def test_row_features_vjp_equals_autograd(gen, kernel):
+    """The hand-written feature gradients (no graph; A constant) equal autograd's through
+    values and log scale."""
+    fm = _map(kernel, d=8, m=16)
     feat = row_features(fm, 0.6)
-    x = torch.randn(2, 11, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    f = feat(x)
+    x = torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = fm.oprf_a(x.detach() * 0.6, x.detach() * 0.6) if kernel == "oprf" else None
+    f = feat(x, a)
     dvals = torch.randn(f.values.shape, generator=gen, dtype=torch.float64)
     dls = torch.randn(f.log_scale.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad([f.values, f.log_scale], x, [dvals, dls])[0]
     with torch.no_grad():
-        got = feat.vjp(x.detach(), feat(x.detach()).values, dvals.clone(), dls)
+        got = feat.vjp(x.detach(), a, feat(x.detach(), a).values, dvals.clone(), dls)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
