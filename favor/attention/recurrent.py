@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..features.feature_map import FeatureMap
 from ._checks import check_feature_map, check_scale, compute_dtype
-from ._normalise import exp_diff, normalise
+from ._fast_features import row_features
+from .bidirectional_fast import _inverse
 from .state import State
 
 __all__ = ["step"]
@@ -39,11 +42,15 @@ def step(
         )
     out_dtype, dtype = v.dtype, compute_dtype(q.dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
-    q1 = (q.to(dtype) * root).unsqueeze(-2)
-    k1 = (k.to(dtype) * root).unsqueeze(-2)
-    v1 = v.to(dtype)
-    fq, fk = feature_map.pair(q1, k1, causal=True)
-    f_q, f_k = fq.values[..., 0, :], fk.values[..., 0, :]
+    # the chunked paths' row features (sqrt(scale) folded into the projection): a step is a
+    # few dozen tiny ops, so per-op overhead, not arithmetic, is its cost
+    feat = row_features(feature_map, root)
+    q1, k1, v1 = q.to(dtype).unsqueeze(-2), k.to(dtype).unsqueeze(-2), v.to(dtype)
+    a = feature_map.oprf_a(q1, k1, causal=True) if feature_map.kernel == "oprf" else None
+    # the query's log scale cancels in its output: not computed where feat can skip it
+    f_q = (feat(q1, a) if getattr(feat, "width", None) is None else feat(q1, a, log_scale=False)).values[..., 0, :]
+    fk = feat(k1, a)
+    f_k = fk.values[..., 0, :]
     l_k = (
         fk.log_scale[..., 0] if fk.log_scale is not None else torch.zeros(f_k.shape[:-1], dtype=dtype, device=q.device)
     )
@@ -52,10 +59,17 @@ def step(
         state = State.empty(lead, f_k.shape[-1], v1.shape[-1], dtype=dtype, device=q.device)
     kv, z, c = state
     new_c = torch.maximum(c, l_k)
-    decay, w = exp_diff(c, new_c), exp_diff(l_k, new_c)
-    kv = kv * decay[..., None, None] + (f_k * w[..., None])[..., :, None] * v1[..., None, :]
-    z = z * decay[..., None] + f_k * w[..., None]
+    decay, w = _exp_diff(c, new_c), _exp_diff(l_k, new_c)
+    f_kw = f_k * w[..., None]
+    kv = torch.addcmul(kv * decay[..., None, None], f_kw[..., :, None], v1[..., None, :])
+    z = torch.addcmul(f_kw, z, decay[..., None])
     num = (f_q[..., None, :] @ kv)[..., 0, :]
     den = (f_q * z).sum(-1)
-    out = normalise(num[..., None, :], den[..., None], None)[..., 0, :]
+    out = num * _inverse(den)[..., None]  # a query with no visible key returns 0
     return out.to(out_dtype), State(kv, z, new_c)
+
+
+def _exp_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """exp(a - b) for b = max(., a): ``_normalise.exp_diff``'s values (a = -inf gives 0,
+    also when b is -inf, where a - b is NaN) in three ops and without a device sync."""
+    return torch.exp(a - b).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
