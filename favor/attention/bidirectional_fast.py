@@ -136,76 +136,111 @@ class _Bidirectional(torch.autograd.Function):
             den[..., sl] = d
             torch.mul(nd[..., :-1], _inverse(d)[..., None], out=out[..., sl, :])
         ctx.feat, ctx.chunk = feat, chunk
-        kv, z = kvz[..., :-1], kvz[..., -1]
-        ctx.save_for_backward(q, k, v, a, mask, kv, z, c, out, den)
+        ctx.save_for_backward(q, k, v, a, mask, kvz, c, out, den)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, a, mask, kv, z, c, out, den = ctx.saved_tensors
+        q, k, v, a, mask, kvz, c, out, den = ctx.saved_tensors
         feat, chunk = ctx.feat, ctx.chunk
         need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
-        dq = torch.zeros_like(q) if need_q else None
-        dk = torch.zeros_like(k) if need_k else None
-        dv = torch.zeros_like(v) if need_v else None
-        da = None
-        dkv = torch.zeros_like(kv)
-        dz = torch.zeros_like(z)
-        a_leaf = _leaf(a, need_a)
         vjp = getattr(feat, "vjp", None) if not need_a else None
+        if vjp is None:
+            return _backward_autograd(ctx, g, q, k, v, a, mask, kvz[..., :-1], kvz[..., -1], c, out, den)
+        # hand-written feature gradients, no graph. dkvz = [dkv, dz] (M' x E) comes out of
+        # one GEMM per query chunk with dnd = [dnum, dden]; the outputs' gradients are then
+        # GEMMs against kvz and dkvz, and every per-key weight e scales rows of (C x E)
+        # products, never a (C x M') block
+        dq = torch.empty_like(q) if need_q else None
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
+        dkvz = torch.zeros_like(kvz)
+        scratch = Scratch()
         for sl in _slices(q.shape[-2], chunk):
             inv = _inverse(den[..., sl])
             g_c = g[..., sl, :]
-            dnum = g_c * inv[..., None]
-            dden = -(g_c * out[..., sl, :]).sum(-1) * inv
-            if vjp is not None:  # hand-written feature gradient, no graph
-                qc = q[..., sl, :]
-                fq = feat(qc, a).values
-            else:
-                with torch.enable_grad():
-                    qc = _leaf(q[..., sl, :], need_q)
-                    fq = feat(qc, a_leaf).values
-            fq_d = fq.detach()
-            dkv += fq_d.mT @ dnum
-            dz += (fq_d.mT @ dden[..., None])[..., 0]
-            if need_q or need_a:
-                dfq = dnum @ kv.mT + dden[..., None] * z[..., None, :]
-                if vjp is not None:
-                    dq[..., sl, :] = vjp(qc, a, fq_d, dfq, None)
-                    continue
-                gq, ga = _grad([fq], [qc, a_leaf], [dfq])
-                if gq is not None:
-                    dq[..., sl, :] = gq
-                da = _add(da, ga)
-        if need_k or need_v or need_a:
+            dnd = scratch("dnd", (*g_c.shape[:-1], g_c.shape[-1] + 1), g_c)
+            torch.mul(g_c, inv[..., None], out=dnd[..., :-1])
+            torch.mul((g_c * out[..., sl, :]).sum(-1), inv, out=dnd[..., -1]).neg_()
+            qc = q[..., sl, :]
+            fq = scratch.features(feat, qc, a, "fq", log_scale=False).values
+            _accumulate(dkvz, fq.mT, dnd)
+            if need_q:
+                dq[..., sl, :] = vjp(qc, a, fq, scratch.matmul("dfq", dnd, kvz.mT), None)
+        if need_k or need_v:
             for sl in _slices(k.shape[-2], chunk):
-                v_c = v[..., sl, :]
-                if vjp is not None:
-                    kc = k[..., sl, :]
-                    f = feat(kc, a)
-                    vals, ls = masked_keys(f, _mask_at(mask, sl))
-                    e = exp_diff(ls, c[..., None])  # c is the final max: a constant
-                    w = vals * e[..., None]
-                else:
-                    with torch.enable_grad():
-                        kc = _leaf(k[..., sl, :], need_k)
-                        vals, ls = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
-                        w = vals * exp_diff(ls, c[..., None])[..., None]
+                kc = k[..., sl, :]
+                f = scratch.features(feat, kc, a, "fk")
+                vals, ls = masked_keys(f, _mask_at(mask, sl))
+                e = exp_diff(ls, c[..., None])[..., None]  # c is the final max: a constant
+                p = scratch.matmul("p", vals, dkvz)  # (C x E): phi(k) [dkv, dz]
                 if need_v:
-                    dv[..., sl, :] = w.detach() @ dkv
-                if need_k or need_a:
-                    dw = v_c @ dkv.mT + dz[..., None, :]
-                    if vjp is not None:
-                        d_ls = (dw * w).sum(-1)
-                        dk[..., sl, :] = vjp(kc, a, f.values, dw.mul_(e[..., None]), d_ls)
-                        continue
-                    gk, ga = _grad([w], [kc, a_leaf], [dw])
-                    if gk is not None:
-                        dk[..., sl, :] = gk
-                    da = _add(da, ga)
-        if need_a and da is None:
-            da = torch.zeros_like(a)
-        return dq, dk, dv, da, None, None, None
+                    torch.mul(p[..., :-1], e, out=dv[..., sl, :])
+                if need_k:
+                    v1e = _ones_column(v[..., sl, :]).mul_(e)
+                    # d log_scale_j = sum_m dw_jm w_jm = e_j [v_j, 1] . p_j
+                    d_ls = (v1e * p).sum(-1)
+                    dk[..., sl, :] = vjp(kc, a, f.values, scratch.matmul("dw", v1e, dkvz.mT), d_ls)
+        return dq, dk, dv, None, None, None, None
+
+
+def _ones_column(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a @ b in the GEMM itself (beta = 1): no temporary, no extra pass."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out
+
+
+def _backward_autograd(ctx, g, q, k, v, a, mask, kv, z, c, out, den):
+    """Backward through per-chunk autograd graphs of the features: when A (FAVOR++'s
+    data-adaptive parameter) needs a gradient, or the map has no hand-written one."""
+    feat, chunk = ctx.feat, ctx.chunk
+    need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
+    dq = torch.zeros_like(q) if need_q else None
+    dk = torch.zeros_like(k) if need_k else None
+    dv = torch.zeros_like(v) if need_v else None
+    da = None
+    dkv = torch.zeros_like(kv)
+    dz = torch.zeros_like(z)
+    a_leaf = _leaf(a, need_a)
+    for sl in _slices(q.shape[-2], chunk):
+        inv = _inverse(den[..., sl])
+        g_c = g[..., sl, :]
+        dnum = g_c * inv[..., None]
+        dden = -(g_c * out[..., sl, :]).sum(-1) * inv
+        with torch.enable_grad():
+            qc = _leaf(q[..., sl, :], need_q)
+            fq = feat(qc, a_leaf).values
+        fq_d = fq.detach()
+        dkv += fq_d.mT @ dnum
+        dz += (fq_d.mT @ dden[..., None])[..., 0]
+        if need_q or need_a:
+            dfq = dnum @ kv.mT + dden[..., None] * z[..., None, :]
+            gq, ga = _grad([fq], [qc, a_leaf], [dfq])
+            if gq is not None:
+                dq[..., sl, :] = gq
+            da = _add(da, ga)
+    if need_k or need_v or need_a:
+        for sl in _slices(k.shape[-2], chunk):
+            v_c = v[..., sl, :]
+            with torch.enable_grad():
+                kc = _leaf(k[..., sl, :], need_k)
+                vals, ls = masked_keys(feat(kc, a_leaf), _mask_at(mask, sl))
+                w = vals * exp_diff(ls, c[..., None])[..., None]
+            if need_v:
+                dv[..., sl, :] = w.detach() @ dkv
+            if need_k or need_a:
+                dw = v_c @ dkv.mT + dz[..., None, :]
+                gk, ga = _grad([w], [kc, a_leaf], [dw])
+                if gk is not None:
+                    dk[..., sl, :] = gk
+                da = _add(da, ga)
+    if need_a and da is None:
+        da = torch.zeros_like(a)
+    return dq, dk, dv, da, None, None, None
 
 
 def bidirectional_fast(

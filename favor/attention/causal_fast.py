@@ -28,7 +28,18 @@ from __future__ import annotations
 import torch
 
 from ._normalise import exp_diff, masked_keys
-from .bidirectional_fast import FeatFn, Scratch, _add, _grad, _inverse, _leaf, _mask_at, _slices
+from .bidirectional_fast import (
+    FeatFn,
+    Scratch,
+    _accumulate,
+    _add,
+    _grad,
+    _inverse,
+    _leaf,
+    _mask_at,
+    _ones_column,
+    _slices,
+)
 from .state import State
 
 __all__ = ["causal_fast", "DEFAULT_CAUSAL_CHUNK", "BLOCK_CHUNKS"]
@@ -48,10 +59,6 @@ def _rows(x: torch.Tensor, n: int, c: int, fill: float = 0.0) -> torch.Tensor:
     if pad:
         x = torch.cat([x, x.new_full((*x.shape[:-2], pad, x.shape[-1]), fill)], dim=-2)
     return x.unflatten(-2, (n, c))
-
-
-def _ones_column(v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
 class _Terms:
@@ -222,12 +229,6 @@ class _Causal(torch.autograd.Function):
         d_kv0 = dkvz[..., :-1] if ctx.needs_input_grad[5] else None
         d_z0 = dkvz[..., -1] if ctx.needs_input_grad[6] else None
         return dq, dk, dv, da, None, d_kv0, d_z0, None, None, None
-
-
-def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out += a @ b in the GEMM itself (beta = 1): no (C x M') temporary, no extra pass."""
-    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
-    return out
 
 
 def _scan(kvz: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor, scratch: Scratch):
