@@ -138,7 +138,25 @@ def _oprf(w: torch.Tensor, root: float):
             dx = dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
         return dx
 
+    def vjp_a(x: torch.Tensor, a: torch.Tensor, values, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
+        """(dL/dx, dL/dA) when A itself depends on the data. In natural units the exponent is
+        E = s root x.w + A |w|^2 with s = sqrt(1 - 4A), and the log scale carries
+        (D/4) log(1 - 4A): dE/dA = -2 root x.w / s + |w|^2, and with G = d_values * values
+        sum G root x.w = sum x . (G w_a ln 2) / s, the values' part of dx."""
+        w_a = cached(x, a)[0]
+        rows, lead = x.shape[-2], x.shape[:-2]
+        g = d_values.mul_(values)
+        dx = torch.bmm(g.reshape(-1, rows, w_a.shape[-2]), w_a * LN2).view(x.shape)
+        one_minus_4a = (1.0 - 4.0 * a.to(x.dtype)).expand(lead)
+        w_sq = w.to(x.dtype).square().sum(-1)  # (M,)
+        da = (-2.0 / one_minus_4a) * (x * dx).sum((-2, -1)) + g.sum(-2) @ w_sq
+        if d_log_scale is not None:
+            da = da - (x.shape[-1] / one_minus_4a) * d_log_scale.sum(-1)
+            dx = dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
+        return dx, da
+
     feat.vjp = vjp
+    feat.vjp_a = vjp_a
     return feat
 
 

@@ -144,16 +144,26 @@ class _Bidirectional(torch.autograd.Function):
         q, k, v, a, mask, kvz, c, out, den = ctx.saved_tensors
         feat, chunk = ctx.feat, ctx.chunk
         need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
-        vjp = getattr(feat, "vjp", None) if not need_a else None
+        # hand-written feature gradients, no graph: ``vjp`` -> dx, or with A in the graph
+        # (FAVOR++'s data-adaptive A) ``vjp_a`` -> (dx, dA)
+        vjp = getattr(feat, "vjp_a" if need_a else "vjp", None)
         if vjp is None:
             return _backward_autograd(ctx, g, q, k, v, a, mask, kvz[..., :-1], kvz[..., -1], c, out, den)
-        # hand-written feature gradients, no graph. dkvz = [dkv, dz] (M' x E) comes out of
-        # one GEMM per query chunk with dnd = [dnum, dden]; the outputs' gradients are then
-        # GEMMs against kvz and dkvz, and every per-key weight e scales rows of (C x E)
-        # products, never a (C x M') block
+        # dkvz = [dkv, dz] (M' x E) comes out of one GEMM per query chunk with dnd = [dnum,
+        # dden]; the outputs' gradients are then GEMMs against kvz and dkvz, and every
+        # per-key weight e scales rows of (C x E) products, never a (C x M') block
         dq = torch.empty_like(q) if need_q else None
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None
+        da = [] if need_a else None
+
+        def feature_grad(x, values, d_values, d_log_scale):
+            if da is None:
+                return vjp(x, a, values, d_values, d_log_scale)
+            dx, da_part = vjp(x, a, values, d_values, d_log_scale)
+            da.append(da_part)
+            return dx
+
         dkvz = torch.zeros_like(kvz)
         scratch = Scratch()
         for sl in _slices(q.shape[-2], chunk):
@@ -165,9 +175,11 @@ class _Bidirectional(torch.autograd.Function):
             qc = q[..., sl, :]
             fq = scratch.features(feat, qc, a, "fq", log_scale=False).values
             _accumulate(dkvz, fq.mT, dnd)
-            if need_q:
-                dq[..., sl, :] = vjp(qc, a, fq, scratch.matmul("dfq", dnd, kvz.mT), None)
-        if need_k or need_v:
+            if need_q or need_a:
+                dx = feature_grad(qc, fq, scratch.matmul("dfq", dnd, kvz.mT), None)
+                if need_q:
+                    dq[..., sl, :] = dx
+        if need_k or need_v or need_a:
             for sl in _slices(k.shape[-2], chunk):
                 kc = k[..., sl, :]
                 f = scratch.features(feat, kc, a, "fk")
@@ -176,12 +188,16 @@ class _Bidirectional(torch.autograd.Function):
                 p = scratch.matmul("p", vals, dkvz)  # (C x E): phi(k) [dkv, dz]
                 if need_v:
                     torch.mul(p[..., :-1], e, out=dv[..., sl, :])
-                if need_k:
+                if need_k or need_a:
                     v1e = _ones_column(v[..., sl, :]).mul_(e)
                     # d log_scale_j = sum_m dw_jm w_jm = e_j [v_j, 1] . p_j
                     d_ls = (v1e * p).sum(-1)
-                    dk[..., sl, :] = vjp(kc, a, f.values, scratch.matmul("dw", v1e, dkvz.mT), d_ls)
-        return dq, dk, dv, None, None, None, None
+                    dx = feature_grad(kc, f.values, scratch.matmul("dw", v1e, dkvz.mT), d_ls)
+                    if need_k:
+                        dk[..., sl, :] = dx
+        if da is not None:
+            da = torch.stack(da).sum(0).sum_to_size(a.shape)
+        return dq, dk, dv, da, None, None, None
 
 
 def _ones_column(v: torch.Tensor) -> torch.Tensor:

@@ -328,6 +328,24 @@ def test_row_features_vjp_equals_autograd(gen, kernel):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+def test_oprf_row_features_vjp_a_equals_autograd(gen):
+    """With FAVOR++'s A in the graph (data-adaptive), the hand-written (dx, dA) equal
+    autograd's through values and log scale, for every head's own A."""
+    fm = _map("oprf", d=8, m=16)
+    feat = row_features(fm, 0.6)
+    x = torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.linspace(-0.3, -0.02, 6, dtype=torch.float64).view(2, 3).requires_grad_(True)
+    f = feat(x, a)
+    dvals = torch.randn(f.values.shape, generator=gen, dtype=torch.float64)
+    dls = torch.randn(f.log_scale.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad([f.values, f.log_scale], (x, a), [dvals, dls])
+    with torch.no_grad():
+        x0, a0 = x.detach(), a.detach()
+        got = feat.vjp_a(x0, a0, feat(x0, a0).values, dvals.clone(), dls)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
+
+
 def test_bidirectional_fast_matches_simple_path_directly(gen):
     fm = _map("hyperbolic")
     q, k, v = _qkv(gen, shape=(2, 3, 19, 8))
