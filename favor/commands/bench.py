@@ -18,6 +18,7 @@ from ..bench import (
     CONTENDERS,
     BenchConfig,
     check_contender,
+    decode_flatness,
     decode_latency,
     flops,
     machine_info,
@@ -316,13 +317,18 @@ def run(args) -> int:
         _ratio_table(report["rows"]),
     )
     decode = []
-    for ctx in [int(x) for x in args.decode_contexts.split(",") if x]:
+    contexts = [int(x) for x in args.decode_contexts.split(",") if x]
+    for ctx in contexts:
         with torch.no_grad():
             decode.append(decode_latency(ctx, cfg, steps=20 if args.quick else 100))
     if decode:
+        # favor's per-token cost with the contexts taking turns (no drift between them)
+        flat = decode_flatness(tuple(contexts), cfg, steps=20 if args.quick else 50, rounds=3 if args.quick else 6)
+        for d in decode:
+            d["favor_step_s"] = flat[d["context"]]
         base = decode[0]["favor_step_s"]
         _print_table(
-            "decoding: seconds per token (median), favor.step vs SDPA with a KV cache",
+            "decoding: seconds per token (median), favor.step (contexts taking turns) vs SDPA with a KV cache",
             ["context", "favor us/token", "vs first context", "SDPA+KV cache us/token", "SDPA / favor"],
             [
                 [
