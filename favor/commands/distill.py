@@ -34,12 +34,6 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--max-length", type=int, help="training tokens per passage (default 64; 160 for a masked LM: whole V regions)"
     )
-    parser.add_argument(
-        "--segmentations",
-        type=int,
-        default=1,
-        help="text: also train on N-1 re-cut copies of the training text (favor.hf.corpus.resegment; default 1)",
-    )
     parser.add_argument("--maskings", type=int, default=4, help="masked copies of each training sequence (masked LMs)")
     parser.add_argument("--eval-max-length", type=int, help="held-out tokens per passage (default 128; 160 masked LM)")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of the trained weights (default 5e-4)")
@@ -118,9 +112,6 @@ def run(args) -> int:
         ]
         mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=0)
     else:
-        from favor.hf.corpus import resegment
-
-        train = train + [t for seed in range(1, args.segmentations) for t in resegment(train, seed=seed)]
         batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=length)
     ev = tokenize_batches(tok, held, batch_size=32, max_length=max_length(args.eval_max_length, kind, 128))
     t0 = time.perf_counter()
@@ -193,7 +184,6 @@ def run(args) -> int:
         "projection": args.projection,
         "key_shift": args.key_shift,
         "max_length": length,
-        "segmentations": args.segmentations,
         "training_texts": len(train),
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,

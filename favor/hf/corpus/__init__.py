@@ -7,12 +7,10 @@
 from __future__ import annotations
 
 import gzip
-import random
-import re
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["load_text", "resegment", "SPLITS"]
+__all__ = ["load_text", "SPLITS"]
 
 SPLITS = ("train", "heldout")
 
@@ -33,25 +31,3 @@ def load_text(split: str | Path) -> list[str]:
     if not lines:
         raise ValueError(f"no text in {split!r}")
     return lines
-
-
-_SENTENCE_END = re.compile(r"(?<=[.;:?!])\s+")
-
-
-def resegment(lines: list[str], *, seed: int, min_sentences: int = 2, max_sentences: int = 6) -> list[str]:
-    """The same text cut into different passages: ``lines`` joined, split after sentence and
-    clause ends (. ; : ? !), regrouped into runs of ``min_sentences``..``max_sentences``
-    consecutive pieces drawn with ``seed``. Distillation uses several seeds so that the
-    student sees each stretch of text in many contexts and at many positions."""
-    if not 1 <= min_sentences <= max_sentences:
-        raise ValueError(f"need 1 <= min_sentences <= max_sentences, got {min_sentences}, {max_sentences}")
-    pieces = [p for p in _SENTENCE_END.split(" ".join(lines)) if p]
-    rng = random.Random(seed)
-    out, i = [], rng.randrange(min_sentences)  # a seeded start, so no two seeds share every boundary
-    if i:
-        out.append(" ".join(pieces[:i]))
-    while i < len(pieces):
-        n = rng.randint(min_sentences, max_sentences)
-        out.append(" ".join(pieces[i : i + n]))
-        i += n
-    return out
