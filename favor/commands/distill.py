@@ -3,7 +3,8 @@
 Loads --model (softmax), performerizes a copy (derf, M=256, calibrated on the training text),
 fits each layer's adapter to its softmax attention (--fit-steps), then trains the attention
 query/key projections and the adapters (--train) to reproduce the softmax model's hidden
-states and mean-pooled embeddings (and token distributions, for LMs), and saves it to --out
+states and mean-pooled embeddings (and token distributions, for LMs), with every layer's
+FAVOR output also matched to softmax attention on its own q, k, v (--attention-weight), and saves it to --out
 (load with favor.hf.from_pretrained). Default budget: 8 minutes of training after fitting,
 under 10 minutes in all on this CPU. Writes distill.json and distill.png (loss and held-out embedding cosine per step).
 A protein masked LM (``--model antiberty``) trains on the antibody V regions' training split
@@ -53,8 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--attention-weight",
         type=float,
-        default=0.0,
-        help="weight of attention transfer: each layer's FAVOR output against softmax on its own q, k, v",
+        default=1.0,
+        help="weight of attention transfer: each layer's FAVOR output against softmax on its own q, k, v (default 1)",
     )
     parser.add_argument("--seed", type=int, default=0)
     add_feature_arguments(parser)
