@@ -90,10 +90,10 @@ def ig_v_regions(records: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _metastudent_records(root: Path) -> Iterable[tuple[str, str]]:
     from ..data.blastdb import read_blastdb
-    from ..data.swissprot import _SUBDIR
+    from ..data.swissprot import DATASET_DIR
 
     for onto in ("MFO", "BPO", "CCO"):
-        base = root / _SUBDIR / onto / "goasp.fasta"
+        base = root / DATASET_DIR / onto / "goasp.fasta"
         if not Path(f"{base}.pin").is_file():
             raise FileNotFoundError(f"{base}.pin does not exist: expected an unpacked metastudent-data under {root}")
         for i, (acc, seq) in enumerate(read_blastdb(base)):
