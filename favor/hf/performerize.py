@@ -242,7 +242,8 @@ def performerize(
     ``calibration``: batches (dicts of model inputs, e.g. a tokenizer's output) on which the
     softmax model's queries and keys are measured to fit, per layer and head, the key shift,
     the query/key balancing map and FAVOR++'s rho (``key_shift``, ``balance``,
-    ``calibrate_rho`` switch them). ``kernel="derf"``: dense-exponential features, a matrix A
+    ``calibrate_rho`` switch them; ``key_shift="sequence"`` also shifts each sequence's keys by
+    its own pair mean at run time in bidirectional layers). ``kernel="derf"``: dense-exponential features, a matrix A
     per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
