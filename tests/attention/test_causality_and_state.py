@@ -106,3 +106,28 @@ def test_state_absorbs_keys_of_any_magnitude(gen):
     big = big / big.norm(dim=-1, keepdim=True) * 60
     out, state = favor.step(state, big, big, randn(gen, 2, 3, 5, dtype=torch.float32), fm)
     assert torch.isfinite(out).all() and torch.isfinite(state.kv).all()
+
+
+@pytest.mark.parametrize("kernel", ["positive", "oprf"])
+def test_step_follows_a_redraw_and_a_new_rho_and_stays_picklable(gen, kernel):
+    """step() keeps its features from token to token; a redraw in place (or, for FAVOR++, a
+    new rho) must still give the new map's outputs, and the map must still pickle."""
+    import pickle
+
+    fm = make_fm(kernel)
+    q, k, v = qkv(gen, lq=5, lk=5)
+    state = None
+    for t in range(3):
+        _, state = favor.step(state, q[..., t, :], k[..., t, :], v[..., t, :], fm)
+    before, _ = favor.step(state, q[..., 3, :], k[..., 3, :], v[..., 3, :], fm)
+    changes = [lambda: fm.redraw(generator=torch.Generator().manual_seed(7))]
+    if kernel == "oprf":
+        changes.append(lambda: fm.rho.fill_(0.3))
+    for change in changes:
+        change()
+        got, _ = favor.step(state, q[..., 3, :], k[..., 3, :], v[..., 3, :], fm)
+        fresh = pickle.loads(pickle.dumps(fm))  # a copy that has never stepped
+        want, _ = favor.step(state, q[..., 3, :], k[..., 3, :], v[..., 3, :], fresh)
+        assert torch.equal(got, want)
+        assert not torch.equal(got, before)
+        before = got
