@@ -39,6 +39,14 @@ def _square_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1).square_()
 
 
+def _with_norm_grad(dx: torch.Tensor, x: torch.Tensor, d_log_scale, half_r2: float) -> torch.Tensor:
+    """dx plus the log scale's part: log_scale carries -root^2 |x|^2 / 2 (the shift is a
+    constant), so dL/dx gains -d_log_scale * root^2 x."""
+    if d_log_scale is None:
+        return dx
+    return dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
+
+
 def _positive(w: torch.Tensor, root: float):
     log_m = 0.5 * math.log(w.shape[0])
     half_r2 = 0.5 * root * root
@@ -66,10 +74,7 @@ def _positive(w: torch.Tensor, root: float):
     def vjp(x, a, values: torch.Tensor, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
         """dL/dx from dL/dvalues and dL/dlog_scale without an autograd graph (the shift is a
         constant): values = exp(root x W^T - shift), log_scale = shift - root^2 |x|^2/2 - log(M)/2."""
-        dx = d_values.mul_(values) @ (w.to(x.dtype) * root)
-        if d_log_scale is not None:
-            dx = dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
-        return dx
+        return _with_norm_grad(d_values.mul_(values) @ (w.to(x.dtype) * root), x, d_log_scale, half_r2)
 
     feat.vjp = vjp
     return feat
@@ -128,32 +133,29 @@ def _oprf(w: torch.Tensor, root: float):
             return Features(values, None)
         return Features(values, shift * LN2 - half_r2 * _square_norm(x) + log_const)
 
-    def vjp(x: torch.Tensor, a: torch.Tensor, values, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
-        """dL/dx for a constant A (no graph): values = exp2(x w_a^T + bias - shift), so
-        d values / dx = values ln(2) w_a; log_scale = shift ln 2 - root^2 |x|^2 / 2 + const."""
+    def values_grad(x: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The values' part of dL/dx, g = d_values * values: values = exp2(x w_a^T + bias -
+        shift), so d values / dx = values ln(2) w_a."""
         w_a = cached(x, a)[0]
-        rows = x.shape[-2]
-        dx = torch.bmm(d_values.mul_(values).reshape(-1, rows, w_a.shape[-2]), w_a * LN2).view(x.shape)
-        if d_log_scale is not None:
-            dx = dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
-        return dx
+        return torch.bmm(g.reshape(-1, x.shape[-2], w_a.shape[-2]), w_a * LN2).view(x.shape)
+
+    def vjp(x: torch.Tensor, a: torch.Tensor, values, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
+        """dL/dx for a constant A (no graph)."""
+        return _with_norm_grad(values_grad(x, a, d_values.mul_(values)), x, d_log_scale, half_r2)
 
     def vjp_a(x: torch.Tensor, a: torch.Tensor, values, d_values: torch.Tensor, d_log_scale: torch.Tensor | None):
         """(dL/dx, dL/dA) when A itself depends on the data. In natural units the exponent is
         E = s root x.w + A |w|^2 with s = sqrt(1 - 4A), and the log scale carries
         (D/4) log(1 - 4A): dE/dA = -2 root x.w / s + |w|^2, and with G = d_values * values
         sum G root x.w = sum x . (G w_a ln 2) / s, the values' part of dx."""
-        w_a = cached(x, a)[0]
-        rows, lead = x.shape[-2], x.shape[:-2]
         g = d_values.mul_(values)
-        dx = torch.bmm(g.reshape(-1, rows, w_a.shape[-2]), w_a * LN2).view(x.shape)
-        one_minus_4a = (1.0 - 4.0 * a.to(x.dtype)).expand(lead)
+        dx = values_grad(x, a, g)
+        one_minus_4a = (1.0 - 4.0 * a.to(x.dtype)).expand(x.shape[:-2])
         w_sq = w.to(x.dtype).square().sum(-1)  # (M,)
         da = (-2.0 / one_minus_4a) * (x * dx).sum((-2, -1)) + g.sum(-2) @ w_sq
         if d_log_scale is not None:
             da = da - (x.shape[-1] / one_minus_4a) * d_log_scale.sum(-1)
-            dx = dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
-        return dx, da
+        return _with_norm_grad(dx, x, d_log_scale, half_r2), da
 
     feat.vjp = vjp
     feat.vjp_a = vjp_a
