@@ -37,3 +37,22 @@ def add_feature_arguments(parser) -> None:
     parser.add_argument(
         "--key-shift", default="pair", help="pair (default: calibrated constant), sequence (per sequence), keys, none"
     )
+    parser.add_argument(
+        "--exact-window",
+        type=int,
+        default=-1,
+        help="exact weights for keys within W positions of each query, FAVOR for the rest (default -1: none)",
+    )
+    parser.add_argument(
+        "--exact-sinks", type=int, default=0, help="exact weights for the first N tokens too (default 0)"
+    )
+
+
+def feature_options(args) -> dict:
+    """performerize's keyword arguments from the options of ``add_feature_arguments``."""
+    return {
+        "projection": args.projection,
+        "key_shift": args.key_shift,
+        "exact_window": args.exact_window,
+        "exact_sinks": args.exact_sinks,
+    }

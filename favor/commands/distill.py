@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from ._hf import add_feature_arguments, load_softmax_or_report, max_length, texts
+from ._hf import add_feature_arguments, feature_options, load_softmax_or_report, max_length, texts
 
 
 def add_arguments(parser) -> None:
@@ -122,8 +122,7 @@ def run(args) -> int:
         num_features=args.num_features,
         seed=args.seed,
         calibration=batches[:2],
-        projection=args.projection,
-        key_shift=args.key_shift,
+        **feature_options(args),
     )
     if args.fit_steps:
         from favor.hf.fit import fit_adapters
@@ -182,8 +181,7 @@ def run(args) -> int:
         "adapter_lr": args.adapter_lr,
         "logit_weight": args.logit_weight,
         "attention_weight": args.attention_weight,
-        "projection": args.projection,
-        "key_shift": args.key_shift,
+        **feature_options(args),
         "max_length": length,
         "training_texts": len(train),
         "seconds": round(time.perf_counter() - t0, 1),

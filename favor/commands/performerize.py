@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from ._hf import add_feature_arguments, load_softmax_or_report, max_length, texts
+from ._hf import add_feature_arguments, feature_options, load_softmax_or_report, max_length, texts
 
 DEFAULT_KERNELS = ("positive", "oprf", "derf")
 DEFAULT_M = (64, 256, 1024)
@@ -125,8 +125,7 @@ def run(args) -> int:
             num_features=m,
             seed=args.seed,
             calibration=cb if mode != "naive" else None,
-            projection=args.projection,
-            key_shift=args.key_shift,
+            **feature_options(args),
         )
         results = [(mode, model)]
         if mode == "calibrated" and args.fit_steps:
@@ -156,8 +155,7 @@ def run(args) -> int:
         "model": str(args.model),
         "dtype": str(next(base.parameters()).dtype),
         "held_out": {"text": args.text, "passages": len(held), "max_length": length},
-        "projection": args.projection,
-        "key_shift": args.key_shift,
+        **feature_options(args),
         "calibration": {"text": args.calibration_text, "passages": len(cal), "fit_steps": args.fit_steps},
         "seed": args.seed,
         **(

@@ -147,11 +147,23 @@ class FavorAdapter(nn.Module):
     sequence (bidirectional layers only), before the constant shift."""
 
     def __init__(
-        self, feature_map: FeatureMap, *, heads: int, dim: int, dense: bool = False, sequence_shift: bool = False
+        self,
+        feature_map: FeatureMap,
+        *,
+        heads: int,
+        dim: int,
+        dense: bool = False,
+        sequence_shift: bool = False,
+        exact_window: int = -1,
+        exact_sinks: int = 0,
     ) -> None:
         super().__init__()
+        for name, value, low in (("exact_window", exact_window, -1), ("exact_sinks", exact_sinks, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.feature_map = feature_map
         self.heads, self.dim, self.dense, self.sequence_shift = heads, dim, dense, sequence_shift
+        self.exact_window, self.exact_sinks = exact_window, exact_sinks
         eye = torch.eye(dim).expand(heads, dim, dim).clone()
         self.register_buffer("key_shift", torch.zeros(heads, dim))
         self.register_buffer("query_map", eye.clone())
@@ -166,9 +178,41 @@ class FavorAdapter(nn.Module):
             self.register_buffer("dense_a", torch.zeros(heads, dim, dtype=torch.float64))
             self.register_buffer("dense_kappa", torch.ones((), dtype=torch.float64))
 
+    @property
+    def local(self) -> bool:
+        """Whether some keys' weights are exact (``exact_window`` >= 0 or ``exact_sinks`` > 0; local.py)."""
+        return self.exact_window >= 0 or self.exact_sinks > 0
+
     def extra_repr(self) -> str:
         extra = (", dense" if self.dense else "") + (", sequence_shift" if self.sequence_shift else "")
+        if self.local:
+            extra += f", exact_window={self.exact_window}, exact_sinks={self.exact_sinks}"
         return f"heads={self.heads}, dim={self.dim}{extra}"
+
+    def log_const(self, dtype: torch.dtype) -> torch.Tensor | float:
+        """log E[phi(q).phi(k)] - q.k: 0, or for dense features the per-head constant
+        -|a|^2 - sum_i log(1 - 4 a_i) / 2, shaped (H, 1, 1) (module docstring)."""
+        if not self.dense:
+            return 0.0
+        a = self.dense_a.double()
+        c = -(a * a).sum(-1) - 0.5 * torch.log1p(-4.0 * a).sum(-1)
+        return c.to(dtype)[:, None, None]
+
+    def logit_inputs(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scaling: float | None,
+        *,
+        keep: torch.Tensor | None = None,
+        sequence: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q*, k*) whose dot products are the logits that the features of ``inputs`` estimate
+        (up to ``log_const``): the reparametrised q and k times sqrt(scaling)."""
+        qa, kb = self.transform(q, k, keep=keep, sequence=sequence)
+        root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
+        dt = torch.float64 if qa.dtype == torch.float64 else torch.float32
+        return qa.to(dt) * root, kb.to(dt) * root
 
     def inputs(
         self,

@@ -13,7 +13,9 @@ import logging
 import torch
 
 from ..attention import attention as favor_attention
+from ..attention._checks import check_scale, compute_dtype
 from .adapter import FavorAdapter
+from .local import local_exact_attention
 from .masks import plan_from_mask
 
 __all__ = ["favor_attention_forward", "ATTRIBUTE"]
@@ -70,6 +72,33 @@ def adapter_of(module: torch.nn.Module, heads: int | None = None, dim: int | Non
     return _default_adapter(module, heads, dim, device)
 
 
+def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, causal: bool) -> torch.Tensor:
+    """FAVOR with exact local terms (local.py): the adapter's features of (q, k), and the
+    logits they estimate from the raw query and key."""
+    if causal:
+        raise ValueError(
+            "exact_window / exact_sinks support bidirectional (encoder) attention only; "
+            "performerize causal models without them"
+        )
+    dtype = compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    root = check_scale(scale, q.shape[-1]) ** 0.5
+    mask = None if pad is None else pad[:, None, :]  # (B, 1, L): broadcasts over heads
+    fq, fk = adapter.feature_map.pair(q * root, k * root, q_mask=mask, k_mask=mask)
+    qx, kx = adapter.logit_inputs(query, key, scaling, keep=keep)
+    return local_exact_attention(
+        fq,
+        fk,
+        qx.to(dtype),
+        kx.to(dtype),
+        v,
+        window=adapter.exact_window,
+        sinks=adapter.exact_sinks,
+        log_const=adapter.log_const(dtype),
+        key_padding_mask=pad,
+    )
+
+
 def favor_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -98,6 +127,11 @@ def favor_attention_forward(
     keep = None if pad is None else ~pad
     q, k, scale = adapter.inputs(query, key, scaling, keep=keep, sequence=not plan.causal)
     v = value.to(q.dtype)
+    if adapter.local:
+        out = _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, causal=plan.causal)
+        if plan.dead_queries is not None:
+            out = out.masked_fill(plan.dead_queries[:, None, :, None], 0.0)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     if plan.causal and plan.offset > 0:
         # queries sit at the end of the keys (decoding with a cache): run the causal pass over
         # all keys with zero queries in front, so the numbers equal the teacher-forced pass

@@ -67,7 +67,8 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
         raise ValueError(f"transformers has no class {meta['model_class']!r}; pass model_class=")
     model = cls.from_pretrained(directory, attn_implementation="sdpa", **kwargs)
     performer = meta["performer"]
-    config = PerformerConfig(**{k: performer[k] for k in _FIELDS})
+    # fields added later (exact_window, exact_sinks) take their defaults in older saves
+    config = PerformerConfig(**{k: performer[k] for k in _FIELDS if k in performer})
     favor_state = load_file(str(directory / FAVOR_WEIGHTS))
     layers = []
     for name in performer["modules"]:

@@ -52,8 +52,14 @@ class PerformerConfig:
     key_shift: str = "pair"
     balance: bool = True
     calibrate_rho: bool = True
+    exact_window: int = -1
+    exact_sinks: int = 0
 
     def __post_init__(self) -> None:
+        for name, low in (("exact_window", -1), ("exact_sinks", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.kernel != DENSE and (self.kernel not in KERNELS or not KERNELS[self.kernel][0]):
             ok = sorted([DENSE] + [k for k, v in KERNELS.items() if v[0]])
             raise ValueError(f"kernel must be one of {ok} (random-feature kernels), got {self.kernel!r}")
@@ -77,6 +83,7 @@ class _Stats:
         self.sum_q = self.sum_k = self.sq_q = self.sq_k = None
         self.heads = self.dim = None
         self.scaling = None
+        self.causal = False
 
     @staticmethod
     def _acc(x: torch.Tensor, keep: torch.Tensor | None):
@@ -131,6 +138,7 @@ def attention_modules(
             k = k - sequence_pair_mean(query.double(), k.double(), k_keep)
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
+        entry[2].causal = entry[2].causal or plan.causal
 
     batches = list(inputs) if inputs is not None else [model.dummy_inputs]
     with probing(model, record), torch.no_grad():
@@ -166,7 +174,13 @@ def attach_adapters(model: nn.Module, config: PerformerConfig, layers) -> list[F
                 generator=g,
             )
         adapter = FavorAdapter(
-            fm, heads=heads, dim=dim, dense=config.kernel == DENSE, sequence_shift=config.key_shift == "sequence"
+            fm,
+            heads=heads,
+            dim=dim,
+            dense=config.kernel == DENSE,
+            sequence_shift=config.key_shift == "sequence",
+            exact_window=config.exact_window,
+            exact_sinks=config.exact_sinks,
         )
         p = next(module.parameters(), None)
         if p is not None:
@@ -236,6 +250,8 @@ def performerize(
     key_shift: str = "pair",
     balance: bool = True,
     calibrate_rho: bool = True,
+    exact_window: int = -1,
+    exact_sinks: int = 0,
 ) -> nn.Module:
     """Switch ``model`` (a transformers PreTrainedModel) to FAVOR attention in place; returns it.
 
@@ -243,7 +259,10 @@ def performerize(
     softmax model's queries and keys are measured to fit, per layer and head, the key shift,
     the query/key balancing map and FAVOR++'s rho (``key_shift``, ``balance``,
     ``calibrate_rho`` switch them; ``key_shift="sequence"`` also shifts each sequence's keys by
-    its own pair mean at run time in bidirectional layers). ``kernel="derf"``: dense-exponential features, a matrix A
+    its own pair mean at run time in bidirectional layers). ``exact_window`` >= 0 and
+    ``exact_sinks`` > 0 compute the weights of each query's keys within ``exact_window``
+    positions and of the first ``exact_sinks`` tokens exactly, FAVOR the rest (local.py;
+    bidirectional models only; still linear in length). ``kernel="derf"``: dense-exponential features, a matrix A
     per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
@@ -257,9 +276,17 @@ def performerize(
         key_shift=key_shift,
         balance=balance,
         calibrate_rho=calibrate_rho,
+        exact_window=exact_window,
+        exact_sinks=exact_sinks,
     )
     calibrated = calibration is not None
     modules = attention_modules(model, calibration, sequence_shift=key_shift == "sequence")
+    causal = [n for n, _, st in modules if st.causal]
+    if causal and (exact_window >= 0 or exact_sinks > 0):
+        raise ValueError(
+            f"exact_window / exact_sinks support bidirectional attention only, but {causal[0]!r} is causal; "
+            "leave them at their defaults (-1, 0) for decoders"
+        )
     adapters = attach_adapters(model, config, [(m, st.heads, st.dim) for _, m, st in modules])
     if calibrated:
         for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
