@@ -48,9 +48,52 @@ def exact_positions(length: int, window: int, sinks: int, device=None) -> tuple[
     return index.where(ok, torch.zeros_like(index)), ok
 
 
-def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (..., L, C), index (L, E) -> (..., L, E, C)."""
-    return x[..., index, :]
+#: queries per block of the banded products: each block meets BLOCK + 2 W keys
+BLOCK = 64
+
+
+class _Band:
+    """Banded products between each query and its neighbours i - W .. i + W, in blocks of
+    ``BLOCK`` queries, each one GEMM against its BLOCK + 2W keys (zero rows beyond the ends).
+    A band is (..., L, 2W + 1), slot e holding key i + e - W."""
+
+    def __init__(self, length: int, window: int) -> None:
+        self.length, self.window = length, window
+        self.block = min(BLOCK, length)
+        self.blocks = -(-length // self.block)
+        self.padded = self.blocks * self.block
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, C) -> (..., nb, block, C)
+        x = torch.nn.functional.pad(x, (0, 0, 0, self.padded - self.length))
+        return x.reshape(*x.shape[:-2], self.blocks, self.block, x.shape[-1])
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, C) -> (..., nb, C, block + 2W)
+        w = self.window
+        x = torch.nn.functional.pad(x, (0, 0, w, self.padded - self.length + w))
+        return x.unfold(-2, self.block + 2 * w, self.block)
+
+    def products(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a_i . b_j for every query i and neighbour slot, (..., L, 2W + 1); zero off the ends."""
+        full = self._queries(a) @ self._keys(b)  # (..., nb, block, block + 2W)
+        band = torch.stack([torch.diagonal(full, e, -2, -1) for e in range(2 * self.window + 1)], -1)
+        return band.reshape(*band.shape[:-3], self.padded, -1)[..., : self.length, :]
+
+    def weighted_sum(self, coeff: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """sum_e coeff[i, e] v[i + e - W], (..., L, Dv), from a band ``coeff`` (..., L, 2W + 1)."""
+        c, w = self.block, self.window
+        band = self._queries(coeff)  # (..., nb, block, 2W + 1)
+        # skew: row r's slots move to columns r .. r + 2W of a (block, block + 2W) matrix
+        skew = torch.nn.functional.pad(band, (0, c)).flatten(-2)[..., : c * (c + 2 * w)]
+        skew = skew.reshape(*band.shape[:-2], c, c + 2 * w)
+        out = skew @ self._keys(v).transpose(-1, -2)  # (..., nb, block, Dv)
+        return out.reshape(*out.shape[:-3], self.padded, -1)[..., : self.length, :]
+
+    def live(self, live_key: torch.Tensor | None, device) -> torch.Tensor:
+        """Which slots hold a real key: inside the sequence and not padding, (..., L, 2W + 1)."""
+        w, n = self.window, self.length
+        inside = torch.ones(1, n, dtype=torch.bool, device=device) if live_key is None else live_key
+        inside = torch.nn.functional.pad(inside, (w, w))  # False beyond either end
+        return inside.unfold(-1, 2 * w + 1, 1)
 
 
 def local_exact_attention(
@@ -70,11 +113,15 @@ def local_exact_attention(
     fq, fk: features of the queries and keys (..., L, M'); q, k (..., L, D): the inputs whose
     dot products the features estimate (already scaled); v (..., L, Dv); ``log_const``: a
     float or a tensor broadcasting against (..., 1, 1) (per head); ``key_padding_mask`` bool
-    (B, L), True for padding. Returns (..., L, Dv)."""
+    (B, L), True for padding. Returns (..., L, Dv).
+
+    Neighbour terms are banded GEMMs over blocks of queries (``_Band``), so no (L, E, M')
+    tensor is formed and the extra work is ~(BLOCK + 2W) / BLOCK GEMMs the size of the core's."""
     length = q.shape[-2]
     if k.shape[-2] != length:
         raise ValueError(f"exact local terms need as many queries as keys, got {length} and {k.shape[-2]}")
-    index, ok = exact_positions(length, window, sinks, device=q.device)
+    if window < 0 and sinks <= 0:
+        raise ValueError(f"exact local terms need window >= 0 or sinks > 0, got window={window}, sinks={sinks}")
     mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (B, 1, L) over heads
     values, log_scale = masked_keys(fk, mask)
     ref = max_log_scale(log_scale)  # (..., 1): one shift per (batch, head), as key_summary
@@ -82,16 +129,26 @@ def local_exact_attention(
     kv, z = weighted.transpose(-1, -2) @ v, weighted.sum(-2)
     num_rf = fq.values @ kv  # (..., L, Dv), in units of exp(log_scale_q + ref)
     den_rf = (fq.values @ z[..., None])[..., 0]
+    live_key = None if key_padding_mask is None else ~key_padding_mask[:, None, :]  # (B, 1, L)
 
-    near_f = _gather_keys(weighted, index)  # (..., L, E, M')
-    rf_near = (near_f @ fq.values[..., None])[..., 0]  # (..., L, E): the far sum's overcount
-    near_v = _gather_keys(v, index)  # (..., L, E, Dv)
-    logits = (_gather_keys(k, index) @ q[..., None])[..., 0]  # (..., L, E)
-    live = ok
-    if key_padding_mask is not None:
-        live = live & ~key_padding_mask[:, None, index]  # (B, 1, L, E) over heads
-    logits = logits.masked_fill(~live, float("-inf"))
-    rf_near = rf_near.masked_fill(~live, 0.0)
+    # per exact slot of query i: the features' estimate (the far sum's overcount) and the logit
+    rf, logit = [], []  # each (..., L, slots)
+    band = _Band(length, window) if window >= 0 else None
+    if band is not None:
+        rf.append(band.products(fq.values, weighted))
+        live = band.live(live_key, q.device)
+        logit.append(band.products(q, k).masked_fill(~live, float("-inf")))
+    n_sinks = min(sinks, length)
+    if n_sinks:
+        rf.append(fq.values @ weighted[..., :n_sinks, :].transpose(-1, -2))
+        positions = torch.arange(length, device=q.device)[:, None]
+        live = (positions - torch.arange(n_sinks, device=q.device)[None, :]).abs() > window  # not a neighbour
+        if live_key is not None:
+            live = live & live_key[..., None, :n_sinks]
+        logit.append((q @ k[..., :n_sinks, :].transpose(-1, -2)).masked_fill(~live, float("-inf")))
+    logits = torch.cat(logit, -1)  # (..., L, E)
+    rf_near = torch.cat(rf, -1).masked_fill(~torch.isfinite(logits), 0.0)
+
     # exact weights in the far sum's units: exp(s + log_const - log_scale_q - ref)
     q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(den_rf)
     log_exact = logits + log_const - q_scale[..., None] - ref[..., None]
@@ -100,11 +157,16 @@ def local_exact_attention(
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     exact = torch.exp(log_exact - top[..., None])  # -inf (masked) -> 0
     far = torch.exp(-top)
-    far_num = num_rf - (rf_near[..., None] * near_v).sum(-2)
-    far_den = (den_rf - rf_near.sum(-1)).clamp_min(0.0)  # >= 0 in exact arithmetic
-    num = far[..., None] * far_num + (exact[..., None] * near_v).sum(-2)
-    den = far * far_den + exact.sum(-1)
-    return normalise(num, den, None)
+    coeff = exact - far[..., None] * rf_near  # (..., L, E): what each exact key adds to the far sum
+    num = far[..., None] * num_rf
+    slots = 0
+    if band is not None:
+        slots = 2 * window + 1
+        num = num + band.weighted_sum(coeff[..., :slots], v)
+    if n_sinks:
+        num = num + coeff[..., slots:] @ v[..., :n_sinks, :]
+    den = far * den_rf + coeff.sum(-1)
+    return normalise(num, den.clamp_min(0.0), None)
 
 
 def local_exact_reference(

@@ -30,15 +30,19 @@ def test_exact_positions_lists_neighbours_then_new_sinks():
         exact_positions(4, -1, 0)
 
 
-@pytest.mark.parametrize("window,sinks", [(0, 0), (1, 1), (2, 0), (-1, 2), (3, 2)])
-def test_linear_path_equals_explicit_reference_with_gradients(window, sinks):
+@pytest.mark.parametrize(
+    "window,sinks,length", [(0, 0, 9), (1, 1, 9), (2, 0, 9), (-1, 2, 9), (3, 2, 9), (3, 1, 150), (5, 0, 128)]
+)
+def test_linear_path_equals_explicit_reference_with_gradients(window, sinks, length):
+    # 150 and 128 positions: several blocks of the banded products, a ragged last one
     g = torch.Generator().manual_seed(window + 7 * sinks)
-    b, h, length, d, m = 2, 3, 9, 4, 32
+    b, h, d, m = 2, 3, 4, 32
     q = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) * 0.7).requires_grad_(True)
     k = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) * 0.7 + 0.3).requires_grad_(True)
     v = torch.randn(b, h, length, 5, generator=g, dtype=torch.float64, requires_grad=True)
     pad = torch.zeros(b, length, dtype=torch.bool)
     pad[1, 6:] = True
+    pad[0, length - 2 :] = True
     fm = FeatureMap("positive", dim=d, num_features=m, generator=g).double()
     log_const = torch.tensor([0.0, -0.3, 0.5], dtype=torch.float64)[:, None, None]
 
