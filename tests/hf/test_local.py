@@ -168,3 +168,21 @@ def test_log_const_is_the_dense_features_mean_offset(tiny_bert):
     qx, kx = adapter.logit_inputs(q, k, None)
     ratio = est / torch.exp(qx @ kx.transpose(-1, -2) + const)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("window", [-1, 2])
+def test_bfloat16_model_runs_finite_and_near_float32(tiny_bert, window):
+    # FAVOR computes in float32 whatever the model's dtype; bf16 weights and activations
+    # differ from float32 by ~1e-2 relative, far below FAVOR's own error at this M
+    inputs = _inputs()
+    keep = inputs["attention_mask"].bool()
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = fh.performerize(
+            tiny_bert().to(dtype), kernel="derf", num_features=64, calibration=[inputs], exact_window=window
+        )
+        with torch.no_grad():
+            outs[dtype] = model(**inputs).last_hidden_state.float()
+    assert bool(torch.isfinite(outs[torch.bfloat16]).all())
+    err = (outs[torch.bfloat16] - outs[torch.float32])[keep].norm() / outs[torch.float32][keep].norm()
+    assert float(err) < 0.05, float(err)
