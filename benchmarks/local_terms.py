@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     import favor
-    from favor.hf.local import local_exact_attention
+    from favor.hf.local import local_exact_attention, pair_features
 
     b, h, d, m = 1, 8, 64, 256
     mode = "forward+backward" if args.backward else "forward"
@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     root = d**-0.25
 
     def local(q, k, v):
-        qs, ks = q * root, k * root
-        fq, fk = fm.pair(qs, ks)
-        return local_exact_attention(fq, fk, qs, ks, v, window=args.window, sinks=args.sinks)
+        fq, fk = pair_features(fm, q, k, root)
+        return local_exact_attention(fq, fk, q * root, k * root, v, window=args.window, sinks=args.sinks)
 
     fns = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),

@@ -15,7 +15,7 @@ import torch
 from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from .adapter import FavorAdapter
-from .local import local_exact_attention
+from .local import local_exact_attention, pair_features
 from .masks import plan_from_mask
 
 __all__ = ["favor_attention_forward", "ATTRIBUTE"]
@@ -84,7 +84,7 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
     mask = None if pad is None else pad[:, None, :]  # (B, 1, L): broadcasts over heads
-    fq, fk = adapter.feature_map.pair(q * root, k * root, q_mask=mask, k_mask=mask)
+    fq, fk = pair_features(adapter.feature_map, q, k, root, mask)
     qx, kx = adapter.logit_inputs(query, key, scaling, keep=keep)
     return local_exact_attention(
         fq,

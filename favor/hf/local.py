@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from ..attention._fast_features import row_features
 from ..attention._normalise import exp_diff, masked_keys, max_log_scale, normalise
+from ..features.feature_map import FeatureMap
 from ..features.maps import Features
 
-__all__ = ["local_exact_attention", "exact_positions", "local_exact_reference"]
+__all__ = ["local_exact_attention", "pair_features", "exact_positions", "local_exact_reference"]
 
 
 def exact_positions(length: int, window: int, sinks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,23 +50,39 @@ def exact_positions(length: int, window: int, sinks: int, device=None) -> tuple[
     return index.where(ok, torch.zeros_like(index)), ok
 
 
+def pair_features(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, root: float, mask=None):
+    """Features of q * root and k * root (``mask`` bool (..., L), True for padding: FAVOR++'s
+    statistics skip it): the fast paths' row features where the map allows (same numbers,
+    fewer passes), else ``FeatureMap.pair``."""
+    if feature_map.stabilizer != "exact":
+        return feature_map.pair(q * root, k * root, q_mask=mask, k_mask=mask)
+    a = None
+    if feature_map.kernel == "oprf":
+        a = feature_map.oprf_a(q * root, k * root, q_mask=mask, k_mask=mask)
+    feat = row_features(feature_map, root)
+    return feat(q, a), feat(k, a)
+
+
 #: queries per block of the banded products: each block meets BLOCK + 2 W keys
 BLOCK = 64
 
 
 class _Band:
     """Banded products between each query and its neighbours i - W .. i + W, in blocks of
-    ``BLOCK`` queries, each one GEMM against its BLOCK + 2W keys (zero rows beyond the ends).
-    A band is (..., L, 2W + 1), slot e holding key i + e - W."""
+    C = max(``BLOCK``, W) queries: per block one GEMM against its own keys and two thin ones
+    against the W keys either side (so no padded copy of the (L, M') keys is made unless L
+    is not a multiple of C). A band is (..., L, 2W + 1), slot e holding key i + e - W; slots
+    beyond either end hold 0."""
 
     def __init__(self, length: int, window: int) -> None:
         self.length, self.window = length, window
-        self.block = min(BLOCK, length)
+        self.block = min(max(BLOCK, window), length)
         self.blocks = -(-length // self.block)
         self.padded = self.blocks * self.block
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, C) -> (..., nb, block, C)
-        x = torch.nn.functional.pad(x, (0, 0, 0, self.padded - self.length))
+        if self.padded != self.length:
+            x = torch.nn.functional.pad(x, (0, 0, 0, self.padded - self.length))
         return x.reshape(*x.shape[:-2], self.blocks, self.block, x.shape[-1])
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, C) -> (..., nb, C, block + 2W)
@@ -74,8 +92,19 @@ class _Band:
 
     def products(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a_i . b_j for every query i and neighbour slot, (..., L, 2W + 1); zero off the ends."""
-        full = self._queries(a) @ self._keys(b)  # (..., nb, block, block + 2W)
-        band = torch.stack([torch.diagonal(full, e, -2, -1) for e in range(2 * self.window + 1)], -1)
+        w, qa, kb = self.window, self._queries(a), self._queries(b)
+        parts = [qa @ kb.transpose(-1, -2)]  # (..., nb, block, block): the block's own keys
+        if w > 0:
+            edge = qa.new_zeros(*qa.shape[:-1], w)  # (..., nb, block, W)
+            left, right = edge, edge
+            if self.blocks > 1:  # W <= block: the W keys before / after are in the next block over
+                before = qa[..., 1:, :, :] @ kb[..., :-1, self.block - w :, :].transpose(-1, -2)
+                after = qa[..., :-1, :, :] @ kb[..., 1:, :w, :].transpose(-1, -2)
+                left = torch.cat([edge[..., :1, :, :], before], -3)
+                right = torch.cat([after, edge[..., :1, :, :]], -3)
+            parts = [left, parts[0], right]
+        full = torch.cat(parts, -1) if len(parts) > 1 else parts[0]  # (..., nb, block, block + 2W)
+        band = torch.stack([torch.diagonal(full, e, -2, -1) for e in range(2 * w + 1)], -1)
         return band.reshape(*band.shape[:-3], self.padded, -1)[..., : self.length, :]
 
     def weighted_sum(self, coeff: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,37 @@ def test_window_over_the_whole_sequence_is_softmax_attention(tiny_bert, kernel, 
         torch.testing.assert_close(got[keep], ref[keep], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["positive", "oprf", "derf"])
+def test_model_path_equals_the_explicit_reference(tiny_bert, kernel):
+    # favor_attention_forward (fast row features, FAVOR++'s per-head A, the dense constant)
+    # against the quadratic reference built from the map's own explicit kernel estimate
+    inputs = _inputs()
+    pad = ~inputs["attention_mask"].bool()
+    keep = ~pad
+    model = fh.performerize(
+        tiny_bert(), kernel=kernel, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1
+    )
+    for module, recorded in record_attention(model, [inputs]).items():
+        q, k, v, mask, scaling, _, _, _ = recorded[0]
+        q, k, v = q.double(), k.double(), v.double()
+        got, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling)
+        adapter = module.favor
+        qf, kf, scale = adapter.inputs(q, k, scaling, keep=keep)
+        root = (q.shape[-1] ** -0.5 if scale is None else scale) ** 0.5
+        kernel_est = adapter.feature_map.double().estimate_kernel(qf * root, kf * root)
+        qx, kx = adapter.logit_inputs(q, k, scaling, keep=keep)
+        ref = local_exact_reference(
+            kernel_est,
+            qx @ kx.transpose(-1, -2),
+            v,
+            window=1,
+            sinks=1,
+            log_const=adapter.log_const(torch.float64),
+            key_padding_mask=pad,
+        ).transpose(1, 2)
+        torch.testing.assert_close(got[keep], ref[keep], rtol=1e-9, atol=1e-9)
+
+
 def test_local_terms_cut_the_error_of_a_small_feature_count(tiny_bert):
     # fixed seeds; at M=8 FAVOR alone errs by ~14 % on this random model (no locality, so the
     # gain is modest: 0.139 -> 0.116); a wrong log_const or sign makes it worse, not better
