@@ -10,6 +10,8 @@ under 10 minutes in all on this CPU. Writes distill.json and distill.png (loss a
 A protein masked LM (``--model antiberty``) trains on the antibody V regions' training split
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
+With --exact-window W --exact-sinks S the student computes each query's neighbours and the
+first S tokens exactly, FAVOR the rest (favor.hf.local): MiniLM reaches 0.99 with W=8, S=1.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ dense-exponential features' per-direction parameters; optionally fitted with
 embeddings (mean pooling) and each layer's relative attention-output error. JSON + PNG in --out.
 A protein masked LM (``--model antiberty``) is calibrated on and evaluated with Swiss-Prot
 antibody V regions (favor.hf.antibodies) and also reports masked-residue accuracy (15 % of the
-held-out residues masked, fixed seed) next to the softmax model's.
+held-out residues masked, fixed seed) next to the softmax model's. --exact-window W and
+--exact-sinks S make each query's neighbours and the first S tokens exact (favor.hf.local).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
     >>> favor.hf.save_pretrained(model, "out/")
     >>> model = favor.hf.from_pretrained("out/")
 
+For a pretrained encoder, ``exact_window=8, exact_sinks=1`` (favor.hf.local) computes each
+query's neighbours and first token exactly and FAVOR the rest, still linear in length.
+
 Importing this package registers ``attn_implementation="favor"`` with transformers.
 """
 
