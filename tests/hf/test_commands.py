@@ -80,14 +80,20 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
             "16",
             "--eval-max-length",
             "32",
+            "--exact-window",  # the training path through the exact local terms
+            "2",
+            "--exact-sinks",
+            "1",
         ]
     )
     assert rc == 0
     res = json.loads((out / "distill.json").read_text())
     assert res["steps"] == 3 and len(res["curve"]["eval_cosine"]) == 4
+    assert (res["exact_window"], res["exact_sinks"]) == (2, 1)
     assert (out / "distill.png").stat().st_size > 0
     model = fh.from_pretrained(out)
     assert model.config._attn_implementation == fh.NAME
+    assert all(m.exact_window == 2 for m in model.modules() if isinstance(m, fh.FavorAdapter))
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
