@@ -85,7 +85,9 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
     root = check_scale(scale, q.shape[-1]) ** 0.5
     mask = None if pad is None else pad[:, None, :]  # (B, 1, L): broadcasts over heads
     fq, fk = pair_features(adapter.feature_map, q, k, root, mask)
-    qx, kx = adapter.logit_inputs(query, key, scaling, keep=keep)
+    # the logits the features estimate: the feature inputs themselves, except for dense
+    # features, whose inputs are augmented (adapter.py)
+    qx, kx = adapter.logit_inputs(query, key, scaling, keep=keep) if adapter.dense else (q * root, k * root)
     return local_exact_attention(
         fq,
         fk,
