@@ -74,20 +74,24 @@ def adapter_of(module: torch.nn.Module, heads: int | None = None, dim: int | Non
 
 def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, causal: bool) -> torch.Tensor:
     """FAVOR with exact local terms (local.py): the adapter's features of (q, k), and the
-    logits they estimate from the raw query and key."""
-    if causal:
-        raise ValueError(
-            "exact_window / exact_sinks support bidirectional (encoder) attention only; "
-            "performerize causal models without them"
-        )
+    logits they estimate from the raw query and key. Queries that sit at the end of the keys
+    (decoding with a cache) get zero queries in front, as in the plain path."""
+    offset = k.shape[-2] - q.shape[-2]
+    if causal and offset > 0:
+        query = torch.cat([query.new_zeros(*query.shape[:-2], offset, query.shape[-1]), query], dim=-2)
+        q = torch.cat([q.new_zeros(*q.shape[:-2], offset, q.shape[-1]), q], dim=-2)
     dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
     mask = None if pad is None else pad[:, None, :]  # (B, 1, L): broadcasts over heads
-    fq, fk = pair_features(adapter.feature_map, q, k, root, mask)
+    fq, fk = pair_features(adapter.feature_map, q, k, root, mask, causal=causal)
     # the logits the features estimate: the feature inputs themselves, except for dense
     # features, whose inputs are augmented (adapter.py)
-    qx, kx = adapter.logit_inputs(query, key, scaling, keep=keep) if adapter.dense else (q * root, k * root)
+    qx, kx = (
+        adapter.logit_inputs(query, key, scaling, keep=keep, sequence=not causal)
+        if adapter.dense
+        else (q * root, k * root)
+    )
     return local_exact_attention(
         fq,
         fk,
@@ -98,7 +102,8 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
         sinks=adapter.exact_sinks,
         log_const=adapter.log_const(dtype),
         key_padding_mask=pad,
-    )
+        causal=causal,
+    )[..., offset:, :]
 
 
 def favor_attention_forward(

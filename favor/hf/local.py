@@ -50,15 +50,17 @@ def exact_positions(length: int, window: int, sinks: int, device=None) -> tuple[
     return index.where(ok, torch.zeros_like(index)), ok
 
 
-def pair_features(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, root: float, mask=None):
+def pair_features(
+    feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, root: float, mask=None, *, causal: bool = False
+):
     """Features of q * root and k * root (``mask`` bool (..., L), True for padding: FAVOR++'s
-    statistics skip it): the fast paths' row features where the map allows (same numbers,
-    fewer passes), else ``FeatureMap.pair``."""
+    statistics skip it; ``causal``: no statistic of the sequence is used): the fast paths'
+    row features where the map allows (same numbers, fewer passes), else ``FeatureMap.pair``."""
     if feature_map.stabilizer != "exact":
-        return feature_map.pair(q * root, k * root, q_mask=mask, k_mask=mask)
+        return feature_map.pair(q * root, k * root, causal=causal, q_mask=mask, k_mask=mask)
     a = None
     if feature_map.kernel == "oprf":
-        a = feature_map.oprf_a(q * root, k * root, q_mask=mask, k_mask=mask)
+        a = feature_map.oprf_a(q * root, k * root, causal=causal, q_mask=mask, k_mask=mask)
     feat = row_features(feature_map, root)
     return feat(q, a), feat(k, a)
 
@@ -136,8 +138,10 @@ def local_exact_attention(
     sinks: int,
     log_const: torch.Tensor | float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """Bidirectional FAVOR with exact local terms (module docstring), linear in L.
+    """FAVOR with exact local terms (module docstring), linear in L; ``causal``: query i sees
+    keys j <= i only (``_causal``).
 
     fq, fk: features of the queries and keys (..., L, M'); q, k (..., L, D): the inputs whose
     dot products the features estimate (already scaled); v (..., L, Dv); ``log_const``: a
@@ -151,6 +155,8 @@ def local_exact_attention(
         raise ValueError(f"exact local terms need as many queries as keys, got {length} and {k.shape[-2]}")
     if window < 0 and sinks <= 0:
         raise ValueError(f"exact local terms need window >= 0 or sinks > 0, got window={window}, sinks={sinks}")
+    if causal:
+        return _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (B, 1, L) over heads
     values, log_scale = masked_keys(fk, mask)
     ref = max_log_scale(log_scale)  # (..., 1): one shift per (batch, head), as key_summary
@@ -178,24 +184,112 @@ def local_exact_attention(
     logits = torch.cat(logit, -1)  # (..., L, E)
     rf_near = torch.cat(rf, -1).masked_fill(~torch.isfinite(logits), 0.0)
 
-    # exact weights in the far sum's units: exp(s + log_const - log_scale_q - ref)
+    def near_v_sum(coeff):  # sum over the exact keys of coeff * v
+        slots, out = 0, 0.0
+        if band is not None:
+            slots = 2 * window + 1
+            out = band.weighted_sum(coeff[..., :slots], v)
+        if n_sinks:
+            out = out + coeff[..., slots:] @ v[..., :n_sinks, :]
+        return out
+
     q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(den_rf)
-    log_exact = logits + log_const - q_scale[..., None] - ref[..., None]
+    return _combine(num_rf, den_rf, ref, logits, log_const, q_scale, near_v_sum, rf_near)
+
+
+def _combine(far_num, far_den, log_ref, logits, log_const, q_log_scale, near_v_sum, rf_near=None):
+    """out = (far + exact) / (far + exact) with both parts on one scale per query.
+
+    far_num (..., L, Dv) and far_den (..., L) are in units of exp(q_log_scale + log_ref);
+    logits (..., L, E) (-inf: no exact key there); ``near_v_sum(coeff)`` returns
+    sum_e coeff[..., e] v[key of slot e]; ``rf_near`` (..., L, E): the far sums' own
+    estimates for the exact keys, to be taken out (bidirectional), or None (causal: the far
+    sums never held them)."""
+    log_exact = logits + log_const - q_log_scale[..., None] - log_ref[..., None]
     # one more shift per query so that neither part overflows
     top = log_exact.amax(-1).clamp_min(0.0).detach()
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    exact = torch.exp(log_exact - top[..., None])  # -inf (masked) -> 0
+    exact = torch.exp(log_exact - top[..., None])  # -inf (no key) -> 0
     far = torch.exp(-top)
-    coeff = exact - far[..., None] * rf_near  # (..., L, E): what each exact key adds to the far sum
-    num = far[..., None] * num_rf
-    slots = 0
-    if band is not None:
-        slots = 2 * window + 1
-        num = num + band.weighted_sum(coeff[..., :slots], v)
-    if n_sinks:
-        num = num + coeff[..., slots:] @ v[..., :n_sinks, :]
-    den = far * den_rf + coeff.sum(-1)
+    coeff = exact if rf_near is None else exact - far[..., None] * rf_near
+    num = far[..., None] * far_num + near_v_sum(coeff)
+    den = far * far_den + coeff.sum(-1)
     return normalise(num, den.clamp_min(0.0), None)
+
+
+def _causal_far_sums(qv, kvals, klog, v, chunk: int = 64):
+    """Unnormalised causal sums, chunked as favor.attention.causal.causal_chunked:
+    num_t = qv_t . sum_{j<=t} w_j kvals_j v_j^T and den_t likewise, in units of exp(run_t),
+    run_t the running maximum of the key log scales ``klog`` up to t (never a later key)."""
+    length, m, dv = qv.shape[-2], kvals.shape[-1], v.shape[-1]
+    lead = torch.broadcast_shapes(qv.shape[:-2], kvals.shape[:-2], v.shape[:-2])
+    kv = qv.new_zeros(*lead, m, dv)
+    z = qv.new_zeros(*lead, m)
+    c = qv.new_full(lead, float("-inf"))
+    nums, dens, runs = [], [], []
+    for start in range(0, length, chunk):
+        sl = slice(start, min(start + chunk, length))
+        q_c, k_c, lk_c, v_c = qv[..., sl, :], kvals[..., sl, :], klog[..., sl], v[..., sl, :]
+        n = q_c.shape[-2]
+        run = torch.maximum(torch.cummax(lk_c, dim=-1).values, c[..., None])
+        weights = exp_diff(lk_c[..., None, :], run[..., :, None])
+        weights = torch.where(torch.ones(n, n, dtype=torch.bool, device=qv.device).tril(), weights, 0.0)
+        scores = (q_c @ k_c.transpose(-1, -2)) * weights
+        carry = exp_diff(c[..., None], run)
+        nums.append(scores @ v_c + (q_c @ kv) * carry[..., None])
+        dens.append(scores.sum(-1) + (q_c @ z[..., None])[..., 0] * carry)
+        runs.append(run)
+        new_c = run[..., -1]
+        k_w = k_c * exp_diff(lk_c, new_c[..., None])[..., None]
+        decay = exp_diff(c, new_c)
+        kv = kv * decay[..., None, None] + k_w.transpose(-1, -2) @ v_c
+        z = z * decay[..., None] + k_w.sum(-2)
+        c = new_c
+    return torch.cat(nums, -2), torch.cat(dens, -1), torch.cat(runs, -1)
+
+
+def _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask):
+    """Causal: exact for keys i - W .. i and the first S tokens, FAVOR for the rest. The far
+    sums run over keys delayed by W + 1 positions with the sinks removed, so they hold
+    exactly the far keys (nothing to subtract), and every sum stops at the query."""
+    length, lag = q.shape[-2], max(window, -1) + 1
+    values, log_scale = masked_keys(fk, None if key_padding_mask is None else key_padding_mask[:, None, :])
+    n_sinks = min(sinks, length)
+    if n_sinks:
+        values = torch.cat([values[..., :n_sinks, :] * 0.0, values[..., n_sinks:, :]], -2)
+        log_scale = torch.cat([torch.full_like(log_scale[..., :n_sinks], float("-inf")), log_scale[..., n_sinks:]], -1)
+    pad = torch.nn.functional.pad
+    delayed_v = pad(v, (0, 0, lag, 0))[..., :length, :]
+    values = pad(values, (0, 0, lag, 0))[..., :length, :]
+    log_scale = pad(log_scale, (lag, 0), value=float("-inf"))[..., :length]
+    far_num, far_den, run = _causal_far_sums(fq.values, values, log_scale, delayed_v)
+    run = torch.where(torch.isfinite(run), run, torch.zeros_like(run))  # no far key yet: sums are 0
+
+    live_key = None if key_padding_mask is None else ~key_padding_mask[:, None, :]  # (B, 1, L)
+    logit, parts = [], []
+    if window >= 0:
+        band = _Band(length, window)
+        before = torch.arange(2 * window + 1, device=q.device) <= window  # slots at or before the query
+        live = band.live(live_key, q.device) & before
+        logit.append(band.products(q, k).masked_fill(~live, float("-inf"))[..., : window + 1])
+        parts.append((window + 1, lambda c: band.weighted_sum(pad(c, (0, window)), v)))
+    if n_sinks:
+        positions = torch.arange(length, device=q.device)[:, None]
+        live = positions - torch.arange(n_sinks, device=q.device)[None, :] > window  # in the far range
+        if live_key is not None:
+            live = live & live_key[..., None, :n_sinks]
+        logit.append((q @ k[..., :n_sinks, :].transpose(-1, -2)).masked_fill(~live, float("-inf")))
+        parts.append((n_sinks, lambda c: c @ v[..., :n_sinks, :]))
+
+    def near_v_sum(coeff):  # sum over the exact keys of coeff * v
+        out, at = 0.0, 0
+        for width, part in parts:
+            out = out + part(coeff[..., at : at + width])
+            at += width
+        return out
+
+    q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(far_den)
+    return _combine(far_num, far_den, run, torch.cat(logit, -1), log_const, q_scale, near_v_sum)
 
 
 def local_exact_reference(
@@ -207,6 +301,7 @@ def local_exact_reference(
     sinks: int,
     log_const: torch.Tensor | float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """The same, quadratic and explicit: ``kernel`` (..., L, L) the features' estimate of
     exp(s_ij) * exp(log_const), ``logits`` s (..., L, L). For tests."""
@@ -217,5 +312,7 @@ def local_exact_reference(
     weights = torch.where(near, torch.exp(logits + log_const), kernel)
     if key_padding_mask is not None:
         weights = weights.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+    if causal:
+        weights = weights.masked_fill(torch.ones_like(near).triu(1), 0.0)
     num = weights @ v
     return normalise(num, weights.sum(-1), None)

@@ -281,12 +281,6 @@ def performerize(
     )
     calibrated = calibration is not None
     modules = attention_modules(model, calibration, sequence_shift=key_shift == "sequence")
-    causal = [n for n, _, st in modules if st.causal]
-    if causal and (exact_window >= 0 or exact_sinks > 0):
-        raise ValueError(
-            f"exact_window / exact_sinks support bidirectional attention only, but {causal[0]!r} is causal; "
-            "leave them at their defaults (-1, 0) for decoders"
-        )
     adapters = attach_adapters(model, config, [(m, st.heads, st.dim) for _, m, st in modules])
     if calibrated:
         for adapter, (_, _, stats) in zip(adapters, modules, strict=True):

@@ -1,6 +1,7 @@
 """Exact local terms (favor.hf.local): the linear-time path equals the explicit quadratic one
-(outputs and gradients), a window covering the sequence gives softmax attention exactly for
-every kernel, and the option is checked, saved and loaded."""
+(outputs and gradients, bidirectional and causal), a window covering the sequence gives
+softmax attention exactly for every kernel, causal outputs never see later tokens, cached
+decoding equals teacher forcing, and the option is checked, saved and loaded."""
 
 import json
 import math
@@ -30,10 +31,11 @@ def test_exact_positions_lists_neighbours_then_new_sinks():
         exact_positions(4, -1, 0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     "window,sinks,length", [(0, 0, 9), (1, 1, 9), (2, 0, 9), (-1, 2, 9), (3, 2, 9), (3, 1, 150), (5, 0, 128)]
 )
-def test_linear_path_equals_explicit_reference_with_gradients(window, sinks, length):
+def test_linear_path_equals_explicit_reference_with_gradients(window, sinks, length, causal):
     # 150 and 128 positions: several blocks of the banded products, a ragged last one
     g = torch.Generator().manual_seed(window + 7 * sinks)
     b, h, d, m = 2, 3, 4, 32
@@ -50,7 +52,7 @@ def test_linear_path_equals_explicit_reference_with_gradients(window, sinks, len
         fq, fk = fm.pair(q, k)
         if linear:
             return local_exact_attention(
-                fq, fk, q, k, v, window=window, sinks=sinks, log_const=log_const, key_padding_mask=pad
+                fq, fk, q, k, v, window=window, sinks=sinks, log_const=log_const, key_padding_mask=pad, causal=causal
             )
         kernel = fq.explicit() @ fk.explicit().transpose(-1, -2)
         logits = q @ k.transpose(-1, -2)
@@ -62,6 +64,7 @@ def test_linear_path_equals_explicit_reference_with_gradients(window, sinks, len
             sinks=sinks,
             log_const=log_const,
             key_padding_mask=pad,
+            causal=causal,
         )
 
     keep = ~pad[:, None, :, None].expand(b, h, length, 1)
@@ -152,13 +155,48 @@ def test_local_terms_cut_the_error_of_a_small_feature_count(tiny_bert):
     assert errors[-1] > 0.1 and errors[2] < 0.9 * errors[-1], errors
 
 
-def test_options_are_checked_and_causal_models_refuse_them(tiny_bert, tiny_llama):
+def test_options_are_checked(tiny_bert):
     with pytest.raises(ValueError, match="exact_window must be an int >= -1"):
         fh.performerize(tiny_bert(), exact_window=-2)
     with pytest.raises(ValueError, match="exact_sinks must be an int >= 0"):
         fh.performerize(tiny_bert(), exact_sinks=True)
-    with pytest.raises(ValueError, match="bidirectional attention only"):
-        fh.performerize(tiny_llama(), exact_window=2)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_causal_whole_window_is_softmax_and_later_tokens_change_nothing(tiny_llama):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (2, 10), generator=g)
+    ref = _logits(tiny_llama(), ids)
+    exact = fh.performerize(tiny_llama(), num_features=8, seed=0, exact_window=10)
+    # every visible key exact: the softmax decoder's logits, at M=8
+    torch.testing.assert_close(_logits(exact, ids), ref, rtol=1e-9, atol=1e-9)
+    model = fh.performerize(tiny_llama(), num_features=8, seed=0, exact_window=2, exact_sinks=1)
+    out = _logits(model, ids)
+    assert float((out - ref).abs().max()) > 1e-6  # FAVOR does estimate the far keys
+    changed = ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 7) % 63 + 1
+    out2 = _logits(model, changed)
+    assert torch.equal(out[:, :6], out2[:, :6])  # bit for bit: no later token reaches position < 6
+    assert not torch.equal(out[:, 6:], out2[:, 6:])
+
+
+def test_causal_cached_decoding_equals_teacher_forcing(tiny_llama):
+    model = fh.performerize(tiny_llama(), num_features=16, seed=2, exact_window=2, exact_sinks=1)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 64, (1, 8), generator=g)
+    full = _logits(model, ids)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(5, 8):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
 def test_save_load_keeps_the_window_and_reads_older_saves(tiny_bert, tmp_path):
