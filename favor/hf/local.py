@@ -12,6 +12,11 @@ and likewise the normaliser with v = 1. The far keys' estimate stays unbiased, a
 set E(i) has at most 2 * window + 1 + sinks keys, so time and memory stay linear in length.
 With a window covering the whole sequence the output is softmax attention exactly (tested).
 
+Causal attention (``causal=True``) takes the keys i - window .. i and the sinks before them
+exactly. Its far sums run over the keys delayed by window + 1 positions with the sinks
+removed, so they hold only far keys (nothing is subtracted), with running maxima over the
+prefix as in favor.attention.causal: no output depends on a later token.
+
 ``log_const`` is log E[phi(q).phi(k)] - q.k for the feature map at hand: 0 for FAVOR+ and
 FAVOR++, and a per-head constant for favor.hf's dense-exponential features (adapter.py).
 

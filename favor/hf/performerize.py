@@ -262,7 +262,8 @@ def performerize(
     its own pair mean at run time in bidirectional layers). ``exact_window`` >= 0 and
     ``exact_sinks`` > 0 compute the weights of each query's keys within ``exact_window``
     positions and of the first ``exact_sinks`` tokens exactly, FAVOR the rest (local.py;
-    bidirectional models only; still linear in length). ``kernel="derf"``: dense-exponential features, a matrix A
+    in a causal layer the
+    neighbours before the query; still linear in length). ``kernel="derf"``: dense-exponential features, a matrix A
     per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
