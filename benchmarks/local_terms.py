@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="time forward+backward")
+    parser.add_argument("--causal", action="store_true", help="causal attention (decoders)")
     args = parser.parse_args(argv)
     import torch
     import torch.nn.functional as F
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from favor.hf.local import local_exact_attention, pair_features
 
     b, h, d, m = 1, 8, 64, 256
-    mode = "forward+backward" if args.backward else "forward"
+    mode = ("causal " if args.causal else "") + ("forward+backward" if args.backward else "forward")
     info = header(
         f"local terms: window={args.window} sinks={args.sinks}, B={b} H={h} D={d} M={m} float32, {mode}, "
         f"median of {args.repeats}"
@@ -38,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     root = d**-0.25
 
     def local(q, k, v):
-        fq, fk = pair_features(fm, q, k, root)
-        return local_exact_attention(fq, fk, q * root, k * root, v, window=args.window, sinks=args.sinks)
+        fq, fk = pair_features(fm, q, k, root, causal=args.causal)
+        return local_exact_attention(
+            fq, fk, q * root, k * root, v, window=args.window, sinks=args.sinks, causal=args.causal
+        )
 
     fns = {
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        "favor": lambda q, k, v: favor.attention(q, k, v, fm),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal),
+        "favor": lambda q, k, v: favor.attention(q, k, v, fm, causal=args.causal),
         "favor+local": local,
     }
     rows = []
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             f"sdpa/local {row['sdpa_over_local']:.2f}x)"
         )
     path = write_json(
-        f"local_terms_{'fwd_bwd' if args.backward else 'fwd'}", {"machine": info, "args": vars(args), "rows": rows}
+        f"local_terms_{'causal_' if args.causal else ''}{'fwd_bwd' if args.backward else 'fwd'}",
+        {"machine": info, "args": vars(args), "rows": rows},
     )
     print(f"wrote {path}")
     return 0
