@@ -38,9 +38,20 @@ def causal_chunked(
         state = State.empty(lead, kvals.shape[-1], dv, dtype=qv.dtype, device=qv.device)
     kv, z, c = state
     outs = []
-    for start in range(0, length, chunk_size):
-        sl = slice(start, min(start + chunk_size, length))
-        q_c, k_c, lk_c, v_c = qv[..., sl, :], kvals[..., sl, :], klog[..., sl], v[..., sl, :]
+    # split, not sliced in the loop: a slice's backward fills a full-length zero gradient per
+    # chunk (quadratic in L); split's backward joins them once
+    pieces = (
+        zip(
+            qv.split(chunk_size, -2),
+            kvals.split(chunk_size, -2),
+            klog.split(chunk_size, -1),
+            v.split(chunk_size, -2),
+            strict=True,
+        )
+        if length
+        else ()
+    )
+    for q_c, k_c, lk_c, v_c in pieces:
         n = q_c.shape[-2]
         # run[t] = max(log scale of the state, keys up to t): the prefix maximum
         run = torch.maximum(torch.cummax(lk_c, dim=-1).values, c[..., None])

@@ -226,15 +226,16 @@ def _causal_far_sums(qv, kvals, klog, v, chunk: int = 64):
     """Unnormalised causal sums, chunked as favor.attention.causal.causal_chunked:
     num_t = qv_t . sum_{j<=t} w_j kvals_j v_j^T and den_t likewise, in units of exp(run_t),
     run_t the running maximum of the key log scales ``klog`` up to t (never a later key)."""
-    length, m, dv = qv.shape[-2], kvals.shape[-1], v.shape[-1]
+    m, dv = kvals.shape[-1], v.shape[-1]
     lead = torch.broadcast_shapes(qv.shape[:-2], kvals.shape[:-2], v.shape[:-2])
     kv = qv.new_zeros(*lead, m, dv)
     z = qv.new_zeros(*lead, m)
     c = qv.new_full(lead, float("-inf"))
     nums, dens, runs = [], [], []
-    for start in range(0, length, chunk):
-        sl = slice(start, min(start + chunk, length))
-        q_c, k_c, lk_c, v_c = qv[..., sl, :], kvals[..., sl, :], klog[..., sl], v[..., sl, :]
+    # split, not sliced in the loop: one backward for all chunks (a slice's backward fills a
+    # full-length zero gradient per chunk, quadratic in L)
+    pieces = zip(qv.split(chunk, -2), kvals.split(chunk, -2), klog.split(chunk, -1), v.split(chunk, -2), strict=True)
+    for q_c, k_c, lk_c, v_c in pieces:
         n = q_c.shape[-2]
         run = torch.maximum(torch.cummax(lk_c, dim=-1).values, c[..., None])
         weights = exp_diff(lk_c[..., None, :], run[..., :, None])
