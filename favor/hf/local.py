@@ -29,6 +29,8 @@ import torch
 
 from ..attention._fast_features import row_features
 from ..attention._normalise import exp_diff, masked_keys, max_log_scale, normalise
+from ..attention.causal import causal_sums
+from ..attention.state import State
 from ..features.feature_map import FeatureMap
 from ..features.maps import Features
 
@@ -222,38 +224,6 @@ def _combine(far_num, far_den, log_ref, logits, log_const, q_log_scale, near_v_s
     return normalise(num, den.clamp_min(0.0), None)
 
 
-def _causal_far_sums(qv, kvals, klog, v, chunk: int = 64):
-    """Unnormalised causal sums, chunked as favor.attention.causal.causal_chunked:
-    num_t = qv_t . sum_{j<=t} w_j kvals_j v_j^T and den_t likewise, in units of exp(run_t),
-    run_t the running maximum of the key log scales ``klog`` up to t (never a later key)."""
-    m, dv = kvals.shape[-1], v.shape[-1]
-    lead = torch.broadcast_shapes(qv.shape[:-2], kvals.shape[:-2], v.shape[:-2])
-    kv = qv.new_zeros(*lead, m, dv)
-    z = qv.new_zeros(*lead, m)
-    c = qv.new_full(lead, float("-inf"))
-    nums, dens, runs = [], [], []
-    # split, not sliced in the loop: one backward for all chunks (a slice's backward fills a
-    # full-length zero gradient per chunk, quadratic in L)
-    pieces = zip(qv.split(chunk, -2), kvals.split(chunk, -2), klog.split(chunk, -1), v.split(chunk, -2), strict=True)
-    for q_c, k_c, lk_c, v_c in pieces:
-        n = q_c.shape[-2]
-        run = torch.maximum(torch.cummax(lk_c, dim=-1).values, c[..., None])
-        weights = exp_diff(lk_c[..., None, :], run[..., :, None])
-        weights = torch.where(torch.ones(n, n, dtype=torch.bool, device=qv.device).tril(), weights, 0.0)
-        scores = (q_c @ k_c.transpose(-1, -2)) * weights
-        carry = exp_diff(c[..., None], run)
-        nums.append(scores @ v_c + (q_c @ kv) * carry[..., None])
-        dens.append(scores.sum(-1) + (q_c @ z[..., None])[..., 0] * carry)
-        runs.append(run)
-        new_c = run[..., -1]
-        k_w = k_c * exp_diff(lk_c, new_c[..., None])[..., None]
-        decay = exp_diff(c, new_c)
-        kv = kv * decay[..., None, None] + k_w.transpose(-1, -2) @ v_c
-        z = z * decay[..., None] + k_w.sum(-2)
-        c = new_c
-    return torch.cat(nums, -2), torch.cat(dens, -1), torch.cat(runs, -1)
-
-
 def _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask):
     """Causal: exact for keys i - W .. i and the first S tokens, FAVOR for the rest. The far
     sums run over keys delayed by W + 1 positions with the sinks removed, so they hold
@@ -268,7 +238,9 @@ def _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask):
     delayed_v = pad(v, (0, 0, lag, 0))[..., :length, :]
     values = pad(values, (0, 0, lag, 0))[..., :length, :]
     log_scale = pad(log_scale, (lag, 0), value=float("-inf"))[..., :length]
-    far_num, far_den, run = _causal_far_sums(fq.values, values, log_scale, delayed_v)
+    lead = torch.broadcast_shapes(fq.values.shape[:-2], values.shape[:-2], v.shape[:-2])
+    empty = State.empty(lead, values.shape[-1], v.shape[-1], dtype=values.dtype, device=values.device)
+    far_num, far_den, run, _ = causal_sums(fq.values, values, log_scale, delayed_v, empty)
     run = torch.where(torch.isfinite(run), run, torch.zeros_like(run))  # no far key yet: sums are 0
 
     live_key = None if key_padding_mask is None else ~key_padding_mask[:, None, :]  # (B, 1, L)

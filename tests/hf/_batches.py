@@ -11,3 +11,16 @@ def padded_batch(batch: int, length: int, *, seed: int, pad_row: int, pad_from: 
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[pad_row, pad_from:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def decoded_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of ``ids`` (1, L) from a cached decoder: the first ``prompt`` tokens in one call,
+    then one token per call with the cache; (1, L, vocab), to compare with teacher forcing."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prompt], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(prompt, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    return torch.cat(steps, 1)
