@@ -44,6 +44,7 @@ from torch import nn
 
 from ..features import maps
 from ..features.feature_map import FeatureMap
+from .local import check_exact_set
 
 __all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection", "sequence_pair_mean"]
 
@@ -158,9 +159,7 @@ class FavorAdapter(nn.Module):
         exact_sinks: int = 0,
     ) -> None:
         super().__init__()
-        for name, value, low in (("exact_window", exact_window, -1), ("exact_sinks", exact_sinks, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_exact_set(exact_window, exact_sinks)
         self.feature_map = feature_map
         self.heads, self.dim, self.dense, self.sequence_shift = heads, dim, dense, sequence_shift
         self.exact_window, self.exact_sinks = exact_window, exact_sinks

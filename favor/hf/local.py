@@ -34,7 +34,14 @@ from ..attention.state import State
 from ..features.feature_map import FeatureMap
 from ..features.maps import Features
 
-__all__ = ["local_exact_attention", "pair_features", "exact_positions", "local_exact_reference"]
+__all__ = ["local_exact_attention", "pair_features", "check_exact_set", "exact_positions", "local_exact_reference"]
+
+
+def check_exact_set(window, sinks) -> None:
+    """``window`` an int >= -1 (-1: no neighbours), ``sinks`` an int >= 0, or ValueError."""
+    for name, value, low in (("exact_window", window, -1), ("exact_sinks", sinks, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def exact_positions(length: int, window: int, sinks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

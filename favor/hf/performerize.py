@@ -20,6 +20,7 @@ from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
 from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection, sequence_pair_mean
 from .attention import ATTRIBUTE
+from .local import check_exact_set
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
 
@@ -56,10 +57,7 @@ class PerformerConfig:
     exact_sinks: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("exact_window", -1), ("exact_sinks", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_exact_set(self.exact_window, self.exact_sinks)
         if self.kernel != DENSE and (self.kernel not in KERNELS or not KERNELS[self.kernel][0]):
             ok = sorted([DENSE] + [k for k, v in KERNELS.items() if v[0]])
             raise ValueError(f"kernel must be one of {ok} (random-feature kernels), got {self.kernel!r}")
@@ -83,7 +81,6 @@ class _Stats:
         self.sum_q = self.sum_k = self.sq_q = self.sq_k = None
         self.heads = self.dim = None
         self.scaling = None
-        self.causal = False
 
     @staticmethod
     def _acc(x: torch.Tensor, keep: torch.Tensor | None):
@@ -138,7 +135,6 @@ def attention_modules(
             k = k - sequence_pair_mean(query.double(), k.double(), k_keep)
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
-        entry[2].causal = entry[2].causal or plan.causal
 
     batches = list(inputs) if inputs is not None else [model.dummy_inputs]
     with probing(model, record), torch.no_grad():
