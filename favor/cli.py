@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "fetch the full Swiss-Prot set (Debian metastudent-data) for long runs"),
     "performerize": ("performerize", "swap softmax for FAVOR in a pretrained HF model; fidelity JSON + PNG"),
     "distill": ("distill", "fine-tune a performerized HF model to match its softmax self; saves it"),
+    "paper": ("paper", "regenerate the Performer paper's figures and experiments (favor paper NAME --quick)"),
 }
 
 

@@ -1,0 +1,12 @@
+"""The Performer paper, regenerated: one module per figure or experiment.
+
+Each module holds a pure function that returns its results (dicts of numbers) and a thin
+``add_arguments(parser)`` / ``run(args) -> int`` pair that ``favor paper NAME`` calls. The
+table below maps names to modules, imported only when chosen so that ``favor paper --help``
+stays fast. Every entry takes ``--quick`` (seconds; the tests run it) and ``--out DIR``.
+"""
+
+from __future__ import annotations
+
+#: name -> (module under favor.paper, one-line help)
+EXPERIMENTS: dict[str, tuple[str, str]] = {}
