@@ -17,6 +17,7 @@ from .io import from_pretrained, save_pretrained
 from .masks import MaskPlan, plan_from_mask
 from .performerize import PerformerConfig, performerize
 from .registry import NAME, register
+from .support import UnsupportedAttentionError
 
 register()
 
@@ -33,4 +34,5 @@ __all__ = [
     "balancing_map",
     "MaskPlan",
     "plan_from_mask",
+    "UnsupportedAttentionError",
 ]

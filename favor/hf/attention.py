@@ -15,8 +15,10 @@ import torch
 from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from .adapter import FavorAdapter
+from .cross import cross_attention
 from .local import local_exact_attention, pair_features
 from .masks import plan_from_mask
+from .support import check_keywords
 
 __all__ = ["favor_attention_forward", "ATTRIBUTE"]
 
@@ -115,9 +117,10 @@ def favor_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    **kwargs,  # transformers passes model-specific extras (position ids, cache info); none change attention here
+    **kwargs,  # model-specific extras: support.check_keywords passes those that leave the weights alone
 ) -> tuple[torch.Tensor, None]:
     global _warned_dropout
+    check_keywords(module, kwargs)
     adapter = adapter_of(module, query.shape[1], query.shape[-1], query.device)
     if dropout and not _warned_dropout:
         log.warning("attention dropout (p=%s) is not applied by FAVOR (it never forms the weights)", dropout)
@@ -132,9 +135,22 @@ def favor_attention_forward(
         pad = pad[:, : plan.kv_length].expand(b, plan.kv_length)
     # a sequence mean would carry future tokens into a causal layer: it keeps the constant shift
     keep = None if pad is None else ~pad
-    q, k, scale = adapter.inputs(query, key, scaling, keep=keep, sequence=not plan.causal)
+    cross = bool(getattr(adapter, "cross_attention", False))  # set by performerize (cross.py)
+    q, k, scale = adapter.inputs(query, key, scaling, keep=keep, sequence=not plan.causal and not cross)
     v = value.to(q.dtype)
+    if cross:
+        out = cross_attention(adapter.feature_map, q, k, v, scale, pad)
+        if plan.dead_queries is not None:
+            out = out.masked_fill(plan.dead_queries[:, None, :, None], 0.0)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     if adapter.local:
+        if not plan.causal and lq != plan.kv_length:
+            raise ValueError(
+                f"exact local terms pair each query with the keys at nearby positions of its own sequence; "
+                f"{type(module).__name__} has {lq} queries and {plan.kv_length} keys without a causal mask "
+                "(cross-attention?), which has no such neighbours. performerize gives plain FAVOR to the "
+                "cross-attention modules it sees run; this one was not seen as one"
+            )
         out = _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, causal=plan.causal)
         if plan.dead_queries is not None:
             out = out.masked_fill(plan.dead_queries[:, None, :, None], 0.0)

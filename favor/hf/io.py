@@ -76,7 +76,10 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
         if shift is None:
             raise ValueError(f"{FAVOR_WEIGHTS} has no buffers for attention module {name!r}")
         layers.append((model.get_submodule(name), shift.shape[0], shift.shape[1]))
-    attach_adapters(model, config, layers)
+    adapters = attach_adapters(model, config, layers)
+    cross = set(performer.get("cross_attention", ()))  # saved since the cross-attention rule
+    for name, adapter in zip(performer["modules"], adapters, strict=True):
+        adapter.cross_attention = name in cross
     missing, unexpected = model.load_state_dict(favor_state, strict=False)
     missing = [k for k in missing if _is_favor_key(k)]
     if missing or unexpected:

@@ -23,6 +23,7 @@ from .attention import ATTRIBUTE
 from .local import check_exact_set
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
+from .support import UnsupportedAttentionError, check_config, watching_cross_attention
 
 __all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modules", "CONFIG_KEY"]
 
@@ -81,6 +82,7 @@ class _Stats:
         self.sum_q = self.sum_k = self.sq_q = self.sq_k = None
         self.heads = self.dim = None
         self.scaling = None
+        self.cross = False  # cross-attention: keys from another sequence (support.watching_cross_attention)
 
     @staticmethod
     def _acc(x: torch.Tensor, keep: torch.Tensor | None):
@@ -129,21 +131,26 @@ def attention_modules(
         if h % key.shape[1]:
             raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({key.shape[1]})")
         k = key.repeat_interleave(h // key.shape[1], dim=1) if key.shape[1] != h else key
+        cross = is_cross(module)
         k_keep = None if plan.key_padding_mask is None else ~plan.key_padding_mask.expand(b, lk)
-        q_keep = k_keep if (k_keep is not None and lq == lk) else None
+        q_keep = k_keep if (k_keep is not None and lq == lk and not cross) else None
         if sequence_shift and not plan.causal:  # as favor_attention_forward: causal layers keep the constant
             k = k - sequence_pair_mean(query.double(), k.double(), k_keep)
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
+        entry[2].cross = entry[2].cross or cross
 
     batches = list(inputs) if inputs is not None else [model.dummy_inputs]
-    with probing(model, record), torch.no_grad():
+    with watching_cross_attention(model) as is_cross, probing(model, record), torch.no_grad():
         for batch in batches:
-            model(**batch)
+            try:
+                model(**batch)
+            except UnsupportedAttentionError as e:  # a keyword of one call (support.check_keywords)
+                raise UnsupportedAttentionError(f"{type(model).__name__} cannot be performerized: {e}") from None
     if not found:
-        raise ValueError(
-            f"{type(model).__name__} made no calls through transformers' AttentionInterface; "
-            "favor.hf supports models whose attention is dispatched by attn_implementation"
+        raise UnsupportedAttentionError(
+            f"{type(model).__name__} made no calls through transformers' AttentionInterface (its attention "
+            "is hard-coded in the model, not dispatched by attn_implementation), so FAVOR cannot replace it"
         )
     return list(found.values())
 
@@ -277,13 +284,23 @@ def performerize(
         exact_sinks=exact_sinks,
     )
     calibrated = calibration is not None
+    check_config(model)  # features FAVOR does not implement; the probe below checks each call's keywords
     modules = attention_modules(model, calibration, sequence_shift=key_shift == "sequence")
     adapters = attach_adapters(model, config, [(m, st.heads, st.dim) for _, m, st in modules])
+    for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
+        adapter.cross_attention = stats.cross  # exact local terms need self-attention: plain FAVOR here
     if calibrated:
         for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
             _calibrate(adapter, stats, config)
     setattr(
-        model.config, CONFIG_KEY, {**asdict(config), "calibrated": calibrated, "modules": [n for n, _, _ in modules]}
+        model.config,
+        CONFIG_KEY,
+        {
+            **asdict(config),
+            "calibrated": calibrated,
+            "modules": [n for n, _, _ in modules],
+            "cross_attention": [n for n, _, st in modules if st.cross],
+        },
     )
     model.set_attn_implementation(NAME)
     log.info("performerized %d attention modules (%s, M=%d)", len(adapters), kernel, num_features)

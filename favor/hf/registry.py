@@ -24,6 +24,10 @@ _observer: Callable | None = None
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from .support import check_keywords
+
+    # a softmax feature FAVOR cannot reproduce is refused before any calibration is measured
+    check_keywords(module, kwargs)
     if _recorder is not None:
         _recorder(module, query, key, value, attention_mask, scaling, is_causal)
     return sdpa_attention_forward(
