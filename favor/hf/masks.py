@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .support import UnsupportedAttentionError
+
 __all__ = ["MaskPlan", "plan_from_mask", "keep_from_mask"]
 
 #: additive masks block with a large negative number (finfo.min, -1e4, -inf); anything
@@ -56,7 +58,7 @@ def keep_from_mask(mask: torch.Tensor) -> torch.Tensor:
     blocked = mask <= _BLOCKED_BELOW
     if not bool((keep | blocked).all()):
         bad = mask[~(keep | blocked)]
-        raise ValueError(
+        raise UnsupportedAttentionError(
             "attention_mask is an additive bias with values other than 0 (keep) and a large negative number "
             f"(block), e.g. {float(bad.flatten()[0]):.4g}; FAVOR cannot apply a bias to weights it never forms"
         )
@@ -91,7 +93,7 @@ def plan_from_mask(
             f"attention_mask has shape {tuple(keep.shape)}; expected (B={batch}, 1|H, Lq={q_length}|1, Lk={kv_length})"
         )
     if h > 1 and not bool((keep == keep[:, :1]).all()):
-        raise ValueError("attention_mask differs between heads; FAVOR needs one mask per batch element")
+        raise UnsupportedAttentionError("attention_mask differs between heads; FAVOR needs one mask per batch element")
     keep = keep[:, 0].expand(batch, q_length, lk)  # (B, Lq, Lk)
     dead = ~keep.any(-1)  # (B, Lq)
     # the keys a query can see at most: the union over live rows
@@ -110,7 +112,7 @@ def plan_from_mask(
     if bidir_ok:
         plans.append(False)
     if not plans:
-        raise ValueError(
+        raise UnsupportedAttentionError(
             "attention_mask is neither a key-padding mask nor causal with key padding (e.g. a sliding window, "
             "packed sequences or a custom pattern); FAVOR cannot express it"
         )

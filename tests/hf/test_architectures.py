@@ -303,3 +303,45 @@ def test_readme_carries_this_table():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert table() in readme, "README.md's architecture table is stale: paste `python -m tests.hf.architectures`"
     assert CHECK in readme
+
+
+def test_packed_sequences_are_refused_at_the_call():
+    # position ids that restart make transformers build a block-diagonal mask (no cache):
+    # two sequences in one row, which FAVOR's running sums would mix
+    arch = by_name("Llama")
+    model = _performerize(arch, _inputs(arch.kind))
+    ids = torch.randint(3, VOCAB, (1, 10))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    with pytest.raises(UnsupportedAttentionError, match="packed sequences"), torch.no_grad():
+        model(input_ids=ids, position_ids=positions, use_cache=False)
+
+
+@pytest.mark.parametrize(
+    "config_cls,model_cls,config,found",
+    [
+        (
+            "BertConfig",
+            "BertLMHeadModel",
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, is_decoder=True),
+            "bert.encoder.layer.{}.crossattention.self",
+        ),
+        ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4), "transformer.h.{}.crossattention"),
+    ],
+)
+def test_cross_attention_is_found_by_its_arguments_or_its_flag(config_cls, model_cls, config, found):
+    # BERT's cross-attention module is called with encoder_hidden_states; GPT-2's says
+    # is_cross_attention. Local terms there would pair decoder token i with encoder state i
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, add_cross_attention=True, **config)
+    model = getattr(transformers, model_cls)(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(3, VOCAB, (2, 6), generator=g),
+        "encoder_hidden_states": torch.randn(2, 6, 32, generator=g, dtype=torch.float64),  # as long as the queries
+    }
+    model = fh.performerize(model, num_features=8, calibration=[batch], exact_window=2)
+    assert model.config.favor_performer["cross_attention"] == [found.format(i) for i in range(2)]
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
