@@ -134,7 +134,8 @@ def attention_modules(
         cross = is_cross(module)
         k_keep = None if plan.key_padding_mask is None else ~plan.key_padding_mask.expand(b, lk)
         q_keep = k_keep if (k_keep is not None and lq == lk and not cross) else None
-        if sequence_shift and not plan.causal:  # as favor_attention_forward: causal layers keep the constant
+        if sequence_shift and not plan.causal and not cross:  # as favor_attention_forward: causal and
+            # cross-attention layers keep the constant
             k = k - sequence_pair_mean(query.double(), k.double(), k_keep)
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)

@@ -125,12 +125,20 @@ def test_decoder_decodes_token_by_token_as_teacher_forcing(arch, local):
     torch.testing.assert_close(decoded_logits(model, ids, 4), full, **TOL)
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["identity", "calibrated"])
 @pytest.mark.parametrize("local", [False, True], ids=["favor", "local-terms"])
-def test_encoder_decoder_decodes_token_by_token_as_teacher_forcing(local):
+def test_encoder_decoder_decodes_token_by_token_as_teacher_forcing(local, calibrated):
+    # cross-attention must use no statistic of the decoder's tokens (rho, a sequence key
+    # shift): it would carry later tokens into earlier positions (0.01 off before cross.py)
     arch = by_name("BART")
     inputs = _inputs(arch.kind)
     window = dict(exact_window=2, exact_sinks=1) if local else {}
-    model = _performerize(arch, inputs, **window)
+    if calibrated:
+        model = fh.performerize(
+            arch.build(), kernel="derf", num_features=8, calibration=[inputs], key_shift="sequence", **window
+        )
+    else:
+        model = _performerize(arch, inputs, **window)
     src = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     dec = inputs["decoder_input_ids"]
     with torch.no_grad():
