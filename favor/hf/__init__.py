@@ -8,6 +8,10 @@
 For a pretrained encoder, ``exact_window=8, exact_sinks=1`` (favor.hf.local) computes each
 query's neighbours and first token exactly and FAVOR the rest, still linear in length.
 
+A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
+sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature
+(favor.hf.support); cross-attention runs plain FAVOR (favor.hf.cross).
+
 Importing this package registers ``attn_implementation="favor"`` with transformers.
 """
 
