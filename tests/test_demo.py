@@ -1,6 +1,6 @@
 import json
 
-from favor.approximation import approximation_table
+from favor.benchmarking.approximation import approximation_table
 from favor.cli import main
 from favor.commands.demo import _plot_approximation, _plot_speed
 
@@ -29,7 +29,7 @@ def test_speed_plot(tmp_path):
 
 
 def test_demo_cli_approximation_only(tmp_path, monkeypatch, capsys):
-    import favor.approximation as approx
+    import favor.benchmarking.approximation as approx
 
     small = approx.approximation_table
     monkeypatch.setattr(

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from favor.checkpoint import CheckpointError
 from favor.cli import main
-from favor.train import resolve_config, train
+from favor.training import resolve_config, train
+from favor.training.checkpoint import CheckpointError
 
 # redraws every 3 steps, so resume tests also cover the redraw schedule
 SMALL = {
@@ -125,7 +125,7 @@ def test_generate_cli_reports_missing_checkpoint(tmp_path, capsys):
 
 def test_decode_timing_helper_runs_both_cache_kinds(one_thread):
     from favor.models import PerformerConfig, PerformerLM
-    from favor.train_demo import decode_ms_per_token
+    from favor.training.demo import decode_ms_per_token
 
     cfg = PerformerConfig(vocab_size=28, dim=16, depth=1, heads=2)
     ctx = torch.randint(0, 28, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_decode_timing_helper_runs_both_cache_kinds(one_thread):
 
 @pytest.mark.slow
 def test_lm_demo_reports_everything(tmp_path):
-    from favor.train import lm_demo
+    from favor.training import lm_demo
 
     r = lm_demo(tmp_path, seconds=10, seed=0)
     assert {"1024", "16384"} <= set(r["decode_ms_per_token"])

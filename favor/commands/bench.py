@@ -3,7 +3,7 @@
 
 Prints the machine, a table and the ratios; writes bench.json and bench.png (log-log time
 and memory vs L, crossover marked) under --out. ``--quick`` stays under 2 minutes on a
-2-core CPU. The measurement code is favor.bench (also behind ``favor demo``'s speed table).
+2-core CPU. The measurement code is favor.benchmarking.timing (also behind ``favor demo``'s speed table).
 On a machine shared with other jobs run it with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP
 threads whose sibling core is busy slow 2-thread matmuls many times over.
 """
@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from ..bench import (
+from ..benchmarking.timing import (
     CONTENDERS,
     BenchConfig,
     check_contender,

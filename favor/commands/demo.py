@@ -58,7 +58,7 @@ def _plot_approximation(rows: list[dict], path: Path) -> None:
 
 
 def _approximation(out: Path) -> list[dict]:
-    from ..approximation import approximation_table
+    from ..benchmarking.approximation import approximation_table
 
     rows = approximation_table()
     _print_table(
@@ -114,7 +114,7 @@ def _speed(out: Path, lengths: list[int]) -> list[dict]:
 
 
 def _language_model(out: Path, seconds: float) -> dict:
-    from ..train_demo import lm_demo
+    from ..training.demo import lm_demo
 
     res = lm_demo(out / "lm", seconds=seconds)
     print("\n(c) protein language model, FAVOR vs softmax attention of the same size (embedded Swiss-Prot extract)")

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import ProteinTokenizer, TokenStream, load_proteins, split
-from .models import PerformerConfig, PerformerLM
-from .nn.attention import AttentionState
+from ..data import ProteinTokenizer, TokenStream, load_proteins, split
+from ..models import PerformerConfig, PerformerLM
+from ..nn.attention import AttentionState
+from .loop import LN2, _read_log, resolve_config, train
 
 __all__ = ["lm_demo", "decode_ms_per_token", "DEMO_MODEL", "DEMO_TRAIN"]
 
@@ -90,8 +91,6 @@ def _plot(out: Path, results: dict[str, Any]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train import LN2, _read_log
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ("favor", "softmax"):
         rows = _read_log(out / name / "log.jsonl")
@@ -146,8 +145,6 @@ def lm_demo(out_dir: str | Path, *, seconds: float = 60.0, seed: int = 0, thread
 
 
 def _lm_demo(out_dir: str | Path, *, seconds: float, seed: int) -> dict[str, Any]:
-    from .train import resolve_config, train
-
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds!r}")
     out = Path(out_dir)
