@@ -23,6 +23,7 @@ def test_old_module_paths_are_the_new_modules(old, new):
 def test_old_names_still_resolve():
     from favor.checkpoint import save_checkpoint
     from favor.train import resolve_config, train
+
     from favor.training import lm_demo
 
     assert train.__module__ == "favor.training.loop"
