@@ -138,8 +138,10 @@ def test_decode_timing_helper_runs_both_cache_kinds(one_thread):
 def test_lm_demo_reports_everything(tmp_path):
     from favor.training import lm_demo
 
-    r = lm_demo(tmp_path, seconds=10, seed=0)
+    r = lm_demo(tmp_path, seconds=20, context=1024, seed=0)
     assert {"1024", "16384"} <= set(r["decode_ms_per_token"])
-    assert r["steps"] >= 1 and r["favor_bpr"] < 6 and r["softmax_bpr"] < 6
-    assert set(r["tokens_per_s"]) == {"favor", "softmax"} and isinstance(r["sample"], str)
+    assert set(r["runs"]) == {"favor", "softmax"}
+    for run in r["runs"].values():
+        assert run["steps"] >= 4 and run["val_bpr"] < 6 and run["peak_mib"] > 0 and run["tokens_per_s"] > 0
+    assert isinstance(r["sample"], str) and r["context"] == 1024
     assert (tmp_path / "lm_loss.png").exists() and (tmp_path / "lm_demo.json").exists()

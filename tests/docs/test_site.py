@@ -45,7 +45,9 @@ def _copy(tmp_path: Path) -> Path:
     (root / "mkdocs.yml").write_text(text)
     # a module whose docstring documents a parameter the function does not have
     (root / "src").mkdir()
-    (root / "src" / "badmod.py").write_text('def f(x):\n    """Do.\n\n    Args:\n        y: not a parameter.\n    """\n')
+    (root / "src" / "badmod.py").write_text(
+        'def f(x):\n    """Do.\n\n    Args:\n        y: not a parameter.\n    """\n'
+    )
     return root
 
 
