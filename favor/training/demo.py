@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import multiprocessing
 import resource
 import time
@@ -199,7 +200,7 @@ def _lm_demo(out_dir: str | Path, *, seconds: float, context: int, seed: int) ->
     budget = TRAIN_SHARE * seconds
     runs = {}
     for name, cfg in cfgs.items():
-        steps = max(4, int(budget / max(probes[name][1], 1e-6)))
+        steps = max(4, math.ceil(budget / max(probes[name][1], 1e-6)))
         _, train_cfg = resolve_config(
             preset="tiny",
             seed=seed,
