@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+# The README's two commands: `make demo` and `make test`; `make docs` builds the site.
+# All create or reuse .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.favor-installed
@@ -6,18 +7,20 @@ STAMP := $(VENV)/.favor-installed
 # (multi-GB CUDA) torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/favor demo
 
+# lint first (ruff check; `make lint` adds the format check), then the suite
 test: $(STAMP)
+	$(VENV)/bin/ruff check favor tests benchmarks examples
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
@@ -27,8 +30,12 @@ bench: $(STAMP)
 	$(VENV)/bin/favor bench
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check favor tests benchmarks
-	$(VENV)/bin/ruff format --check favor tests benchmarks
+	$(VENV)/bin/ruff check favor tests benchmarks examples
+	$(VENV)/bin/ruff format --check favor tests benchmarks examples
+
+# strict: a broken link, a missing reference or a docstring that fails to render fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

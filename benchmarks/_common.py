@@ -14,7 +14,7 @@ OUT = Path("runs/bench")
 
 
 def header(extra: str = "") -> dict:
-    from favor.bench import machine_info
+    from favor.benchmarking.timing import machine_info
 
     info = machine_info()
     print(

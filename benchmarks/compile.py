@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from favor.bench import BenchConfig, bench_feature_map, bench_inputs
+    from favor.benchmarking.timing import BenchConfig, bench_feature_map, bench_inputs
 
     info = header(f"compile: L={args.length} B=1 H=8 D=64 M=256 float32")
     cfg = BenchConfig()  # B=1, H=8, D=64, M=256, positive, float32

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="positive")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
-    from favor.bench import BenchConfig, check_contender, time_contenders
+    from favor.benchmarking.timing import BenchConfig, check_contender, time_contenders
 
     cfg = BenchConfig(kernel=args.kernel)
     info = header(f"crossovers: kernel={cfg.kernel} B=1 H=8 D=64 M=256 float32, median of {args.repeats}")

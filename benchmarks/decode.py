@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="1024,4096,16384,65536")
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args(argv)
-    from favor.bench import BenchConfig, decode_latency
+    from favor.benchmarking.timing import BenchConfig, decode_latency
 
     cfg = BenchConfig()
     info = header(

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--memory-length", type=int, default=65536)
     args = parser.parse_args(argv)
-    from favor.bench import (
+    from favor.benchmarking.timing import (
         CONTENDERS,
         BenchConfig,
         check_contender,

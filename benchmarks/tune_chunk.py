@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import favor
-    from favor.bench import BenchConfig, bench_feature_map, bench_inputs
+    from favor.benchmarking.timing import BenchConfig, bench_feature_map, bench_inputs
 
     info = header(f"tune_chunk: L={args.length} B=1 H=8 D=64 M=256 float32")
     cfg = BenchConfig()  # B=1, H=8, D=64, M=256, positive, float32

@@ -6,9 +6,16 @@
 >>> out = favor.attention(q, k, v, fm, causal=True)
 """
 
-from . import attention, projections  # favor.attention is callable (see favor/attention/__init__.py)
+from . import _aliases, attention  # favor.attention is callable (see favor/attention/__init__.py)
 from .attention import State, kernel_attention, kernel_matrix, softmax_attention, step
-from .features import KERNELS, FeatureMap, default_num_features
+from .features import (
+    KERNELS,
+    FeatureMap,
+    default_num_features,
+    projections,  # favor.projections: the random projection matrices
+)
+
+_aliases.install()  # old module paths (favor.train, favor.checkpoint, ...) stay importable
 
 __version__ = "0.1.0"
 

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from favor.checkpoint import (
+from favor.models import PerformerConfig, PerformerLM
+from favor.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model_state,
     optimizer_from_tensors,
     save_checkpoint,
 )
-from favor.models import PerformerConfig, PerformerLM
 
 CFG = PerformerConfig(vocab_size=28, dim=16, depth=2, heads=2)
 

@@ -1,6 +1,6 @@
 import json
 
-from favor.approximation import approximation_table
+from favor.benchmarking.approximation import approximation_table
 from favor.cli import main
 from favor.commands.demo import _plot_approximation, _plot_speed
 
@@ -29,7 +29,7 @@ def test_speed_plot(tmp_path):
 
 
 def test_demo_cli_approximation_only(tmp_path, monkeypatch, capsys):
-    import favor.approximation as approx
+    import favor.benchmarking.approximation as approx
 
     small = approx.approximation_table
     monkeypatch.setattr(
@@ -37,5 +37,39 @@ def test_demo_cli_approximation_only(tmp_path, monkeypatch, capsys):
     )
     assert main(["demo", "--out", str(tmp_path), "--skip-speed", "--lm-seconds", "0"]) == 0
     report = json.loads((tmp_path / "demo.json").read_text())
-    assert len(report["approximation"]) == 2 and "rel error" in capsys.readouterr().out
+    assert len(report["approximation"]) == 2 and "rel. error" in capsys.readouterr().out
     assert (tmp_path / "approximation.png").exists()
+
+
+def test_demo_cli_prints_tables_not_dicts(tmp_path, monkeypatch, capsys):
+    """Every part is a table with a header rule and a one-line caption; no raw dicts."""
+    import favor.benchmarking.approximation as approx
+    import favor.training.demo as lm
+
+    small = approx.approximation_table
+    monkeypatch.setattr(
+        approx, "approximation_table", lambda: small(kernels=("positive", "trig"), num_features=(8,), length=16, dim=4)
+    )
+    monkeypatch.setattr(lm, "CONTEXTS", (64, 128))
+    monkeypatch.setattr(lm, "probe_train_step", lambda cfg, context: (1.0, 0.05))  # no fresh processes here
+    argv = ["demo", "--out", str(tmp_path), "--skip-speed", "--lm-seconds", "1", "--lm-context", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for part in ("(a) approximation", "(c) protein language model at context 32", "(d) decoding"):
+        assert part in out
+    assert out.count("  -> ") == 3  # one caption per table
+    assert "{" not in out and "}" not in out
+    report = json.loads((tmp_path / "demo.json").read_text())
+    runs = report["language_model"]["runs"]
+    assert set(runs) == {"favor", "softmax"} and all(r["steps"] >= 4 for r in runs.values())
+    # the state FAVOR keeps does not grow with the context; softmax's cache does, linearly
+    kib = report["language_model"]["decode_state_kib"]
+    assert kib["softmax"]["128"] == 2 * kib["softmax"]["64"] and kib["favor"] < kib["softmax"]["128"]
+
+
+def test_probe_train_step_runs_in_a_fresh_process():
+    from favor.models import PerformerConfig
+    from favor.training.demo import probe_train_step
+
+    peak, seconds = probe_train_step(PerformerConfig(vocab_size=28, dim=16, depth=1, heads=2), 256)
+    assert peak >= 0 and 0 < seconds < 30

@@ -1,11 +1,11 @@
-"""favor.bench / favor bench: the correctness gate, interleaved timing, fresh-process
+"""favor.benchmarking.timing / favor bench: the correctness gate, interleaved timing, fresh-process
 memory and the crossover logic, on tiny shapes (seconds)."""
 
 from __future__ import annotations
 
 import torch
 
-from favor.bench import (
+from favor.benchmarking.timing import (
     BenchConfig,
     check_contender,
     decode_flatness,
@@ -26,7 +26,7 @@ def test_checks_pass_for_favor_and_sdpa():
 
 
 def test_check_refuses_a_broken_contender(monkeypatch):
-    from favor import bench
+    from favor.benchmarking import timing as bench
 
     broken = bench.Contender(lambda cfg: lambda q, k, v: torch.zeros_like(v), False, 1.0)
     monkeypatch.setitem(bench.CONTENDERS, "favor", broken)

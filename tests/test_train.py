@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from favor.checkpoint import CheckpointError
 from favor.cli import main
-from favor.train import resolve_config, train
+from favor.training import resolve_config, train
+from favor.training.checkpoint import CheckpointError
 
 # redraws every 3 steps, so resume tests also cover the redraw schedule
 SMALL = {
@@ -125,7 +125,7 @@ def test_generate_cli_reports_missing_checkpoint(tmp_path, capsys):
 
 def test_decode_timing_helper_runs_both_cache_kinds(one_thread):
     from favor.models import PerformerConfig, PerformerLM
-    from favor.train_demo import decode_ms_per_token
+    from favor.training.demo import decode_ms_per_token
 
     cfg = PerformerConfig(vocab_size=28, dim=16, depth=1, heads=2)
     ctx = torch.randint(0, 28, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -136,10 +136,12 @@ def test_decode_timing_helper_runs_both_cache_kinds(one_thread):
 
 @pytest.mark.slow
 def test_lm_demo_reports_everything(tmp_path):
-    from favor.train import lm_demo
+    from favor.training import lm_demo
 
-    r = lm_demo(tmp_path, seconds=10, seed=0)
+    r = lm_demo(tmp_path, seconds=20, context=1024, seed=0)
     assert {"1024", "16384"} <= set(r["decode_ms_per_token"])
-    assert r["steps"] >= 1 and r["favor_bpr"] < 6 and r["softmax_bpr"] < 6
-    assert set(r["tokens_per_s"]) == {"favor", "softmax"} and isinstance(r["sample"], str)
+    assert set(r["runs"]) == {"favor", "softmax"}
+    for run in r["runs"].values():
+        assert run["steps"] >= 4 and run["val_bpr"] < 6 and run["peak_mib"] > 0 and run["tokens_per_s"] > 0
+    assert isinstance(r["sample"], str) and r["context"] == 1024
     assert (tmp_path / "lm_loss.png").exists() and (tmp_path / "lm_demo.json").exists()

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import torch
 
+from ._chunking import FeatFn, Scratch
+from ._chunking import accumulate as _accumulate
+from ._chunking import add as _add
+from ._chunking import grad as _grad
+from ._chunking import inverse as _inverse
+from ._chunking import leaf as _leaf
+from ._chunking import mask_at as _mask_at
+from ._chunking import ones_column as _ones_column
+from ._chunking import slices as _slices
 from ._normalise import exp_diff, masked_keys
-from .bidirectional_fast import (
-    FeatFn,
-    Scratch,
-    _accumulate,
-    _add,
-    _grad,
-    _inverse,
-    _leaf,
-    _mask_at,
-    _ones_column,
-    _slices,
-)
 from .state import State
 
 __all__ = ["causal_fast", "DEFAULT_CAUSAL_CHUNK", "BLOCK_CHUNKS"]

@@ -9,8 +9,8 @@ import torch
 
 from ..features.feature_map import FeatureMap
 from ._checks import check_feature_map, check_scale, compute_dtype
+from ._chunking import inverse as _inverse
 from ._fast_features import row_features
-from .bidirectional_fast import _inverse
 from .state import State
 
 __all__ = ["step"]

@@ -3,7 +3,7 @@
 
 Prints the machine, a table and the ratios; writes bench.json and bench.png (log-log time
 and memory vs L, crossover marked) under --out. ``--quick`` stays under 2 minutes on a
-2-core CPU. The measurement code is favor.bench (also behind ``favor demo``'s speed table).
+2-core CPU. The measurement code is favor.benchmarking.timing (also behind ``favor demo``'s speed table).
 On a machine shared with other jobs run it with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP
 threads whose sibling core is busy slow 2-thread matmuls many times over.
 """
@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from ..bench import (
+from ..benchmarking.timing import (
     CONTENDERS,
     BenchConfig,
     check_contender,
@@ -168,13 +168,15 @@ def _ratio_table(rows: list[dict]) -> list[list]:
     return out
 
 
-def _print_table(title: str, header: list[str], rows: list[list]) -> None:
+def _print_table(title: str, header: list[str], rows: list[list], caption: str | None = None) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)] if rows else []
     print(f"\n{title}")
     if rows:
         print("  ".join(str(h).rjust(w) for h, w in zip(header, widths, strict=True)))
         for r in rows:
             print("  ".join(str(x).rjust(w) for x, w in zip(r, widths, strict=True)))
+    if caption:
+        print(f"  -> {caption}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -240,33 +242,48 @@ def demo_speed_table(lengths, *, out: Path | None = None, print_table=_print_tab
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
+    last = rows[-1] if rows else {}
+    both = [r for r in rows if r.get("favor_causal_fwdbwd_mib") is not None and r.get("sdpa_causal_fwdbwd_mib")]
+    mem = (
+        f"; peak MiB of causal forward+backward at L={both[-1]['L']}: favor {both[-1]['favor_causal_fwdbwd_mib']:.0f}, "
+        f"SDPA {both[-1]['sdpa_causal_fwdbwd_mib']:.0f}"
+        if both
+        else ""
+    )
     print_table(
         "(b) speed and peak memory vs exact attention (scaled_dot_product_attention), B=1 H=8 D=64 M=256 float32",
         [
             "L",
             "favor fwd ms",
             "SDPA fwd ms",
-            "x",
+            "speed-up",
             "favor causal f+b ms",
             "SDPA causal f+b ms",
-            "x",
+            "speed-up",
             "favor causal f+b MiB",
             "SDPA causal f+b MiB",
         ],
         [
             [
                 r["L"],
-                fmt(r["favor_fwd_ms"], ".0f"),
-                fmt(r["sdpa_fwd_ms"], ".0f"),
-                fmt(r["fwd_speedup"], ".1f"),
-                fmt(r["favor_causal_fwdbwd_ms"], ".0f"),
-                fmt(r["sdpa_causal_fwdbwd_ms"], ".0f"),
-                fmt(r["causal_fwdbwd_speedup"], ".1f"),
+                fmt(r["favor_fwd_ms"], ".1f"),
+                fmt(r["sdpa_fwd_ms"], ".1f"),
+                fmt(r["fwd_speedup"], ".1f") + "x",
+                fmt(r["favor_causal_fwdbwd_ms"], ".1f"),
+                fmt(r["sdpa_causal_fwdbwd_ms"], ".1f"),
+                fmt(r["causal_fwdbwd_speedup"], ".1f") + "x",
                 fmt(r.get("favor_causal_fwdbwd_mib"), ".0f"),
                 fmt(r.get("sdpa_causal_fwdbwd_mib"), ".0f"),
             ]
             for r in rows
         ],
+        caption=(
+            "milliseconds per call (median, interleaved), peak MiB of a fresh process; favor's time is linear in L, "
+            f"SDPA's quadratic: at L={last.get('L')} favor runs at {fmt(last.get('fwd_speedup'), '.1f')}x SDPA's "
+            f"speed forward and {fmt(last.get('causal_fwdbwd_speedup'), '.1f')}x causal forward+backward" + mem
+            if rows
+            else None
+        ),
     )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

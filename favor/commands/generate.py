@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import CheckpointError
     from ..data import ProteinTokenizer
-    from ..train import load_lm
+    from ..training.checkpoint import CheckpointError
+    from ..training.loop import load_lm
 
     try:
         model, _ = load_lm(args.checkpoint)

@@ -11,7 +11,7 @@ from ..nn.attention import ATTENTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train import PRESETS
+    from ..training.loop import PRESETS
 
     parser.add_argument("--out", required=True, help="run directory (log.jsonl, loss.png, checkpoints/)")
     parser.add_argument("--config", help="TOML file with [model] and [train] tables, applied over the preset")
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..checkpoint import CheckpointError
-    from ..train import resolve_config, train
+    from ..training.checkpoint import CheckpointError
+    from ..training.loop import resolve_config, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Sequence-parallel training of a PerformerLM: ``favor train --sequence-parallel N``.
 
-The loop is ``favor.train.train`` with each sequence split across the N ranks of a group:
+The loop is ``favor.training.train`` with each sequence split across the N ranks of a group:
 every rank draws the same batch (seeded by (seed, step), no communication), keeps its
 contiguous slice of positions, runs the model with its attention layers sequence-parallel
 (one all-gather of O(M' Dv) states per layer), and takes as loss its slice's summed
@@ -28,11 +28,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import save_checkpoint
 from ..data import ProteinTokenizer, TokenStream, load_proteins, split
 from ..models import PerformerConfig, PerformerLM
 from ..nn import FeatureRedrawer, mix_seed
-from ..train import TrainConfig, _config_dict, _make_optimizer, evaluate_bpr, plot_log, set_learning_rate, step_batch
+from ..training.checkpoint import save_checkpoint
+from ..training.loop import (
+    TrainConfig,
+    _config_dict,
+    _make_optimizer,
+    evaluate_bpr,
+    plot_log,
+    set_learning_rate,
+    step_batch,
+)
 from .collectives import group_rank_size
 from .modules import sequence_parallel_forward
 from .sharding import shard_bounds
@@ -83,7 +91,7 @@ def train_sequence_parallel(
 ) -> dict[str, Any]:
     """Train a PerformerLM with every sequence split across the ranks of ``group``
     (every rank calls this with the same arguments). Writes, on rank 0, DIR/log.jsonl,
-    DIR/checkpoints/ and DIR/loss.png. Returns the summary dict of ``favor.train.train``
+    DIR/checkpoints/ and DIR/loss.png. Returns the summary dict of ``favor.training.train``
     (``loss`` is the global mean loss of the last step). ``device`` defaults to this
     rank's GPU under NCCL, else the CPU."""
     rank, world = group_rank_size(group)

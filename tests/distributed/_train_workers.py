@@ -7,7 +7,7 @@ import os
 import torch
 
 from favor.distributed.train import train_sequence_parallel
-from favor.train import resolve_config, train
+from favor.training import resolve_config, train
 
 
 def train_worker(rank: int, world: int, out_dir: str, overrides: dict) -> dict:

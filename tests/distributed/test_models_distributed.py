@@ -5,7 +5,7 @@ Data parallel (DDP, FSDP): after 4 AdamW steps with feature redraws every 2 step
 on both ranks and equal single-process training on the same global batch. Sequence
 parallel: a PerformerLM whose positions are split across ranks gives the same logits and,
 after training, the same parameters as single-process training; so does the training
-loop behind `favor train --sequence-parallel` (train_sequence_parallel vs favor.train.train).
+loop behind `favor train --sequence-parallel` (train_sequence_parallel vs favor.training.train).
 
 Tolerances (float64 models): DDP averages gradients in a different order than one big
 batch sums them, so parameters agree to round-off amplified by Adam's 1/sqrt(v); 1e-9 on
@@ -53,7 +53,7 @@ def test_sequence_parallel_lm_matches_single_process(results, position):
 
 
 def test_sequence_parallel_training_matches_single_process(results):
-    # favor.distributed.train_sequence_parallel vs favor.train.train: same batches (seeded by
+    # favor.distributed.train_sequence_parallel vs favor.training.train: same batches (seeded by
     # step), schedule, clipping and redraws; seq_len 33 splits unevenly (17 + 16)
     r0, r1 = results[0]["train"], results[1]["train"]
     assert r0["vs_single"] <= TOL, r0["vs_single"]

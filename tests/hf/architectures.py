@@ -1,7 +1,7 @@
 """The architectures favor.hf is checked on: tiny random-weight configs, each supported or
 refused with a message (tests/hf/test_architectures.py asserts every row).
 
-    python -m tests.hf.architectures     # prints the README's table from these rows
+    python -m tests.hf.architectures     # prints docs/hf.md's table from these rows
 
 Supported means: performerize with an exact window covering the whole sequence gives the
 softmax model's outputs (float64, 1e-10), and, for decoders, token-by-token decoding with
@@ -25,7 +25,7 @@ INIT = 0.1
 class Arch:
     """One row: ``build()`` a float64 model in eval mode; ``kind`` encoder, decoder,
     encoder-decoder or vision encoder; ``refused`` a regex the refusal must match (None:
-    supported); ``why`` one line for the README."""
+    supported); ``why`` one line for docs/hf.md."""
 
     name: str
     model: str
@@ -361,7 +361,7 @@ CHECK = "python -m pytest -q tests/hf/test_architectures.py"
 
 
 def table() -> str:
-    """The README's table (markdown), one row per architecture."""
+    """docs/hf.md's table (markdown), one row per architecture."""
     rows = ["| architecture | transformers class | kind | status | why |", "|---|---|---|---|---|"]
     for a in ARCHITECTURES:
         rows.append(f"| {a.name} | `{a.model}` | {a.kind} | {a.status} | {a.why} |")

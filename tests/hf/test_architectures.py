@@ -2,7 +2,7 @@
 window covering the sequence gives the softmax model, float64, 1e-10; decoders decode token
 by token as in teacher forcing) or refused with the message it names. Also: every keyword
 that reaches favor's attention function is allowed or refused on purpose, cross-attention
-takes plain FAVOR, and the README's table is the one these rows print."""
+takes plain FAVOR, and docs/hf.md's table is the one these rows print."""
 
 import logging
 import re
@@ -308,8 +308,8 @@ def test_local_terms_refuse_an_unmarked_cross_attention_call():
 
 
 def test_readme_carries_this_table():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert table() in readme, "README.md's architecture table is stale: paste `python -m tests.hf.architectures`"
+    readme = (Path(__file__).parents[2] / "docs" / "hf.md").read_text()
+    assert table() in readme, "docs/hf.md's architecture table is stale: paste `python -m tests.hf.architectures`"
     assert CHECK in readme
 
 

@@ -291,7 +291,7 @@ def _context():
     if _POOL_CTX is None:
         if "forkserver" in multiprocessing.get_all_start_methods():
             _POOL_CTX = multiprocessing.get_context("forkserver")
-            _POOL_CTX.set_forkserver_preload(["torch", "favor", "favor.bench"])
+            _POOL_CTX.set_forkserver_preload(["torch", "favor", "favor.benchmarking.timing"])
         else:
             _POOL_CTX = multiprocessing.get_context("spawn")
     return _POOL_CTX

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data import ProteinTokenizer, TokenStream, load_proteins, split
+from ..models import PerformerConfig, PerformerLM
+from ..nn import FeatureRedrawer, mix_seed
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -29,11 +32,8 @@ from .checkpoint import (
     optimizer_from_tensors,
     save_checkpoint,
 )
-from .data import ProteinTokenizer, TokenStream, load_proteins, split
-from .models import PerformerConfig, PerformerLM
-from .nn import FeatureRedrawer, mix_seed
 
-__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "evaluate_bpr", "plot_log", "load_lm", "lm_demo"]
+__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "evaluate_bpr", "plot_log", "load_lm"]
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -399,6 +399,3 @@ def plot_log(
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
-
-
-from .train_demo import lm_demo  # noqa: E402  (re-exported: favor.train.lm_demo)

@@ -1,0 +1,78 @@
+"""The package layout: old module paths still import (the same module objects), the
+training modules import one way, and the fast paths share helpers through _chunking."""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import favor
+from favor._aliases import MOVED
+
+ROOT = Path(favor.__file__).parent
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_old_module_paths_are_the_new_modules(old, new):
+    assert importlib.import_module(old) is importlib.import_module(new)
+    # the alias does not rename the module it points at
+    assert importlib.import_module(new).__spec__.name == new
+
+
+def test_old_names_still_resolve():
+    from favor.checkpoint import save_checkpoint
+    from favor.train import resolve_config, train
+
+    from favor.training import lm_demo
+
+    assert train.__module__ == "favor.training.loop"
+    assert resolve_config.__module__ == "favor.training.loop"
+    assert save_checkpoint.__module__ == "favor.training.checkpoint"
+    assert lm_demo.__module__ == "favor.training.demo"
+    assert favor.projections is importlib.import_module("favor.features.projections")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Module names a file imports (relative imports resolved against favor.*)."""
+    pkg = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names.add(mod)
+            names.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_training_loop_does_not_import_the_demo():
+    assert not any(n.startswith("favor.training.demo") for n in _imported_modules(ROOT / "training" / "loop.py"))
+    assert "favor.training.loop" in _imported_modules(ROOT / "training" / "demo.py")
+
+
+def test_no_private_helpers_imported_across_fast_paths():
+    """causal_fast and recurrent take the shared helpers from _chunking, not from
+    bidirectional_fast's private names."""
+    for name in ("causal_fast.py", "recurrent.py"):
+        tree = ast.parse((ROOT / "attention" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "bidirectional_fast":
+                assert not [a.name for a in node.names if a.name.startswith("_")], name
+
+
+def test_no_loose_modules_at_the_top_level():
+    loose = {p.name for p in ROOT.glob("*.py")}
+    assert loose == {"__init__.py", "_aliases.py", "cli.py"}, (
+        f"top-level modules belong in packages (DESIGN.md 2): {loose}"
+    )
+
+
+def test_py_typed_marker_ships():
+    assert (ROOT / "py.typed").exists()
