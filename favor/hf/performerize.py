@@ -20,6 +20,7 @@ from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
 from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection, sequence_pair_mean
 from .attention import ATTRIBUTE
+from .generation import use_favor_cache
 from .local import check_exact_set
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
@@ -286,5 +287,6 @@ def performerize(
         model.config, CONFIG_KEY, {**asdict(config), "calibrated": calibrated, "modules": [n for n, _, _ in modules]}
     )
     model.set_attn_implementation(NAME)
+    use_favor_cache(model)  # model.generate keeps a constant-size FavorCache (cache.py)
     log.info("performerized %d attention modules (%s, M=%d)", len(adapters), kernel, num_features)
     return model
