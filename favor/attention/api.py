@@ -72,7 +72,9 @@ def _attention_fast(
 def _attention_steps(qs, ks, vs, feature_map, root, mask, initial_state, return_state, out_dtype):
     """A continued causal pass over a few queries, position by position (recurrent.steps)."""
     if initial_state is not None:
-        lead = torch.broadcast_shapes(qs.shape[:-2], ks.shape[:-2], vs.shape[:-2])
+        lead = qs.shape[:-2]
+        if not lead == ks.shape[:-2] == vs.shape[:-2]:
+            lead = torch.broadcast_shapes(lead, ks.shape[:-2], vs.shape[:-2])
         m = feature_map.num_outputs
         _check_state(initial_state, lead, initial_state.kv.shape[-2] if m is None else m, vs.shape[-1])
         initial_state = initial_state.to(dtype=qs.dtype)

@@ -199,3 +199,21 @@ def test_generate_without_favor_or_with_a_given_cache_is_untouched():
     model.set_attn_implementation("sdpa")
     out, _ = _generate(model, ids, mask, do_sample=False)
     assert type(out.cache) is DynamicCache
+
+
+def test_batch_select_and_repeat_keep_each_row_exact():
+    model = _model("llama", "local")
+    ids, mask, pos = _batch(9, seed=9)
+    ref = _teacher_forced(model, ids, mask)
+    _, _, cache = _pieces(model, ids[:, :6], mask[:, :6], pos[:, :6], [6])
+    cache.batch_select_indices(torch.tensor([1]))  # keep the left-padded row only
+    cache.batch_repeat_interleave(2)  # and run it twice
+    with torch.no_grad():
+        out = model(
+            input_ids=ids[1:, 6:].repeat(2, 1),
+            attention_mask=mask[1:].repeat(2, 1),
+            position_ids=pos[1:, 6:].repeat(2, 1),
+            cache=cache,
+            use_cache=True,
+        ).logits
+    torch.testing.assert_close(out, ref[1:, 6:].repeat(2, 1, 1), rtol=1e-10, atol=1e-10)
