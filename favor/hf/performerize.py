@@ -263,7 +263,8 @@ def performerize(
     neighbours before the query; still linear in length). ``kernel="derf"``: dense-exponential features, a matrix A
     per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
-    ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
+    ``model.state_dict()``; the config goes to ``model.config.favor_performer``. A decoder's
+    ``model.generate`` then keeps a constant-size ``favor.hf.FavorCache`` (cache.py).
     """
     config = PerformerConfig(
         kernel=kernel,

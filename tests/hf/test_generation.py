@@ -217,3 +217,17 @@ def test_batch_select_and_repeat_keep_each_row_exact():
             use_cache=True,
         ).logits
     torch.testing.assert_close(out, ref[1:, 6:].repeat(2, 1, 1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_calibrated_dense_features_decode_exactly(local):
+    # derf: reparametrised, augmented inputs and a per-head log constant (adapter.py)
+    ids, mask, pos = _batch(12, seed=10)
+    options = {"exact_window": 1, "exact_sinks": 2} if local else {}
+    model = fh.performerize(
+        tiny_decoder("llama"), kernel="derf", num_features=32, calibration=[{"input_ids": ids}], **options
+    )
+    ref = _teacher_forced(model, ids, mask)
+    got, nbytes, _ = _pieces(model, ids, mask, pos, [3, 5, 1, 2, 1])
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert len(set(nbytes)) == 1
