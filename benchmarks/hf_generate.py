@@ -129,8 +129,8 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
-        f"load average at start {info['load_avg']} (a machine shared with other jobs: absolute times are noisy, "
-        "the ratios come from one run with favor and sdpa tokens interleaved).",
+        f"load average at start {', '.join(f'{x:.1f}' for x in info['load_avg'])} (a machine shared with other jobs: absolute times are noisy, "
+        "the ratios come from one run, new tokens taken round-robin over every context and model).",
         "",
         f"Model: random-weight Llama, hidden {MODEL['hidden_size']}, {MODEL['num_attention_heads']} heads, "
         f"{MODEL['num_hidden_layers']} layers, intermediate {MODEL['intermediate_size']}, vocab {MODEL['vocab_size']}, "
