@@ -31,7 +31,7 @@ MODEL = dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=4, interm
 NUM_FEATURES = 256
 
 
-def _models(max_len: int):
+def _models(max_len: int, *, exact_window: int = -1, exact_sinks: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import favor.hf as fh
@@ -39,7 +39,9 @@ def _models(max_len: int):
     torch.manual_seed(0)
     cfg = LlamaConfig(**MODEL, max_position_embeddings=max_len, attn_implementation="sdpa")
     softmax = LlamaForCausalLM(cfg).eval()
-    performer = fh.performerize(copy.deepcopy(softmax), num_features=NUM_FEATURES, seed=0)
+    performer = fh.performerize(
+        copy.deepcopy(softmax), num_features=NUM_FEATURES, seed=0, exact_window=exact_window, exact_sinks=exact_sinks
+    )
     return softmax, performer
 
 
@@ -121,7 +123,7 @@ def measure(softmax, performer, contexts: list[int], tokens: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], info: dict, command: str) -> str:
+def markdown(rows: list[dict], info: dict, command: str, local: dict | None = None) -> str:
     base = rows[0]["favor_token_s"]
     lines = [
         "# favor.hf generation: FavorCache vs sdpa + KV cache",
@@ -134,7 +136,13 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         "",
         f"Model: random-weight Llama, hidden {MODEL['hidden_size']}, {MODEL['num_attention_heads']} heads, "
         f"{MODEL['num_hidden_layers']} layers, intermediate {MODEL['intermediate_size']}, vocab {MODEL['vocab_size']}, "
-        f"float32; favor: performerize(num_features={NUM_FEATURES}) (FAVOR++), batch 1.",
+        f"float32; favor: performerize(num_features={NUM_FEATURES}"
+        + (
+            "".join(f", {k}={v}" for k, v in local.items())
+            if local and local["exact_window"] + local["exact_sinks"] > -1
+            else ""
+        )
+        + ") (FAVOR++), batch 1.",
         "",
         "| context | favor ms/token | vs favor@first | sdpa+KV ms/token | sdpa/favor | favor prefill s | sdpa prefill s "
         "| favor cache bytes | sdpa cache bytes |",
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="contexts 256,1024 and 6 tokens (a smoke run)")
     parser.add_argument("--contexts", default="512,4096,16384,32768")
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--exact-window", type=int, default=-1, help="favor with exact local terms (default: none)")
+    parser.add_argument("--exact-sinks", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT, help=f"directory for JSON/PNG/MD (default {OUT})")
     args = parser.parse_args(argv)
     contexts = [256, 1024] if args.quick else [int(c) for c in args.contexts.split(",")]
@@ -164,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         f"hf_generate: Llama {MODEL}, M={NUM_FEATURES}, float32, B=1, {tokens} new tokens per context, "
         f"transformers {transformers.__version__}"
     )
-    softmax, performer = _models(max(contexts) + tokens + 8)
+    local = {"exact_window": args.exact_window, "exact_sinks": args.exact_sinks}
+    softmax, performer = _models(max(contexts) + tokens + 8, **local)
     err = check(performer)
     print(f"check: favor cached vs teacher-forced logits, max |diff| {err:.2e}")
     rows = measure(softmax, performer, contexts, tokens)
@@ -185,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     command += f" --out {args.out}" if args.out != OUT else ""
     args.out.mkdir(parents=True, exist_ok=True)
     name = "hf_generate_quick" if args.quick else "hf_generate"
+    if args.exact_window >= 0 or args.exact_sinks > 0:
+        name += f"_w{args.exact_window}_s{args.exact_sinks}"
+        command += f" --exact-window {args.exact_window} --exact-sinks {args.exact_sinks}"
     data = {"machine": info, "model": MODEL, "num_features": NUM_FEATURES, "tokens": tokens, "check_max_abs": err}
+    data.update(local)
     path = args.out / f"{name}.json"
     path.write_text(json.dumps({**data, "rows": rows}, indent=2, default=str))
-    (args.out / f"{name}.md").write_text(markdown(rows, info, command))
+    (args.out / f"{name}.md").write_text(markdown(rows, info, command, local))
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     ctx = [r["context"] for r in rows]
