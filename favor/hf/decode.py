@@ -25,6 +25,7 @@ from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from ..attention._normalise import masked_keys
 from ..attention.causal import causal_sums
+from ..attention.recurrent import _step_features
 from ..attention.state import State
 from .attention import _repeat_kv, adapter_of
 from .cache import FavorLayer
@@ -133,7 +134,12 @@ def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     qx, kx = qx.to(dtype), kx.to(dtype)
     s_kx, e_kx, e_v = kx[..., :sinks, :], kx[..., sinks:, :], v[..., sinks:, :]
     s_v = v[..., :sinks, :]
-    fq, fk = pair_features(adapter.feature_map, q, k[..., sinks:, :], root, None, causal=True)
+    fm = adapter.feature_map
+    if fm.stabilizer == "exact":  # the step's row features and A, kept on the map between tokens
+        feat, a = _step_features(fm, root, q, k)
+        fq, fk = feat(q, a), feat(k[..., sinks:, :], a)
+    else:
+        fq, fk = pair_features(fm, q, k[..., sinks:, :], root, None, causal=True)
 
     # far sums: query t sees the state and E[0 .. t - d] that are real and not sinks
     d = 1 if window >= 0 else 0
