@@ -231,3 +231,26 @@ def test_calibrated_dense_features_decode_exactly(local):
     got, nbytes, _ = _pieces(model, ids, mask, pos, [3, 5, 1, 2, 1])
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     assert len(set(nbytes)) == 1
+
+
+def test_the_prompt_takes_the_chunked_path_and_each_token_the_step(monkeypatch):
+    from favor.attention import api
+
+    model = _model("llama", "plain")
+    ids, mask, _ = _batch(8, seed=11)
+    calls = []
+
+    def spy(name, query_at, real):
+        def run(*a, **kw):
+            calls.append((name, a[query_at].shape[-2]))
+            return real(*a, **kw)
+
+        return run
+
+    # causal_fast(q, ...), steps(state, q, ...)
+    monkeypatch.setattr(api, "causal_fast", spy("causal_fast", 0, api.causal_fast))
+    monkeypatch.setattr(api, "steps", spy("steps", 1, api.steps))
+    _generate(model, ids, mask, do_sample=False)
+    layers = model.config.num_hidden_layers
+    # prefill: every layer once through the chunked kernel; then 4 tokens (the 5th is never fed back) by the step
+    assert calls == [("causal_fast", 8)] * layers + [("steps", 1)] * (4 * layers)
