@@ -6,8 +6,8 @@ bytes each cache holds.
     python -m benchmarks.hf_generate [--quick] [--contexts 512,4096,16384,32768] [--tokens 16]
 
 One prefill of each model per context (timed), then ``--tokens`` new tokens taken
-round-robin over every (context, model) pair, so that all see the same machine load (a
-shared machine drifts by several x over minutes); median per token.
+round-robin over every (context, model) pair (forwards, then backwards), so that all see
+the same machine load (a shared machine drifts by several x over minutes); median per token.
 Ratios (sdpa / favor, favor at L / favor at the first L) come from the same run. The
 favor path is checked first: its cached logits must equal its teacher-forced ones.
 """
@@ -103,12 +103,14 @@ def measure(softmax, performer, contexts: list[int], tokens: int) -> list[dict]:
             }
         )
     for t in range(tokens):
-        for r in runs:
+        # odd rounds run backwards, so that no (context, model) always follows the largest
+        # sdpa step (which allocates and frees its whole K/V cache)
+        order = [(r, m) for r in runs for m in ("favor", "sdpa")]
+        for r, m in order if t % 2 == 0 else order[::-1]:
             tok = r["next"][:, t : t + 1]
-            _, dt = _timed(lambda tok=tok, c=r["fcache"]: performer(input_ids=tok, cache=c, use_cache=True))
-            r["favor_token_all_s"].append(dt)
-            _, dt = _timed(lambda tok=tok, c=r["scache"]: softmax(input_ids=tok, cache=c, use_cache=True))
-            r["sdpa_token_all_s"].append(dt)
+            model, cache = (performer, r["fcache"]) if m == "favor" else (softmax, r["scache"])
+            _, dt = _timed(lambda tok=tok, model=model, c=cache: model(input_ids=tok, cache=c, use_cache=True))
+            r[f"{m}_token_all_s"].append(dt)
     warm = 2 if tokens > 4 else 0  # the first tokens warm caches and allocators
     rows = []
     for r in runs:
