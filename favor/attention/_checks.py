@@ -31,7 +31,8 @@ def check_qkv(q, k, v, *, causal: bool) -> None:
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must share the length Lk: k has Lk={k.shape[-2]}, v has Lk={v.shape[-2]}")
     try:
-        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:  # (broadcast_shapes costs ~0.1 ms a call)
+            torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"leading (batch, head) dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])}, "

@@ -12,6 +12,7 @@ from .bidirectional import bidirectional
 from .bidirectional_fast import DEFAULT_BIDIRECTIONAL_CHUNK, bidirectional_fast
 from .causal import DEFAULT_CHUNK, causal_chunked
 from .causal_fast import DEFAULT_CAUSAL_CHUNK, causal_fast
+from .recurrent import STEP_MAX_QUERIES, steps
 from .state import State
 
 __all__ = ["attention"]
@@ -68,6 +69,20 @@ def _attention_fast(
     return (out, state) if return_state else out
 
 
+def _attention_steps(qs, ks, vs, feature_map, root, mask, initial_state, return_state, out_dtype):
+    """A continued causal pass over a few queries, position by position (recurrent.steps)."""
+    if initial_state is not None:
+        lead = qs.shape[:-2]
+        if not lead == ks.shape[:-2] == vs.shape[:-2]:
+            lead = torch.broadcast_shapes(lead, ks.shape[:-2], vs.shape[:-2])
+        m = feature_map.num_outputs
+        _check_state(initial_state, lead, initial_state.kv.shape[-2] if m is None else m, vs.shape[-1])
+        initial_state = initial_state.to(dtype=qs.dtype)
+    out, state = steps(initial_state, qs, ks, vs, feature_map, root=root, mask=mask)
+    out = out.to(out_dtype)
+    return (out, state) if return_state else out
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,7 +103,10 @@ def attention(
     ``key_padding_mask`` is bool (B, Lk), True for padding: padded keys count in neither
     numerator nor normaliser. ``causal`` attends to positions <= t, in chunks of
     ``chunk_size``; with ``initial_state``/``return_state`` a sequence can be fed in pieces
-    (returns ``(out, state)``). float16/bfloat16 inputs are computed in float32.
+    (returns ``(out, state)``); such a continued pass over at most ``STEP_MAX_QUERIES``
+    (4) queries, as in decoding, takes the recurrent path (``favor.step``'s arithmetic, one
+    position at a time, equal to the chunked path to round-off). float16/bfloat16 inputs
+    are computed in float32.
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=causal)
@@ -109,6 +127,10 @@ def attention(
     # self-attention convention: with Lq == Lk, padded positions are padded queries too,
     # so they stay out of sequence statistics (FAVOR++'s rho)
     q_mask = mask if (mask is not None and q.shape[-2] == k.shape[-2]) else None
+    if streaming and 0 < q.shape[-2] <= STEP_MAX_QUERIES:
+        return _attention_steps(
+            q.to(dtype), k.to(dtype), vs, feature_map, root, mask, initial_state, return_state, v.dtype
+        )
     if _fast_eligible(feature_map, q, k, v):
         return _attention_fast(
             q.to(dtype),

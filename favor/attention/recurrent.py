@@ -8,12 +8,13 @@ import weakref
 import torch
 
 from ..features.feature_map import FeatureMap
+from . import _normalise
 from ._checks import check_feature_map, check_scale, compute_dtype
 from ._chunking import inverse as _inverse
 from ._fast_features import row_features
 from .state import State
 
-__all__ = ["step"]
+__all__ = ["step", "steps", "STEP_MAX_QUERIES"]
 
 
 def step(
@@ -102,3 +103,64 @@ def _exp_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """exp(a - b) for b = max(., a): ``_normalise.exp_diff``'s values (a = -inf gives 0,
     also when b is -inf, where a - b is NaN) in three ops and without a device sync."""
     return torch.exp(a - b).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+#: favor.attention takes the recurrent path for a continued causal pass (``initial_state``
+#: or ``return_state``) of at most this many queries: below it the chunked path's fixed cost
+#: (its blocks, autograd function and buffers) is larger than a few token-by-token updates
+STEP_MAX_QUERIES = 4
+
+
+def _safe_inverse(den: torch.Tensor) -> torch.Tensor:
+    """1/den, 0 where den == 0 (no visible key), differentiable."""
+    empty = den == 0
+    return torch.where(empty, torch.zeros_like(den), 1.0 / torch.where(empty, torch.ones_like(den), den))
+
+
+def steps(
+    state: State | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    root: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State]:
+    """``step`` over a few positions at once: q, k (..., L, D), v (..., L, Dv) in the compute
+    dtype, not yet scaled (``root`` = sqrt(scale)); ``mask`` (True = padding) broadcasting
+    against (..., L) or None -> (out (..., L, Dv), state after position L-1).
+
+    The features of all L rows come from one call; the state is then updated one position
+    at a time exactly as ``step`` does (a padded key adds nothing), so this is the arithmetic
+    of L calls of ``step`` with the per-call overhead paid once. Differentiable."""
+    feat, a = _step_features(feature_map, root, q, k)
+    f_q = (feat(q, a) if getattr(feat, "width", None) is None else feat(q, a, log_scale=False)).values
+    fk = feat(k, a)
+    f_k = fk.values
+    l_k = fk.log_scale if fk.log_scale is not None else torch.zeros(f_k.shape[:-1], dtype=f_k.dtype, device=f_k.device)
+    l_k = l_k.expand(f_k.shape[:-1])
+    if mask is not None:
+        f_k = f_k.masked_fill(mask[..., None], 0.0)
+        l_k = l_k.masked_fill(mask, float("-inf"))
+    if state is None:
+        lead = torch.broadcast_shapes(f_q.shape[:-2], f_k.shape[:-2], v.shape[:-2])
+        state = State.empty(lead, f_k.shape[-1], v.shape[-1], dtype=f_k.dtype, device=f_k.device)
+    kv, z, c = state
+    # with a graph to keep, the out-of-place forms (the fast ones write into exp's output)
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (f_q, f_k, v, kv, z))
+    exp_diff, inverse = (_normalise.exp_diff, _safe_inverse) if graph else (_exp_diff, _inverse)
+    outs = []
+    for t in range(q.shape[-2]):
+        lt, fkt, vt, fqt = l_k[..., t], f_k[..., t, :], v[..., t, :], f_q[..., t, :]
+        new_c = torch.maximum(c, lt)
+        decay, w = exp_diff(c, new_c), exp_diff(lt, new_c)
+        f_kw = fkt * w[..., None]
+        kv = torch.addcmul(kv * decay[..., None, None], f_kw[..., :, None], vt[..., None, :])
+        z = torch.addcmul(f_kw, z, decay[..., None])
+        c = new_c
+        num = (fqt[..., None, :] @ kv)[..., 0, :]
+        den = (fqt * z).sum(-1)
+        outs.append(num * inverse(den)[..., None])
+    out = outs[0][..., None, :] if len(outs) == 1 else torch.stack(outs, -2)
+    return out, State(kv, z, c)

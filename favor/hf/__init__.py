@@ -12,11 +12,16 @@ A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, a
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature
 (favor.hf.support); cross-attention runs plain FAVOR (favor.hf.cross).
 
+``model.generate`` of a performerized decoder keeps a constant-size ``FavorCache`` (FAVOR's
+recurrent state per layer, plus the exact terms' last tokens): O(1) work and memory per token.
+
 Importing this package registers ``attn_implementation="favor"`` with transformers.
 """
 
 from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map
 from .attention import favor_attention_forward
+from .cache import FavorCache, FavorLayer
+from .generation import use_favor_cache
 from .io import from_pretrained, save_pretrained
 from .masks import MaskPlan, plan_from_mask
 from .performerize import PerformerConfig, performerize
@@ -36,6 +41,9 @@ __all__ = [
     "FavorAdapter",
     "HeadwiseFeatureMap",
     "balancing_map",
+    "FavorCache",
+    "FavorLayer",
+    "use_favor_cache",
     "MaskPlan",
     "plan_from_mask",
     "UnsupportedAttentionError",

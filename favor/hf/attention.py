@@ -15,6 +15,7 @@ import torch
 from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from .adapter import FavorAdapter
+from .cache import claim
 from .cross import cross_attention
 from .local import local_exact_attention, pair_features
 from .masks import plan_from_mask
@@ -121,6 +122,11 @@ def favor_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     global _warned_dropout
     check_keywords(module, kwargs)
+    layer = claim(key)  # the keys came from a FavorCache: continue its state (decode.py)
+    if layer is not None:
+        from .decode import cached_attention
+
+        return cached_attention(layer, module, query, key, value, attention_mask, scaling, is_causal)
     adapter = adapter_of(module, query.shape[1], query.shape[-1], query.device)
     if dropout and not _warned_dropout:
         log.warning("attention dropout (p=%s) is not applied by FAVOR (it never forms the weights)", dropout)

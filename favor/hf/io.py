@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .attention import ATTRIBUTE
+from .generation import use_favor_cache
 from .performerize import CONFIG_KEY, PerformerConfig, attach_adapters
 from .registry import NAME, register
 
@@ -86,5 +87,6 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
         raise ValueError(f"{FAVOR_WEIGHTS} does not match the model: missing {missing}, unexpected {unexpected}")
     setattr(model.config, CONFIG_KEY, performer)
     model.set_attn_implementation(NAME)
+    use_favor_cache(model)
     model.eval()
     return model

@@ -20,6 +20,7 @@ from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
 from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection, sequence_pair_mean
 from .attention import ATTRIBUTE
+from .generation import use_favor_cache
 from .local import check_exact_set
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
@@ -270,7 +271,8 @@ def performerize(
     neighbours before the query; still linear in length). ``kernel="derf"``: dense-exponential features, a matrix A
     per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
-    ``model.state_dict()``; the config goes to ``model.config.favor_performer``.
+    ``model.state_dict()``; the config goes to ``model.config.favor_performer``. A decoder's
+    ``model.generate`` then keeps a constant-size ``favor.hf.FavorCache`` (cache.py).
     """
     config = PerformerConfig(
         kernel=kernel,
@@ -304,5 +306,6 @@ def performerize(
         },
     )
     model.set_attn_implementation(NAME)
+    use_favor_cache(model)  # model.generate keeps a constant-size FavorCache (cache.py)
     log.info("performerized %d attention modules (%s, M=%d)", len(adapters), kernel, num_features)
     return model

@@ -1,0 +1,193 @@
+"""favor's attention function with a FavorCache (cache.py): the new tokens against the state.
+
+The model hands over the new tokens' queries, keys and values and a mask over the new keys
+only (``FavorLayer.get_mask_sizes``). Plain FAVOR continues the layer's recurrent state
+with ``favor.attention(..., initial_state=, return_state=True)``: the chunked causal path
+for a prompt, the recurrent step for one or a few tokens. With exact local terms the new
+tokens are put behind the kept window E = [last W tokens] + [new tokens], and:
+
+* the far sums of query t (position n + t) are the state plus the keys E[0 .. t - d] that
+  are not sinks (d = 1 with a window, 0 without: local.py's delay of W + 1 positions), run
+  by ``causal_sums``; the state then absorbs E[0 .. Lq - 1];
+* the exact keys are E[t .. t + W] (its window) and the sinks further than W back, the
+  same sets as ``local._causal``, combined by ``local._combine``.
+
+So the numbers are those of the teacher-forced pass over the whole sequence, to round-off.
+
+Legend: B batch, H query heads, Hkv key/value heads, Lq new tokens, W window, S sinks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import attention as favor_attention
+from ..attention._checks import check_scale, compute_dtype
+from ..attention._normalise import masked_keys
+from ..attention.causal import causal_sums
+from ..attention.recurrent import _step_features
+from ..attention.state import State
+from .attention import _repeat_kv, adapter_of
+from .cache import FavorLayer
+from .local import _combine, pair_features
+from .masks import plan_from_mask
+
+__all__ = ["cached_attention"]
+
+
+def cached_attention(
+    layer: FavorLayer,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool | None,
+) -> tuple[torch.Tensor, None]:
+    """favor_attention_forward's result for the new tokens, continuing ``layer``'s state."""
+    layer.pending = None
+    adapter = adapter_of(module, query.shape[1], query.shape[-1], query.device)
+    b, h, lq, _ = query.shape
+    causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
+    if not causal_module:
+        raise ValueError(
+            f"a FavorCache holds a causal decoder's state, but {type(module).__name__} is not causal (is_causal=False)"
+        )
+    plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=key.shape[-2], is_causal=True)
+    if not plan.causal or plan.offset != 0 or plan.kv_length != lq:
+        raise ValueError(
+            "with a FavorCache the attention mask must be causal over the new tokens (with key padding); "
+            f"got a plan {plan.causal=}, {plan.offset=}, {plan.kv_length=} for {lq} new tokens"
+        )
+    pad = plan.key_padding_mask
+    if pad is not None:
+        pad = pad.expand(b, lq)
+    if adapter.local:
+        out = _local(layer, adapter, query, key, value, pad, scaling)
+    else:
+        out = _plain(layer, adapter, query, key, value, pad, scaling)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _plain(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
+    h = query.shape[1]
+    k_r, v_r = _repeat_kv(key, h), _repeat_kv(value, h)
+    q, k, scale = adapter.inputs(query, k_r, scaling, keep=None if pad is None else ~pad, sequence=False)
+    v = v_r.to(q.dtype)
+    out, layer.state = favor_attention(
+        q,
+        k,
+        v,
+        adapter.feature_map,
+        causal=True,
+        key_padding_mask=pad,
+        scale=scale,
+        initial_state=layer.state,
+        return_state=True,
+    )
+    return out
+
+
+def _empty(b: int, heads: int, n: int, like: torch.Tensor):
+    """n dead slots: zero keys and values (B, Hkv, n, D) and "real token" flags False (B, n)."""
+    zeros = like.new_zeros(b, heads, n, like.shape[-1])
+    return zeros, zeros.clone(), torch.zeros(b, n, dtype=torch.bool, device=like.device)
+
+
+def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
+    b, h, lq, _ = query.shape
+    hkv = key.shape[1]
+    window, sinks = max(adapter.exact_window, -1), adapter.exact_sinks
+    kept = max(window, 0)  # tokens kept behind the new ones
+    n = layer.start
+    live = torch.ones(b, lq, dtype=torch.bool, device=query.device) if pad is None else ~pad
+    if layer.window is None:
+        layer.window = _empty(b, hkv, kept, key)
+        layer.sinks = _empty(b, hkv, sinks, key)
+    # the sinks are the first S positions of the sequence (padding included, flagged dead)
+    sk, sv, s_live = layer.sinks
+    fill = min(sinks, n + lq) - n
+    if fill > 0:
+        sk, sv, s_live = sk.clone(), sv.clone(), s_live.clone()
+        sk[:, :, n : n + fill], sv[:, :, n : n + fill], s_live[:, n : n + fill] = (
+            key[:, :, :fill],
+            value[:, :, :fill],
+            live[:, :fill],
+        )
+        layer.sinks = (sk, sv, s_live)
+    wk, wv, w_live = layer.window
+    ek, ev, e_live = torch.cat([wk, key], -2), torch.cat([wv, value], -2), torch.cat([w_live, live], -1)
+    # E's positions n - kept .. n + lq - 1; slots before position 0 are dead already
+
+    # reparametrised inputs of [sinks, E] in one call (causal: per token, no sequence statistic)
+    all_k, all_v = _repeat_kv(torch.cat([sk, ek], -2), h), _repeat_kv(torch.cat([sv, ev], -2), h)
+    q, k, scale = adapter.inputs(query, all_k, scaling, keep=None, sequence=False)
+    dtype = compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), all_v.to(dtype)
+    root = check_scale(scale, q.shape[-1]) ** 0.5
+    qx, kx = (
+        adapter.logit_inputs(query, all_k, scaling, keep=None, sequence=False)
+        if adapter.dense
+        else (q * root, k * root)
+    )
+    qx, kx = qx.to(dtype), kx.to(dtype)
+    s_kx, e_kx, e_v = kx[..., :sinks, :], kx[..., sinks:, :], v[..., sinks:, :]
+    s_v = v[..., :sinks, :]
+    fm = adapter.feature_map
+    if fm.stabilizer == "exact":  # the step's row features and A, kept on the map between tokens
+        feat, a = _step_features(fm, root, q, k)
+        fq, fk = feat(q, a), feat(k[..., sinks:, :], a)
+    else:
+        fq, fk = pair_features(fm, q, k[..., sinks:, :], root, None, causal=True)
+
+    # far sums: query t sees the state and E[0 .. t - d] that are real and not sinks
+    d = 1 if window >= 0 else 0
+    positions = torch.arange(n - kept, n - kept + lq, device=query.device)
+    far_key = e_live[:, :lq] & (positions >= sinks)[None, :]  # (B, Lq)
+    fk_vals, fk_log = masked_keys(
+        type(fk)(fk.values[..., :lq, :], None if fk.log_scale is None else fk.log_scale[..., :lq]),
+        ~far_key[:, None, :],
+    )
+    pad_rows = torch.nn.functional.pad
+    qv = pad_rows(fq.values, (0, 0, 0, d))  # d dummy queries after the last
+    kvals = pad_rows(fk_vals, (0, 0, d, 0))  # d dead keys in front
+    klog = pad_rows(fk_log, (d, 0), value=float("-inf"))
+    kv_in = pad_rows(e_v[..., :lq, :], (0, 0, d, 0))
+    state = layer.state
+    if state is None:
+        state = State.empty(qv.shape[:-2], kvals.shape[-1], kv_in.shape[-1], dtype=dtype, device=query.device)
+    far_num, far_den, run, layer.state = causal_sums(qv, kvals, klog, kv_in, state)
+    far_num, far_den, run = far_num[..., :lq, :], far_den[..., :lq], run[..., :lq]
+    run = torch.where(torch.isfinite(run), run, torch.zeros_like(run))  # no far key yet: sums are 0
+
+    # exact keys: the window E[t .. t + W] and the sinks further than W back
+    logits, parts = [], []
+    if window >= 0:
+        wx = e_kx.unfold(-2, window + 1, 1)  # (B, H, Lq, D, W + 1)
+        w_ok = e_live.unfold(-1, window + 1, 1)[:, None]  # (B, 1, Lq, W + 1)
+        logits.append(torch.einsum("bhtd,bhtdw->bhtw", qx, wx).masked_fill(~w_ok, float("-inf")))
+        wvals = e_v.unfold(-2, window + 1, 1)  # (B, H, Lq, Dv, W + 1)
+        parts.append((window + 1, lambda c: torch.einsum("bhtw,bhtdw->bhtd", c, wvals)))
+    if sinks:
+        at = torch.arange(n, n + lq, device=query.device)[:, None]
+        far = (at - torch.arange(sinks, device=query.device)[None, :]) > window  # (Lq, S)
+        ok = far[None, None] & layer.sinks[2][:, None, None, :]
+        logits.append((qx @ s_kx.transpose(-1, -2)).masked_fill(~ok, float("-inf")))
+        parts.append((sinks, lambda c: c @ s_v))
+
+    def near_v_sum(coeff):
+        out, at = 0.0, 0
+        for width, part in parts:
+            out = out + part(coeff[..., at : at + width])
+            at += width
+        return out
+
+    q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(far_den)
+    out = _combine(far_num, far_den, run, torch.cat(logits, -1), adapter.log_const(dtype), q_scale, near_v_sum)
+    # keep the last W tokens of E for the next call
+    # (copies: a view would keep the whole prompt's keys alive)
+    layer.window = tuple(
+        t.narrow(dim, t.shape[dim] - kept, kept).clone() for t, dim in ((ek, -2), (ev, -2), (e_live, -1))
+    )
+    return out
