@@ -274,5 +274,8 @@ def causal_fast(
     """Already-scaled q, k (..., L, D), v (..., L, Dv), equal leading shapes, L >= 1 ->
     (out (..., L, Dv), state after position L-1); ``feat(x, a)`` gives row-wise Features."""
     kv0, z0, c0 = (None, None, None) if state is None else state
+    # a chunk longer than the sequence would pad every block to chunk * BLOCK_CHUNKS rows
+    # (chunk_size=10**9 on L=5 asked for 192 GB): one chunk of L rows computes the same
+    chunk_size = min(chunk_size, q.shape[-2])
     out, kv, z, c = _Causal.apply(q, k, v, a, key_padding_mask, kv0, z0, c0, feat, chunk_size)
     return out, State(kv, z, c)
