@@ -50,7 +50,7 @@ def _attention_fast(
     feature_map._check_dim(ks, "k")
     a = None
     if feature_map.kernel == "oprf":
-        if not causal and bool(torch.isnan(feature_map.rho)):
+        if not causal and not feature_map.has_fixed_rho():
             # rho is homogeneous of degree 2 in (q, k): take it from the unscaled inputs, so
             # that no scaled copies are kept for its gradient
             rho = oprf_rho(qs, ks, x_mask=q_mask, y_mask=mask) * root**2
