@@ -113,16 +113,22 @@ def chunks():
     return st.one_of(st.none(), st.integers(1, 30))
 
 
-def well_conditioned(q, k, fm, *, causal, mask):
-    """trig features have both signs: a row whose normaliser nearly cancels amplifies every
-    rounding error by sum |a_ij| / |sum a_ij|. Such rows are ill-conditioned, not wrong, so
-    the comparison is kept to rows whose condition number is below 1e3 (error <= 1e3 * tol)."""
+def condition(q, k, fm, *, causal, mask) -> float:
+    """The largest row condition number sum |a_ij| / |sum a_ij| of the normaliser: 1 for the
+    positive kernels, large for trig rows whose sign-indefinite normaliser nearly cancels
+    (each rounding error is amplified that much, in a gradient once more)."""
     if fm.kernel != "trig" or q.shape[-2] == 0 or k.shape[-2] == 0:
-        return True
+        return 1.0
     a = favor.kernel_matrix(q.double(), k.double(), fm, causal=causal, key_padding_mask=mask, normalised=False)
-    den = a.sum(-1).abs()
-    cond = a.abs().sum(-1) / den.clamp_min(1e-300)
-    return bool(((cond < 1e3) | (a.abs().sum(-1) == 0)).all())
+    mass = a.abs().sum(-1)
+    cond = torch.where(mass == 0, torch.ones_like(mass), mass / a.sum(-1).abs().clamp_min(1e-300))
+    return max(1.0, cond.max().item())
+
+
+def well_conditioned(q, k, fm, *, causal, mask) -> bool:
+    """Rows of condition number above 1e3 are ill-conditioned, not wrong: left out of the
+    comparisons (whose error bound is then at most 1e3 * tol)."""
+    return condition(q, k, fm, causal=causal, mask=mask) < 1e3
 
 
 def to(device, *ts):
@@ -155,7 +161,8 @@ def test_gradients_equal_reference(device, data, causal):
     q, k, v, mask = data.draw(problems(causal=causal, max_len=16))
     fm = data.draw(feature_maps(q.shape[-1]))
     chunk = data.draw(chunks())
-    assume(well_conditioned(q, k, fm, causal=causal, mask=mask))
+    cond = condition(q, k, fm, causal=causal, mask=mask)
+    assume(cond < 1e3)
     wants = data.draw(st.sampled_from([(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1) if a or b or c]))
     q, k, v, mask = to(device, q, k, v, mask)
     fm = fm.to(device)
@@ -174,9 +181,10 @@ def test_gradients_equal_reference(device, data, causal):
         fast = torch.zeros_like(ref) if fast is None and ref is not None else fast
         ref = torch.zeros_like(fast) if ref is None else ref
         assert torch.isfinite(fast).all()
-        # a gradient sums over L rows: its round-off grows with the rows behind each entry
+        # a gradient sums over L rows: its round-off grows with the rows behind each entry;
+        # and d(num/den) carries 1/den once more than the output: one more factor of cond
         unit = grad_unit(q, k, v, w)
-        assert rel(fast, ref, unit) < TOL[q.dtype] * max(1, q.shape[-2], k.shape[-2]) ** 0.5
+        assert rel(fast, ref, unit) < TOL[q.dtype] * max(1, q.shape[-2], k.shape[-2]) ** 0.5 * cond
 
 
 # -- streaming ----------------------------------------------------------------------------
