@@ -98,3 +98,13 @@ def test_no_host_sync_on_cuda(device, kernel):
         _model_workload(*models, device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sampling_with_a_cpu_generator_on_any_device(device):
+    # was (on a GPU): "Expected a 'cuda' device type for generator"; now one seed gives the
+    # same tokens on every device
+    lm = PerformerLM(PerformerConfig(vocab_size=11, dim=16, depth=1, heads=2, max_len=64)).double().eval()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    cpu = lm.generate(idx, 6, generator=torch.Generator().manual_seed(0))
+    there = lm.to(device).generate(idx.to(device), 6, generator=torch.Generator().manual_seed(0))
+    assert there.device == idx.to(device).device and torch.equal(there.cpu(), cpu)

@@ -166,4 +166,8 @@ def sample(
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # a CPU generator with a GPU model: draw where the generator is, so that one seed
+        # gives the same tokens on every device (host sync: one small copy per token)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)
