@@ -28,9 +28,9 @@ def test_gpu_check_dry_run_on_cpu_writes_its_json(tmp_path):
     assert summary["tests"]["tests"] >= 1 and summary["tests"]["failures"] == summary["tests"]["errors"] == 0
     bench = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert all(c["ok"] for checks in bench["checks"].values() for c in checks.values())
-    modes = {(r["dtype"], r["mode"]) for r in bench["rows"] if "favor_ms" in r and "sdpa_ms" in r}
-    assert modes == {(d, m) for d in ("float32", "bfloat16") for m in ("bidirectional fwd", "causal fwd+bwd")}
-    assert {r["dtype"] for r in bench["decode"] if r["favor_ms_per_token"] > 0} == {"float32", "bfloat16"}
+    modes = {r["mode"] for r in bench["rows"] if r["favor_ms"] > 0 and r["sdpa_ms"] > 0}
+    assert modes == {"bidirectional fwd", "causal fwd+bwd"}
+    assert [r["favor_ms_per_token"] > 0 and r["sdpa_kv_ms_per_token"] > 0 for r in bench["decode"]] == [True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or shutil.which("bash") is None, reason="for a machine without CUDA")

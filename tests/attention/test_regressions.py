@@ -96,3 +96,16 @@ def test_hf_attention_rejects_non_4d_inputs_naming_them():
         favor_attention_forward(layer, x[0], x, x, None)
     with pytest.raises(ValueError, match="key and value must share"):
         favor_attention_forward(layer, x, x, x[..., :2, :], None)
+
+
+def test_lm_token_ids_out_of_range_raise_naming_idx():
+    # was: IndexError "index out of range in self" from the embedding (a device-side assert
+    # on a GPU); and a wrong state list gave AttributeError "'NoneType' has no attribute 'position'"
+    from favor.models import PerformerConfig, PerformerLM
+
+    lm = PerformerLM(PerformerConfig(vocab_size=11, dim=16, depth=1, heads=2, max_len=64))
+    for bad in (11, -1):
+        with pytest.raises(ValueError, match=r"idx must hold token ids in \[0, vocab_size=11\)"):
+            lm(torch.tensor([[1, bad]]))
+    with pytest.raises(TypeError, match="AttentionState"):
+        lm(torch.tensor([[1]]), state=[None])

@@ -5,11 +5,13 @@
   state, favor.step) equal the full forward pass (float64, 1e-10: the paths agree to
   round-off, see tests/attention/test_paths_agree.py);
 - greedy generate() equals the naive loop that re-runs the whole prefix every token;
-- float16 / bfloat16 models decode to finite logits of their dtype.
+- float16 / bfloat16 models decode to finite logits of their dtype;
+- bad tokens and states raise ValueError / TypeError naming the argument.
 """
 
+import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from favor.models import PerformerConfig, PerformerLM
@@ -96,3 +98,42 @@ def test_half_precision_decoding_is_finite(device, data, dtype):
         assert logits.dtype == dtype and torch.isfinite(logits).all()
     out = model.generate(idx, 4, temperature=0)
     assert out.shape == (2, idx.shape[1] + 4)
+
+
+def _bad_lm_cases(model, idx):
+    v, depth = model.config.vocab_size, model.config.depth
+    first = torch.arange(idx.numel()).view_as(idx) == 0  # one bad id among good ones
+    return {
+        "idx float": (dict(idx=idx.float()), ValueError, "idx must be an integer tensor"),
+        "idx 1-d": (dict(idx=idx[0]), ValueError, "idx must be an integer tensor"),
+        "idx list": (dict(idx=idx.tolist()), ValueError, "idx must be an integer tensor"),
+        "id = vocab_size": (dict(idx=torch.where(first, v, idx)), ValueError, "vocab_size"),
+        "id < 0": (dict(idx=idx - 1 - idx.max()), ValueError, "vocab_size"),
+        "state length": (dict(state=[None] * (depth + 1)), ValueError, "state"),
+        "state entries": (dict(state=[None] * depth), TypeError, "state"),
+        "state type": (dict(state="state"), ValueError, "state"),
+    }
+
+
+_LM_CASES = list(
+    _bad_lm_cases(
+        PerformerLM(PerformerConfig(vocab_size=3, dim=4, depth=1, heads=1)), torch.zeros(1, 1, dtype=torch.long)
+    )
+)
+
+
+@pytest.mark.parametrize("case", _LM_CASES)
+@given(data=st.data())
+@settings(max_examples=3)
+def test_bad_lm_input_raises_naming_the_argument(case, data):
+    model = data.draw(models())
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    idx = torch.randint(
+        0, model.config.vocab_size, (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5))), generator=g
+    )
+    over, err, text = _bad_lm_cases(model, idx)[case]
+    args = dict(idx=idx)
+    args.update(over)
+    with pytest.raises(err) as info:
+        model(args.pop("idx"), **args)
+    assert text in str(info.value), str(info.value)
