@@ -92,7 +92,10 @@ def run(args) -> dict:
         dtype = getattr(torch, DTYPES[dname])
         cfg = BenchConfig(dtype=dtype, device=args.device)
         report["config"] = {k: str(v) for k, v in cfg.__dict__.items() if k != "dtype"}
-        checks = {n: check_contender(n, cfg) for n in ("favor", "sdpa", "favor-causal", "sdpa-causal")}
+        check_length = 64 if args.quick else 256
+        checks = {
+            n: check_contender(n, cfg, length=check_length) for n in ("favor", "sdpa", "favor-causal", "sdpa-causal")
+        }
         report["checks"][dname] = {n: {"ok": ok, "detail": d} for n, (ok, d) in checks.items()}
         print(f"[{dname}] checks: " + ", ".join(f"{n} {'ok' if ok else 'FAILED'}" for n, (ok, _) in checks.items()))
         if not all(ok for ok, _ in checks.values()):
