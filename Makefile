@@ -7,7 +7,7 @@ STAMP := $(VENV)/.favor-installed
 # (multi-GB CUDA) torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint docs clean
+.PHONY: demo test test-all test-properties-slow gpu-check bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# the property tests with many fresh random cases each (tests/conftest.py: profiles)
+test-properties-slow: $(STAMP)
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q tests -k properties --hypothesis-show-statistics
+
+# on a machine with a GPU: the device tests and a short benchmark, JSON in runs/gpu_check/
+gpu-check: $(STAMP)
+	bash benchmarks/gpu_check.sh --python $(PY)
 
 bench: $(STAMP)
 	$(VENV)/bin/favor bench

@@ -13,10 +13,17 @@ from pathlib import Path
 OUT = Path("runs/bench")
 
 
-def header(extra: str = "") -> dict:
+def add_device(parser) -> None:
+    """``--device``: where to measure (cpu, cuda, cuda:1); on a GPU the timings synchronize."""
+    parser.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1)")
+
+
+def header(extra: str = "", device: str = "cpu") -> dict:
     from favor.benchmarking.timing import machine_info
 
-    info = machine_info()
+    info = machine_info(device)
+    if info["gpu"]:
+        print(f"device: {info['device']} ({info['gpu']}, CUDA {info['cuda']})")
     print(
         f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
         f"load {info['load_avg']}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (default)')}"

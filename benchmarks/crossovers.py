@@ -2,14 +2,14 @@
 (bidirectional forward at L=1024 and 2048; causal forward+backward at L=1024 and 2048), each
 pair interleaved, 2 warm-ups and the median of 15, after the contenders' correctness checks.
 
-    python -m benchmarks.crossovers [--kernel positive] [--repeats 15]
+    python -m benchmarks.crossovers [--kernel positive] [--repeats 15] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import header, write_json
+from ._common import add_device, header, write_json
 
 CASES = [  # favor contender, SDPA contender, L, backward
     ("favor", "sdpa", 1024, False),
@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.crossovers", description=__doc__)
     parser.add_argument("--kernel", default="positive")
     parser.add_argument("--repeats", type=int, default=15)
+    add_device(parser)
     args = parser.parse_args(argv)
     from favor.benchmarking.timing import BenchConfig, check_contender, time_contenders
 
-    cfg = BenchConfig(kernel=args.kernel)
-    info = header(f"crossovers: kernel={cfg.kernel} B=1 H=8 D=64 M=256 float32, median of {args.repeats}")
+    cfg = BenchConfig(kernel=args.kernel, device=args.device)
+    info = header(f"crossovers: kernel={cfg.kernel} B=1 H=8 D=64 M=256 float32, median of {args.repeats}", cfg.device)
     for name in ("favor", "sdpa", "favor-causal", "sdpa-causal"):
         ok, detail = check_contender(name, cfg)
         if not ok:

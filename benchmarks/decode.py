@@ -1,26 +1,28 @@
 """Per-token decoding latency vs context length: favor.step from the state (O(M' Dv) per
 token) vs scaled_dot_product_attention over a KV cache (O(L D) per token).
 
-    python -m benchmarks.decode [--contexts 1024,4096,16384,65536] [--steps 100]
+    python -m benchmarks.decode [--contexts 1024,4096,16384,65536] [--steps 100] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import OUT, header, pyplot, write_json
+from ._common import OUT, add_device, header, pyplot, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__)
     parser.add_argument("--contexts", default="1024,4096,16384,65536")
     parser.add_argument("--steps", type=int, default=100)
+    add_device(parser)
     args = parser.parse_args(argv)
     from favor.benchmarking.timing import BenchConfig, decode_latency
 
-    cfg = BenchConfig()
+    cfg = BenchConfig(device=args.device)
     info = header(
-        f"decode: B={cfg.batch} H={cfg.heads} D={cfg.dim} M={cfg.num_features}, median of {args.steps} tokens"
+        f"decode: B={cfg.batch} H={cfg.heads} D={cfg.dim} M={cfg.num_features}, median of {args.steps} tokens",
+        args.device,
     )
     rows = [decode_latency(int(c), cfg, steps=args.steps) for c in args.contexts.split(",")]
     base = rows[0]["favor_step_s"]

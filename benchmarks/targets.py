@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import header, write_json
+from ._common import add_device, header, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--memory-length", type=int, default=65536)
+    add_device(parser)
     args = parser.parse_args(argv)
     from favor.benchmarking.timing import (
         CONTENDERS,
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         time_contenders,
     )
 
-    cfg = BenchConfig(kernel=args.kernel)
-    info = header(f"targets: kernel={cfg.kernel} B=1 H=8 D=64 M=256 float32, median of {args.repeats}")
+    cfg = BenchConfig(kernel=args.kernel, device=args.device)
+    info = header(f"targets: kernel={cfg.kernel} B=1 H=8 D=64 M=256 float32, median of {args.repeats}", cfg.device)
     res: dict = {"machine": info, "kernel": cfg.kernel}
     names = [n for n, c in CONTENDERS.items() if c.available()]
     for n in list(names):
@@ -45,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check {n}: {'ok' if ok else 'FAILED (not timed)'} - {detail}")
         if not ok:
             names.remove(n)
-    gf0 = matmul_gflops()
+    gf0 = matmul_gflops(device=cfg.device)
     bi = [n for n in ("favor", "sdpa", "performer-pytorch") if n in names]
     t_bi = time_contenders(bi, args.length, cfg, backward=False, repeats=args.repeats)
-    gf1 = matmul_gflops()
+    gf1 = matmul_gflops(device=cfg.device)
     causal = [n for n in ("favor-causal", "sdpa-causal", "performer-pytorch-causal-ft") if n in names]
     t_c = time_contenders(causal, args.length, cfg, backward=True, repeats=args.repeats)
     gf = (gf0 + gf1) / 2

@@ -7,7 +7,15 @@ import math
 
 import torch
 
-__all__ = ["check_qkv", "check_scale", "key_mask", "compute_dtype", "check_chunk_size", "check_feature_map"]
+__all__ = [
+    "check_qkv",
+    "check_scale",
+    "key_mask",
+    "compute_dtype",
+    "check_chunk_size",
+    "check_feature_map",
+    "check_state",
+]
 
 
 def _check_tensor(name: str, t) -> None:
@@ -28,6 +36,8 @@ def check_qkv(q, k, v, *, causal: bool) -> None:
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share the head dim D: q (..., Lq, {q.shape[-1]}), k (..., Lk, {k.shape[-1]})")
+    if q.shape[-1] == 0:
+        raise ValueError("q and k must have a head dim D >= 1, got D=0")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must share the length Lk: k has Lk={k.shape[-2]}, v has Lk={v.shape[-2]}")
     try:
@@ -91,3 +101,19 @@ def key_mask(key_padding_mask, k: torch.Tensor) -> torch.Tensor | None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Features, sums and state run in float64 for float64 inputs, else in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_state(state, name: str, lead, m: int, dv: int, device: torch.device) -> None:
+    """A favor.State continuing attention over (..., M', Dv) with leading shape ``lead``:
+    kv (*lead, M', Dv), z (*lead, M'), log_scale (*lead), on ``device``."""
+    from .state import State
+
+    if not isinstance(state, State):
+        raise TypeError(f"{name} must be a favor.State, got {type(state).__name__}")
+    want = (tuple(lead) + (m, dv), tuple(lead) + (m,), tuple(lead))
+    got = tuple(tuple(t.shape) for t in state)
+    if got != want:
+        raise ValueError(f"{name} has shapes kv {got[0]}, z {got[1]}, log_scale {got[2]}; expected {want}")
+    devices = {t.device for t in state}
+    if devices != {device}:
+        raise ValueError(f"{name} is on {sorted(map(str, devices))} but the inputs are on {device}")

@@ -6,7 +6,15 @@ import torch
 
 from ..features.feature_map import FeatureMap
 from ..features.maps import oprf_a, oprf_rho
-from ._checks import check_chunk_size, check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
+from ._checks import (
+    check_chunk_size,
+    check_feature_map,
+    check_qkv,
+    check_scale,
+    check_state,
+    compute_dtype,
+    key_mask,
+)
 from ._fast_features import row_features
 from .bidirectional import bidirectional
 from .bidirectional_fast import DEFAULT_BIDIRECTIONAL_CHUNK, bidirectional_fast
@@ -18,13 +26,8 @@ from .state import State
 __all__ = ["attention"]
 
 
-def _check_state(state, lead, m: int, dv: int) -> None:
-    if not isinstance(state, State):
-        raise TypeError(f"initial_state must be a favor.State, got {type(state).__name__}")
-    want = (tuple(lead) + (m, dv), tuple(lead) + (m,), tuple(lead))
-    got = tuple(tuple(t.shape) for t in state)
-    if got != want:
-        raise ValueError(f"initial_state has shapes kv {got[0]}, z {got[1]}, log_scale {got[2]}; expected {want}")
+def _check_state(state, lead, m: int, dv: int, device) -> None:
+    check_state(state, "initial_state", lead, m, dv, device)
 
 
 def _fast_eligible(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -48,7 +51,7 @@ def _attention_fast(
     feature_map._check_dim(ks, "k")
     a = None
     if feature_map.kernel == "oprf":
-        if not causal and bool(torch.isnan(feature_map.rho)):
+        if not causal and not feature_map.has_fixed_rho():
             # rho is homogeneous of degree 2 in (q, k): take it from the unscaled inputs, so
             # that no scaled copies are kept for its gradient
             rho = oprf_rho(qs, ks, x_mask=q_mask, y_mask=mask) * root**2
@@ -62,7 +65,8 @@ def _attention_fast(
     chunk = check_chunk_size(chunk_size, DEFAULT_CAUSAL_CHUNK)
     if initial_state is not None:
         m = feature_map.num_outputs
-        _check_state(initial_state, qs.shape[:-2], initial_state.kv.shape[-2] if m is None else m, vs.shape[-1])
+        m = qs.shape[-1] if m is None else m  # a deterministic map built without dim: M' = D
+        _check_state(initial_state, qs.shape[:-2], m, vs.shape[-1], qs.device)
         initial_state = initial_state.to(dtype=qs.dtype)
     out, state = causal_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, state=initial_state, chunk_size=chunk)
     out = out.to(out_dtype)
@@ -76,7 +80,7 @@ def _attention_steps(qs, ks, vs, feature_map, root, mask, initial_state, return_
         if not lead == ks.shape[:-2] == vs.shape[:-2]:
             lead = torch.broadcast_shapes(lead, ks.shape[:-2], vs.shape[:-2])
         m = feature_map.num_outputs
-        _check_state(initial_state, lead, initial_state.kv.shape[-2] if m is None else m, vs.shape[-1])
+        _check_state(initial_state, lead, initial_state.kv.shape[-2] if m is None else m, vs.shape[-1], qs.device)
         initial_state = initial_state.to(dtype=qs.dtype)
     out, state = steps(initial_state, qs, ks, vs, feature_map, root=root, mask=mask)
     out = out.to(out_dtype)
@@ -155,7 +159,7 @@ def attention(
         return out.to(v.dtype)
     if initial_state is not None:
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        _check_state(initial_state, lead, fk.values.shape[-1], v.shape[-1])
+        _check_state(initial_state, lead, fk.values.shape[-1], v.shape[-1], q.device)
         initial_state = initial_state.to(dtype=dtype)
     out, state = causal_chunked(fq, fk, vs, chunk_size=chunk, key_padding_mask=mask, state=initial_state, guard=guard)
     out = out.to(v.dtype)

@@ -65,8 +65,13 @@ def causal_sums(
         z = z * decay[..., None] + k_w.sum(-2)
         c = new_c
     if not nums:
+        # an empty sequence: zero-length outputs that are still part of the graph of every
+        # input (a backward through an empty batch must not fail); ``link`` is an exact 0
         lead = torch.broadcast_shapes(qv.shape[:-2], kvals.shape[:-2], v.shape[:-2])
-        return qv.new_zeros(*lead, 0, v.shape[-1]), qv.new_zeros(*lead, 0), qv.new_zeros(*lead, 0), State(kv, z, c)
+        link = (qv.sum() + kvals.sum() + v.sum()) * 0
+        num = (qv @ kv).expand(*lead, 0, v.shape[-1]) + link
+        den = (qv @ z[..., None])[..., 0].expand(*lead, 0) + link
+        return num, den, qv.new_zeros(*lead, 0), State(kv, z, c)
     return torch.cat(nums, -2), torch.cat(dens, -1), torch.cat(runs, -1), State(kv, z, c)
 
 

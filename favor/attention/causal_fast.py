@@ -66,19 +66,21 @@ class _Terms:
     weights (..., n, C, C): exp(lk_j - run_t) for j <= t, else 0, where run_t is the max
     before the chunk and over its keys up to t; carry (..., n, C): the state's weight at t;
     e (..., n, C): key j's weight in its chunk's summary; decay (..., n): the state's factor
-    across chunk i."""
+    across chunk i. ``all_finite``: every entry of lk is finite (no padded key or row)."""
 
-    def __init__(self, lk: torch.Tensor, c0: torch.Tensor) -> None:
+    def __init__(self, lk: torch.Tensor, c0: torch.Tensor, *, all_finite: bool) -> None:
         within = torch.cummax(lk, dim=-1).values
         self.after = torch.cummax(torch.maximum(within[..., -1], c0[..., None]), dim=-1).values
         self.before = torch.cat([c0[..., None], self.after[..., :-1]], dim=-1)
         run = torch.maximum(within, self.before[..., None])
         c = lk.shape[-1]
         tril = torch.ones(c, c, dtype=torch.bool, device=lk.device).tril()
-        if bool(torch.isfinite(lk).all()):
+        if all_finite:
             # no padded key: run and after are finite (before is -inf only for an empty
             # state, where exp gives the 0 that exp_diff would), so a plain exp gives
-            # exp_diff's bits; entries above the diagonal (future keys) become exact zeros
+            # exp_diff's bits; entries above the diagonal (future keys) become exact zeros.
+            # Known from shapes and the mask's presence, not read from lk: bool(tensor)
+            # would be a host sync per block on a GPU
             self.weights = torch.exp(lk[..., None, :] - run[..., :, None]).masked_fill_(~tril, 0.0)
             self.e = torch.exp(lk - self.after[..., None])
             self.carry = torch.exp(self.before[..., None] - run)
@@ -132,7 +134,7 @@ class _Causal(torch.autograd.Function):
             n = -(-rows // chunk)
             fq, kvals, v1 = _rows(fq, n, chunk), _rows(kvals, n, chunk), _rows(_ones_column(v[..., sl, :]), n, chunk)
             lk = _rows(lk[..., None], n, chunk, float("-inf"))[..., 0]
-            t = _Terms(lk, c)
+            t = _Terms(lk, c, all_finite=mask is None and rows == n * chunk)
             states, kvz = _scan(kvz, scratch.matmul("summary", kvals.mT, v1 * t.e[..., None]), t.decay, scratch)
             scores = scratch.matmul("scores", fq, kvals.mT).mul_(t.weights)
             nd = _accumulate(scratch.matmul("nd", fq, states).mul_(t.carry[..., None]), scores, v1)
@@ -178,7 +180,7 @@ class _Causal(torch.autograd.Function):
             lk_d = _rows(lk.detach()[..., None], n, chunk, float("-inf"))[..., 0]
             v_c = _rows(v[..., sl, :], n, chunk)
             v1 = _ones_column(v_c)
-            t = _Terms(lk_d, c)
+            t = _Terms(lk_d, c, all_finite=mask is None and rows == n * chunk)
             v1e = v1 * t.e[..., None]
             states, _ = _scan(kvz, scratch.matmul("summary", kv_d.mT, v1e), t.decay, scratch)
             scores = scratch.matmul("scores", fq_d, kv_d.mT).mul_(t.weights)
@@ -271,5 +273,8 @@ def causal_fast(
     """Already-scaled q, k (..., L, D), v (..., L, Dv), equal leading shapes, L >= 1 ->
     (out (..., L, Dv), state after position L-1); ``feat(x, a)`` gives row-wise Features."""
     kv0, z0, c0 = (None, None, None) if state is None else state
+    # a chunk longer than the sequence would pad every block to chunk * BLOCK_CHUNKS rows
+    # (chunk_size=10**9 on L=5 asked for 192 GB): one chunk of L rows computes the same
+    chunk_size = min(chunk_size, q.shape[-2])
     out, kv, z, c = _Causal.apply(q, k, v, a, key_padding_mask, kv0, z0, c0, feat, chunk_size)
     return out, State(kv, z, c)

@@ -9,7 +9,7 @@ import torch
 
 from ..features.feature_map import FeatureMap
 from . import _normalise
-from ._checks import check_feature_map, check_scale, compute_dtype
+from ._checks import check_feature_map, check_scale, check_state, compute_dtype
 from ._chunking import inverse as _inverse
 from ._fast_features import row_features
 from .state import State
@@ -34,9 +34,23 @@ def step(
     check_feature_map(feature_map)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim < 1:
-            raise TypeError(f"{name} must be a floating-point tensor of shape (..., D), got {type(t).__name__}")
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor of shape (..., D), got {got}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share the head dim D, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q and k must have a head dim D >= 1, got D=0")
+    feature_map._check_dim(q, "q")
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"leading dims of q {tuple(q.shape[:-1])}, k {tuple(k.shape[:-1])}, v {tuple(v.shape[:-1])} do not broadcast"
+        ) from None
     if feature_map.stabilizer == "official":
         raise ValueError(
             "stabilizer='official' shifts keys by a max over the whole key sequence, so it cannot "
@@ -54,8 +68,10 @@ def step(
         fk.log_scale[..., 0] if fk.log_scale is not None else torch.zeros(f_k.shape[:-1], dtype=dtype, device=q.device)
     )
     if state is None:
-        lead = torch.broadcast_shapes(f_q.shape[:-1], f_k.shape[:-1], v1.shape[:-1])
         state = State.empty(lead, f_k.shape[-1], v1.shape[-1], dtype=dtype, device=q.device)
+    else:
+        check_state(state, "state", lead, f_k.shape[-1], v1.shape[-1], q.device)
+        state = state.to(dtype=dtype)  # as favor.attention's initial_state: sums in the compute dtype
     kv, z, c = state
     new_c = torch.maximum(c, l_k)
     decay, w = _exp_diff(c, new_c), _exp_diff(l_k, new_c)
@@ -153,7 +169,9 @@ def steps(
     outs = []
     for t in range(q.shape[-2]):
         lt, fkt, vt, fqt = l_k[..., t], f_k[..., t, :], v[..., t, :], f_q[..., t, :]
-        new_c = torch.maximum(c, lt)
+        # the running max is a stabilising shift (it cancels in the outputs): a constant to autograd,
+        # as in the chunked path, so that d state.kv / d k is the same on both paths
+        new_c = torch.maximum(c, lt).detach()
         decay, w = exp_diff(c, new_c), exp_diff(lt, new_c)
         f_kw = fkt * w[..., None]
         kv = torch.addcmul(kv * decay[..., None, None], f_kw[..., :, None], vt[..., None, :])

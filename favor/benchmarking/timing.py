@@ -58,10 +58,19 @@ class BenchConfig:
     kernel: str = "positive"
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    #: where inputs, feature maps and caches live ("cpu", "cuda", "cuda:1"); on a GPU every
+    #: timed call is bracketed by torch.cuda.synchronize and peak memory is the allocator's
+    device: str = "cpu"
+
+
+def _sync(device) -> None:
+    """Wait for the device's queued kernels (a GPU call returns before its work is done)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -- machine ------------------------------------------------------------------------------
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -79,17 +88,22 @@ def machine_info() -> dict:
         # favor's per-chunk ops are small: idle OpenMP threads that spin (the default) make
         # them fast on a quiet machine, and slow when a neighbour holds the other core
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
+        "cuda": torch.version.cuda,
     }
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 5, *, device: str = "cpu") -> float:
     """float32 GEMM throughput measured now (the machine's practical peak)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     ts = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(ts) / 1e9
 
@@ -101,7 +115,7 @@ def matmul_fraction(length: int, cfg: BenchConfig, *, repeats: int = 7, n: int =
     measurements a minute apart."""
     fm = bench_feature_map(cfg)
     q, k, v = bench_inputs(length, cfg, grad=False)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=cfg.device), torch.randn(n, n, device=cfg.device)
     runs = {"favor": lambda: favor.attention(q, k, v, fm), "matmul": lambda: a @ b}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
@@ -109,8 +123,10 @@ def matmul_fraction(length: int, cfg: BenchConfig, *, repeats: int = 7, n: int =
             f()
         for _ in range(repeats):
             for name, f in runs.items():
+                _sync(cfg.device)
                 t0 = time.perf_counter()
                 f()
+                _sync(cfg.device)
                 times[name].append(time.perf_counter() - t0)
     fav = flops("favor", length, cfg) / statistics.median(times["favor"]) / 1e9
     mm = 2 * n**3 / statistics.median(times["matmul"]) / 1e9
@@ -130,14 +146,15 @@ def bench_inputs(length: int, cfg: BenchConfig, grad: bool) -> list[torch.Tensor
     """q, k, v (B, H, L, D) for the benchmark configuration, seeded by cfg.seed."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch, cfg.heads, length, cfg.dim)
-    return [torch.randn(*shape, generator=gen).to(cfg.dtype).requires_grad_(grad) for _ in range(3)]
+    # drawn on the CPU (the same numbers on every device), then moved
+    return [torch.randn(*shape, generator=gen).to(cfg.device, cfg.dtype).requires_grad_(grad) for _ in range(3)]
 
 
 def bench_feature_map(cfg: BenchConfig) -> favor.FeatureMap:
     """The benchmarks' feature map (cfg.kernel, D, M), seeded by cfg.seed."""
     return favor.FeatureMap(
         cfg.kernel, dim=cfg.dim, num_features=cfg.num_features, generator=torch.Generator().manual_seed(cfg.seed)
-    )
+    ).to(cfg.device)
 
 
 def _favor(causal: bool):
@@ -259,8 +276,10 @@ def time_contenders(
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repeats):
         for n, f in fns.items():
+            _sync(cfg.device)
             t0 = time.perf_counter()
             _run_once(f, q, k, v, backward)
+            _sync(cfg.device)
             times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -297,8 +316,25 @@ def _context():
     return _POOL_CTX
 
 
+def _cuda_peak_mib(name: str, length: int, cfg: BenchConfig, backward: bool) -> tuple[float, float]:
+    """On a GPU: the caching allocator's peak above what the inputs hold, in this process."""
+    f = CONTENDERS[name].build(cfg)
+    _run_once(f, *bench_inputs(min(length, 64), cfg, grad=backward), backward)
+    q, k, v = bench_inputs(length, cfg, grad=backward)
+    _sync(cfg.device)
+    torch.cuda.reset_peak_memory_stats(cfg.device)
+    base = torch.cuda.memory_allocated(cfg.device)
+    t0 = time.perf_counter()
+    _run_once(f, q, k, v, backward)
+    _sync(cfg.device)
+    return (torch.cuda.max_memory_allocated(cfg.device) - base) / 2**20, time.perf_counter() - t0
+
+
 def peak_memory_mib(name: str, length: int, cfg: BenchConfig, *, backward: bool) -> tuple[float, float]:
-    """(peak MiB above baseline, seconds of that first, cold run) in a fresh process."""
+    """(peak MiB above baseline, seconds of that first, cold run) in a fresh process (on a
+    GPU: in this one, from the allocator's statistics)."""
+    if torch.device(cfg.device).type == "cuda":
+        return _cuda_peak_mib(name, length, cfg, backward)
     with _context().Pool(1) as pool:
         return pool.apply(_memory_child, (name, length, cfg, backward, torch.get_num_threads()))
 
@@ -359,8 +395,8 @@ def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int =
     with torch.no_grad():
         _, state = favor.attention(q, k, v, fm, causal=True, return_state=True)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        new = torch.randn(steps + 1, 3, cfg.batch, cfg.heads, cfg.dim, generator=gen)
-        cache_k = torch.empty(cfg.batch, cfg.heads, context + steps + 1, cfg.dim)
+        new = torch.randn(steps + 1, 3, cfg.batch, cfg.heads, cfg.dim, generator=gen).to(cfg.device, cfg.dtype)
+        cache_k = torch.empty(cfg.batch, cfg.heads, context + steps + 1, cfg.dim, device=cfg.device, dtype=cfg.dtype)
         cache_v = torch.empty_like(cache_k)
         cache_k[:, :, :context], cache_v[:, :, :context] = k, v
 
@@ -382,12 +418,16 @@ def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int =
         half = steps // 2
         for block in (range(half), range(half, steps)):
             for i in block:
+                _sync(cfg.device)
                 t0 = time.perf_counter()
                 state = favor_step(i, state)
+                _sync(cfg.device)
                 tf.append(time.perf_counter() - t0)
             for i in block:
+                _sync(cfg.device)
                 t0 = time.perf_counter()
                 n = sdpa_step(i, n)
+                _sync(cfg.device)
                 ts.append(time.perf_counter() - t0)
     return {"context": context, "favor_step_s": statistics.median(tf), "sdpa_kv_cache_s": statistics.median(ts)}
 
@@ -402,7 +442,7 @@ def decode_flatness(
     cfg = cfg or BenchConfig()
     fm = bench_feature_map(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    new = torch.randn(steps, 3, cfg.batch, cfg.heads, cfg.dim, generator=gen)
+    new = torch.randn(steps, 3, cfg.batch, cfg.heads, cfg.dim, generator=gen).to(cfg.device, cfg.dtype)
     times: dict[int, list[float]] = {c: [] for c in contexts}
     with torch.no_grad():
         states = {}
@@ -414,7 +454,9 @@ def decode_flatness(
             for c in contexts:
                 st = states[c]  # every round restarts from the context's state
                 for i in range(steps):
+                    _sync(cfg.device)
                     t0 = time.perf_counter()
                     _, st = favor.step(st, new[i, 0], new[i, 1], new[i, 2], fm)
+                    _sync(cfg.device)
                     times[c].append(time.perf_counter() - t0)
     return {c: statistics.median(t) for c, t in times.items()}

@@ -42,6 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None, help="skip a configuration predicted to take longer")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--decode-contexts", default="1024,65536", help="context lengths for per-token decoding")
+    parser.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1)")
 
 
 def _predict(done: dict, name: str, mode: str, length: int, key: str) -> float | None:
@@ -79,8 +80,8 @@ def run_bench(
     exclude: tuple[str, ...] = (),
     progress=None,
 ) -> dict:
-    info = machine_info()
-    gflops = matmul_gflops()
+    info = machine_info(cfg.device)
+    gflops = matmul_gflops(device=cfg.device)
     names = [n for n, c in CONTENDERS.items() if c.available() and n not in exclude]
     checks = {n: check_contender(n, cfg) for n in names}
     ok = [n for n in names if checks[n][0]]
@@ -295,16 +296,16 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    cfg = BenchConfig(kernel=args.kernel)
+    cfg = BenchConfig(kernel=args.kernel, device=args.device)
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",")]
     else:
         lengths = [1024, 2048, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     repeats = args.repeats or (3 if args.quick else 5)
     max_seconds = args.max_seconds or (12.0 if args.quick else 150.0)
-    info = machine_info()
+    info = machine_info(cfg.device)
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, load {info['load_avg']}, OMP_WAIT_POLICY {info['omp_wait_policy']}"
+        f"device: {info['device']} {info['gpu'] or ''}; machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, load {info['load_avg']}, OMP_WAIT_POLICY {info['omp_wait_policy']}"
     )
     print(
         f"shapes: B={cfg.batch} H={cfg.heads} D={cfg.dim} M={cfg.num_features} kernel={cfg.kernel} {cfg.dtype}; lengths {lengths}"

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import maps
+from ._host import buffer_flag
 from .official import positive_official, trig_official
 from .projections import NORMS, PROJECTIONS
 
@@ -146,9 +147,14 @@ class FeatureMap(nn.Module):
         new = PROJECTIONS[self.projection_kind](m, d, norm=self.norm, generator=generator)
         self.projection.copy_(new.to(self.projection.dtype))
 
+    def has_fixed_rho(self) -> bool:
+        """Whether FAVOR++'s rho is set (not NaN); read from the buffer once per change."""
+        return buffer_flag(self, "rho", self.rho, lambda r: ~torch.isnan(r))
+
     @torch.no_grad()
     def calibrate_rho(self, q: torch.Tensor, k: torch.Tensor) -> float:
         """Fix FAVOR++'s rho from already-scaled sample queries and keys (all rows count)."""
+        # host sync: calibration, once per fit; the float is what it returns
         rho = float(maps.oprf_rho(q.double().reshape(-1, q.shape[-1]), k.double().reshape(-1, k.shape[-1])))
         self.rho.fill_(rho)
         return rho
@@ -172,7 +178,7 @@ class FeatureMap(nn.Module):
     ) -> torch.Tensor:
         """A* for FAVOR++ with leading shape of q/k broadcast (...,)."""
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-        if not torch.isnan(self.rho):
+        if self.has_fixed_rho():
             rho = self.rho.to(device=q.device, dtype=q.dtype).expand(lead)
         elif causal:
             rho = torch.full(lead, 2.0 / math.sqrt(q.shape[-1]), dtype=q.dtype, device=q.device)

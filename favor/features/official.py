@@ -25,6 +25,8 @@ __all__ = ["positive_official", "trig_official"]
 def _masked_max(t: torch.Tensor, row_mask: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor:
     if row_mask is not None:
         t = t.masked_fill(row_mask[..., None], float("-inf"))
+    if any(t.shape[d] == 0 for d in dims):  # an empty sequence: nothing to shift by
+        return t.new_zeros([1 if (d - t.ndim in dims or d in dims) else n for d, n in enumerate(t.shape)])
     out = t.amax(dim=dims, keepdim=True)
     return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
 

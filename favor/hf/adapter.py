@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..features import maps
+from ..features._host import buffer_flag
 from ..features.feature_map import FeatureMap
 from .local import check_exact_set
 
@@ -65,7 +66,7 @@ class HeadwiseFeatureMap(FeatureMap):
         self.register_buffer("head_rho", torch.full((heads,), float("nan"), dtype=torch.float64))
 
     def oprf_a(self, q, k, *, causal=False, q_mask=None, k_mask=None):
-        if bool(torch.isnan(self.head_rho).any()):
+        if buffer_flag(self, "head_rho", self.head_rho, lambda r: torch.isnan(r).any()):
             return super().oprf_a(q, k, causal=causal, q_mask=q_mask, k_mask=k_mask)
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
         if len(lead) < 1 or lead[-1] != self.heads:
@@ -81,7 +82,7 @@ class HeadwiseFeatureMap(FeatureMap):
         if tuple(rho.shape) != (self.heads,):
             raise ValueError(f"rho must have shape ({self.heads},), got {tuple(rho.shape)}")
         self.head_rho.copy_(rho)
-        self.rho.fill_(float(rho.double().mean()))
+        self.rho.fill_(float(rho.double().mean()))  # host sync: calibration, once
 
     @torch.no_grad()
     def calibrate_rho(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -246,10 +247,11 @@ class FavorAdapter(nn.Module):
         """Install a_i (H, D) (each <= 0) and rewrite the projection for kappa = 1/max b."""
         if not self.dense:
             raise ValueError("set_dense needs an adapter built with dense=True")
+        # host sync: setting the dense parameters, once per fit
         if tuple(a.shape) != (self.heads, self.dim) or bool((a > 0).any()):
             raise ValueError(f"a must be (H={self.heads}, D={self.dim}) and <= 0, got {tuple(a.shape)}")
         w = self.feature_map.projection[:, : self.dim].double() * self.dense_kappa  # the Gaussian rows
-        kappa = float(torch.sqrt(1.0 - 4.0 * a.double()).max()) ** -1
+        kappa = float(torch.sqrt(1.0 - 4.0 * a.double()).max()) ** -1  # host sync: once per fit
         self.dense_a.copy_(a)
         self.dense_kappa.fill_(kappa)
         self.feature_map.projection.copy_(dense_projection(w, kappa).to(self.feature_map.projection.dtype))
@@ -260,7 +262,7 @@ class FavorAdapter(nn.Module):
         """q, k (B, H, L, D) -> (qA, (k - c)A^-T), in float32 (float64 for float64 inputs); the
         logits q.k change by a per-query constant only (c includes the sequence's pair mean
         when ``sequence_shift`` and ``sequence``; ``keep`` (B, Lk) bool marks real keys)."""
-        if not bool(self.calibrated):
+        if not buffer_flag(self, "calibrated", self.calibrated, lambda c: c):
             return q, k
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         q, k = q.to(dt), k.to(dt)

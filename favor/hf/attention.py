@@ -39,6 +39,17 @@ def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hkv, heads // hkv, length, d).reshape(b, heads, length, d)
 
 
+def _check_inputs(query, key, value) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4D tensor (B, heads, L, head dim), got {got}")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(
+            f"key and value must share (B, key/value heads, Lk), got key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+
+
 def _default_adapter(module: torch.nn.Module, heads: int, dim: int, device) -> FavorAdapter:
     """What a model loaded with attn_implementation="favor" but never performerized gets on its
     first call: FAVOR++ with M=256, projection seeded by the layer index, no calibration."""
@@ -121,6 +132,7 @@ def favor_attention_forward(
     **kwargs,  # model-specific extras: support.check_keywords passes those that leave the weights alone
 ) -> tuple[torch.Tensor, None]:
     global _warned_dropout
+    _check_inputs(query, key, value)
     check_keywords(module, kwargs)
     layer = claim(key)  # the keys came from a FavorCache: continue its state (decode.py)
     if layer is not None:

@@ -56,10 +56,12 @@ def keep_from_mask(mask: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"attention_mask must be bool (True = keep) or an additive float mask, got dtype {mask.dtype}")
     keep = mask == 0
     blocked = mask <= _BLOCKED_BELOW
+    # host sync (one per call): an additive bias cannot be applied and must raise
     if not bool((keep | blocked).all()):
         bad = mask[~(keep | blocked)]
         raise UnsupportedAttentionError(
             "attention_mask is an additive bias with values other than 0 (keep) and a large negative number "
+            # host sync: only on the way to raising
             f"(block), e.g. {float(bad.flatten()[0]):.4g}; FAVOR cannot apply a bias to weights it never forms"
         )
     return keep
@@ -67,7 +69,7 @@ def keep_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def _rows_equal(keep: torch.Tensor, want: torch.Tensor, dead: torch.Tensor) -> bool:
     # rows that see nothing are allowed anywhere: they are zeroed after attention
-    return bool(((keep == want) | dead[..., None]).all())
+    return bool(((keep == want) | dead[..., None]).all())  # host sync: which plan the mask allows
 
 
 def plan_from_mask(
@@ -92,7 +94,7 @@ def plan_from_mask(
         raise ValueError(
             f"attention_mask has shape {tuple(keep.shape)}; expected (B={batch}, 1|H, Lq={q_length}|1, Lk={kv_length})"
         )
-    if h > 1 and not bool((keep == keep[:, :1]).all()):
+    if h > 1 and not bool((keep == keep[:, :1]).all()):  # host sync: a per-head mask must raise
         raise UnsupportedAttentionError("attention_mask differs between heads; FAVOR needs one mask per batch element")
     keep = keep[:, 0].expand(batch, q_length, lk)  # (B, Lq, Lk)
     dead = ~keep.any(-1)  # (B, Lq)
@@ -120,10 +122,7 @@ def plan_from_mask(
     # decoding a token gives the same numbers as the teacher-forced pass
     causal = is_causal if len(plans) == 2 else plans[0]
     pad = ~cols
-    return MaskPlan(
-        causal,
-        offset if causal else 0,
-        lk,
-        pad if bool(pad.any()) else None,
-        dead if bool(dead.any()) else None,
-    )
+    # host syncs (one per call): no padding and no dead query select the cheaper plain paths
+    has_pad = bool(pad.any())  # host sync (see above)
+    has_dead = bool(dead.any())  # host sync (see above)
+    return MaskPlan(causal, offset if causal else 0, lk, pad if has_pad else None, dead if has_dead else None)

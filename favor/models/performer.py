@@ -47,13 +47,33 @@ class _Trunk(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def _check_tokens(self, idx: torch.Tensor) -> None:
+    def _check_tokens(self, idx: torch.Tensor, *, check_range: bool = True) -> None:
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32) or idx.ndim != 2:
             desc = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx must be an integer tensor (B, L), got {desc}")
+        # an id outside the vocabulary is otherwise an IndexError from inside the embedding on
+        # a CPU and, on a GPU, a device-side assert that ends the CUDA context; so this is a
+        # host sync, one per forward (skipped for the tokens generate() samples itself, and on
+        # the meta device, which has no values)
+        check_range = check_range and idx.numel() and idx.device.type != "meta"
+        if check_range and not bool(((idx >= 0) & (idx < self.config.vocab_size)).all()):  # host sync
+            lo, hi = int(idx.min()), int(idx.max())  # host sync: only on the way to raising
+            raise ValueError(f"idx must hold token ids in [0, vocab_size={self.config.vocab_size}), got [{lo}, {hi}]")
 
-    def hidden(self, idx, *, key_padding_mask=None, states=None, return_state=False):
-        self._check_tokens(idx)
+    @staticmethod
+    def _check_states(states, depth: int) -> None:
+        if states is None:
+            return
+        if not isinstance(states, (list, tuple)) or len(states) != depth:
+            got = f"{len(states)} entries" if isinstance(states, (list, tuple)) else type(states).__name__
+            raise ValueError(f"state must be a list of one AttentionState per layer ({depth}), got {got}")
+        for st in states:
+            if not isinstance(st, AttentionState):
+                raise TypeError(f"state must hold favor.nn.AttentionState entries, got {type(st).__name__}")
+
+    def hidden(self, idx, *, key_padding_mask=None, states=None, return_state=False, _check_range=True):
+        self._check_tokens(idx, check_range=_check_range)
+        self._check_states(states, self.config.depth)
         offset = states[0].position if states else 0
         x = self.embed(idx)
         if self.pos_embed is not None:
@@ -104,12 +124,15 @@ class PerformerLM(_Trunk):
             )
 
     def forward(
-        self, idx: torch.Tensor, *, state: list[AttentionState] | None = None, return_state: bool = False
+        self,
+        idx: torch.Tensor,
+        *,
+        state: list[AttentionState] | None = None,
+        return_state: bool = False,
+        _check_range: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, list[AttentionState]]:
-        if state is not None and len(state) != self.config.depth:
-            raise ValueError(f"state must hold one AttentionState per layer ({self.config.depth}), got {len(state)}")
         stateful = state is not None or return_state
-        h, new = self.hidden(idx, states=state, return_state=stateful)
+        h, new = self.hidden(idx, states=state, return_state=stateful, _check_range=_check_range)
         logits = h @ self.embed.weight.T if self.head is None else self.head(h)
         return (logits, new) if stateful else logits
 
@@ -142,12 +165,12 @@ class PerformerLM(_Trunk):
         out = [idx]
         if max_new_tokens == 0:
             return idx
-        logits, state = self(idx, return_state=True)
+        logits, state = self(idx, return_state=True, _check_range=False)  # checked above
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1, :], temperature=temperature, top_k=top_k, generator=generator)
             out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, state = self(nxt, state=state)
+            if i + 1 < max_new_tokens:  # sampled ids are in range: no check (a host sync)
+                logits, state = self(nxt, state=state, _check_range=False)
         return torch.cat(out, dim=1)
 
 
@@ -166,4 +189,8 @@ def sample(
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # a CPU generator with a GPU model: draw where the generator is, so that one seed
+        # gives the same tokens on every device (host sync: one small copy per token)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)

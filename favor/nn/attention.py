@@ -54,6 +54,7 @@ def _softmax(module: FavorAttention, q, k, v, mask, state: AttentionState | None
             vis = ~mask.view(b, 1, 1, lk)
             if module.causal:
                 vis = vis & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            # host sync (softmax baseline only, one per call): SDPA or the NaN-free reference
             if bool(vis.any(-1).all()):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, dropout_p=p), None
             # some query sees no key: SDPA would give NaN, the exact reference gives 0

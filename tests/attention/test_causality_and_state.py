@@ -69,9 +69,9 @@ def test_pieces_equal_one_pass(gen, kernel, cuts):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_token_by_token_equals_one_pass(gen, kernel):
-    fm = make_fm(kernel)
-    q, k, v = qkv(gen, lq=17, lk=17)
+def test_token_by_token_equals_one_pass(gen, device, kernel):
+    fm = make_fm(kernel).to(device)
+    q, k, v = (t.to(device) for t in qkv(gen, lq=17, lk=17))
     full = favor.attention(q, k, v, fm, causal=True)
     # a prompt through the chunked path, then single tokens through step()
     out, state = favor.attention(q[..., :6, :], k[..., :6, :], v[..., :6, :], fm, causal=True, return_state=True)

@@ -9,8 +9,8 @@ from tests.conftest import randn
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_padded_batch_equals_unpadded_sequences(gen, kernel, causal):
-    fm = make_fm(kernel, rho=None) if (kernel == "oprf" and not causal) else make_fm(kernel)
+def test_padded_batch_equals_unpadded_sequences(gen, device, kernel, causal):
+    fm = (make_fm(kernel, rho=None) if (kernel == "oprf" and not causal) else make_fm(kernel)).to(device)
     lengths = [11, 6, 1]
     seqs = [qkv(gen, lead=(3,), lq=n, lk=n) for n in lengths]
     L = max(lengths)
@@ -22,9 +22,10 @@ def test_padded_batch_equals_unpadded_sequences(gen, kernel, causal):
     k = torch.stack([pad(s[1], n) for s, n in zip(seqs, lengths, strict=True)])
     v = torch.stack([pad(s[2], n) for s, n in zip(seqs, lengths, strict=True)])
     mask = torch.arange(L)[None, :] >= torch.tensor(lengths)[:, None]
+    q, k, v, mask = q.to(device), k.to(device), v.to(device), mask.to(device)
     out = favor.attention(q, k, v, fm, causal=causal, key_padding_mask=mask, chunk_size=4)
     for b, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
-        alone = favor.attention(*s, fm, causal=causal, chunk_size=4)
+        alone = favor.attention(*(t.to(device) for t in s), fm, causal=causal, chunk_size=4)
         assert rel(out[b, :, :n], alone) < 1e-10
     assert rel(out, favor.kernel_attention(q, k, v, fm, causal=causal, key_padding_mask=mask)) < 1e-10
 
@@ -54,9 +55,9 @@ def test_per_head_mask_shape(gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_half_precision_inputs(gen, kernel, causal, dtype):
-    fm = make_fm(kernel)
-    q, k, v = qkv(gen, dtype=torch.float32, lq=40, lk=40)
+def test_half_precision_inputs(gen, device, kernel, causal, dtype):
+    fm = make_fm(kernel).to(device)
+    q, k, v = (t.to(device) for t in qkv(gen, dtype=torch.float32, lq=40, lk=40))
     out = favor.attention(q.to(dtype), k.to(dtype), v.to(dtype), fm, causal=causal)
     ref = favor.attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), fm, causal=causal)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -67,9 +68,9 @@ def test_half_precision_inputs(gen, kernel, causal, dtype):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", ["positive", "hyperbolic", "oprf", "trig"])
-def test_no_overflow_for_logits_up_to_60(gen, kernel, causal):
+def test_no_overflow_for_logits_up_to_60(gen, device, kernel, causal):
     # q.k.scale reaches +-60 (float32): exp(60) per feature would overflow a naive path
-    fm = make_fm(kernel, d=16, m=64)
+    fm = make_fm(kernel, d=16, m=64).to(device)
     q = randn(gen, 2, 32, 16, dtype=torch.float32)
     q = q / q.norm(dim=-1, keepdim=True) * (60 * 16**0.5) ** 0.5
     k = torch.cat([q[:, :16], -q[:, 16:]], dim=1)
@@ -77,7 +78,7 @@ def test_no_overflow_for_logits_up_to_60(gen, kernel, causal):
     logits = (q @ k.transpose(-1, -2)) / 4
     assert logits.abs().max() > 59
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        out = favor.attention(q.to(dt), k.to(dt), v.to(dt), fm, causal=causal)
+        out = favor.attention(q.to(device, dt), k.to(device, dt), v.to(device, dt), fm, causal=causal)
         assert torch.isfinite(out).all(), dt
 
 

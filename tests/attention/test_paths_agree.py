@@ -34,9 +34,9 @@ def rel(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_bidirectional_equals_reference(gen, kernel, dtype):
-    fm = make_fm(kernel, rho=None) if kernel == "oprf" else make_fm(kernel)
-    q, k, v = qkv(gen, lq=11, lk=17, dtype=dtype)  # Lq != Lk, Dv != D
+def test_bidirectional_equals_reference(gen, device, kernel, dtype):
+    fm = (make_fm(kernel, rho=None) if kernel == "oprf" else make_fm(kernel)).to(device)
+    q, k, v = (t.to(device) for t in qkv(gen, lq=11, lk=17, dtype=dtype))  # Lq != Lk, Dv != D
     out = favor.attention(q, k, v, fm)
     assert out.dtype == dtype and out.shape == (2, 3, 11, 5)
     assert rel(out, favor.kernel_attention(q, k, v, fm)) < TOL[dtype]
@@ -45,19 +45,19 @@ def test_bidirectional_equals_reference(gen, kernel, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunk", [1, 4, 5, 13, 64])
-def test_causal_equals_reference(gen, kernel, chunk, dtype):
-    fm = make_fm(kernel)
-    q, k, v = qkv(gen, dtype=dtype)  # L=13: chunk 4 and 5 leave a partial last chunk
+def test_causal_equals_reference(gen, device, kernel, chunk, dtype):
+    fm = make_fm(kernel).to(device)
+    q, k, v = (t.to(device) for t in qkv(gen, dtype=dtype))  # L=13: chunk 4 and 5 leave a partial last chunk
     out = favor.attention(q, k, v, fm, causal=True, chunk_size=chunk)
     assert rel(out, favor.kernel_attention(q, k, v, fm, causal=True)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_gradients_equal_reference(gen, kernel, causal):
-    fm = make_fm(kernel)
-    q, k, v = (t.requires_grad_() for t in qkv(gen))
-    w = randn(gen, 2, 3, 13, 5)
+def test_gradients_equal_reference(gen, device, kernel, causal):
+    fm = make_fm(kernel).to(device)
+    q, k, v = (t.to(device).requires_grad_() for t in qkv(gen))
+    w = randn(gen, 2, 3, 13, 5).to(device)
     grads = []
     for fn in (
         lambda: favor.attention(q, k, v, fm, causal=causal, chunk_size=4),

@@ -82,3 +82,21 @@ def test_longer_continued_passes_keep_the_chunked_path(monkeypatch):
     monkeypatch.setattr(api, "causal_fast", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     favor.attention(q, k, v, fm, causal=True, return_state=True)
     assert calls
+
+
+def test_state_gradients_equal_the_chunked_pass_regression():
+    """Regression (found by the property tests at the merge of the step path): the step path
+    let the running max of the log scales carry gradient, so d state.kv / d k differed from
+    the chunked pass's, whose max is a constant (it cancels in the outputs, not in kv)."""
+    (q, k, v), _, g = _inputs(5, seed=4, requires_grad=True)
+    fm = FeatureMap("positive", dim=8, num_features=4, projection="iid", generator=g).double()
+    _, final = favor.attention(q, k, v, fm, causal=True, return_state=True)
+    _, state = favor.attention(q[..., :1, :], k[..., :1, :], v[..., :1, :], fm, causal=True, return_state=True)
+    _, state = favor.attention(
+        q[..., 1:, :], k[..., 1:, :], v[..., 1:, :], fm, causal=True, initial_state=state, return_state=True
+    )
+    torch.testing.assert_close(state.log_scale, final.log_scale, rtol=0, atol=1e-12)
+    g_steps = torch.autograd.grad(state.kv.sum() + state.z.sum(), (k, v))
+    g_whole = torch.autograd.grad(final.kv.sum() + final.z.sum(), (k, v))
+    for a, b in zip(g_steps, g_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

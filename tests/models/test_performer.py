@@ -40,10 +40,10 @@ def test_config_is_frozen_and_validated():
         {"tie_embeddings": False, "position": "none"},
     ],
 )
-def test_token_by_token_logits_equal_full_forward(kw):
+def test_token_by_token_logits_equal_full_forward(device, kw):
     torch.manual_seed(0)
-    model = PerformerLM(_cfg(**kw)).double().eval()
-    idx = torch.randint(0, V, (2, 20))
+    model = PerformerLM(_cfg(**kw)).double().eval().to(device)
+    idx = torch.randint(0, V, (2, 20)).to(device)
     full = model(idx)
     logits, state = model(idx[:, :7], return_state=True)
     outs = [logits]
@@ -61,9 +61,9 @@ def test_lm_is_causal():
     torch.testing.assert_close(model(a)[:, :10], model(b)[:, :10], rtol=0, atol=0)
 
 
-def test_generate_greedy_matches_naive_full_recompute():
-    model = PerformerLM(_cfg(seed=3)).double().eval()
-    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1))
+def test_generate_greedy_matches_naive_full_recompute(device):
+    model = PerformerLM(_cfg(seed=3)).double().eval().to(device)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
     out = model.generate(prompt, 12, temperature=0)
     naive = prompt
     for _ in range(12):
