@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE, LATEST = (
 log = logging.getLogger(__name__)
 #: markers of the hidden entries a writer makes: temp dirs/files, dirs being replaced or deleted
 _HIDDEN_TAGS = (".tmp-", ".old-", ".del-")
+_STEP_NAME = re.compile(r"step_\d{8,}")
 
 
 class CheckpointError(ValueError):
@@ -291,8 +293,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not latest.is_file():
         raise CheckpointError(f"no checkpoint under {path}: {latest} is missing (was the run checkpointed yet?)")
     name = latest.read_text(encoding="utf-8").strip()
+    if not _STEP_NAME.fullmatch(name):  # never follow a path out of the run (LATEST edited)
+        raise CheckpointError(f"{latest} names {name!r}, expected a checkpoint name like step_00000001")
     step_dir = root / name
-    if not name or not step_dir.is_dir():
+    if not step_dir.is_dir():
         raise CheckpointError(f"{latest} names checkpoint {name!r}, but {step_dir} does not exist")
     return step_dir
 
