@@ -223,10 +223,6 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     previous = _latest_name(root)
-    if previous == name:
-        raise CheckpointError(
-            f"{root / LATEST} already names {name}: a checkpoint is never replaced in place; save a later step"
-        )
     _clean_leftovers(root)
     model_tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     opt_meta: dict[str, Any] = {}
@@ -240,6 +236,7 @@ def save_checkpoint(
         opt_tensors[key] = val.detach().contiguous().cpu()
     tmp = root / f".{name}.tmp-{os.getpid()}"
     final = root / name
+    renamed = False
     try:
         tmp.mkdir()
         save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
@@ -256,18 +253,30 @@ def save_checkpoint(
         for f in (MODEL_FILE, OPTIM_FILE):
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
-        if final.exists():  # complete, but LATEST never named it (its writer was killed first)
+        if final.exists():  # complete, but LATEST never named it (its writer was killed first) ...
+            if previous == name:  # ... or a fresh run replaces an older run's checkpoint of this step:
+                # LATEST goes first, so that it never names a directory while it is swapped
+                (root / LATEST).unlink()
+                _fsync_dir(root)
             _remove(final)
         os.replace(tmp, final)
+        renamed = True
         _fsync_dir(root)
         atomic_write_text(root / LATEST, name + "\n")
     except OSError as e:
         _remove(tmp)
-        if _latest_name(root) != name:
-            _remove(final)
-            still = f"LATEST still names {previous}, which is intact" if previous else "no checkpoint was written yet"
-        else:  # renamed into place, but syncing failed afterwards
+        now = _latest_name(root)
+        if renamed and now == name:  # LATEST was replaced, but syncing failed afterwards
             still = f"LATEST names {name}, but it may not be on disk"
+        else:
+            if renamed:  # LATEST never named the new directory: remove it
+                _remove(final)
+            if now is None and previous is not None:
+                still = f"LATEST (which named {previous}, being replaced) was removed: start the run afresh"
+            elif previous is not None:
+                still = f"LATEST still names {previous}, which is intact"
+            else:
+                still = "no checkpoint was written yet"
         why = e.strerror or str(e)
         if getattr(e, "filename", None):
             why += f" (writing {e.filename})"

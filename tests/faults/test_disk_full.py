@@ -161,3 +161,29 @@ def test_cli_reports_a_full_disk_clearly(tmp_path, monkeypatch, capsys):
     assert "favor train: [Errno 28] could not write checkpoint" in out and "step_00000008" in out, out
     assert "LATEST still names step_00000004" in out and "the disk is full" in out, out
     assert (tmp_path / "run" / "checkpoints" / "LATEST").read_text() == "step_00000004\n"
+
+
+def test_fault_while_replacing_the_latest_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    # a fresh run over an older run's checkpoint of the same step: LATEST is removed before
+    # the old directory is, so a failure in between leaves no LATEST, never a dangling one
+    from favor.checkpoint import save_checkpoint
+    from favor.models import PerformerConfig, PerformerLM
+
+    model = PerformerLM(PerformerConfig(vocab_size=28, dim=16, depth=1, heads=2))
+    save_checkpoint(tmp_path, step=4, model=model, config={"run": 1})
+    real_replace = os.replace
+
+    class _OS:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            if os.path.basename(str(src)).startswith(".step_00000004.tmp-"):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+            return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod, "os", _OS())
+    with pytest.raises(CheckpointWriteError, match=r"LATEST \(which named step_00000004, being replaced\) was removed"):
+        save_checkpoint(tmp_path, step=4, model=model, config={"run": 2})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
