@@ -214,5 +214,10 @@ def test_sigkill_storm_resumes_bit_for_bit(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_storm_fresh_processes(tmp_path):
+    t0 = time.perf_counter()
     res = _storm(tmp_path, _Exec, kills_wanted=40, seed=17, max_delay=4.0)
     assert sum(res["kills"].values()) >= 40, res
+    print(
+        f"{sum(res['kills'].values())} kills {res['kills']}, {res['resumes']} resumes, {len(set(res['sites']))} sites, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
