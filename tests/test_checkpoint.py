@@ -96,3 +96,21 @@ def test_wrong_format_is_refused(tmp_path):
     (path / "trainer.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="expected 'favor-checkpoint-1'"):
         load_checkpoint(tmp_path)
+
+
+def test_resaving_the_latest_step_replaces_it(tmp_path):
+    # a fresh run in an older run's directory saves the step LATEST names again
+    model, opt, _ = _trained()
+    save_checkpoint(tmp_path, step=3, model=model, config={"run": 1}, optimizer=opt)
+    save_checkpoint(tmp_path, step=3, model=model, config={"run": 2}, optimizer=opt)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 3 and ckpt.config == {"run": 2}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "step_00000003"]
+
+
+def test_latest_cannot_point_outside_the_run(tmp_path):
+    model, _, _ = _trained()
+    save_checkpoint(tmp_path, step=1, model=model, config={})
+    (tmp_path / "checkpoints" / "LATEST").write_text("../../etc\n")
+    with pytest.raises(CheckpointError, match=r"LATEST names '\.\./\.\./etc', expected a checkpoint name"):
+        load_checkpoint(tmp_path)

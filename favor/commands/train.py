@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="protein FASTA(.gz) instead of the embedded extract (see `favor data`)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from ..distributed.cli import add_sequence_parallel_argument
+    from ..distributed.cli import add_parallel_arguments
 
-    add_sequence_parallel_argument(parser)
+    add_parallel_arguments(parser)
     # tests kill a run mid-way; a per-step sleep makes "mid-way" reliable
     parser.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -57,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"favor train: {e}")
         return 2
-    sp = getattr(args, "sequence_parallel", None)
-    if sp is not None and (sp != 1 or "WORLD_SIZE" in os.environ):  # 1 without torchrun: plain training
-        from ..distributed.cli import run_sequence_parallel
+    from ..distributed.cli import parallel_option
 
-        return run_sequence_parallel(args, model_cfg, train_cfg)
+    parallel = parallel_option(args)
+    if parallel is not None and (parallel[1] != 1 or "WORLD_SIZE" in os.environ):  # 1 without torchrun: plain
+        from ..distributed.cli import run_parallel
+
+        return run_parallel(args, model_cfg, train_cfg)
     bar = tqdm(total=train_cfg.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     val = {"bpr": None}
 
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         print(f"favor train: {e}")
         return 2
+    except OSError as e:  # a full disk or an I/O error (CheckpointWriteError says what LATEST still names)
+        bar.close()
+        print(f"favor train: {e}")
+        return 1
     bar.close()
     result.pop("model")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))

@@ -1,4 +1,5 @@
-"""Sequence-parallel training of a PerformerLM: ``favor train --sequence-parallel N``.
+"""Distributed training of a PerformerLM: ``favor train --sequence-parallel N`` and
+``favor train --data-parallel N`` (under torchrun).
 
 The loop is ``favor.training.train`` with each sequence split across the N ranks of a group:
 every rank draws the same batch (seeded by (seed, step), no communication), keeps its
@@ -10,8 +11,14 @@ rank applies the same update; redraws are seeded by (seed, layer, step). The par
 after each step equal single-process training on the same batches up to float round-off
 (tests/distributed/test_train_sequence_parallel.py).
 
+Data parallelism is the same loop with the batch's rows split across the ranks instead of
+its positions, and the ordinary (not sequence-parallel) forward.
+
 Rank 0 writes the log, the checkpoints (the same format as ``favor train``, loadable by
-``favor generate``) and evaluates on the full validation windows with the ordinary model.
+``favor generate``, plus every rank's torch RNG state) and evaluates on the full validation
+windows with the ordinary model. ``resume=True`` continues from the LATEST checkpoint
+exactly (every rank reads it: the run directory must be visible to all ranks); the CLI
+resumes by itself when torchrun restarts a failed job (``--max-restarts``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data import ProteinTokenizer, TokenStream, load_proteins, split
+from ..data import ProteinTokenizer, TokenStream, load_proteins
+from ..data import split as split_records
 from ..models import PerformerConfig, PerformerLM
 from ..nn import FeatureRedrawer, mix_seed
 from ..training.checkpoint import save_checkpoint
@@ -38,14 +47,26 @@ from ..training.loop import (
     _make_optimizer,
     evaluate_bpr,
     plot_log,
+    restore_run,
     set_learning_rate,
     step_batch,
+    truncate_log,
 )
 from .collectives import group_rank_size
 from .modules import sequence_parallel_forward
 from .sharding import shard_bounds
 
-__all__ = ["train_sequence_parallel", "init_from_env", "all_reduce_gradients"]
+__all__ = [
+    "train_sequence_parallel",
+    "train_data_parallel",
+    "train_distributed",
+    "init_from_env",
+    "all_reduce_gradients",
+]
+
+#: how a step's batch is split across ranks: its positions (dim 1) or its rows (dim 0)
+SPLITS = ("sequence", "batch")
+_SUMMARY_KEY = {"sequence": "sequence_parallel", "batch": "data_parallel"}
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +83,35 @@ def init_from_env(*, backend: str | None = None) -> tuple[int, int]:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        store = _elastic_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(
+                backend, store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+            )
     return dist.get_rank(), dist.get_world_size()
+
+
+def _elastic_store() -> dist.Store | None:
+    """Under torchrun's agent store, a store whose keys are private to this restart attempt.
+
+    torchrun keeps one store across restarts (TORCHELASTIC_USE_AGENT_STORE), so a restarted
+    process can read a peer's address left by the failed attempt and wait forever to
+    connect to it (seen with gloo: ProcessGroupGloo stuck in Pair::waitUntilConnected after
+    a rank was killed). Prefixing every key with the attempt number avoids the stale keys.
+    None outside torchrun's agent store (init_process_group's env:// default applies)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"favor/attempt_{attempt}/", store)
 
 
 def all_reduce_gradients(model: torch.nn.Module, *, group: dist.ProcessGroup | None = None) -> None:
@@ -79,6 +127,14 @@ def all_reduce_gradients(model: torch.nn.Module, *, group: dist.ProcessGroup | N
         offset += g.numel()
 
 
+def _rng_states(group: dist.ProcessGroup | None, world: int) -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG state (a collective: all ranks call it at the same step)."""
+    mine = torch.get_rng_state()
+    states = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(states, mine, group=group)
+    return {f"rng.torch.rank{r}": s for r, s in enumerate(states)}
+
+
 def train_sequence_parallel(
     out_dir: str | Path,
     model_cfg: PerformerConfig,
@@ -88,34 +144,106 @@ def train_sequence_parallel(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     write_plot: bool = True,
     device: torch.device | str | None = None,
+    resume: bool = False,
+    throttle: float = 0.0,
 ) -> dict[str, Any]:
     """Train a PerformerLM with every sequence split across the ranks of ``group``
-    (every rank calls this with the same arguments). Writes, on rank 0, DIR/log.jsonl,
-    DIR/checkpoints/ and DIR/loss.png. Returns the summary dict of ``favor.training.train``
-    (``loss`` is the global mean loss of the last step). ``device`` defaults to this
-    rank's GPU under NCCL, else the CPU."""
+    (every rank calls this with the same arguments): ``train_distributed(split="sequence")``."""
+    return train_distributed(
+        out_dir,
+        model_cfg,
+        train_cfg,
+        split="sequence",
+        group=group,
+        on_step=on_step,
+        write_plot=write_plot,
+        device=device,
+        resume=resume,
+        throttle=throttle,
+    )
+
+
+def train_data_parallel(
+    out_dir: str | Path,
+    model_cfg: PerformerConfig,
+    train_cfg: TrainConfig,
+    *,
+    group: dist.ProcessGroup | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    write_plot: bool = True,
+    device: torch.device | str | None = None,
+    resume: bool = False,
+    throttle: float = 0.0,
+) -> dict[str, Any]:
+    """Train a PerformerLM with every batch's rows split across the ranks of ``group``
+    (every rank calls this with the same arguments): ``train_distributed(split="batch")``."""
+    return train_distributed(
+        out_dir,
+        model_cfg,
+        train_cfg,
+        split="batch",
+        group=group,
+        on_step=on_step,
+        write_plot=write_plot,
+        device=device,
+        resume=resume,
+        throttle=throttle,
+    )
+
+
+def train_distributed(
+    out_dir: str | Path,
+    model_cfg: PerformerConfig,
+    train_cfg: TrainConfig,
+    *,
+    split: str,
+    group: dist.ProcessGroup | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    write_plot: bool = True,
+    device: torch.device | str | None = None,
+    resume: bool = False,
+    throttle: float = 0.0,
+) -> dict[str, Any]:
+    """Train a PerformerLM with each step's batch split across the ranks of ``group`` by
+    ``split`` ("sequence": positions, "batch": rows). Writes, on rank 0, DIR/log.jsonl,
+    DIR/checkpoints/ and DIR/loss.png. ``resume`` continues from DIR's LATEST checkpoint.
+    Returns the summary dict of ``favor.training.train`` (``loss`` is the global mean loss of
+    the last step). ``device`` defaults to this rank's GPU under NCCL, else the CPU.
+    ``throttle`` sleeps that long per step (tests use it to kill a rank mid-run)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rank, world = group_rank_size(group)
     if device is None:
         nccl = world > 1 and str(dist.get_backend(group)).lower() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     device = torch.device(device)
-    if model_cfg.attention != "favor":
-        raise ValueError(f"sequence parallelism needs attention='favor', got {model_cfg.attention!r}")
-    if train_cfg.seq_len < world:
-        raise ValueError(f"seq_len={train_cfg.seq_len} is shorter than the {world} ranks it is split across")
+    if split == "sequence":
+        if model_cfg.attention != "favor":
+            raise ValueError(f"sequence parallelism needs attention='favor', got {model_cfg.attention!r}")
+        if train_cfg.seq_len < world:
+            raise ValueError(f"seq_len={train_cfg.seq_len} is shorter than the {world} ranks it is split across")
+    elif train_cfg.batch_size < world:
+        raise ValueError(f"batch_size={train_cfg.batch_size} is smaller than the {world} ranks it is split across")
     out = Path(out_dir)
     log_path = out / "log.jsonl"
     lead = rank == 0
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():
-            log_path.unlink()
     config = _config_dict(model_cfg, train_cfg)
     model = PerformerLM(model_cfg).to(device)
     optimizer = _make_optimizer(model, train_cfg)
-    torch.manual_seed(mix_seed(train_cfg.seed, 2))
+    start = 0
+    if resume:
+        # every rank restores its own RNG state; a checkpoint of a single-process run has only "rng.torch"
+        start = restore_run(out, model, optimizer, config, rng_key=f"rng.torch.rank{rank}")
+        if lead:
+            truncate_log(log_path, start)
+    else:
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            if log_path.exists():
+                log_path.unlink()
+        torch.manual_seed(mix_seed(train_cfg.seed, 2))
     tok = ProteinTokenizer()
-    train_recs, val_recs = split(
+    train_recs, val_recs = split_records(
         load_proteins(train_cfg.data), val_fraction=train_cfg.val_fraction, seed=train_cfg.seed
     )
     train_stream = TokenStream(train_recs, tok)
@@ -125,21 +253,28 @@ def train_sequence_parallel(
             t.to(device) for t in TokenStream(val_recs, tok).windows(train_cfg.seq_len, train_cfg.eval_windows)
         )
     redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
-    lo, hi = shard_bounds(train_cfg.seq_len, world, rank)
+    if split == "sequence":
+        lo, hi = shard_bounds(train_cfg.seq_len, world, rank)
+    else:
+        lo, hi = shard_bounds(train_cfg.batch_size, world, rank)
     total_tokens = train_cfg.batch_size * train_cfg.seq_len
     model.train()
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
     val_bpr = None
-    step = 0
+    step = start
     logf = open(log_path, "a", encoding="utf-8") if lead else None  # noqa: SIM115 (closed below)
     try:
-        for step in range(1, train_cfg.steps + 1):
+        for step in range(start + 1, train_cfg.steps + 1):
             ts = time.perf_counter()
             lr = set_learning_rate(optimizer, step, train_cfg)
             x, y = step_batch(train_stream, step, train_cfg)
-            x, y = x[:, lo:hi].to(device), y[:, lo:hi].to(device)
-            logits = sequence_parallel_forward(model, x, offset=lo, group=group)
+            if split == "sequence":
+                x, y = x[:, lo:hi].to(device), y[:, lo:hi].to(device)
+                logits = sequence_parallel_forward(model, x, offset=lo, group=group)
+            else:
+                x, y = x[lo:hi].to(device), y[lo:hi].to(device)
+                logits = model(x)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,9 +292,11 @@ def train_sequence_parallel(
                 "lr": lr,
                 "tokens_per_s": total_tokens / max(1e-9, time.perf_counter() - ts),
                 "time": elapsed,
-                "sequence_parallel": world,
+                _SUMMARY_KEY[split]: world,
             }
             final = step == train_cfg.steps
+            checkpoint = step % train_cfg.checkpoint_every == 0 or final
+            rng = _rng_states(group, world) if checkpoint else None
             if lead:
                 if step % train_cfg.eval_every == 0 or final:
                     val_bpr = evaluate_bpr(model, val_x, val_y)
@@ -167,29 +304,41 @@ def train_sequence_parallel(
                 if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
                     logf.write(json.dumps(row) + "\n")
                     logf.flush()
-                if step % train_cfg.checkpoint_every == 0 or final:
+                if checkpoint:
                     save_checkpoint(
-                        out, step=step, model=model, config=config, optimizer=optimizer, extra={"val_bpr": val_bpr}
+                        out,
+                        step=step,
+                        model=model,
+                        config=config,
+                        optimizer=optimizer,
+                        extra={"val_bpr": val_bpr},
+                        extra_tensors=rng,
                     )
             last = row
             if on_step is not None:
                 on_step(row)
+            if throttle:
+                time.sleep(throttle)
     finally:
         if logf is not None:
             logf.close()
     wall = time.perf_counter() - t0
     if lead and write_plot:
         try:
-            plot_log(log_path, out / "loss.png", title=f"Performer LM, sequence-parallel over {world} processes")
+            plot_log(
+                log_path,
+                out / "loss.png",
+                title=f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {world} processes",
+            )
         except ImportError:
             log.warning("matplotlib is not installed (pip install favor[plot]): no loss.png")
     return {
         "steps": step,
-        "start_step": 0,
+        "start_step": start,
         "loss": last.get("loss"),
         "val_bpr": val_bpr,
-        "tokens_per_s": step * total_tokens / max(1e-9, wall),
+        "tokens_per_s": (step - start) * total_tokens / max(1e-9, wall),
         "seconds": wall,
-        "sequence_parallel": world,
+        _SUMMARY_KEY[split]: world,
         "model": model,
     }

@@ -9,15 +9,23 @@ Layout of a run directory::
         config.json                        model and training configs
         trainer.json                       step, scalars, optimiser hyper-parameters, file sizes
 
-Writes are atomic: a checkpoint is assembled in a temporary directory, every file is
-fsynced, the directory is renamed into place, and only then is LATEST replaced (temp file,
-fsync, rename). A crash at any point leaves LATEST naming a complete checkpoint.
+Writes are atomic: a checkpoint is assembled in a hidden temporary directory
+(``.step_N.tmp-PID``), every file is fsynced, the directory is renamed into place, and only
+then is LATEST replaced (temp file, fsync, rename). A crash at any point leaves LATEST
+naming a complete checkpoint, and every visible ``step_*`` directory complete: old ones are
+renamed to a hidden name before they are deleted. Hidden leftovers of a killed writer are
+never read and are removed by the next save (one writer per run directory). A write that
+fails (disk full, I/O error) raises CheckpointWriteError, removes what it wrote, and leaves
+the previous checkpoint intact and still LATEST (tests/faults/).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,8 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
+    "has_checkpoint",
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
@@ -50,8 +60,19 @@ MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE, LATEST = (
 )
 
 
+log = logging.getLogger(__name__)
+#: markers of the hidden entries a writer makes: temp dirs/files, dirs being replaced or deleted
+_HIDDEN_TAGS = (".tmp-", ".old-", ".del-")
+_STEP_NAME = re.compile(r"step_\d{8,}")
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, or does not fit; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, I/O error). ``errno`` is the cause's; the
+    message names the checkpoint and what LATEST still names."""
 
 
 @dataclass
@@ -87,16 +108,65 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+def _write_text(path: Path, text: str) -> None:
+    """Write and fsync a small text file."""
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory, fsync, rename.
+    On failure the temp file is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_text(tmp, text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory so that it is never seen half-deleted: rename it to a hidden
+    name first (one atomic step), then remove that. Best effort: failures are logged."""
+    if not path.exists():
+        return
+    hidden = path
+    if not path.name.startswith("."):
+        hidden = path.with_name(f".{path.name}.del-{os.getpid()}")
+        try:
+            os.replace(path, hidden)
+        except OSError as e:
+            log.warning("could not remove %s: %s", path, e)
+            return
+    if hidden.is_dir():
+        shutil.rmtree(hidden, ignore_errors=True)
+    else:
+        hidden.unlink(missing_ok=True)
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove hidden temp/old/deleted entries a killed writer left in ``root``."""
+    for p in root.iterdir():
+        if p.name.startswith(".") and any(tag in p.name for tag in _HIDDEN_TAGS):
+            _remove(p)
+
+
+def _latest_name(root: Path) -> str | None:
+    latest = root / LATEST
+    try:
+        return latest.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` (a run directory) has a LATEST checkpoint to resume from."""
+    return (Path(run_dir) / "checkpoints" / LATEST).is_file()
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -140,51 +210,83 @@ def save_checkpoint(
     config: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; keep the newest
-    ``keep``. ``extra`` is JSON data stored in trainer.json (data position, metrics...)."""
+    ``keep``. ``extra`` is JSON data stored in trainer.json (data position, metrics...);
+    ``extra_tensors`` go to optimizer.safetensors beside the optimiser state and RNG.
+
+    Raises CheckpointWriteError (an OSError) if the disk is full or a write fails: what
+    this call wrote is removed and LATEST still names the previous checkpoint."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    previous = _latest_name(root)
+    _clean_leftovers(root)
     model_tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
     opt_meta: dict[str, Any] = {}
     opt_tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     if optimizer is not None:
         t, opt_meta = optimizer_to_tensors(optimizer)
         opt_tensors.update(t)
-    save_file(opt_tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    trainer = {
-        "format": FORMAT,
-        "step": int(step),
-        "optimizer": opt_meta,
-        "extra": extra or {},
-        "files": {f: (tmp / f).stat().st_size for f in (MODEL_FILE, OPTIM_FILE, CONFIG_FILE)},
-    }
-    (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+    for key, val in (extra_tensors or {}).items():
+        if key in opt_tensors:
+            raise ValueError(f"extra_tensors key {key!r} collides with the optimiser state")
+        opt_tensors[key] = val.detach().contiguous().cpu()
+    tmp = root / f".{name}.tmp-{os.getpid()}"
     final = root / name
-    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-        old = root / f".{name}.old-{os.getpid()}"
-        os.replace(final, old)
+    renamed = False
+    try:
+        tmp.mkdir()
+        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+        save_file(opt_tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT})
+        _write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        trainer = {
+            "format": FORMAT,
+            "step": int(step),
+            "optimizer": opt_meta,
+            "extra": extra or {},
+            "files": {f: (tmp / f).stat().st_size for f in (MODEL_FILE, OPTIM_FILE, CONFIG_FILE)},
+        }
+        _write_text(tmp / TRAINER_FILE, json.dumps(trainer, indent=2, sort_keys=True) + "\n")
+        for f in (MODEL_FILE, OPTIM_FILE):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+        if final.exists():  # complete, but LATEST never named it (its writer was killed first) ...
+            if previous == name:  # ... or a fresh run replaces an older run's checkpoint of this step:
+                # LATEST goes first, so that it never names a directory while it is swapped
+                (root / LATEST).unlink()
+                _fsync_dir(root)
+            _remove(final)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / LATEST, name + "\n")
+        renamed = True
+        _fsync_dir(root)
+        atomic_write_text(root / LATEST, name + "\n")
+    except OSError as e:
+        _remove(tmp)
+        now = _latest_name(root)
+        if renamed and now == name:  # LATEST was replaced, but syncing failed afterwards
+            still = f"LATEST names {name}, but it may not be on disk"
+        else:
+            if renamed:  # LATEST never named the new directory: remove it
+                _remove(final)
+            if now is None and previous is not None:
+                still = f"LATEST (which named {previous}, being replaced) was removed: start the run afresh"
+            elif previous is not None:
+                still = f"LATEST still names {previous}, which is intact"
+            else:
+                still = "no checkpoint was written yet"
+        why = e.strerror or str(e)
+        if getattr(e, "filename", None):
+            why += f" (writing {e.filename})"
+        if e.errno == errno.ENOSPC:
+            why += "; the disk is full: free space, then resume"
+        raise CheckpointWriteError(e.errno, f"could not write checkpoint {final}: {why}; {still}") from e
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for p in done[: max(0, len(done) - keep)]:
         if p.name != name:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
     return final
 
 
@@ -200,8 +302,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not latest.is_file():
         raise CheckpointError(f"no checkpoint under {path}: {latest} is missing (was the run checkpointed yet?)")
     name = latest.read_text(encoding="utf-8").strip()
+    if not _STEP_NAME.fullmatch(name):  # never follow a path out of the run (LATEST edited)
+        raise CheckpointError(f"{latest} names {name!r}, expected a checkpoint name like step_00000001")
     step_dir = root / name
-    if not name or not step_dir.is_dir():
+    if not step_dir.is_dir():
         raise CheckpointError(f"{latest} names checkpoint {name!r}, but {step_dir} does not exist")
     return step_dir
 

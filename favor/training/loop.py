@@ -230,6 +230,48 @@ def _config_dict(model_cfg: PerformerConfig, train_cfg: TrainConfig) -> dict[str
     return {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}
 
 
+def restore_run(
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    *,
+    rng_key: str = "rng.torch",
+) -> int:
+    """Load the run's LATEST checkpoint into ``model``, ``optimizer`` and the torch RNG
+    (the state saved under ``rng_key``), after checking it was written with ``config``;
+    returns its step. Errors are CheckpointError naming the file."""
+    ckpt = load_checkpoint(out_dir)
+    if ckpt.config != config:
+        diff = sorted(
+            f"{sec}.{k}"
+            for sec in ("model", "train")
+            for k in set(config[sec]) | set(ckpt.config.get(sec, {}))
+            if config[sec].get(k) != ckpt.config.get(sec, {}).get(k)
+        )
+        raise CheckpointError(f"{ckpt.path / 'config.json'} does not match this run's config (differs in {diff})")
+    load_model_state(model, ckpt)
+    tensors = ckpt.optimizer_tensors()
+    opt_path = ckpt.path / "optimizer.safetensors"
+    try:
+        optimizer.load_state_dict(optimizer_from_tensors(tensors, ckpt.trainer["optimizer"]))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{opt_path} does not fit the optimiser: {e}") from None
+    if rng_key not in tensors:
+        raise CheckpointError(f"{opt_path} lacks the RNG state {rng_key!r}")
+    try:
+        torch.set_rng_state(tensors[rng_key])
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{opt_path}: {rng_key!r} is not a torch RNG state: {e}") from None
+    return ckpt.step
+
+
+def truncate_log(log_path: str | Path, step: int) -> None:
+    """Keep the log rows up to ``step`` (the checkpoint resumed from), atomically."""
+    kept = [r for r in _read_log(Path(log_path)) if r.get("step", 0) <= step]
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def load_lm(path: str | Path) -> tuple[PerformerLM, dict[str, Any]]:
     """A PerformerLM and its config dict from a checkpoint (run dir or step dir)."""
     ckpt = load_checkpoint(path)
@@ -270,25 +312,8 @@ def train(
     optimizer = _make_optimizer(model, train_cfg)
     start = 0
     if resume:
-        ckpt = load_checkpoint(out)
-        if ckpt.config != config:
-            diff = sorted(
-                f"{sec}.{k}"
-                for sec in ("model", "train")
-                for k in set(config[sec]) | set(ckpt.config.get(sec, {}))
-                if config[sec].get(k) != ckpt.config.get(sec, {}).get(k)
-            )
-            raise CheckpointError(f"{ckpt.path / 'config.json'} does not match this run's config (differs in {diff})")
-        load_model_state(model, ckpt)
-        tensors = ckpt.optimizer_tensors()
-        try:
-            optimizer.load_state_dict(optimizer_from_tensors(tensors, ckpt.trainer["optimizer"]))
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{ckpt.path / 'optimizer.safetensors'} does not fit the optimiser: {e}") from None
-        torch.set_rng_state(tensors["rng.torch"])
-        start = ckpt.step
-        kept = [r for r in _read_log(log_path) if r.get("step", 0) <= start]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        start = restore_run(out, model, optimizer, config)
+        truncate_log(log_path, start)
     else:
         if log_path.exists():
             log_path.unlink()
