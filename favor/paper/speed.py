@@ -229,10 +229,10 @@ def sweep(
 # -- the command --------------------------------------------------------------------------
 #: (size, causal, lengths, only_beyond) per sweep; only_beyond as in ``sweep``
 FULL = (
-    ("regular", False, (1024, 4096, 16384, 32768), {32768: ("x", "favor")}),
     ("small", False, (1024, 4096, 16384, 32768, 65536), None),
-    ("regular", True, (1024, 4096, 16384), None),
     ("small", True, (1024, 4096, 16384, 32768), None),
+    ("regular", False, (1024, 4096, 16384, 32768), {32768: ("x", "favor")}),
+    ("regular", True, (1024, 4096, 16384), None),
 )
 QUICK = (
     ("small", False, (256, 512), None),
@@ -316,7 +316,8 @@ def run(args) -> int:
         plan = tuple(p for p in plan if p[0] == args.only)
     limit = args.time_limit or (10.0 if args.quick else 90.0)
     t0 = time.perf_counter()
-    sweeps = []
+    sweeps: list[dict] = []
+    out = Path(args.out)
     for size, causal, lengths, only_beyond in plan:
         with tqdm(
             total=len(lengths), desc=f"{size} {'causal' if causal else 'bidirectional'}", disable=args.quick
@@ -332,23 +333,25 @@ def run(args) -> int:
                 causal=causal,
                 repeats=3,
                 long_repeats=2,
+                # a regular-size step takes seconds from L = 4096 on: 2 timed rounds there
+                long_from=4096 if size == "regular" else 8192,
                 time_limit_s=limit,
                 memory_limit_mib=args.memory_limit,
                 only_beyond=only_beyond,
                 progress=progress,
             )
         sweeps.append(s)
+        # written after every sweep: a long run stopped part-way keeps what it measured
+        payload = {
+            "wall_s": time.perf_counter() - t0,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "load_avg_end": os.getloadavg(),
+            "sweeps": sweeps,
+        }
+        table = _table(sweeps)
+        paths = write_outputs(out, NAME, payload, table)
+        _plot(sweeps, out / f"{NAME}.png")
     wall = time.perf_counter() - t0
-    payload = {
-        "wall_s": wall,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "load_avg_end": os.getloadavg(),
-        "sweeps": sweeps,
-    }
-    table = _table(sweeps)
-    out = Path(args.out)
-    paths = write_outputs(out, NAME, payload, table)
-    _plot(sweeps, out / f"{NAME}.png")
     print(table)
     print(f"wrote {paths['json']}, {paths['md']}, {out / (NAME + '.png')} in {wall:.1f} s")
     return 0
