@@ -6,7 +6,7 @@ STAMP := $(VENV)/.favor-installed
 # (multi-GB CUDA) torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench peers lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/favor bench
+
+# the peers of `favor bench` and `favor paper speed` (pyproject's `compare` extra), without
+# letting pip touch torch
+peers: $(STAMP)
+	$(PY) -m pip install -q --no-deps performer-pytorch reformer-pytorch linformer "local-attention==1.9.0" \
+		axial-positional-embedding einops "product-key-memory==0.1.10"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check favor tests benchmarks

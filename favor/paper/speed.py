@@ -6,9 +6,10 @@ Method. One step is embedding -> 6 blocks -> logits -> cross-entropy -> backward
 random bytes. At each L the models are built once, checked (favor against the explicit
 kernelised reference, SDPA against exact softmax, peers finite), warmed up, then timed
 round by round, contenders interleaved, so that a busy machine slows them alike; the
-median is reported. Peak memory is the resident set's high-water mark during a timed step
-above the resident set just before it (Linux ``/proc/self/clear_refs``, after
-``malloc_trim``): what the step itself needed, activations, gradients and workspaces.
+median is reported. Peak memory is the resident set's high-water mark during the warm-up
+step above the resident set just before it (Linux ``/proc/self/clear_refs``, after
+``malloc_trim``): what a cold step needs, activations, gradients and workspaces. The
+timed steps run without that probe (it makes the next step fault its pages in again).
 A contender whose predicted step time (its last one, scaled by L linearly, or
 quadratically for SDPA) passes ``time_limit_s``, or whose predicted memory passes
 ``memory_limit_mib``, is not run at that L and longer ones ("skipped" rows).
@@ -121,28 +122,20 @@ def _tokens(length: int):
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
 
 
-def _measure(models: dict, length: int, *, repeats: int, warmup: int) -> dict[str, dict]:
-    """Median seconds and largest peak MiB per contender, interleaved round by round."""
+def _measure(models: dict, length: int, *, repeats: int) -> dict[str, dict]:
+    """Peak MiB from one untimed warm-up step each, then median seconds of ``repeats``
+    rounds, contenders interleaved. The peak probe returns freed heap to the OS first, so
+    the step after it faults its pages in again (measured: 2x a small model's step); the
+    timed steps therefore run without it."""
     tokens = _tokens(length)
-    for _ in range(warmup):
-        for model in models.values():
-            _step(model, tokens)
+    peaks = {n: peak_rss_mib(lambda model=model: _step(model, tokens))[0] for n, model in models.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
-    peaks: dict[str, list[float]] = {n: [] for n in models}
     for _ in range(repeats):
         for n, model in models.items():
-            peak, seconds = peak_rss_mib(lambda model=model: _step(model, tokens))
-            times[n].append(seconds)
-            if peak is not None:
-                peaks[n].append(peak)
-    return {
-        n: {
-            "time_s": statistics.median(times[n]),
-            "times_s": times[n],
-            "peak_mib": max(peaks[n]) if peaks[n] else None,
-        }
-        for n in models
-    }
+            t0 = time.perf_counter()
+            _step(model, tokens)
+            times[n].append(time.perf_counter() - t0)
+    return {n: {"time_s": statistics.median(times[n]), "times_s": times[n], "peak_mib": peaks[n]} for n in models}
 
 
 def sweep(
@@ -161,8 +154,8 @@ def sweep(
     progress=None,
 ) -> dict:
     """Rows {L, name, time_s, peak_mib, ratio_to_x} for the skeleton ``size`` at each L, and
-    the checks and skips. ``repeats`` timed rounds (``long_repeats`` from ``long_from`` on),
-    one warm-up round. ``only_beyond`` = {L: names}: from that L on, only these run (to
+    the checks and skips. One warm-up round (which measures memory), then ``repeats``
+    timed rounds (``long_repeats`` from ``long_from`` on). ``only_beyond`` = {L: names}: from that L on, only these run (to
     reach long L for favor and X without the peers)."""
     from .skeleton import ATTENTIONS, SIZES, available, build_model
 
@@ -208,7 +201,7 @@ def sweep(
             continue
         models = {n: build_model(cfg, n, causal=causal, num_features=num_features, length=length) for n in run_now}
         reps = long_repeats if length >= long_from else repeats
-        got = _measure(models, length, repeats=reps, warmup=1)
+        got = _measure(models, length, repeats=reps)
         del models
         x_time = got["x"]["time_s"] if "x" in got else None
         for n, r in got.items():
