@@ -10,8 +10,8 @@ median is reported. Peak memory is the resident set's high-water mark during the
 step above the resident set just before it (Linux ``/proc/self/clear_refs``, after
 ``malloc_trim``): what a cold step needs, activations, gradients and workspaces. The
 timed steps run without that probe (it makes the next step fault its pages in again).
-A contender whose predicted step time (its last one, scaled by L linearly, or
-quadratically for SDPA) passes ``time_limit_s``, or whose predicted memory passes
+A contender whose predicted step time (its last one, X's part scaled by L linearly and
+the rest by its exponent in L: quadratically for SDPA) passes ``time_limit_s``, or whose predicted memory passes
 ``memory_limit_mib``, is not run at that L and longer ones ("skipped" rows).
 
 On a shared CPU, set OMP_WAIT_POLICY=PASSIVE in the environment (idle OpenMP threads that
@@ -186,10 +186,16 @@ def sweep(
                 continue
             if n in last:
                 prev_len, prev = last[n]
-                growth = (length / prev_len) ** ATTENTIONS[n].exponent
+                ratio = length / prev_len
+                # the model's part (X's step) grows linearly; only the excess over X grows
+                # with the attention's exponent (quadratically for SDPA)
+                base = last["x"][1]["time_s"] if "x" in last and last["x"][0] == prev_len else 0.0
+                base = min(base, prev["time_s"])
+                predicted = base * ratio + (prev["time_s"] - base) * ratio ** ATTENTIONS[n].exponent
+                growth = ratio ** ATTENTIONS[n].exponent
                 reason = None
-                if prev["time_s"] * growth > time_limit_s:
-                    reason = f"predicted {prev['time_s'] * growth:.0f} s > {time_limit_s:g} s"
+                if predicted > time_limit_s:
+                    reason = f"predicted {predicted:.0f} s > {time_limit_s:g} s"
                 elif prev["peak_mib"] is not None and prev["peak_mib"] * growth > memory_limit_mib:
                     reason = f"predicted {prev['peak_mib'] * growth:.0f} MiB > {memory_limit_mib:g} MiB"
                 if reason is not None:
@@ -295,6 +301,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--only", choices=("regular", "small"), default=None, help="run the sweeps of one model size only"
     )
+    parser.add_argument(
+        "--mode", choices=("both", "bidirectional", "causal"), default="both", help="which sweeps to run"
+    )
+    parser.add_argument("--lengths", default=None, help="comma-separated L, replacing each sweep's own")
+    parser.add_argument("--names", default=None, help="comma-separated attentions, replacing each sweep's own")
 
 
 def run(args) -> int:
@@ -307,6 +318,13 @@ def run(args) -> int:
     plan = QUICK if args.quick else FULL
     if args.only:
         plan = tuple(p for p in plan if p[0] == args.only)
+    if args.mode != "both":
+        plan = tuple(p for p in plan if p[1] == (args.mode == "causal"))
+    if args.lengths:
+        plan = tuple(
+            (size, causal, tuple(int(x) for x in args.lengths.split(",")), None) for size, causal, _, _ in plan
+        )
+    names = tuple(args.names.split(",")) if args.names else None
     limit = args.time_limit or (10.0 if args.quick else 90.0)
     t0 = time.perf_counter()
     sweeps: list[dict] = []
@@ -324,6 +342,7 @@ def run(args) -> int:
                 size,
                 lengths,
                 causal=causal,
+                names=names,
                 repeats=3,
                 long_repeats=2,
                 # a regular-size step takes seconds from L = 4096 on: 2 timed rounds there
