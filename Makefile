@@ -7,7 +7,7 @@ STAMP := $(VENV)/.favor-installed
 # (multi-GB CUDA) torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all test-properties-slow gpu-check bench lint docs clean
+.PHONY: demo test test-all test-properties-slow gpu-check bench peers lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ gpu-check: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/favor bench
+
+# the peers of `favor bench` and `favor paper speed` (pyproject's `compare` extra), without
+# letting pip touch torch
+peers: $(STAMP)
+	$(PY) -m pip install -q --no-deps performer-pytorch reformer-pytorch linformer "local-attention==1.9.0" \
+		axial-positional-embedding einops "product-key-memory==0.1.10"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check favor tests benchmarks examples
