@@ -9,4 +9,6 @@ stays fast. Every entry takes ``--quick`` (seconds; the tests run it) and ``--ou
 from __future__ import annotations
 
 #: name -> (module under favor.paper, one-line help)
-EXPERIMENTS: dict[str, tuple[str, str]] = {}
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "books": ("books", "Fig. 5 right: masked LM on books, softmax vs FAVOR+ variants (redraw, SMREG, trig, ReLU, FAVOR++)"),
+}
