@@ -90,8 +90,9 @@ def make_task(train: dict[str, str], val: dict[str, str], *, seq_len: int, batch
 
 def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = None, redraw_interval: int = 1,
                data_dir: str | Path | None = None, austen: bool = True, variants: list[Variant] | None = None,
-               progress=None) -> dict[str, Any]:
-    """Train every variant; returns {"runs", "summary", "skipped", "unigram", "config"}."""
+               progress=None, on_result=None) -> dict[str, Any]:
+    """Train every variant; returns {"runs", "summary", "skipped", "unigram", "config"}.
+    ``on_result(partial result)`` is called after every finished run."""
     from .harness import compare, unavailable
     from .suite import run_suite
 
@@ -102,26 +103,43 @@ def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = Non
     variants = variants or VARIANTS
     if progress is not None:
         progress.total = steps * seeds * sum(unavailable(v) is None for v in variants)
-    runs, skipped = run_suite(task, variants, size, seeds=list(range(seeds)), steps=steps,
-                              eval_every=min(eval_every, steps), redraw_interval=redraw_interval, progress=progress)
+    unigram = task.unigram()
+    skipped = {v.name: why for v in variants if (why := unavailable(v))}
     config = {"mode": "quick" if quick else "full", "corpus": note, "train_bytes": {k: len(v) for k, v in train.items()},
               "val_bytes": {k: len(v) for k, v in val.items()}, "seq_len": seq_len, "batch": batch, "steps": steps,
               "seeds": seeds, "redraw_interval": redraw_interval, "mask_rate": 0.15, "lr": 1e-3,
               "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads, "num_features": "D ln D"}}
-    return {"runs": runs, "summary": compare(runs), "skipped": skipped, "unigram": task.unigram(), "config": config}
+
+    def result(runs):
+        return {"runs": runs, "summary": compare(runs), "skipped": skipped, "unigram": unigram, "config": config}
+
+    runs, _ = run_suite(task, variants, size, seeds=list(range(seeds)), steps=steps, eval_every=min(eval_every, steps),
+                        redraw_interval=redraw_interval, progress=progress,
+                        on_run=None if on_result is None else lambda runs: on_result(result(runs)))
+    return result(runs)
 
 
 def run(args) -> int:
     import torch
 
-    from .suite import progress_bar, save_suite, suite_table
+    from .suite import progress_bar
 
     if args.threads:
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, NAME)
     res = experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, redraw_interval=args.redraw_interval,
-                     data_dir=args.data_dir, austen=not args.no_austen, progress=bar)
+                     data_dir=args.data_dir, austen=not args.no_austen, progress=bar,
+                     on_result=None if args.quick else lambda r: save(args, r))
     bar.close()
+    table, paths = save(args, res)
+    print(table)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def save(args, res):
+    from .suite import save_suite, suite_table
+
     table = suite_table(res["summary"], metric="accuracy", baseline=res["unigram"], skipped=res["skipped"],
                         metric_label="masked acc")
     c = res["config"]
@@ -129,6 +147,4 @@ def run(args) -> int:
              f"redraw every {c['redraw_interval']} step(s)")
     paths = save_suite(Path(args.out), NAME, {k: v for k, v in res.items() if k != "runs"}, table, res["runs"],
                        metric="accuracy", title=title)
-    print(table)
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+    return table, paths

@@ -210,15 +210,31 @@ def compare(runs: list[dict[str, Any]], *, metric: str = "accuracy") -> dict[str
 
 def plot_curves(runs: list[dict[str, Any]], path, *, metric: str = "accuracy", title: str = "", extra=None) -> None:
     """Two panels, ``metric`` against step and against training seconds; one colour per
-    variant, one line per seed. ``extra(fig)`` may add panels (sample images)."""
+    variant, one line per seed. ``extra`` = (rows, draw(fig, gridspec)) adds a lower part of
+    ``rows`` height units (curves take 4) for sample images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = extra[0] if extra else 0
+    fig = plt.figure(figsize=(12, 4.5 + 1.1 * rows))
+    grid = fig.add_gridspec(4 + rows, 2)
+    axes = [fig.add_subplot(grid[:4, 0]), fig.add_subplot(grid[:4, 1])]
+    draw_curves(runs, axes, metric=metric)
+    fig.suptitle(title, fontsize=10)
+    if extra:
+        extra[1](fig, grid[4:, :])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_curves(runs: list[dict[str, Any]], axes, *, metric: str) -> None:
+    import matplotlib.pyplot as plt
+
     names = list(dict.fromkeys(r["variant"]["name"] for r in runs))
     colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         name = r["variant"]["name"]
         pts = [p for p in r["curve"] if math.isfinite(p[metric])]
@@ -234,9 +250,3 @@ def plot_curves(runs: list[dict[str, Any]], path, *, metric: str = "accuracy", t
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if extra is not None:
-        extra(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

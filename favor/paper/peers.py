@@ -8,7 +8,7 @@ reformer-pytorch==1.4.4 product-key-memory local-attention axial-positional-embe
 
 - Linformer (bidirectional only): keys and values projected along the sequence to
   ``k = min(256, L / 4)`` rows (the paper's PG-19 run used k = 600).
-- Reformer: LSH attention, buckets of 64, 2 hash rounds (for time on 2 CPU cores), shared query/key projection.
+- Reformer: LSH attention, buckets of 64 (or the largest smaller size whose double divides L), 2 hash rounds (for time on 2 CPU cores), shared query/key projection.
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ class PeerAttention(nn.Module):
         return self.inner(x, input_mask=mask), None
 
 
+def bucket_size(length: int) -> int:
+    """The largest LSH bucket <= 64 whose double divides ``length`` (Reformer's requirement)."""
+    for b in range(64, 0, -1):
+        if length % (2 * b) == 0:
+            return b
+    raise ValueError(f"reformer attention needs an even sequence length, got {length}")
+
+
 def build_peer_model(variant, size, *, vocab_size: int, causal: bool, seed: int):
     from ..models import PerformerConfig, PerformerEncoder, PerformerLM
 
@@ -58,8 +66,8 @@ def build_peer_model(variant, size, *, vocab_size: int, causal: bool, seed: int)
         elif variant.attention == "reformer":
             from reformer_pytorch import LSHSelfAttention
 
-            inner = LSHSelfAttention(size.dim, heads=size.heads, bucket_size=64, n_hashes=2, causal=causal,
-                                     dropout=size.dropout)
+            inner = LSHSelfAttention(size.dim, heads=size.heads, bucket_size=bucket_size(size.max_len),
+                                     n_hashes=2, causal=causal, dropout=size.dropout)
         else:
             raise ValueError(f"unknown peer attention {variant.attention!r}")
         block.attn = PeerAttention(inner, variant.attention)

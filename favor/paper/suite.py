@@ -43,10 +43,12 @@ def run_suite(
     eval_every: int,
     progress=None,
     keep_models: bool = False,
+    on_run=None,
     **train_kw,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """(runs, skipped): seeds outermost, so a cut-short run still has every variant of the
-    first seed. ``progress`` is a tqdm-like bar (``update``, ``set_postfix_str``)."""
+    first seed. ``progress`` is a tqdm-like bar (``update``, ``set_postfix_str``);
+    ``on_run(runs)`` is called after every finished run (to save partial results)."""
     skipped = {v.name: why for v in variants if (why := unavailable(v))}
     runs = []
     for seed in seeds:
@@ -62,6 +64,8 @@ def run_suite(
             if not keep_models:
                 r.pop("model")
             runs.append(r)
+            if on_run is not None:
+                on_run(runs)
     return runs, skipped
 
 

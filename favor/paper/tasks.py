@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..nn import mix_seed
 
-__all__ = ["StreamSource", "SequenceSource", "CausalLM", "MaskedLM", "Batch", "metrics_from"]
+__all__ = ["StreamSource", "SequenceSource", "CausalLM", "MaskedLM", "WithEval", "Batch", "metrics_from"]
 
 _EVAL_SEED = 20090  # the evaluation set's windows and masks: the same for every run
 
@@ -159,3 +159,20 @@ class MaskedLM(_Task):
 
     def logits(self, model, b: Batch) -> torch.Tensor:
         return model.logits(model(b.inputs, key_padding_mask=b.padding))
+
+
+class WithEval:
+    """``task`` whose evaluation also scores ``others`` (name -> task with the same model
+    interface), their metrics prefixed ``name_`` (e.g. ``ood_accuracy``)."""
+
+    def __init__(self, task, others: dict) -> None:
+        self.task, self.others = task, dict(others)
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def evaluate(self, model) -> dict[str, float]:
+        out = self.task.evaluate(model)
+        for prefix, other in self.others.items():
+            out.update({f"{prefix}_{k}": v for k, v in other.evaluate(model).items()})
+        return out
