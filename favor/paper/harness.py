@@ -111,6 +111,7 @@ def train_run(
     grad_clip: float = 0.5,
     redraw_interval: int = 1,
     model=None,
+    time_limit: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``variant`` for ``steps`` steps (Adam, the paper's fixed lr after a linear
@@ -120,6 +121,7 @@ def train_run(
     perplexity, bits}], "diverged_at", "sec_per_step", "params"}. A non-finite training loss
     stops the run and is recorded as ``diverged_at`` (the paper's trig features NaN).
     ``model`` continues from given weights instead of building one (transfer).
+    ``time_limit`` (training seconds) stops the run early, with a final evaluation.
     """
     import torch
 
@@ -136,7 +138,7 @@ def train_run(
     )
     redrawer = FeatureRedrawer(model, redraw_interval if variant.redraw else 0, seed)
     curve = [{"step": 0, "time": 0.0, "train_loss": None, **task.evaluate(model)}]
-    clock, diverged, last_loss = 0.0, None, float("nan")
+    clock, diverged, last_loss, counted = 0.0, None, float("nan"), 0
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         for g in opt.param_groups:
@@ -152,7 +154,8 @@ def train_run(
         redrawer.step(step)
         clock += time.perf_counter() - t0
         last_loss = loss.item()
-        if step % eval_every == 0 or step == steps:
+        out_of_time = time_limit is not None and clock >= time_limit
+        if step % eval_every == 0 or step == steps or out_of_time:
             ev = task.evaluate(model)
             curve.append({"step": step, "time": clock, "train_loss": last_loss, **ev})
             if not math.isfinite(ev["loss"]):
@@ -160,8 +163,11 @@ def train_run(
                 break
         if progress is not None:
             progress(1)
-    if progress is not None and diverged is not None:
-        progress(steps - diverged + 1)
+            counted += 1
+        if out_of_time:
+            break
+    if progress is not None and counted < steps:
+        progress(steps - counted)
     done = curve[-1]["step"]
     return {
         "variant": asdict(variant),
