@@ -46,8 +46,11 @@ def add_arguments(parser) -> None:
 
     add_common_arguments(parser, seeds=MODES["full"][6])
     parser.add_argument("--redraw-interval", type=int, default=1, help="steps between feature redraws (default 1)")
-    parser.add_argument("--data-dir", default=str(Path.home() / ".cache" / "favor" / "paper"),
-                        help="where the Jane Austen package is downloaded once")
+    parser.add_argument(
+        "--data-dir",
+        default=str(Path.home() / ".cache" / "favor" / "paper"),
+        help="where the Jane Austen package is downloaded once",
+    )
     parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
 
 
@@ -57,11 +60,16 @@ def _bytes(text: str):
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
-def corpus(*, quick: bool, data_dir: str | Path | None, austen: bool = True) -> tuple[dict[str, str], dict[str, str], str]:
+def corpus(
+    *, quick: bool, data_dir: str | Path | None, austen: bool = True
+) -> tuple[dict[str, str], dict[str, str], str]:
     """(train texts, validation texts, note): name -> text."""
     from .corpora import fetch_austen, kjv_text
 
-    train, val = {"kjv: Genesis, Proverbs, Matthew": kjv_text("train")}, {"kjv: Psalms, Luke, Acts": kjv_text("heldout")}
+    train, val = (
+        {"kjv: Genesis, Proverbs, Matthew": kjv_text("train")},
+        {"kjv: Psalms, Luke, Acts": kjv_text("heldout")},
+    )
     note = "King James Bible only"
     if not quick and austen and data_dir is not None:
         try:
@@ -83,14 +91,27 @@ def make_task(train: dict[str, str], val: dict[str, str], *, seq_len: int, batch
     sep = _bytes("\n\n")
     join = lambda texts: torch.cat([t for x in texts.values() for t in (_bytes(x), sep)])  # noqa: E731
     return MaskedLM(
-        StreamSource(join(train), seq_len), StreamSource(join(val), seq_len),
-        mask_id=MASK_ID, vocab_size=VOCAB, batch_size=batch, eval_rows=eval_rows,
+        StreamSource(join(train), seq_len),
+        StreamSource(join(val), seq_len),
+        mask_id=MASK_ID,
+        vocab_size=VOCAB,
+        batch_size=batch,
+        eval_rows=eval_rows,
     )
 
 
-def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = None, redraw_interval: int = 1,
-               data_dir: str | Path | None = None, austen: bool = True, variants: list[Variant] | None = None,
-               progress=None, on_result=None) -> dict[str, Any]:
+def experiment(
+    *,
+    quick: bool,
+    seeds: int | None = None,
+    steps: int | None = None,
+    redraw_interval: int = 1,
+    data_dir: str | Path | None = None,
+    austen: bool = True,
+    variants: list[Variant] | None = None,
+    progress=None,
+    on_result=None,
+) -> dict[str, Any]:
     """Train every variant; returns {"runs", "summary", "skipped", "unigram", "config"}.
     ``on_result(partial result)`` is called after every finished run."""
     from .harness import compare, unavailable
@@ -105,17 +126,35 @@ def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = Non
         progress.total = steps * seeds * sum(unavailable(v) is None for v in variants)
     unigram = task.unigram()
     skipped = {v.name: why for v in variants if (why := unavailable(v))}
-    config = {"mode": "quick" if quick else "full", "corpus": note, "train_bytes": {k: len(v) for k, v in train.items()},
-              "val_bytes": {k: len(v) for k, v in val.items()}, "seq_len": seq_len, "batch": batch, "steps": steps,
-              "seeds": seeds, "redraw_interval": redraw_interval, "mask_rate": 0.15, "lr": 1e-3,
-              "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads, "num_features": "D ln D"}}
+    config = {
+        "mode": "quick" if quick else "full",
+        "corpus": note,
+        "train_bytes": {k: len(v) for k, v in train.items()},
+        "val_bytes": {k: len(v) for k, v in val.items()},
+        "seq_len": seq_len,
+        "batch": batch,
+        "steps": steps,
+        "seeds": seeds,
+        "redraw_interval": redraw_interval,
+        "mask_rate": 0.15,
+        "lr": 1e-3,
+        "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads, "num_features": "D ln D"},
+    }
 
     def result(runs):
         return {"runs": runs, "summary": compare(runs), "skipped": skipped, "unigram": unigram, "config": config}
 
-    runs, _ = run_suite(task, variants, size, seeds=list(range(seeds)), steps=steps, eval_every=min(eval_every, steps),
-                        redraw_interval=redraw_interval, progress=progress,
-                        on_run=None if on_result is None else lambda runs: on_result(result(runs)))
+    runs, _ = run_suite(
+        task,
+        variants,
+        size,
+        seeds=list(range(seeds)),
+        steps=steps,
+        eval_every=min(eval_every, steps),
+        redraw_interval=redraw_interval,
+        progress=progress,
+        on_run=None if on_result is None else lambda runs: on_result(result(runs)),
+    )
     return result(runs)
 
 
@@ -127,9 +166,16 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, NAME)
-    res = experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, redraw_interval=args.redraw_interval,
-                     data_dir=args.data_dir, austen=not args.no_austen, progress=bar,
-                     on_result=None if args.quick else lambda r: save(args, r))
+    res = experiment(
+        quick=args.quick,
+        seeds=args.seeds,
+        steps=args.steps,
+        redraw_interval=args.redraw_interval,
+        data_dir=args.data_dir,
+        austen=not args.no_austen,
+        progress=bar,
+        on_result=None if args.quick else lambda r: save(args, r),
+    )
     bar.close()
     table, paths = save(args, res)
     print(table)
@@ -140,11 +186,21 @@ def run(args) -> int:
 def save(args, res):
     from .suite import save_suite, suite_table
 
-    table = suite_table(res["summary"], metric="accuracy", baseline=res["unigram"], skipped=res["skipped"],
-                        metric_label="masked acc")
+    table = suite_table(
+        res["summary"], metric="accuracy", baseline=res["unigram"], skipped=res["skipped"], metric_label="masked acc"
+    )
     c = res["config"]
-    title = (f"books: masked LM on bytes, L={c['seq_len']}, {c['corpus']}; {c['seeds']} seed(s), "
-             f"redraw every {c['redraw_interval']} step(s)")
-    paths = save_suite(Path(args.out), NAME, {k: v for k, v in res.items() if k != "runs"}, table, res["runs"],
-                       metric="accuracy", title=title)
+    title = (
+        f"books: masked LM on bytes, L={c['seq_len']}, {c['corpus']}; {c['seeds']} seed(s), "
+        f"redraw every {c['redraw_interval']} step(s)"
+    )
+    paths = save_suite(
+        Path(args.out),
+        NAME,
+        {k: v for k, v in res.items() if k != "runs"},
+        table,
+        res["runs"],
+        metric="accuracy",
+        title=title,
+    )
     return table, paths

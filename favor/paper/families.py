@@ -68,14 +68,21 @@ def homology_clusters(seqs: list[str], *, k: int = 10, max_owners: int = 20) -> 
 
 
 def family_split(
-    seqs: list[str], *, ood_families: int = 20, min_family: int = 3, test_fraction: float = 0.05, seed: int = 0, k: int = 10
+    seqs: list[str],
+    *,
+    ood_families: int = 20,
+    min_family: int = 3,
+    test_fraction: float = 0.05,
+    seed: int = 0,
+    k: int = 10,
+    max_fraction: float = 0.02,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(train, test, ood) index arrays and a description. OOD: ``ood_families`` clusters of
     at least ``min_family`` proteins, drawn at random (numpy PCG64(seed)) among those, no
-    cluster larger than 2 % of the corpus; test: ``test_fraction`` of the rest at random."""
+    cluster larger than ``max_fraction`` of the corpus; test: ``test_fraction`` of the rest at random."""
     ids = homology_clusters(seqs, k=k)
     sizes = np.bincount(ids)
-    limit = max(min_family, int(0.02 * len(seqs)))
+    limit = max(min_family, int(max_fraction * len(seqs)))
     eligible = np.flatnonzero((sizes >= min_family) & (sizes <= limit))
     if eligible.size < ood_families:
         raise ValueError(

@@ -49,8 +49,15 @@ def build_peer_model(variant, size, *, vocab_size: int, causal: bool, seed: int)
     from ..models import PerformerConfig, PerformerEncoder, PerformerLM
 
     cfg = PerformerConfig(
-        vocab_size=vocab_size, dim=size.dim, depth=variant.depth or size.depth, heads=size.heads,
-        dropout=size.dropout, attention="softmax", position="learned", max_len=size.max_len, seed=seed,
+        vocab_size=vocab_size,
+        dim=size.dim,
+        depth=variant.depth or size.depth,
+        heads=size.heads,
+        dropout=size.dropout,
+        attention="softmax",
+        position="learned",
+        max_len=size.max_len,
+        seed=seed,
     )
     model = (PerformerLM if causal else PerformerEncoder)(cfg)
     gen_state = torch.random.get_rng_state()
@@ -66,8 +73,14 @@ def build_peer_model(variant, size, *, vocab_size: int, causal: bool, seed: int)
         elif variant.attention == "reformer":
             from reformer_pytorch import LSHSelfAttention
 
-            inner = LSHSelfAttention(size.dim, heads=size.heads, bucket_size=bucket_size(size.max_len),
-                                     n_hashes=2, causal=causal, dropout=size.dropout)
+            inner = LSHSelfAttention(
+                size.dim,
+                heads=size.heads,
+                bucket_size=bucket_size(size.max_len),
+                n_hashes=2,
+                causal=causal,
+                dropout=size.dropout,
+            )
         else:
             raise ValueError(f"unknown peer attention {variant.attention!r}")
         block.attn = PeerAttention(inner, variant.attention)

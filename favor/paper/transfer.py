@@ -32,8 +32,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="softmax pre-training steps (default: the mode's)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="Performer fine-tuning steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--data-dir", default=str(Path.home() / ".cache" / "favor" / "paper"),
-                        help="where the Jane Austen package is downloaded once")
+    parser.add_argument(
+        "--data-dir",
+        default=str(Path.home() / ".cache" / "favor" / "paper"),
+        help="where the Jane Austen package is downloaded once",
+    )
     parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
 
 
@@ -53,8 +56,16 @@ def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int)
     return model
 
 
-def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = None, finetune: int | None = None,
-               data_dir: str | Path | None = None, austen: bool = True, progress=None) -> dict[str, Any]:
+def experiment(
+    *,
+    quick: bool,
+    seeds: int | None = None,
+    steps: int | None = None,
+    finetune: int | None = None,
+    data_dir: str | Path | None = None,
+    austen: bool = True,
+    progress=None,
+) -> dict[str, Any]:
     from .books import corpus, make_task
     from .harness import train_run
 
@@ -71,25 +82,38 @@ def experiment(*, quick: bool, seeds: int | None = None, steps: int | None = Non
         target = 0.99 * soft["curve"][-1]["accuracy"]
         swapped = swap_to_favor(soft.pop("model"), size, vocab_size=task.vocab_size, seed=seed)
         # fine-tuning starts from trained weights: no warm-up
-        tuned = train_run(task, SWAPPED, size, seed=seed, steps=fine, eval_every=eval_every, warmup=0,
-                          model=swapped, progress=tick)
+        tuned = train_run(
+            task, SWAPPED, size, seed=seed, steps=fine, eval_every=eval_every, warmup=0, model=swapped, progress=tick
+        )
         scratch = train_run(task, SCRATCH, size, seed=seed, steps=pre + fine, eval_every=eval_every, progress=tick)
         for r in (tuned, scratch):
             r.pop("model")
         runs += [soft, tuned, scratch]
-        rows.append({
-            "seed": seed,
-            "softmax_accuracy": soft["curve"][-1]["accuracy"],
-            "swap_accuracy": tuned["curve"][0]["accuracy"],
-            "finetuned_accuracy": tuned["curve"][-1]["accuracy"],
-            "finetune_steps_to_99pct": steps_within(tuned["curve"], target),
-            "scratch_accuracy_same_steps_as_finetune": next(p["accuracy"] for p in scratch["curve"] if p["step"] >= fine),
-            "scratch_steps_to_99pct": steps_within(scratch["curve"], target),
-            "scratch_final_accuracy": scratch["curve"][-1]["accuracy"],
-        })
-    config = {"mode": "quick" if quick else "full", "corpus": note, "seq_len": seq_len, "batch": batch,
-              "pretrain_steps": pre, "finetune_steps": fine, "seeds": seeds, "redraw_interval": 1,
-              "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads}}
+        rows.append(
+            {
+                "seed": seed,
+                "softmax_accuracy": soft["curve"][-1]["accuracy"],
+                "swap_accuracy": tuned["curve"][0]["accuracy"],
+                "finetuned_accuracy": tuned["curve"][-1]["accuracy"],
+                "finetune_steps_to_99pct": steps_within(tuned["curve"], target),
+                "scratch_accuracy_same_steps_as_finetune": next(
+                    p["accuracy"] for p in scratch["curve"] if p["step"] >= fine
+                ),
+                "scratch_steps_to_99pct": steps_within(scratch["curve"], target),
+                "scratch_final_accuracy": scratch["curve"][-1]["accuracy"],
+            }
+        )
+    config = {
+        "mode": "quick" if quick else "full",
+        "corpus": note,
+        "seq_len": seq_len,
+        "batch": batch,
+        "pretrain_steps": pre,
+        "finetune_steps": fine,
+        "seeds": seeds,
+        "redraw_interval": 1,
+        "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads},
+    }
     return {"runs": runs, "rows": rows, "config": config}
 
 
@@ -97,15 +121,27 @@ def table(res: dict[str, Any]) -> str:
     from .report import markdown_table
 
     c = res["config"]
-    header = ["seed", f"softmax acc ({c['pretrain_steps']} steps)", "FAVOR+ right after the swap",
-              f"after {c['finetune_steps']} fine-tuning steps", "fine-tuning steps to 99 % of softmax",
-              f"FAVOR+ from scratch at {c['finetune_steps']} steps",
-              f"from scratch: steps to 99 % (of {c['pretrain_steps'] + c['finetune_steps']})"]
-    rows = [[r["seed"], r["softmax_accuracy"], r["swap_accuracy"], r["finetuned_accuracy"],
-             r["finetune_steps_to_99pct"] if r["finetune_steps_to_99pct"] is not None else "not reached",
-             r["scratch_accuracy_same_steps_as_finetune"],
-             r["scratch_steps_to_99pct"] if r["scratch_steps_to_99pct"] is not None else "not reached"]
-            for r in res["rows"]]
+    header = [
+        "seed",
+        f"softmax acc ({c['pretrain_steps']} steps)",
+        "FAVOR+ right after the swap",
+        f"after {c['finetune_steps']} fine-tuning steps",
+        "fine-tuning steps to 99 % of softmax",
+        f"FAVOR+ from scratch at {c['finetune_steps']} steps",
+        f"from scratch: steps to 99 % (of {c['pretrain_steps'] + c['finetune_steps']})",
+    ]
+    rows = [
+        [
+            r["seed"],
+            r["softmax_accuracy"],
+            r["swap_accuracy"],
+            r["finetuned_accuracy"],
+            r["finetune_steps_to_99pct"] if r["finetune_steps_to_99pct"] is not None else "not reached",
+            r["scratch_accuracy_same_steps_as_finetune"],
+            r["scratch_steps_to_99pct"] if r["scratch_steps_to_99pct"] is not None else "not reached",
+        ]
+        for r in res["rows"]
+    ]
     names = [SOFTMAX.name, SWAPPED.name, SCRATCH.name]
     return "Masked-token accuracy on held-out books (" + ", ".join(names) + ").\n\n" + markdown_table(header, rows)
 
@@ -118,15 +154,31 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, NAME)
-    res = experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, finetune=args.finetune_steps,
-                     data_dir=args.data_dir, austen=not args.no_austen, progress=bar)
+    res = experiment(
+        quick=args.quick,
+        seeds=args.seeds,
+        steps=args.steps,
+        finetune=args.finetune_steps,
+        data_dir=args.data_dir,
+        austen=not args.no_austen,
+        progress=bar,
+    )
     bar.close()
     t = table(res)
     c = res["config"]
-    title = (f"transfer: softmax masked LM ({c['pretrain_steps']} steps) -> FAVOR+ fine-tuned, vs FAVOR+ from scratch; "
-             f"L={c['seq_len']}, {c['corpus']}")
-    paths = save_suite(Path(args.out), NAME, {k: v for k, v in res.items() if k != "runs"}, t, res["runs"],
-                       metric="accuracy", title=title)
+    title = (
+        f"transfer: softmax masked LM ({c['pretrain_steps']} steps) -> FAVOR+ fine-tuned, vs FAVOR+ from scratch; "
+        f"L={c['seq_len']}, {c['corpus']}"
+    )
+    paths = save_suite(
+        Path(args.out),
+        NAME,
+        {k: v for k, v in res.items() if k != "runs"},
+        t,
+        res["runs"],
+        metric="accuracy",
+        title=title,
+    )
     print(t)
     print("wrote", ", ".join(str(p) for p in paths.values()))
     return 0
