@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .books import LR
 from .harness import ModelSize, Variant
 
 NAME = "transfer"
 SOFTMAX = Variant("softmax (pretrained)", attention="softmax")
 SWAPPED = Variant("FAVOR+ from softmax weights", kernel="positive")
 SCRATCH = Variant("FAVOR+ from scratch", kernel="positive")
+FRESH = 1000
 
 #: mode -> (ModelSize, seq_len, batch, pretrain steps, fine-tune steps, eval_every, eval rows)
 MODES = {
@@ -31,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="softmax pre-training steps (default: the mode's)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="Performer fine-tuning steps")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 2048)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
+    parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
         "--data-dir",
@@ -62,15 +67,24 @@ def experiment(
     seeds: int | None = None,
     steps: int | None = None,
     finetune: int | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+    lr: float = LR,
     data_dir: str | Path | None = None,
     austen: bool = True,
     progress=None,
 ) -> dict[str, Any]:
+    from dataclasses import replace
+
     from .books import corpus, make_task
     from .harness import train_run
 
-    size, seq_len, batch, n_pre, n_fine, eval_every, eval_rows = MODES["quick" if quick else "full"]
+    size, n_len, n_batch, n_pre, n_fine, eval_every, eval_rows = MODES["quick" if quick else "full"]
     pre, fine, seeds = steps or n_pre, finetune or n_fine, seeds or 1
+    seq_len, batch = seq_len or n_len, batch or n_batch
+    if seq_len != n_len:  # the same number of evaluated tokens at any length
+        size = replace(size, max_len=seq_len)
+        eval_rows = max(1, eval_rows * n_len // seq_len)
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
     task = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)
     if progress is not None:
@@ -78,14 +92,26 @@ def experiment(
     runs, rows = [], []
     tick = progress.update if progress is not None else None
     for seed in range(seeds):
-        soft = train_run(task, SOFTMAX, size, seed=seed, steps=pre, eval_every=eval_every, progress=tick)
+        soft = train_run(task, SOFTMAX, size, seed=seed, steps=pre, eval_every=eval_every, lr=lr, progress=tick)
         target = 0.99 * soft["curve"][-1]["accuracy"]
         swapped = swap_to_favor(soft.pop("model"), size, vocab_size=task.vocab_size, seed=seed)
-        # fine-tuning starts from trained weights: no warm-up
+        # fine-tuning starts from trained weights (no warm-up) on batches the softmax model
+        # did not see (the batch stream of seed + FRESH)
         tuned = train_run(
-            task, SWAPPED, size, seed=seed, steps=fine, eval_every=eval_every, warmup=0, model=swapped, progress=tick
+            task,
+            SWAPPED,
+            size,
+            seed=seed + FRESH,
+            steps=fine,
+            eval_every=eval_every,
+            warmup=0,
+            lr=lr,
+            model=swapped,
+            progress=tick,
         )
-        scratch = train_run(task, SCRATCH, size, seed=seed, steps=pre + fine, eval_every=eval_every, progress=tick)
+        scratch = train_run(
+            task, SCRATCH, size, seed=seed, steps=pre + fine, eval_every=eval_every, lr=lr, progress=tick
+        )
         for r in (tuned, scratch):
             r.pop("model")
         runs += [soft, tuned, scratch]
@@ -108,6 +134,7 @@ def experiment(
         "corpus": note,
         "seq_len": seq_len,
         "batch": batch,
+        "lr": lr,
         "pretrain_steps": pre,
         "finetune_steps": fine,
         "seeds": seeds,
@@ -159,6 +186,9 @@ def run(args) -> int:
         seeds=args.seeds,
         steps=args.steps,
         finetune=args.finetune_steps,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        lr=args.lr,
         data_dir=args.data_dir,
         austen=not args.no_austen,
         progress=bar,
