@@ -206,3 +206,17 @@ def test_reformer_bucket_divides_the_length():
     assert bucket_size(2048) == 64 and bucket_size(784) == 56 and bucket_size(196) == 49
     with pytest.raises(ValueError, match="even"):
         bucket_size(785)
+
+
+def test_a_missing_peer_library_is_skipped_with_the_reason(monkeypatch):
+    from favor.paper import harness
+    from favor.paper.suite import run_suite
+
+    monkeypatch.setitem(harness.PEERS, "linformer", "no_such_module_for_favor_tests")
+    src = StreamSource(_stream(600), 16)
+    task = MaskedLM(src, src, mask_id=20, vocab_size=21, batch_size=2, eval_rows=1)
+    runs, skipped = run_suite(
+        task, [Variant("L", attention="linformer"), Variant("f")], TINY, seeds=[0], steps=1, eval_every=1
+    )
+    assert [r["variant"]["name"] for r in runs] == ["f"]
+    assert "no_such_module_for_favor_tests is not installed" in skipped["L"]
