@@ -51,6 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 2048)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR})")
+    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (default 20)")
     parser.add_argument("--redraw-interval", type=int, default=1, help="steps between feature redraws (default 1)")
     parser.add_argument(
         "--data-dir",
@@ -115,6 +116,7 @@ def experiment(
     seq_len: int | None = None,
     batch: int | None = None,
     lr: float = LR,
+    warmup: int = 20,
     data_dir: str | Path | None = None,
     austen: bool = True,
     variants: list[Variant] | None = None,
@@ -152,6 +154,7 @@ def experiment(
         "redraw_interval": redraw_interval,
         "mask_rate": 0.15,
         "lr": lr,
+        "warmup": warmup,
         "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads, "num_features": "D ln D"},
     }
 
@@ -167,6 +170,7 @@ def experiment(
         eval_every=min(eval_every, steps),
         redraw_interval=redraw_interval,
         lr=lr,
+        warmup=warmup,
         progress=progress,
         on_run=None if on_result is None else lambda runs: on_result(result(runs)),
     )
@@ -189,6 +193,7 @@ def run(args) -> int:
         seq_len=args.seq_len,
         batch=args.batch,
         lr=args.lr,
+        warmup=args.warmup,
         data_dir=args.data_dir,
         austen=not args.no_austen,
         progress=bar,
