@@ -51,6 +51,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 2048)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR})")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated variant names to run (default: all); e.g. 'softmax (exact),SMREG redraw'",
+    )
     parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (default 20)")
     parser.add_argument("--redraw-interval", type=int, default=1, help="steps between feature redraws (default 1)")
     parser.add_argument(
@@ -59,6 +64,18 @@ def add_arguments(parser) -> None:
         help="where the Jane Austen package is downloaded once",
     )
     parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
+
+
+def pick_variants(names: str | None) -> list[Variant] | None:
+    """The VARIANTS named in a comma-separated list (None: all); unknown names raise ValueError."""
+    if names is None:
+        return None
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {v.name: v for v in VARIANTS}
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--variants: unknown names {unknown}; known: {list(known)}")
+    return [known[n] for n in wanted]
 
 
 def _bytes(text: str):
@@ -194,6 +211,7 @@ def run(args) -> int:
         batch=args.batch,
         lr=args.lr,
         warmup=args.warmup,
+        variants=pick_variants(args.variants),
         data_dir=args.data_dir,
         austen=not args.no_austen,
         progress=bar,
