@@ -38,6 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up steps of the models trained from scratch")
+    parser.add_argument("--part", choices=("all", "books", "antiberty"), default="all", help="which transfer to run")
+    parser.add_argument(
+        "--antiberty-steps", type=int, default=None, help="AntiBERTy fine-tuning steps (default 60; 0 with --quick)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
         "--data-dir",
@@ -182,10 +186,18 @@ def table(res: dict[str, Any]) -> str:
 def run(args) -> int:
     import torch
 
-    from .suite import progress_bar, save_suite
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part in ("all", "books"):
+        run_books(args)
+    if args.part in ("all", "antiberty"):
+        run_antiberty(args)
+    return 0
+
+
+def run_books(args) -> None:
+    from .suite import progress_bar, save_suite
+
     bar = progress_bar(0, NAME)
     res = experiment(
         quick=args.quick,
@@ -218,4 +230,42 @@ def run(args) -> int:
     )
     print(t)
     print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+
+
+def run_antiberty(args) -> None:
+    """AntiBERTy performerized (plain FAVOR+) and fine-tuned; skipped when antiberty is
+    missing or with 0 steps (the default of --quick)."""
+    from .antiberty_transfer import antiberty_available, antiberty_transfer
+    from .report import markdown_table, write_outputs
+    from .suite import progress_bar
+
+    steps = args.antiberty_steps if args.antiberty_steps is not None else (0 if args.quick else 60)
+    if steps <= 0:
+        return
+    if not antiberty_available():
+        print("AntiBERTy part skipped: pip install --no-deps antiberty==0.1.3")
+        return
+    bar = progress_bar(steps, "antiberty")
+    res = antiberty_transfer(steps=steps, eval_every=max(1, steps // 6), progress=bar.update)
+    bar.close()
+    c = res["curve"]
+    header = [
+        "softmax AntiBERTy",
+        "plain FAVOR+ swap (M=256)",
+        *[f"after {p['step']} steps" for p in c[1:]],
+        "steps to 99 % of softmax",
+    ]
+    row = [
+        res["softmax_accuracy"],
+        c[0]["accuracy"],
+        *[p["accuracy"] for p in c[1:]],
+        res["steps_to_99pct"] if res["steps_to_99pct"] is not None else "not reached",
+    ]
+    t = (
+        f"AntiBERTy masked-residue accuracy on the held-out V regions ({res['masked_residues']} masked), "
+        f"fine-tuned on the masked-residue loss (lr {res['config']['lr']}, batch {res['config']['batch']}).\n\n"
+        + markdown_table(header, [row])
+    )
+    paths = write_outputs(Path(args.out), "antiberty", res, t)
+    print(t)
+    print("wrote", ", ".join(str(p) for p in paths.values()))

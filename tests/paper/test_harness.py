@@ -220,3 +220,18 @@ def test_a_missing_peer_library_is_skipped_with_the_reason(monkeypatch):
     )
     assert [r["variant"]["name"] for r in runs] == ["f"]
     assert "no_such_module_for_favor_tests is not installed" in skipped["L"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("antiberty") is None, reason="pip install --no-deps antiberty==0.1.3"
+)
+def test_antiberty_swap_loses_accuracy_and_one_fine_tuning_step_starts_to_recover():
+    from favor.paper.antiberty_transfer import antiberty_transfer
+
+    torch.set_num_threads(1)
+    r = antiberty_transfer(steps=1, eval_every=1)
+    c = r["curve"]
+    # measured: softmax 0.841, plain FAVOR+ at M=256 0.347, 0.403 after one step (860 masked)
+    assert r["softmax_accuracy"] > 0.8 and c[0]["accuracy"] < 0.6 < r["softmax_accuracy"]
+    assert c[1]["accuracy"] > c[0]["accuracy"]
