@@ -1,0 +1,177 @@
+"""favor paper long-proteins: concatenated proteins at L = 8192 (Fig. 7 left), small.
+
+Proteins are concatenated (<bos> residues <eos> ...) into windows of 8,192 tokens for
+next-residue prediction. A Performer (FAVOR+, redraw every step) of ``--depth`` layers is
+timed; then exact Transformers of 1, 2, ... layers are timed on the same batch, and the
+deepest whose training step is no slower than the Performer's is kept (the paper: the
+deepest that fits the accelerator's memory; on a CPU memory is not the limit, time is).
+Both train for the same wall-clock time; accuracy curves on held-out proteins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .harness import ModelSize, Variant
+
+NAME = "long_proteins"
+
+#: mode -> (ModelSize, L, Performer depth, seconds of training per model, eval_every, eval windows)
+MODES = {
+    "quick": (ModelSize(dim=32, depth=2, heads=2, max_len=256), 256, 2, 2.0, 2, 1),
+    "full": (ModelSize(dim=64, depth=6, heads=2, max_len=8192), 8192, 6, 600.0, 10, 2),
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--seconds", type=float, default=None, help="training seconds per model (default: the mode's)")
+    parser.add_argument("--depth", type=int, default=None, help="Performer layers (default: 6; 2 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data", default=None, help="protein FASTA (default: the embedded 8,000 Swiss-Prot proteins)")
+
+
+def step_seconds(task, variant: Variant, size: ModelSize, *, repeats: int = 2) -> float:
+    """Median seconds of a forward+backward+Adam step (after one warm-up step)."""
+    import statistics
+    import time
+
+    import torch
+
+    from .harness import build_model
+
+    model = build_model(variant, size, vocab_size=task.vocab_size, causal=True, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(repeats + 1):
+        b = task.batch(i, 0)
+        t0 = time.perf_counter()
+        loss = task.loss(model, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def experiment(
+    *, quick: bool, seconds: float | None = None, depth: int | None = None, data: str | None = None, progress=None
+) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from ..data import ProteinTokenizer, TokenStream, load_proteins, split
+    from .harness import at_time, train_run
+    from .tasks import CausalLM, StreamSource
+
+    size, length, p_depth, budget, eval_every, eval_rows = MODES["quick" if quick else "full"]
+    budget, p_depth = seconds or budget, depth or p_depth
+    size = replace(size, depth=p_depth)
+    records = load_proteins(data)
+    train, val = split(records, val_fraction=0.05, seed=0)
+    tok = ProteinTokenizer()
+    task = CausalLM(
+        StreamSource(TokenStream(train, tok).tokens, length + 1),
+        StreamSource(TokenStream(val, tok).tokens, length + 1),
+        vocab_size=tok.vocab_size,
+        batch_size=1,
+        eval_rows=eval_rows,
+    )
+    performer = Variant(f"Performer ({p_depth} layers)", kernel="positive")
+    t_perf = step_seconds(task, performer, size)
+    timings = {performer.name: t_perf}
+    exact_depth = 1
+    for d in range(1, p_depth + 1):
+        t = step_seconds(task, Variant("exact", attention="softmax"), replace(size, depth=d))
+        timings[f"exact ({d} layers)"] = t
+        if t > t_perf and d > 1:
+            break
+        if t <= t_perf:
+            exact_depth = d
+    exact = Variant(f"Transformer (exact, {exact_depth} layers)", attention="softmax", depth=exact_depth)
+    cap = 100_000
+    if progress is not None:
+        progress.total = 2 * int(budget)
+    runs = []
+    for v in (performer, exact):
+        tick = None
+        if progress is not None:
+            progress.set_postfix_str(v.name)
+        r = train_run(task, v, size, seed=0, steps=cap, eval_every=eval_every, time_limit=budget, progress=tick)
+        r.pop("model")
+        runs.append(r)
+        if progress is not None:
+            progress.update(int(budget))
+    t_common = min(r["curve"][-1]["time"] for r in runs)
+    rows = [
+        {
+            "model": r["variant"]["name"],
+            "s/step (timed)": timings[r["variant"]["name"]]
+            if r["variant"]["name"] in timings
+            else timings[f"exact ({exact_depth} layers)"],
+            "steps": r["curve"][-1]["step"],
+            "accuracy": at_time(r["curve"], t_common)["accuracy"],
+            "loss": at_time(r["curve"], t_common)["loss"],
+            "params": r["params"],
+        }
+        for r in runs
+    ]
+    config = {
+        "mode": "quick" if quick else "full",
+        "length": length,
+        "seconds_per_model": budget,
+        "performer_depth": p_depth,
+        "exact_depth": exact_depth,
+        "step_seconds": timings,
+        "model": {"dim": size.dim, "heads": size.heads},
+        "redraw_interval": 1,
+        "batch": 1,
+        "data": data or "embedded 8,000 Swiss-Prot",
+    }
+    return {"runs": runs, "rows": rows, "time": t_common, "config": config, "unigram": task.unigram()}
+
+
+def table(res: dict[str, Any]) -> str:
+    from .report import markdown_table
+
+    header = [
+        "model",
+        "s/step (timed before training)",
+        "steps trained",
+        f"accuracy @ {res['time']:.0f} s",
+        "loss",
+        "params",
+    ]
+    rows = [[r["model"], r["s/step (timed)"], r["steps"], r["accuracy"], r["loss"], r["params"]] for r in res["rows"]]
+    rows.append(["unigram baseline", "-", "-", res["unigram"]["accuracy"], res["unigram"]["loss"], "-"])
+    return markdown_table(header, rows)
+
+
+def run(args) -> int:
+    import torch
+
+    from .suite import progress_bar, save_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bar = progress_bar(0, "long-proteins")
+    bar.unit = "s"
+    res = experiment(quick=args.quick, seconds=args.seconds, depth=args.depth, data=args.data, progress=bar)
+    bar.close()
+    t = table(res)
+    c = res["config"]
+    title = (
+        f"long-proteins: concatenated Swiss-Prot, L={c['length']}, {c['seconds_per_model']:.0f} s of training each; "
+        f"Performer {c['performer_depth']} layers vs the deepest exact model as fast per step"
+    )
+    paths = save_suite(
+        Path(args.out),
+        NAME,
+        {k: v for k, v in res.items() if k != "runs"},
+        t,
+        res["runs"],
+        metric="accuracy",
+        title=title,
+    )
+    print(t)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0

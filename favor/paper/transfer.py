@@ -1,0 +1,271 @@
+"""favor paper transfer: softmax weights into a Performer, then fine-tuning (Fig. 5 left).
+
+The softmax masked LM of ``favor paper books`` (same data, model and optimiser) is trained;
+its weights are loaded unchanged into the same model with FAVOR+ attention (no
+distillation; the Performer only adds random projections), which is then fine-tuned on
+the same masked-LM loss. Reported: the accuracy right after the swap, the steps until the
+Performer comes within 1 % (relative) of the softmax model's accuracy, and the same for a
+Performer trained from scratch with the softmax model's budget plus the fine-tuning steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .books import LR
+from .harness import ModelSize, Variant
+
+NAME = "transfer"
+SOFTMAX = Variant("softmax (pretrained)", attention="softmax")
+SWAPPED = Variant("FAVOR+ from softmax weights", kernel="positive")
+SCRATCH = Variant("FAVOR+ from scratch", kernel="positive")
+FRESH = 1000
+
+#: mode -> (ModelSize, seq_len, batch, pretrain steps, fine-tune steps, eval_every, eval rows); evaluation
+#: every 10 steps (for the steps-to-99 % count) on fewer rows than books, to keep its cost down
+MODES = {
+    "quick": (ModelSize(dim=32, depth=1, heads=2, max_len=128), 128, 2, 4, 4, 2, 2),
+    "full": (ModelSize(dim=64, depth=2, heads=2, max_len=2048), 2048, 2, 300, 150, 10, 4),
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--seeds", type=int, default=None, help="seeds (default 1)")
+    parser.add_argument("--steps", type=int, default=None, help="softmax pre-training steps (default: the mode's)")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="Performer fine-tuning steps")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 2048)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
+    parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up steps of the models trained from scratch")
+    parser.add_argument("--part", choices=("all", "books", "antiberty"), default="all", help="which transfer to run")
+    parser.add_argument(
+        "--antiberty-steps", type=int, default=None, help="AntiBERTy fine-tuning steps (default 60; 0 with --quick)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--data-dir",
+        default=str(Path.home() / ".cache" / "favor" / "paper"),
+        help="where the Jane Austen package is downloaded once",
+    )
+    parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
+
+
+def steps_within(curve: list[dict[str, Any]], target: float, *, metric: str = "accuracy") -> int | None:
+    """The first evaluated step whose ``metric`` reaches ``target`` (None if none does)."""
+    return next((p["step"] for p in curve if p[metric] >= target), None)
+
+
+def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int):
+    """The same architecture with FAVOR+ attention, holding the softmax model's weights."""
+    from .harness import build_model
+
+    model = build_model(SWAPPED, size, vocab_size=vocab_size, causal=False, seed=seed)
+    missing, unexpected = model.load_state_dict(softmax_model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith(("feature_map.projection", "feature_map.rho")) for k in missing):
+        raise RuntimeError(f"weights do not carry over: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def experiment(
+    *,
+    quick: bool,
+    seeds: int | None = None,
+    steps: int | None = None,
+    finetune: int | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+    lr: float = LR,
+    warmup: int = 20,
+    data_dir: str | Path | None = None,
+    austen: bool = True,
+    progress=None,
+) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from .books import corpus, make_task
+    from .harness import train_run
+
+    size, n_len, n_batch, n_pre, n_fine, eval_every, eval_rows = MODES["quick" if quick else "full"]
+    pre, fine, seeds = steps or n_pre, finetune or n_fine, seeds or 1
+    seq_len, batch = seq_len or n_len, batch or n_batch
+    if seq_len != n_len:  # the same number of evaluated tokens at any length
+        size = replace(size, max_len=seq_len)
+        eval_rows = max(1, eval_rows * n_len // seq_len)
+    train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
+    task = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)
+    if progress is not None:
+        progress.total = seeds * (pre + fine + pre + fine)
+    runs, rows = [], []
+    tick = progress.update if progress is not None else None
+    for seed in range(seeds):
+        soft = train_run(
+            task, SOFTMAX, size, seed=seed, steps=pre, eval_every=eval_every, lr=lr, warmup=warmup, progress=tick
+        )
+        target = 0.99 * soft["curve"][-1]["accuracy"]
+        swapped = swap_to_favor(soft.pop("model"), size, vocab_size=task.vocab_size, seed=seed)
+        # fine-tuning starts from trained weights (no warm-up) on batches the softmax model
+        # did not see (the batch stream of seed + FRESH)
+        tuned = train_run(
+            task,
+            SWAPPED,
+            size,
+            seed=seed + FRESH,
+            steps=fine,
+            eval_every=eval_every,
+            warmup=0,
+            lr=lr,
+            model=swapped,
+            progress=tick,
+        )
+        scratch = train_run(
+            task, SCRATCH, size, seed=seed, steps=pre + fine, eval_every=eval_every, lr=lr, warmup=warmup, progress=tick
+        )
+        for r in (tuned, scratch):
+            r.pop("model")
+        runs += [soft, tuned, scratch]
+        rows.append(
+            {
+                "seed": seed,
+                "softmax_accuracy": soft["curve"][-1]["accuracy"],
+                "swap_accuracy": tuned["curve"][0]["accuracy"],
+                "finetuned_accuracy": tuned["curve"][-1]["accuracy"],
+                "finetune_steps_to_99pct": steps_within(tuned["curve"], target),
+                "scratch_accuracy_same_steps_as_finetune": next(
+                    p["accuracy"] for p in scratch["curve"] if p["step"] >= fine
+                ),
+                "scratch_steps_to_99pct": steps_within(scratch["curve"], target),
+                "scratch_final_accuracy": scratch["curve"][-1]["accuracy"],
+            }
+        )
+    config = {
+        "mode": "quick" if quick else "full",
+        "corpus": note,
+        "seq_len": seq_len,
+        "batch": batch,
+        "lr": lr,
+        "warmup": warmup,
+        "pretrain_steps": pre,
+        "finetune_steps": fine,
+        "seeds": seeds,
+        "redraw_interval": 1,
+        "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads},
+    }
+    return {"runs": runs, "rows": rows, "config": config}
+
+
+def table(res: dict[str, Any]) -> str:
+    from .report import markdown_table
+
+    c = res["config"]
+    header = [
+        "seed",
+        f"softmax acc ({c['pretrain_steps']} steps)",
+        "FAVOR+ right after the swap",
+        f"after {c['finetune_steps']} fine-tuning steps",
+        "fine-tuning steps to 99 % of softmax",
+        f"FAVOR+ from scratch at {c['finetune_steps']} steps",
+        f"from scratch: steps to 99 % (of {c['pretrain_steps'] + c['finetune_steps']})",
+    ]
+    rows = [
+        [
+            r["seed"],
+            r["softmax_accuracy"],
+            r["swap_accuracy"],
+            r["finetuned_accuracy"],
+            r["finetune_steps_to_99pct"] if r["finetune_steps_to_99pct"] is not None else "not reached",
+            r["scratch_accuracy_same_steps_as_finetune"],
+            r["scratch_steps_to_99pct"] if r["scratch_steps_to_99pct"] is not None else "not reached",
+        ]
+        for r in res["rows"]
+    ]
+    names = [SOFTMAX.name, SWAPPED.name, SCRATCH.name]
+    return "Masked-token accuracy on held-out books (" + ", ".join(names) + ").\n\n" + markdown_table(header, rows)
+
+
+def run(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.part in ("all", "books"):
+        run_books(args)
+    if args.part in ("all", "antiberty"):
+        run_antiberty(args)
+    return 0
+
+
+def run_books(args) -> None:
+    from .suite import progress_bar, save_suite
+
+    bar = progress_bar(0, NAME)
+    res = experiment(
+        quick=args.quick,
+        seeds=args.seeds,
+        steps=args.steps,
+        finetune=args.finetune_steps,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        lr=args.lr,
+        warmup=args.warmup,
+        data_dir=args.data_dir,
+        austen=not args.no_austen,
+        progress=bar,
+    )
+    bar.close()
+    t = table(res)
+    c = res["config"]
+    title = (
+        f"transfer: softmax masked LM ({c['pretrain_steps']} steps) -> FAVOR+ fine-tuned, vs FAVOR+ from scratch; "
+        f"L={c['seq_len']}, {c['corpus']}"
+    )
+    paths = save_suite(
+        Path(args.out),
+        NAME,
+        {k: v for k, v in res.items() if k != "runs"},
+        t,
+        res["runs"],
+        metric="accuracy",
+        title=title,
+    )
+    print(t)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+
+
+def run_antiberty(args) -> None:
+    """AntiBERTy performerized (plain FAVOR+) and fine-tuned; skipped when antiberty is
+    missing or with 0 steps (the default of --quick)."""
+    from .antiberty_transfer import antiberty_available, antiberty_transfer
+    from .report import markdown_table, write_outputs
+    from .suite import progress_bar
+
+    steps = args.antiberty_steps if args.antiberty_steps is not None else (0 if args.quick else 60)
+    if steps <= 0:
+        return
+    if not antiberty_available():
+        print("AntiBERTy part skipped: pip install --no-deps antiberty==0.1.3")
+        return
+    bar = progress_bar(steps, "antiberty")
+    res = antiberty_transfer(steps=steps, eval_every=max(1, steps // 6), progress=bar.update)
+    bar.close()
+    c = res["curve"]
+    header = [
+        "softmax AntiBERTy",
+        "plain FAVOR+ swap (M=256)",
+        *[f"after {p['step']} steps" for p in c[1:]],
+        "steps to 99 % of softmax",
+    ]
+    row = [
+        res["softmax_accuracy"],
+        c[0]["accuracy"],
+        *[p["accuracy"] for p in c[1:]],
+        res["steps_to_99pct"] if res["steps_to_99pct"] is not None else "not reached",
+    ]
+    t = (
+        f"AntiBERTy masked-residue accuracy on the held-out V regions ({res['masked_residues']} masked), "
+        f"fine-tuned on the masked-residue loss (lr {res['config']['lr']}, batch {res['config']['batch']}).\n\n"
+        + markdown_table(header, [row])
+    )
+    paths = write_outputs(Path(args.out), "antiberty", res, t)
+    print(t)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
