@@ -83,6 +83,7 @@ def fit_adapters(
         fm = adapter.feature_map
         adapter.calibrated.fill_(True)
         names = list(_PARAMS) + (["projection"] if fit_projection and fm.projection is not None else [])
+        names += ["far_log_gain"] if adapter.local else []
         owners = {n: (fm if n == "projection" else adapter) for n in names}
         params = {n: getattr(owners[n], n).detach().clone().float().requires_grad_(True) for n in names}
         for n, p in params.items():
