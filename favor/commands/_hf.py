@@ -36,15 +36,17 @@ def texts(split: str, kind: str, limit: int | None = None) -> list[str]:
 EVAL_LENGTHS = (128, 512)
 
 
-def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int) -> list[int]:
-    """The held-out lengths to report: ``given``, else ``EVAL_LENGTHS`` (a masked LM: its own
-    whole sequences, ``masked_lm_length``, not packed)."""
+def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, limit: int = 1 << 30) -> list[int]:
+    """The held-out lengths to report: ``given``, else ``EVAL_LENGTHS`` capped at ``limit``
+    (the model's positions; a masked LM: its own whole sequences, ``masked_lm_length``, not packed)."""
     if given:
         bad = [n for n in given if n < 3]
         if bad:
             raise ValueError(f"--eval-length must be >= 3 tokens, got {bad}")
         return list(given)
-    return [masked_lm_length] if kind == "masked-lm" else list(EVAL_LENGTHS)
+    if kind == "masked-lm":
+        return [masked_lm_length]
+    return list(dict.fromkeys(min(n, limit) for n in EVAL_LENGTHS))
 
 
 def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:

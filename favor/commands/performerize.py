@@ -135,7 +135,8 @@ def run(args) -> int:
     length = max_length(args.max_length, kind, 128)
     mlm = kind == "masked-lm"
     try:
-        lengths = eval_lengths(args.eval_length, kind, length)
+        positions = getattr(base.config, "max_position_embeddings", None) or 1 << 30
+        lengths = eval_lengths(args.eval_length, kind, length, limit=positions)
         samples = args.samples or (64 if mlm else 32)
         evs = {n: held_out_batches(tok, args.text, kind, length=n, count=samples) for n in lengths}
     except ValueError as e:

@@ -74,10 +74,12 @@ def test_performerize_command_defaults_to_exact_local_terms(tiny_bert, tmp_path)
     d = _save_tiny(tiny_bert, tmp_path / "tiny")
     out = tmp_path / "out"
     args = ["performerize", "--model", str(d), "--kernel", "derf", "--num-features", "16", "--samples", "2"]
-    args += ["--calibration-samples", "2", "--max-length", "16", "--eval-length", "24", "--out", str(out)]
+    args += ["--calibration-samples", "2", "--max-length", "16", "--out", str(out)]
     assert main(args) == 0
     meta = json.loads((out / "performerize.json").read_text())["meta"]
     assert (meta["exact_window"], meta["exact_sinks"], meta["key_shift"]) == (8, 1, "sequence")
+    # the default lengths, 128 and 512, are capped at the tiny model's 64 positions
+    assert meta["held_out"]["lengths"] == [64]
 
 
 def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
