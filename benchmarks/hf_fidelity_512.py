@@ -35,7 +35,7 @@ def _measure(model, batches, window, sinks):
     rows = []
     for layer, (module, calls) in enumerate(record_attention(model, batches).items()):
         acc = None
-        for q, k, v, mask, scaling, is_causal, ref, keep in calls:
+        for q, k, v, mask, scaling, is_causal, _ref, keep in calls:
             b, h, length, _ = q.shape
             eye = torch.eye(length).expand(b, h, length, length)
             with torch.no_grad():
@@ -58,7 +58,11 @@ def _measure(model, batches, window, sinks):
             far_hat = a_hat.masked_fill(near, 0.0)
             rescaled = far_hat * (far_true.sum(-1, keepdim=True) / far_hat.sum(-1, keepdim=True).clamp_min(1e-30))
             e_shape = (rescaled - far_true) @ vd
-            w = keep[:, None, :, None].double() if keep is not None else torch.ones(b, 1, length, 1, dtype=torch.float64)
+            w = (
+                keep[:, None, :, None].double()
+                if keep is not None
+                else torch.ones(b, 1, length, 1, dtype=torch.float64)
+            )
             parts = {
                 "ref": (out**2 * w).sum((0, 2, 3)),
                 "err": (e_all**2 * w).sum((0, 2, 3)),
@@ -125,13 +129,15 @@ def main(argv=None) -> int:
         exact_sinks=args.exact_sinks,
     )
     if args.fit_steps:
-        fb = tokenize_batches(tok, packed_texts(tok, train, length=args.fit_length, count=16), batch_size=8,
-                              max_length=args.fit_length)
+        fb = tokenize_batches(
+            tok, packed_texts(tok, train, length=args.fit_length, count=16), batch_size=8, max_length=args.fit_length
+        )
         fit_adapters(model, fb[:2], steps=args.fit_steps)
     result = {"args": vars(args), "lengths": {}}
     for length in args.length or [128, 512]:
-        ev = tokenize_batches(tok, packed_texts(tok, held, length=length, count=args.passages), batch_size=2,
-                              max_length=length)
+        ev = tokenize_batches(
+            tok, packed_texts(tok, held, length=length, count=args.passages), batch_size=2, max_length=length
+        )
         cos = embedding_cosine(model, ev)
         rows = _measure(model, ev, args.exact_window, args.exact_sinks)
         result["lengths"][length] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "layers": rows}
@@ -140,8 +146,10 @@ def main(argv=None) -> int:
         for r in rows:
             worst = sorted(range(len(r["heads"]["err"])), key=lambda i: -r["heads"]["err"][i])[:3]
             ws = " ".join(f"h{i}:{r['heads']['err'][i]:.2f}" for i in worst)
-            print(f"{r['layer']:>5} {r['err']:.3f} {r['err_near']:.3f} {r['err_far']:.3f} {r['err_far_shape']:9.3f}"
-                  f" {r['far_mass']:9.3f} {r['far_mass_hat']:13.3f}  {ws}")
+            print(
+                f"{r['layer']:>5} {r['err']:.3f} {r['err_near']:.3f} {r['err_far']:.3f} {r['err_far_shape']:9.3f}"
+                f" {r['far_mass']:9.3f} {r['far_mass_hat']:13.3f}  {ws}"
+            )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -73,7 +73,7 @@ def add_feature_arguments(parser) -> None:
     parser.add_argument("--projection", default="orthogonal", help="orthogonal (default), simplex or iid")
     parser.add_argument(
         "--key-shift",
-        help=f"sequence (default: per sequence), pair (calibrated constant; the --plain default), keys, none",
+        help="sequence (default: per sequence), pair (calibrated constant; the --plain default), keys, none",
     )
     parser.add_argument(
         "--exact-window",
@@ -82,7 +82,9 @@ def add_feature_arguments(parser) -> None:
         f"(default {DEFAULT_WINDOW}; -1: none, the --plain default)",
     )
     parser.add_argument(
-        "--exact-sinks", type=int, help=f"exact weights for the first N tokens too (default {DEFAULT_SINKS}; --plain: 0)"
+        "--exact-sinks",
+        type=int,
+        help=f"exact weights for the first N tokens too (default {DEFAULT_SINKS}; --plain: 0)",
     )
     parser.add_argument(
         "--plain",

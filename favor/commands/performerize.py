@@ -57,7 +57,9 @@ def add_arguments(parser) -> None:
         help="held-out tokens per passage, passages packed to it (default 128 and 512; a masked LM: 160, unpacked)",
     )
     parser.add_argument("--calibration-samples", type=int, default=32, help="calibration passages (default 32)")
-    parser.add_argument("--max-length", type=int, help="calibration tokens per passage (default 128; 160 for a masked LM)")
+    parser.add_argument(
+        "--max-length", type=int, help="calibration tokens per passage (default 128; 160 for a masked LM)"
+    )
     parser.add_argument("--fit-steps", type=int, default=0, help="also fit each layer's feature map for N steps (slow)")
     parser.add_argument("--naive", action="store_true", help="also report the uncalibrated swap")
     parser.add_argument("--seed", type=int, default=0)
