@@ -3,7 +3,8 @@
 The unbiased random features of FAVOR+/FAVOR++ need M ~ exp(|q|^2 + |k|^2) (scaled) for a
 small error, and pretrained layers have |q|^2, |k|^2 of 3-40: no M in the hundreds makes
 the swap accurate. Here the adapter's parameters (query map, key map, key shift, and the
-projection W of the positive-exponential features) are instead fitted, layer by layer, to
+projection W of the positive-exponential features; with exact local terms also the far
+keys' gain) are instead fitted, layer by layer, to
 reproduce the layer's softmax attention output on the softmax model's own queries, keys and
 values (so errors do not compound while fitting). The features keep FAVOR's form
 exp(w.x - |x|^2/2) and the attention stays linear in length; they are learned rather than
