@@ -31,28 +31,74 @@ def texts(split: str, kind: str, limit: int | None = None) -> list[str]:
     return model_texts(builtin_texts(split, kind)[:limit], kind)
 
 
+#: held-out lengths that both commands report for a sentence encoder: the built-in held-out
+#: split packed (consecutive passages joined) to exactly this many tokens
+EVAL_LENGTHS = (128, 512)
+
+
+def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, limit: int = 1 << 30) -> list[int]:
+    """The held-out lengths to report: ``given``, else ``EVAL_LENGTHS`` capped at ``limit``
+    (the model's positions; a masked LM: its own whole sequences, ``masked_lm_length``, not packed)."""
+    if given:
+        bad = [n for n in given if n < 3]
+        if bad:
+            raise ValueError(f"--eval-length must be >= 3 tokens, got {bad}")
+        return list(given)
+    if kind == "masked-lm":
+        return [masked_lm_length]
+    return list(dict.fromkeys(min(n, limit) for n in EVAL_LENGTHS))
+
+
+def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:
+    """Tokenized held-out batches at ``length`` tokens: for a sentence encoder ``count``
+    passages packed to exactly ``length`` tokens (fidelity.packed_texts), for a masked LM the
+    first ``count`` sequences cut at ``length``."""
+    from favor.hf.fidelity import packed_texts, tokenize_batches
+
+    if kind == "masked-lm":
+        return tokenize_batches(tok, texts(split, kind, count), batch_size=batch_size, max_length=length)
+    packed = packed_texts(tok, texts(split, kind), length=length, count=count)
+    if not packed:
+        raise ValueError(f"the {split!r} text is too short for one passage of {length} tokens")
+    return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)
+
+
+#: the exact set and key shift the commands use unless ``--plain``: the most faithful
+#: linear-cost setting measured on MiniLM (benchmarks/results/hf_fidelity_512.md)
+DEFAULT_WINDOW, DEFAULT_SINKS, DEFAULT_KEY_SHIFT = 8, 1, "sequence"
+
+
 def add_feature_arguments(parser) -> None:
     """Options for how performerize draws and places the features (both commands)."""
     parser.add_argument("--projection", default="orthogonal", help="orthogonal (default), simplex or iid")
     parser.add_argument(
-        "--key-shift", default="pair", help="pair (default: calibrated constant), sequence (per sequence), keys, none"
+        "--key-shift",
+        help="sequence (default: per sequence), pair (calibrated constant; the --plain default), keys, none",
     )
     parser.add_argument(
         "--exact-window",
         type=int,
-        default=-1,
-        help="exact weights for keys within W positions of each query, FAVOR for the rest (default -1: none)",
+        help=f"exact weights for keys within W positions of each query, FAVOR for the rest "
+        f"(default {DEFAULT_WINDOW}; -1: none, the --plain default)",
     )
     parser.add_argument(
-        "--exact-sinks", type=int, default=0, help="exact weights for the first N tokens too (default 0)"
+        "--exact-sinks",
+        type=int,
+        help=f"exact weights for the first N tokens too (default {DEFAULT_SINKS}; --plain: 0)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="the paper's estimator: no exact terms and the calibrated constant key shift "
+        "(with --kernel positive: FAVOR+, with --kernel oprf: FAVOR++)",
     )
 
 
 def feature_options(args) -> dict:
-    """performerize's keyword arguments from the options of ``add_feature_arguments``."""
-    return {
-        "projection": args.projection,
-        "key_shift": args.key_shift,
-        "exact_window": args.exact_window,
-        "exact_sinks": args.exact_sinks,
-    }
+    """performerize's keyword arguments from the options of ``add_feature_arguments``: what
+    was given, else the defaults (``--plain``: no exact terms, constant key shift)."""
+    plain = getattr(args, "plain", False)
+    window = args.exact_window if args.exact_window is not None else (-1 if plain else DEFAULT_WINDOW)
+    sinks = args.exact_sinks if args.exact_sinks is not None else (0 if plain else DEFAULT_SINKS)
+    shift = args.key_shift if args.key_shift is not None else ("pair" if plain else DEFAULT_KEY_SHIFT)
+    return {"projection": args.projection, "key_shift": shift, "exact_window": window, "exact_sinks": sinks}

@@ -6,12 +6,16 @@ query/key projections and the adapters (--train) to reproduce the softmax model'
 states and mean-pooled embeddings (and token distributions, for LMs), with every layer's
 FAVOR output also matched to softmax attention on its own q, k, v (--attention-weight), and saves it to --out
 (load with favor.hf.from_pretrained). Default budget: 8 minutes of training after fitting,
-under 10 minutes in all on this CPU. Writes distill.json and distill.png (loss and held-out embedding cosine per step).
+under 10 minutes in all on this CPU. Writes distill.json and distill.png (loss, and the
+held-out embedding cosine per step at 128 and at 512 tokens: --eval-length, the held-out
+passages packed to exactly that length). --long-length N adds the training text packed to
+N-token passages (--long-batch-size per batch) to the short training passages.
 A protein masked LM (``--model antiberty``) trains on the antibody V regions' training split
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
-With --exact-window W --exact-sinks S the student computes each query's neighbours and the
-first S tokens exactly, FAVOR the rest (favor.hf.local): MiniLM reaches 0.99 with W=8, S=1.
+By default the student computes each query's W=8 neighbours either side and the first S=1
+token exactly, FAVOR the rest (favor.hf.local), with the per-sequence key shift (--exact-window,
+--exact-sinks, --key-shift); --plain is FAVOR alone with the calibrated constant shift.
 """
 
 from __future__ import annotations
@@ -21,7 +25,20 @@ import json
 import time
 from pathlib import Path
 
-from ._hf import add_feature_arguments, feature_options, load_softmax_or_report, max_length, texts
+from ._hf import (
+    add_feature_arguments,
+    eval_lengths,
+    feature_options,
+    held_out_batches,
+    load_softmax_or_report,
+    max_length,
+    texts,
+)
+
+#: packed training passages that `favor distill` adds for a sentence encoder (at most the
+#: model's positions): on 64-token passages alone the 512-token fidelity falls while the
+#: 128-token one rises (benchmarks/results/hf_fidelity_512.md)
+LONG_LENGTH = 512
 
 
 def add_arguments(parser) -> None:
@@ -38,10 +55,25 @@ def add_arguments(parser) -> None:
         "--max-length", type=int, help="training tokens per passage (default 64; 160 for a masked LM: whole V regions)"
     )
     parser.add_argument("--maskings", type=int, default=4, help="masked copies of each training sequence (masked LMs)")
-    parser.add_argument("--eval-max-length", type=int, help="held-out tokens per passage (default 128; 160 masked LM)")
+    parser.add_argument(
+        "--long-length",
+        type=int,
+        help="also train on the training text packed to passages of this many tokens "
+        f"(default {LONG_LENGTH} for a sentence encoder; 0: none, the default for a masked LM)",
+    )
+    parser.add_argument("--long-batch-size", type=int, default=2, help="passages per batch at --long-length")
+    parser.add_argument(
+        "--eval-length",
+        type=int,
+        action="append",
+        help="held-out tokens per passage, passages packed to it (default 128 and 512; a masked LM: 160, unpacked)",
+    )
+    parser.add_argument("--eval-max-length", type=int, help="one held-out length (as --eval-length; kept for scripts)")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of the trained weights (default 5e-4)")
-    parser.add_argument("--samples", type=int, default=64, help="held-out passages for the cosine (default 64)")
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument(
+        "--samples", type=int, help="held-out passages per length for the cosine (default 32; a masked LM: 64)"
+    )
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument(
         "--fit-steps", type=int, default=40, help="first fit each layer's adapter N steps (favor.hf.fit; default 40)"
     )
@@ -73,19 +105,31 @@ def _plot(curve: dict, path: Path) -> None:
     a1.semilogy(range(1, len(curve["loss"]) + 1), curve["loss"])
     a1.set_xlabel("step")
     a1.set_ylabel("distillation loss")
-    a2.plot(curve["eval_steps"], curve["eval_cosine"], marker="o")
+    for n, cos in curve["eval_cosine"].items():
+        a2.plot(curve["eval_steps"], cos, marker="o", label=f"{n} tokens")
+    a2.legend(fontsize=8)
     a2.axhline(0.99, color="gray", ls=":")
     a2.set_xlabel("step")
     a2.set_ylabel("held-out embedding cosine to softmax")
     if curve.get("eval_masked_accuracy"):
         a3 = a2.twinx()
-        a3.plot(curve["eval_steps"], curve["eval_masked_accuracy"], marker="s", color="tab:red")
+        a3.plot(curve["eval_steps"], curve["eval_masked_accuracy"], marker="s", color="tab:red", label="accuracy")
         if curve.get("softmax_masked_accuracy") is not None:
             a3.axhline(curve["softmax_masked_accuracy"], color="tab:red", ls="--")
         a3.set_ylabel("masked-residue accuracy (dashed: softmax)", color="tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _positions(model) -> int:
+    """How many positions the model embeds (a large number if its config does not say)."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else 1 << 30
+
+
+def _last(curve: dict) -> str:
+    return " ".join(f"{c[-1]:.4f}" for c in curve["eval_cosine"].values() if c)
 
 
 def run(args) -> int:
@@ -95,7 +139,7 @@ def run(args) -> int:
     import favor.hf as fh
     from favor.hf.antibodies import masked_accuracy, masked_batches
     from favor.hf.distill import DistillConfig, distill
-    from favor.hf.fidelity import embeddings, tokenize_batches
+    from favor.hf.fidelity import embeddings, packed_texts, tokenize_batches
 
     torch.manual_seed(args.seed)
     loaded = load_softmax_or_report(args.model)
@@ -105,7 +149,8 @@ def run(args) -> int:
     mlm = kind == "masked-lm"
     length = max_length(args.max_length, kind, 64)
     train = texts(args.text, kind)
-    held = texts(args.heldout, kind, args.samples)
+    samples = args.samples or (64 if mlm else 32)
+    held = texts(args.heldout, kind, samples)
     if mlm:
         raw = [s.replace(" ", "") for s in train]
         batches = [
@@ -116,7 +161,22 @@ def run(args) -> int:
         mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=0)
     else:
         batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=length)
-    ev = tokenize_batches(tok, held, batch_size=32, max_length=max_length(args.eval_max_length, kind, 128))
+    try:
+        positions = _positions(teacher)
+        long_length = args.long_length
+        if long_length is None:
+            long_length = 0 if mlm else min(LONG_LENGTH, positions)
+        if long_length:
+            if mlm:
+                raise ValueError("--long-length packs passages of a sentence encoder's text, not a masked LM's")
+            long = packed_texts(tok, train, length=long_length)
+            batches += tokenize_batches(tok, long, batch_size=args.long_batch_size, max_length=long_length)
+        given = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
+        lengths = eval_lengths(given, kind, max_length(None, kind, 128), limit=positions)
+        evs = {n: held_out_batches(tok, args.heldout, kind, length=n, count=samples, batch_size=8) for n in lengths}
+    except ValueError as e:
+        print(f"favor distill: {e}")
+        return 2
     t0 = time.perf_counter()
     student = fh.performerize(
         copy.deepcopy(teacher),
@@ -130,8 +190,15 @@ def run(args) -> int:
         from favor.hf.fit import fit_adapters
 
         fit_adapters(student, batches[:2], steps=args.fit_steps)
-    ref = embeddings(teacher, ev, attn="sdpa")
-    curve = {"loss": [], "eval_steps": [], "eval_cosine": [], "eval_cosine_min": []}
+    refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
+    keys = [str(n) for n in lengths]
+    curve = {
+        "loss": [],
+        "eval_steps": [],
+        "eval_lengths": lengths,
+        "eval_cosine": {n: [] for n in keys},
+        "eval_cosine_min": {n: [] for n in keys},
+    }
     if mlm:
         curve["eval_masked_accuracy"] = []
         softmax_acc, n_masked = masked_accuracy(teacher, mb)
@@ -139,18 +206,19 @@ def run(args) -> int:
     bar = tqdm(total=args.steps, desc="distill", unit="step")
 
     def evaluate(step: int) -> None:
-        cos = (embeddings(student, ev, attn=fh.NAME) * ref).sum(-1)
         curve["eval_steps"].append(step)
-        curve["eval_cosine"].append(float(cos.mean()))
-        curve["eval_cosine_min"].append(float(cos.min()))
+        for n, ev in evs.items():
+            cos = (embeddings(student, ev, attn=fh.NAME) * refs[n]).sum(-1)
+            curve["eval_cosine"][str(n)].append(float(cos.mean()))
+            curve["eval_cosine_min"][str(n)].append(float(cos.min()))
         if mlm:
             curve["eval_masked_accuracy"].append(masked_accuracy(student, mb)[0])
-        bar.set_postfix(cos=f"{float(cos.mean()):.4f}")
+        bar.set_postfix(cos=_last(curve))
 
     def on_step(step: int, loss: float) -> None:
         curve["loss"].append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", cos=f"{curve['eval_cosine'][-1]:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", cos=_last(curve))
 
     try:
         config = DistillConfig(
@@ -188,10 +256,13 @@ def run(args) -> int:
         "training_texts": len(train),
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,
-        "held_out_passages": len(held),
-        "zero_shot_cosine": curve["eval_cosine"][0],
-        "final_cosine": curve["eval_cosine"][-1],
-        "final_cosine_min": curve["eval_cosine_min"][-1],
+        "long_length": long_length,
+        "long_batch_size": args.long_batch_size,
+        "training_batches": len(batches),
+        "held_out_passages": {n: sum(len(b["input_ids"]) for b in evs[int(n)]) for n in keys},
+        "zero_shot_cosine": {n: c[0] for n, c in curve["eval_cosine"].items()},
+        "final_cosine": {n: c[-1] for n, c in curve["eval_cosine"].items()},
+        "final_cosine_min": {n: c[-1] for n, c in curve["eval_cosine_min"].items()},
         **(
             {
                 "masked_residues": n_masked,
@@ -208,11 +279,12 @@ def run(args) -> int:
     }
     (out / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(curve, out / "distill.png")
-    print(
-        f"held-out embedding cosine to softmax: {result['zero_shot_cosine']:.4f} (zero-shot: calibrated"
-        f"{', fitted' if args.fit_steps else ''}) -> "
-        f"{result['final_cosine']:.4f} after {result['steps']} steps ({result['seconds']:.0f} s); min {result['final_cosine_min']:.4f}"
-    )
+    for n in keys:
+        print(
+            f"held-out embedding cosine to softmax at {n} tokens: {result['zero_shot_cosine'][n]:.4f} (zero-shot: "
+            f"calibrated{', fitted' if args.fit_steps else ''}) -> {result['final_cosine'][n]:.4f} after "
+            f"{result['steps']} steps ({result['seconds']:.0f} s); min {result['final_cosine_min'][n]:.4f}"
+        )
     if mlm:
         print(
             f"held-out masked-residue accuracy ({n_masked} residues): softmax {softmax_acc:.4f}, zero-shot "

@@ -169,6 +169,8 @@ class FavorAdapter(nn.Module):
         self.register_buffer("query_map", eye.clone())
         self.register_buffer("key_map", eye.clone())
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        # exact local terms only: log of a per-head factor on the far keys' estimate (0 until fitted)
+        self.register_buffer("far_log_gain", torch.zeros(heads))
         if dense:
             if feature_map.kernel != "positive" or feature_map.dim != 2 * dim + 1:
                 raise ValueError(
@@ -190,13 +192,18 @@ class FavorAdapter(nn.Module):
         return f"heads={self.heads}, dim={self.dim}{extra}"
 
     def log_const(self, dtype: torch.dtype) -> torch.Tensor | float:
-        """log E[phi(q).phi(k)] - q.k: 0, or for dense features the per-head constant
-        -|a|^2 - sum_i log(1 - 4 a_i) / 2, shaped (H, 1, 1) (module docstring)."""
+        """The ``log_const`` of favor.hf.local: log E[phi(q).phi(k)] - q.k, that is 0, or for
+        dense features the per-head constant -|a|^2 - sum_i log(1 - 4 a_i) / 2, minus
+        ``far_log_gain`` (so exp(far_log_gain) weighs the far keys' estimate against the
+        exact terms; 0 unless fitted, and with no far keys it changes nothing); (H, 1, 1) or 0."""
+        gain = self.far_log_gain
         if not self.dense:
-            return 0.0
+            if not gain.requires_grad and not buffer_flag(self, "far_log_gain", gain, lambda g: (g != 0).any()):
+                return 0.0  # the plain float keeps the cheaper scalar path
+            return -gain.to(dtype)[:, None, None]
         a = self.dense_a.double()
         c = -(a * a).sum(-1) - 0.5 * torch.log1p(-4.0 * a).sum(-1)
-        return c.to(dtype)[:, None, None]
+        return c.to(dtype)[:, None, None] - gain.to(dtype)[:, None, None]
 
     def logit_inputs(
         self,

@@ -68,13 +68,16 @@ class DistillConfig:
 
 
 def adapter_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, buffer name) of every trainable FAVOR buffer: maps, shift, projection."""
+    """(owner, buffer name) of every trainable FAVOR buffer: maps, shift, projection, and with
+    exact local terms the far keys' gain."""
     out = []
     for module in model.modules():
         adapter = getattr(module, ATTRIBUTE, None)
         if adapter is None or not isinstance(adapter, nn.Module):
             continue
         out += [(adapter, "query_map"), (adapter, "key_map"), (adapter, "key_shift")]
+        if adapter.local:
+            out.append((adapter, "far_log_gain"))
         if adapter.feature_map.projection is not None:
             out.append((adapter.feature_map, "projection"))
     return out

@@ -15,7 +15,7 @@ from torch import nn
 from .attention import favor_attention_forward
 from .registry import NAME, probing
 
-__all__ = ["mean_pool", "embeddings", "embedding_cosine", "layer_errors", "tokenize_batches"]
+__all__ = ["mean_pool", "embeddings", "embedding_cosine", "layer_errors", "tokenize_batches", "packed_texts"]
 
 
 def tokenize_batches(tokenizer, texts: list[str], *, batch_size: int = 16, max_length: int = 128) -> list[dict]:
@@ -28,6 +28,31 @@ def tokenize_batches(tokenizer, texts: list[str], *, batch_size: int = 16, max_l
         )
         for i in range(0, len(texts), batch_size)
     ]
+
+
+def packed_texts(tokenizer, texts: list[str], *, length: int, count: int | None = None) -> list[str]:
+    """Consecutive ``texts`` joined (with a space) until each passage holds at least ``length``
+    tokens with the special tokens, so that ``tokenize_batches(..., max_length=length)`` cuts
+    every passage to exactly ``length`` tokens: long held-out inputs from a split of short
+    passages. No line is used twice; a last passage that stays short is dropped. At most
+    ``count`` passages (all that the text gives when None)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 3:
+        raise ValueError(f"length must be an int >= 3 (room for the special tokens), got {length!r}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"count must be a positive int or None, got {count!r}")
+    special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    out: list[str] = []
+    parts: list[str] = []
+    tokens = 0
+    for line in texts:
+        parts.append(line)
+        tokens += len(tokenizer(line, add_special_tokens=False)["input_ids"])
+        if tokens + special >= length:
+            out.append(" ".join(parts))
+            parts, tokens = [], 0
+            if count is not None and len(out) == count:
+                break
+    return out
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The unbiased random features of FAVOR+/FAVOR++ need M ~ exp(|q|^2 + |k|^2) (scaled) for a
 small error, and pretrained layers have |q|^2, |k|^2 of 3-40: no M in the hundreds makes
 the swap accurate. Here the adapter's parameters (query map, key map, key shift, and the
-projection W of the positive-exponential features) are instead fitted, layer by layer, to
+projection W of the positive-exponential features; with exact local terms also the far
+keys' gain) are instead fitted, layer by layer, to
 reproduce the layer's softmax attention output on the softmax model's own queries, keys and
 values (so errors do not compound while fitting). The features keep FAVOR's form
 exp(w.x - |x|^2/2) and the attention stays linear in length; they are learned rather than
@@ -83,6 +84,7 @@ def fit_adapters(
         fm = adapter.feature_map
         adapter.calibrated.fill_(True)
         names = list(_PARAMS) + (["projection"] if fit_projection and fm.projection is not None else [])
+        names += ["far_log_gain"] if adapter.local else []
         owners = {n: (fm if n == "projection" else adapter) for n in names}
         params = {n: getattr(owners[n], n).detach().clone().float().requires_grad_(True) for n in names}
         for n, p in params.items():

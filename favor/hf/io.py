@@ -168,7 +168,8 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
         for k, v in favor_state.items()
         if k in own and v.shape != own[k].shape
     ]
-    missing = [k for k in own if _is_favor_key(k) and k not in favor_state]
+    # the far gain (exact local terms) came later: older saves keep its 0
+    missing = [k for k in own if _is_favor_key(k) and k not in favor_state and not k.endswith(".far_log_gain")]
     unexpected = [k for k in favor_state if k not in own]
     if shapes or missing or unexpected:
         raise ValueError(

@@ -42,18 +42,44 @@ def test_performerize_command_writes_json_and_png(tiny_bert, tmp_path, capsys):
             "4",
             "--max-length",
             "32",
+            "--eval-length",  # two held-out lengths, as 128 and 512 for a real model
+            "16",
+            "--eval-length",
+            "48",
+            "--plain",  # the paper's estimator: more features must help (below)
             "--out",
             str(out),
         ]
     )
     assert rc == 0
-    rows = json.loads((out / "performerize.json").read_text())["rows"]
-    assert [(r["kernel"], r["num_features"]) for r in rows] == [("oprf", 16), ("oprf", 256)]
+    result = json.loads((out / "performerize.json").read_text())
+    rows = result["rows"]
+    assert [(r["kernel"], r["num_features"], r["length"]) for r in rows] == [
+        ("oprf", 16, 16),
+        ("oprf", 16, 48),
+        ("oprf", 256, 16),
+        ("oprf", 256, 48),
+    ]
     assert all(0.0 < r["cosine_mean"] <= 1.0 + 1e-6 and len(r["layer_errors"]) == 2 for r in rows)
-    # more features, closer to softmax (Monte Carlo error ~ M^-1/2)
-    assert sum(rows[1]["layer_errors"]) < sum(rows[0]["layer_errors"])
+    assert all(r["passages"] == 4 for r in rows)  # packed from the held-out split: every length has them
+    assert (result["meta"]["exact_window"], result["meta"]["key_shift"]) == (-1, "pair")
+    # more features, closer to softmax (Monte Carlo error ~ M^-1/2), at both lengths
+    for short, long in ((0, 2), (1, 3)):
+        assert sum(rows[long]["layer_errors"]) < sum(rows[short]["layer_errors"])
     assert (out / "performerize.png").stat().st_size > 0
     assert "cos mean" in capsys.readouterr().out
+
+
+def test_performerize_command_defaults_to_exact_local_terms(tiny_bert, tmp_path):
+    d = _save_tiny(tiny_bert, tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = ["performerize", "--model", str(d), "--kernel", "derf", "--num-features", "16", "--samples", "2"]
+    args += ["--calibration-samples", "2", "--max-length", "16", "--out", str(out)]
+    assert main(args) == 0
+    meta = json.loads((out / "performerize.json").read_text())["meta"]
+    assert (meta["exact_window"], meta["exact_sinks"], meta["key_shift"]) == (8, 1, "sequence")
+    # the default lengths, 128 and 512, are capped at the tiny model's 64 positions
+    assert meta["held_out"]["lengths"] == [64]
 
 
 def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
@@ -78,7 +104,11 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
             "4",
             "--max-length",
             "16",
-            "--eval-max-length",
+            "--eval-length",
+            "16",
+            "--eval-length",
+            "32",
+            "--long-length",  # packed 32-token training passages besides the 16-token ones
             "32",
             "--exact-window",  # the training path through the exact local terms
             "2",
@@ -88,7 +118,10 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
     )
     assert rc == 0
     res = json.loads((out / "distill.json").read_text())
-    assert res["steps"] == 3 and len(res["curve"]["eval_cosine"]) == 4
+    assert res["steps"] == 3 and res["curve"]["eval_lengths"] == [16, 32]
+    assert all(len(res["curve"]["eval_cosine"][n]) == 4 for n in ("16", "32"))
+    assert set(res["final_cosine"]) == {"16", "32"} and res["held_out_passages"] == {"16": 4, "32": 4}
+    assert res["long_length"] == 32 and res["training_batches"] > 0
     assert (res["exact_window"], res["exact_sinks"]) == (2, 1)
     assert (out / "distill.png").stat().st_size > 0
     model = fh.from_pretrained(out)

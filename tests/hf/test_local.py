@@ -250,3 +250,68 @@ def test_bfloat16_model_runs_finite_and_near_float32(tiny_bert, window):
     assert bool(torch.isfinite(outs[torch.bfloat16]).all())
     err = (outs[torch.bfloat16] - outs[torch.float32])[keep].norm() / outs[torch.float32][keep].norm()
     assert float(err) < 0.05, float(err)
+
+
+def _set_gains(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for a in _adapters(model):
+        a.far_log_gain.copy_(torch.randn(a.heads, generator=g))
+
+
+@pytest.mark.parametrize("kernel", ["positive", "derf"])
+def test_far_gain_keeps_a_whole_window_softmax_and_scales_only_the_far_estimate(tiny_bert, kernel):
+    # exp(far_log_gain) multiplies the far keys' estimate: with every key exact it changes
+    # nothing (softmax), and otherwise the path equals the explicit reference whose far
+    # weights are the features' estimate times that factor (float64, round-off only)
+    inputs = _inputs()
+    pad = ~inputs["attention_mask"].bool()
+    keep = ~pad
+    whole = fh.performerize(tiny_bert(), kernel=kernel, num_features=8, calibration=[inputs], exact_window=12)
+    _set_gains(whole, 1)
+    for module, recorded in record_attention(whole, [inputs]).items():
+        q, k, v, mask, scaling, _, _, _ = recorded[0]
+        q, k, v = q.double(), k.double(), v.double()
+        got, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling)
+        torch.testing.assert_close(got[keep], _softmax_attention(q, k, v, keep, scaling)[keep], rtol=1e-6, atol=1e-6)
+    model = fh.performerize(
+        tiny_bert(), kernel=kernel, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1
+    )
+    _set_gains(model, 2)
+    for module, recorded in record_attention(model, [inputs]).items():
+        q, k, v, mask, scaling, _, _, _ = recorded[0]
+        q, k, v = q.double(), k.double(), v.double()
+        got, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling)
+        adapter = module.favor
+        gain = adapter.far_log_gain.double().clone()
+        adapter.far_log_gain.zero_()
+        const = adapter.log_const(torch.float64)  # the features' own offset, without the gain
+        adapter.far_log_gain.copy_(gain)
+        qf, kf, scale = adapter.inputs(q, k, scaling, keep=keep)
+        root = (q.shape[-1] ** -0.5 if scale is None else scale) ** 0.5
+        far = adapter.feature_map.double().estimate_kernel(qf * root, kf * root) * gain.exp()[:, None, None]
+        qx, kx = adapter.logit_inputs(q, k, scaling, keep=keep)
+        ref = local_exact_reference(
+            far, qx @ kx.transpose(-1, -2), v, window=1, sinks=1, log_const=const, key_padding_mask=pad
+        ).transpose(1, 2)
+        torch.testing.assert_close(got[keep], ref[keep], rtol=1e-9, atol=1e-9)
+
+
+def test_fitting_moves_the_far_gain_and_save_load_keeps_it(tiny_bert, tmp_path):
+    from favor.hf.fit import fit_adapters
+
+    inputs = _inputs()
+    model = fh.performerize(tiny_bert(), kernel="derf", num_features=8, calibration=[inputs], exact_window=1)
+    errors = fit_adapters(model, [inputs], steps=5)
+    assert all(after < before for before, after in errors)
+    assert all(float(a.far_log_gain.abs().max()) > 0 for a in _adapters(model))  # it was a parameter
+    fh.save_pretrained(model, tmp_path / "m")
+    loaded = fh.from_pretrained(tmp_path / "m")
+    for a, b in zip(_adapters(model), _adapters(loaded), strict=True):
+        assert torch.equal(a.far_log_gain, b.far_log_gain)
+    # a directory saved before the gain existed loads with gain 0 (factor 1)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "m" / "favor.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.endswith("far_log_gain")}
+    save_file(state, str(weights))
+    assert all(float(a.far_log_gain.abs().max()) == 0 for a in _adapters(fh.from_pretrained(tmp_path / "m")))
