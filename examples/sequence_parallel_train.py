@@ -94,6 +94,9 @@ def main(argv=None) -> list[float]:
         if rank == 0:
             print(f"step {step:4d}  loss {losses[-1]:.10f}  ({world} process{'es' if world > 1 else ''})")
     if distributed:
+        # every rank done with gloo before any tears it down (else a rank can abort at exit:
+        # "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return losses
 

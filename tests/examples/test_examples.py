@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,19 +84,15 @@ def test_long_document_classification_ignores_batch_partners(tmp_path):
     assert torch.allclose(alone, batched, atol=1e-5), (alone - batched).abs().max()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sequence_parallel_train_under_torchrun_equals_one_process(tmp_path):
     ex = _load("sequence_parallel_train")
     tiny = ["--seq-len", "48", "--steps", "2", "--dim", "16", "--heads", "2", "--depth", "1", "--dtype", "float64"]
     single = ex.main(tiny)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        # --standalone: torchrun binds a free port itself (a port probed here could be taken
+        # by another test's job before torchrun binds it)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(ROOT / "examples" / "sequence_parallel_train.py"), *tiny],  # fmt: skip
         capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path,
     )  # fmt: skip
