@@ -29,7 +29,7 @@ from ..attention.recurrent import _step_features
 from ..attention.state import State
 from .attention import _repeat_kv, adapter_of
 from .cache import FavorLayer
-from .local import _combine, pair_features
+from .local import _combine, pair_features, parts_sum, query_log_scale
 from .masks import plan_from_mask
 
 __all__ = ["cached_attention"]
@@ -176,15 +176,8 @@ def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         logits.append((qx @ s_kx.transpose(-1, -2)).masked_fill(~ok, float("-inf")))
         parts.append((sinks, lambda c: c @ s_v))
 
-    def near_v_sum(coeff):
-        out, at = 0.0, 0
-        for width, part in parts:
-            out = out + part(coeff[..., at : at + width])
-            at += width
-        return out
-
-    q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(far_den)
-    out = _combine(far_num, far_den, run, torch.cat(logits, -1), adapter.log_const(dtype), q_scale, near_v_sum)
+    q_scale = query_log_scale(fq, far_den)
+    out = _combine(far_num, far_den, run, torch.cat(logits, -1), adapter.log_const(dtype), q_scale, parts_sum(parts))
     # keep the last W tokens of E for the next call
     # (copies: a view would keep the whole prompt's keys alive)
     layer.window = tuple(

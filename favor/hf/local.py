@@ -198,17 +198,13 @@ def local_exact_attention(
     logits = torch.cat(logit, -1)  # (..., L, E)
     rf_near = torch.cat(rf, -1).masked_fill(~torch.isfinite(logits), 0.0)
 
-    def near_v_sum(coeff):  # sum over the exact keys of coeff * v
-        slots, out = 0, 0.0
-        if band is not None:
-            slots = 2 * window + 1
-            out = band.weighted_sum(coeff[..., :slots], v)
-        if n_sinks:
-            out = out + coeff[..., slots:] @ v[..., :n_sinks, :]
-        return out
-
-    q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(den_rf)
-    return _combine(num_rf, den_rf, ref, logits, log_const, q_scale, near_v_sum, rf_near)
+    parts = []
+    if band is not None:
+        parts.append((2 * window + 1, lambda c: band.weighted_sum(c, v)))
+    if n_sinks:
+        parts.append((n_sinks, lambda c: c @ v[..., :n_sinks, :]))
+    q_scale = query_log_scale(fq, den_rf)
+    return _combine(num_rf, den_rf, ref, logits, log_const, q_scale, parts_sum(parts), rf_near)
 
 
 def _combine(far_num, far_den, log_ref, logits, log_const, q_log_scale, near_v_sum, rf_near=None):
@@ -266,15 +262,27 @@ def _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask):
         logit.append((q @ k[..., :n_sinks, :].transpose(-1, -2)).masked_fill(~live, float("-inf")))
         parts.append((n_sinks, lambda c: c @ v[..., :n_sinks, :]))
 
-    def near_v_sum(coeff):  # sum over the exact keys of coeff * v
+    q_scale = query_log_scale(fq, far_den)
+    return _combine(far_num, far_den, run, torch.cat(logit, -1), log_const, q_scale, parts_sum(parts))
+
+
+def parts_sum(parts):
+    """``parts``: (width, coeff slice -> (..., L, Dv)) in the order of the exact keys'
+    logits -> the ``near_v_sum`` of ``_combine``: each part on its slice of coeff, summed."""
+
+    def near_v_sum(coeff):
         out, at = 0.0, 0
         for width, part in parts:
             out = out + part(coeff[..., at : at + width])
             at += width
         return out
 
-    q_scale = fq.log_scale if fq.log_scale is not None else torch.zeros_like(far_den)
-    return _combine(far_num, far_den, run, torch.cat(logit, -1), log_const, q_scale, near_v_sum)
+    return near_v_sum
+
+
+def query_log_scale(fq: Features, like: torch.Tensor) -> torch.Tensor:
+    """The queries' feature log scale, zeros (shaped as ``like``) where the map has none."""
+    return fq.log_scale if fq.log_scale is not None else torch.zeros_like(like)
 
 
 def local_exact_reference(
