@@ -195,15 +195,13 @@ def experiment(
 
 
 def run(args) -> int:
-    import torch
+    from .suite import run_command
 
-    from .suite import progress_bar
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bar = progress_bar(0, NAME)
-    res = experiment(
-        quick=args.quick,
+    return run_command(
+        args,
+        NAME,
+        experiment,
+        save,
         seeds=args.seeds,
         steps=args.steps,
         redraw_interval=args.redraw_interval,
@@ -214,14 +212,7 @@ def run(args) -> int:
         variants=pick_variants(args.variants),
         data_dir=args.data_dir,
         austen=not args.no_austen,
-        progress=bar,
-        on_result=None if args.quick else lambda r: save(args, r),
     )
-    bar.close()
-    table, paths = save(args, res)
-    print(table)
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
 
 
 def save(args, res):
@@ -236,11 +227,10 @@ def save(args, res):
         f"redraw every {c['redraw_interval']} step(s)"
     )
     paths = save_suite(
-        Path(args.out),
+        args.out,
         NAME,
-        {k: v for k, v in res.items() if k != "runs"},
+        res,
         table,
-        res["runs"],
         metric="accuracy",
         title=title,
     )

@@ -10,7 +10,6 @@ Both train for the same wall-clock time; accuracy curves on held-out proteins.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .harness import ModelSize, Variant
@@ -147,31 +146,28 @@ def table(res: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
-    import torch
+    from .suite import run_command
 
-    from .suite import progress_bar, save_suite
+    return run_command(
+        args,
+        "long-proteins",
+        experiment,
+        save,
+        incremental=False,
+        unit="s",
+        seconds=args.seconds,
+        depth=args.depth,
+        data=args.data,
+    )
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bar = progress_bar(0, "long-proteins")
-    bar.unit = "s"
-    res = experiment(quick=args.quick, seconds=args.seconds, depth=args.depth, data=args.data, progress=bar)
-    bar.close()
+
+def save(args, res):
+    from .suite import save_suite
+
     t = table(res)
     c = res["config"]
     title = (
         f"long-proteins: concatenated Swiss-Prot, L={c['length']}, {c['seconds_per_model']:.0f} s of training each; "
         f"Performer {c['performer_depth']} layers vs the deepest exact model as fast per step"
     )
-    paths = save_suite(
-        Path(args.out),
-        NAME,
-        {k: v for k, v in res.items() if k != "runs"},
-        t,
-        res["runs"],
-        metric="accuracy",
-        title=title,
-    )
-    print(t)
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+    return t, save_suite(args.out, NAME, res, t, metric="accuracy", title=title)

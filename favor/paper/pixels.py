@@ -196,11 +196,10 @@ def save(args, res):
         f"samples after training below"
     )
     paths = save_suite(
-        Path(args.out),
+        args.out,
         NAME,
-        {k: v for k, v in res.items() if k != "runs"},
+        res,
         t,
-        res["runs"],
         metric="bits",
         title=title,
         extra=(2, draw) if drawn else None,
@@ -209,24 +208,8 @@ def save(args, res):
 
 
 def run(args) -> int:
-    import torch
+    from .suite import run_command
 
-    from .suite import progress_bar
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bar = progress_bar(0, NAME)
-    res = experiment(
-        quick=args.quick,
-        seeds=args.seeds,
-        steps=args.steps,
-        data_dir=args.data_dir,
-        shipped=args.shipped,
-        progress=bar,
-        on_result=None if args.quick else lambda r: save(args, r),
+    return run_command(
+        args, NAME, experiment, save, seeds=args.seeds, steps=args.steps, data_dir=args.data_dir, shipped=args.shipped
     )
-    bar.close()
-    t, paths = save(args, res)
-    print(t)
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0

@@ -11,7 +11,6 @@ FASTA via ``--data`` (e.g. the full set from ``favor data swissprot``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .harness import ModelSize, Variant
@@ -204,11 +203,10 @@ def save(args, res):
         f"test accuracy; {c['seeds']} seed(s)"
     )
     paths = save_suite(
-        Path(args.out),
+        args.out,
         NAME,
-        {k: v for k, v in res.items() if k != "runs"},
+        res,
         t,
-        res["runs"],
         metric="accuracy",
         title=title,
     )
@@ -216,23 +214,6 @@ def save(args, res):
 
 
 def run(args) -> int:
-    import torch
+    from .suite import run_command
 
-    from .suite import progress_bar
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bar = progress_bar(0, NAME)
-    res = experiment(
-        quick=args.quick,
-        seeds=args.seeds,
-        steps=args.steps,
-        data=args.data,
-        progress=bar,
-        on_result=None if args.quick else lambda r: save(args, r),
-    )
-    bar.close()
-    t, paths = save(args, res)
-    print(t)
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+    return run_command(args, NAME, experiment, save, seeds=args.seeds, steps=args.steps, data=args.data)

@@ -119,18 +119,40 @@ def suite_table(
 
 
 def save_suite(
-    out: Path,
+    out: str | Path,
     name: str,
-    payload: dict[str, Any],
+    res: dict[str, Any],
     table: str,
-    runs: list[dict[str, Any]],
     *,
     metric: str,
     title: str,
     extra=None,
 ) -> dict[str, Path]:
-    payload = {**payload, "runs": [jsonable(r) for r in runs]}
+    """An experiment's result ``res`` (with its ``runs``) as NAME.json, NAME.md (``table``)
+    and NAME.png (the runs' curves of ``metric``)."""
+    payload = {**{k: v for k, v in res.items() if k != "runs"}, "runs": [jsonable(r) for r in res["runs"]]}
     paths = write_outputs(Path(out), name, payload, table)
     paths["png"] = Path(out) / f"{name}.png"
-    plot_curves(runs, paths["png"], metric=metric, title=title, extra=extra)
+    plot_curves(res["runs"], paths["png"], metric=metric, title=title, extra=extra)
     return paths
+
+
+def run_command(args, name: str, experiment, save, *, incremental: bool = True, unit: str = "step", **options) -> int:
+    """The body of ``favor paper NAME``: torch threads, a progress bar, ``experiment(quick=,
+    progress=, **options)`` (in full mode with ``incremental``, ``save(args, result)`` after
+    every finished run, so a run cut short still leaves its results), then ``save`` once more,
+    the table printed and the files listed."""
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    bar = progress_bar(0, name)
+    bar.unit = unit
+    if incremental and not args.quick:
+        options["on_result"] = lambda r: save(args, r)
+    res = experiment(quick=args.quick, progress=bar, **options)
+    bar.close()
+    table, paths = save(args, res)
+    print(table)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0

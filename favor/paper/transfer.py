@@ -196,11 +196,14 @@ def run(args) -> int:
 
 
 def run_books(args) -> None:
-    from .suite import progress_bar, save_suite
+    from .suite import run_command
 
-    bar = progress_bar(0, NAME)
-    res = experiment(
-        quick=args.quick,
+    run_command(
+        args,
+        NAME,
+        experiment,
+        save,
+        incremental=False,
         seeds=args.seeds,
         steps=args.steps,
         finetune=args.finetune_steps,
@@ -210,26 +213,19 @@ def run_books(args) -> None:
         warmup=args.warmup,
         data_dir=args.data_dir,
         austen=not args.no_austen,
-        progress=bar,
     )
-    bar.close()
+
+
+def save(args, res):
+    from .suite import save_suite
+
     t = table(res)
     c = res["config"]
     title = (
         f"transfer: softmax masked LM ({c['pretrain_steps']} steps) -> FAVOR+ fine-tuned, vs FAVOR+ from scratch; "
         f"L={c['seq_len']}, {c['corpus']}"
     )
-    paths = save_suite(
-        Path(args.out),
-        NAME,
-        {k: v for k, v in res.items() if k != "runs"},
-        t,
-        res["runs"],
-        metric="accuracy",
-        title=title,
-    )
-    print(t)
-    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return t, save_suite(args.out, NAME, res, t, metric="accuracy", title=title)
 
 
 def run_antiberty(args) -> None:
