@@ -17,7 +17,7 @@ from ._checks import (
 )
 from ._fast_features import row_features
 from .bidirectional import bidirectional
-from .bidirectional_fast import DEFAULT_BIDIRECTIONAL_CHUNK, bidirectional_fast
+from .bidirectional_fast import bidirectional_fast
 from .causal import DEFAULT_CHUNK, causal_chunked
 from .causal_fast import DEFAULT_CAUSAL_CHUNK, causal_fast
 from .recurrent import STEP_MAX_QUERIES, steps
@@ -60,8 +60,8 @@ def _attention_fast(
             a = feature_map.oprf_a(qs, ks, causal=causal, q_mask=q_mask, k_mask=mask)
     feat = row_features(feature_map, root)
     if not causal:
-        chunk = check_chunk_size(chunk_size, DEFAULT_BIDIRECTIONAL_CHUNK)
-        return bidirectional_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, chunk_size=chunk).to(out_dtype)
+        # chunk_size is validated by the caller; None: bidirectional_fast's default_chunk
+        return bidirectional_fast(qs, ks, vs, feat, a=a, key_padding_mask=mask, chunk_size=chunk_size).to(out_dtype)
     chunk = check_chunk_size(chunk_size, DEFAULT_CAUSAL_CHUNK)
     if initial_state is not None:
         m = feature_map.num_outputs
