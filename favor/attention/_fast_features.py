@@ -44,7 +44,7 @@ def _with_norm_grad(dx: torch.Tensor, x: torch.Tensor, d_log_scale, half_r2: flo
     constant), so dL/dx gains -d_log_scale * root^2 x."""
     if d_log_scale is None:
         return dx
-    return dx.sub_(d_log_scale[..., None] * (2.0 * half_r2) * x)
+    return dx.addcmul_(d_log_scale[..., None], x, value=-2.0 * half_r2)
 
 
 def _positive(w: torch.Tensor, root: float):
