@@ -33,9 +33,9 @@ DEFAULT_BIDIRECTIONAL_CHUNK = 512
 
 #: rows over all (batch, head) pairs per chunk, and the chunk's bounds. Each chunk is a few
 #: batched GEMMs plus ~20 small ops; with few heads a 512-row chunk leaves the GEMMs too
-#: small to amortise that. Measured fwd+bwd on 2 cores, L=8192..16384
-#: (python -m benchmarks.tune_chunk --heads 1,2,4,8,16): best near 8192 rows in all, i.e. C=1024 at 8 heads (9 % faster than 512 at L=16384) and
-#: C=4096 at 1 head (2x faster than 512); 16 heads stay best at 512.
+#: small to amortise that. Measured fwd+bwd on 2 cores, L=8192..16384 (python -m
+#: benchmarks.tune_chunk --heads 1,2,4,8,16): best near 8192 rows in all, i.e. C=1024 at
+#: 8 heads (9 % faster than 512 at L=16384), C=4096 at 1 head (2x faster); 16 heads: 512.
 CHUNK_ROWS = 8192
 CHUNK_BOUNDS = (DEFAULT_BIDIRECTIONAL_CHUNK, 4096)
 
