@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from favor.distributed import sequence_parallel_forward, shard_sequence
-from favor.distributed.train import all_reduce_gradients, init_from_env
+from favor.distributed.train import all_reduce_gradients, init_from_env, leave_process_group
 from favor.models import PerformerConfig, PerformerLM
 
 
@@ -94,10 +94,9 @@ def main(argv=None) -> list[float]:
         if rank == 0:
             print(f"step {step:4d}  loss {losses[-1]:.10f}  ({world} process{'es' if world > 1 else ''})")
     if distributed:
-        # every rank done with gloo before any tears it down (else a rank can abort at exit:
-        # "terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
+        # barrier, destroy, and let gloo's threads free their last collectives before the
+        # interpreter exits (see its docstring: else a rank can abort at exit)
+        leave_process_group()
     return losses
 
 

@@ -59,11 +59,10 @@ def elastic_restart() -> int:
 
 def run_parallel(args: argparse.Namespace, model_cfg, train_cfg) -> int:
     """Train with ``train_distributed``; returns the exit code."""
-    import torch.distributed as dist
     from tqdm import tqdm
 
     from ..training.checkpoint import CheckpointError, has_checkpoint
-    from .train import init_from_env, train_distributed
+    from .train import init_from_env, leave_process_group, train_distributed
 
     name, n = parallel_option(args)
     flag = "--" + name.replace("_", "-")
@@ -85,10 +84,11 @@ def run_parallel(args: argparse.Namespace, model_cfg, train_cfg) -> int:
         if world != n:
             if rank == 0:
                 print(f"favor train: {flag} {n} but torchrun started {world} processes")
-            dist.destroy_process_group()
+            leave_process_group(synchronize=False)
             return 2
     else:
         rank = 0
+    finished = False
     try:
         bar = tqdm(
             total=train_cfg.steps,
@@ -122,9 +122,10 @@ def run_parallel(args: argparse.Namespace, model_cfg, train_cfg) -> int:
             print(f"favor train: {e}")
             return 2 if isinstance(e, ValueError) else 1
         bar.close()
+        finished = True
     finally:
         if joined:
-            dist.destroy_process_group()
+            leave_process_group(synchronize=finished)
     if rank == 0:
         result.pop("model")
         if restarts:
