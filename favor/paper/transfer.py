@@ -38,7 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16)")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
     parser.add_argument(
-        "--warmup", type=int, default=WARMUP, help=f"warm-up steps of the models trained from scratch (default {WARMUP})"
+        "--warmup",
+        type=int,
+        default=WARMUP,
+        help=f"warm-up steps of the models trained from scratch (default {WARMUP})",
     )
     parser.add_argument("--part", choices=("all", "books", "antiberty"), default="all", help="which transfer to run")
     parser.add_argument(
