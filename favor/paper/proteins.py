@@ -26,7 +26,7 @@ VARIANTS = [
 #: mode -> (ModelSize, clip length, batch, steps, eval_every, eval rows, seeds, proteins used, OOD families)
 MODES = {
     "quick": (ModelSize(dim=32, depth=1, heads=2, max_len=65), 64, 2, 4, 2, 2, 1, 1500, 5),
-    "full": (ModelSize(dim=64, depth=2, heads=2, max_len=1025), 1024, 4, 300, 25, 16, 1, None, 20),
+    "full": (ModelSize(dim=64, depth=2, heads=2, max_len=1025), 1024, 4, 1000, 50, 16, 1, None, 20),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .books import LR
+from .books import LR, WARMUP
 from .harness import ModelSize, Variant
 
 NAME = "transfer"
@@ -26,7 +26,7 @@ FRESH = 1000
 #: every 10 steps (for the steps-to-99 % count) on fewer rows than books, to keep its cost down
 MODES = {
     "quick": (ModelSize(dim=32, depth=1, heads=2, max_len=128), 128, 2, 4, 4, 2, 2),
-    "full": (ModelSize(dim=64, depth=2, heads=2, max_len=2048), 2048, 2, 300, 150, 10, 4),
+    "full": (ModelSize(dim=64, depth=2, heads=2, max_len=128), 128, 16, 600, 300, 20, 64),
 }
 
 
@@ -34,10 +34,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="softmax pre-training steps (default: the mode's)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="Performer fine-tuning steps")
-    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 2048)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 128, as books)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16)")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
-    parser.add_argument("--warmup", type=int, default=20, help="warm-up steps of the models trained from scratch")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=WARMUP,
+        help=f"warm-up steps of the models trained from scratch (default {WARMUP})",
+    )
     parser.add_argument("--part", choices=("all", "books", "antiberty"), default="all", help="which transfer to run")
     parser.add_argument(
         "--antiberty-steps", type=int, default=None, help="AntiBERTy fine-tuning steps (default 60; 0 with --quick)"
@@ -76,7 +81,7 @@ def experiment(
     seq_len: int | None = None,
     batch: int | None = None,
     lr: float = LR,
-    warmup: int = 20,
+    warmup: int = WARMUP,
     data_dir: str | Path | None = None,
     austen: bool = True,
     progress=None,
