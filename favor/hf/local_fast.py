@@ -24,9 +24,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..attention._fast_features import row_features
 from ..attention._normalise import exp_diff
+from ..features.feature_map import FeatureMap
 
-__all__ = ["local_fast", "band_products", "band_weighted_sum", "band_transpose", "BLOCK"]
+__all__ = ["local_fast", "fast_eligible", "band_products", "band_weighted_sum", "band_transpose", "BLOCK"]
 
 #: queries per block of the banded GEMMs: each block meets BLOCK + 2W keys, so the products
 #: cost (BLOCK + 2W) / (2W + 1) times the band itself; smaller blocks waste less but make
@@ -163,7 +165,7 @@ def _a_at(a, lead, sl):
 
 class _LocalFast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, qx, kx, v, log_const, a, mask, feat, window, sinks, block):
+    def forward(ctx, q, k, qx, kx, v, log_const, projection, a, mask, feat, root, window, sinks, block):
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], qx.shape[:-2], kx.shape[:-2])
         length, dv = q.shape[-2], v.shape[-1]
         q_, k_, qx_, kx_, v_ = (_flat(x, lead) for x in (q, k, qx, kx, v))
@@ -216,9 +218,10 @@ class _LocalFast(torch.autograd.Function):
             inv[sl], far[sl], coeff[sl], exact[sl] = iv, fa, co, ex
             kvzs.append(kvz_g)
             refs.append(gr.ref)
-        ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead = feat, window, sinks, block, lead
+        ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead, ctx.root = feat, window, sinks, block, lead, root
         ctx.shapes = (qx.shape, kx.shape, v.shape)
         ctx.c_shape = log_const.shape if ctx.needs_input_grad[5] else None
+        ctx.w_shape, ctx.w_dtype = projection.shape, projection.dtype
         ctx.save_for_backward(q, k, qx, kx, v, a, pad, torch.cat(kvzs), torch.cat(refs), live, coeff, exact, far, out, inv)
         return out.view(*lead, length, dv)
 
@@ -238,12 +241,15 @@ class _LocalFast(torch.autograd.Function):
         dkx = torch.empty_like(kx_) if need[3] else None
         dv_ = torch.empty_like(v_) if need[4] else None
         dc = q_.new_empty(n) if need[5] and ctx.c_shape is not None else None
+        # FAVOR+'s projection W (fitted or distilled): values = exp(root x.w_m - shift), so
+        # dW = root * sum over rows of (d values * values)^T x, for queries and keys
+        dw = torch.zeros(ctx.w_shape, dtype=q_.dtype, device=q_.device) if need[6] else None
         step = max(1, GROUP_ROWS // length)
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
             _backward_group(
                 ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad,
-                (dq, dk, dqx, dkx, dv_, dc),
+                (dq, dk, dqx, dkx, dv_, dc, dw),
             )
 
         def view(t, shape):
@@ -256,14 +262,15 @@ class _LocalFast(torch.autograd.Function):
             view(dkx, ctx.shapes[1]),
             view(dv_, ctx.shapes[2]),
             None if dc is None else dc.view(*lead, 1, 1).sum_to_size(ctx.c_shape),
-            None, None, None, None, None, None,
+            None if dw is None else (dw * ctx.root).to(ctx.w_dtype),
+            None, None, None, None, None, None, None,
         )
 
 
 def _backward_group(ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad, grads):
     """The hand-written backward for the sequences ``sl``, written into ``grads`` (each (N, ...) or None)."""
     feat, window, sinks, block, lead = ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead
-    dq, dk, dqx, dkx, dv_, dc = grads
+    dq, dk, dqx, dkx, dv_, dc, dw = grads
     length, dv = out.shape[-2], out.shape[-1]
     n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
     a_g = _a_at(a, lead, sl)
@@ -309,14 +316,17 @@ def _backward_group(ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff
         dkx[sl] = d
     if dc is not None:
         dc[sl] = dlog.sum((-2, -1))
-    if dq is not None:
+    if dq is not None or dw is not None:
         dqv = dnd @ kvz_g.mT  # (g, L, M')
         if nb:
             dqv += band_weighted_sum(drf[..., :nb], kw, window, block, x_flat=gr.k_flat)
         if n_sinks:
             dqv += drf[..., nb:] @ kw[:, :n_sinks]
-        dq[sl] = feat.vjp(q_[sl], a_g, qv, dqv, -dlog.sum(-1))
-    if dk is not None:
+        if dw is not None:
+            dw.addmm_(dqv.mul(qv).flatten(0, 1).mT, q_[sl].flatten(0, 1))
+        if dq is not None:
+            dq[sl] = feat.vjp(q_[sl], a_g, qv, dqv, -dlog.sum(-1))
+    if dk is not None or dw is not None:
         v1 = torch.cat([vg, torch.ones_like(vg[..., :1])], -1)
         dkw = v1 @ dkvz.mT  # (g, L, M')
         if nb:
@@ -324,17 +334,32 @@ def _backward_group(ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff
         if n_sinks:
             dkw[:, :n_sinks] += drf[..., nb:].mT @ qv
         # phi(k) exp(-ref) = kw: its log scale (the |k|^2 term) carries sum_m dkw kw
-        dk[sl] = feat.vjp(k_[sl], a_g, kw, dkw, (dkw * kw).sum(-1))
+        if dw is not None:
+            dw.addmm_(dkw.mul(kw).flatten(0, 1).mT, k_[sl].flatten(0, 1))
+        if dk is not None:
+            dk[sl] = feat.vjp(k_[sl], a_g, kw, dkw, (dkw * kw).sum(-1))
+
+
+def fast_eligible(feature_map: FeatureMap, a: torch.Tensor | None) -> bool:
+    """Whether ``local_fast`` takes this map: row features with a hand-written gradient
+    (FAVOR+, so also favor.hf's dense features, or FAVOR++ with a constant A and a constant
+    projection) and the exact stabiliser."""
+    if feature_map.stabilizer != "exact" or feature_map.kernel not in ("positive", "oprf"):
+        return False
+    if feature_map.kernel == "oprf":
+        return (a is None or not a.requires_grad) and not feature_map.projection.requires_grad
+    return True
 
 
 def local_fast(
-    feat,
+    feature_map: FeatureMap,
     q: torch.Tensor,
     k: torch.Tensor,
     qx: torch.Tensor,
     kx: torch.Tensor,
     v: torch.Tensor,
     *,
+    root: float,
     window: int,
     sinks: int,
     a: torch.Tensor | None = None,
@@ -344,15 +369,17 @@ def local_fast(
 ) -> torch.Tensor:
     """Bidirectional FAVOR with exact local terms (local.py's module docstring), fast.
 
-    ``feat``: row features with ``vjp`` (favor.attention._fast_features.row_features) of the
-    feature inputs q, k (..., L, D'); qx, kx (..., L, D): the inputs whose dot products the
-    features estimate (already scaled); v (..., L, Dv); ``a``: FAVOR++'s A (a constant here)
-    or None; ``log_const``: a float or a tensor broadcasting against (..., 1, 1);
-    ``key_padding_mask`` bool (B, L), True for padding. Returns (..., L, Dv)."""
-    if getattr(feat, "vjp", None) is None:
-        raise TypeError("local_fast needs row features with a hand-written vjp (row_features of 'positive' or 'oprf')")
-    if a is not None and a.requires_grad:
-        raise ValueError("local_fast takes FAVOR++'s A as a constant; got one that requires grad")
+    The features are ``feature_map``'s of q * root and k * root, q, k (..., L, D'); qx, kx
+    (..., L, D): the inputs whose dot products the features estimate (already scaled);
+    v (..., L, Dv); ``a``: FAVOR++'s A (a constant) or None; ``log_const``: a float or a
+    tensor broadcasting against (..., 1, 1); ``key_padding_mask`` bool (B, L), True for
+    padding. Gradients reach q, k, qx, kx, v, a tensor log_const and FAVOR+'s projection.
+    Returns (..., L, Dv)."""
+    if not fast_eligible(feature_map, a):
+        raise ValueError(
+            f"local_fast takes FAVOR+ ('positive') or FAVOR++ ('oprf') with a constant A and projection and the "
+            f"exact stabiliser, got kernel={feature_map.kernel!r}, stabilizer={feature_map.stabilizer!r}"
+        )
     length = q.shape[-2]
     if k.shape[-2] != length or qx.shape[-2] != length or kx.shape[-2] != length or v.shape[-2] != length:
         raise ValueError(
@@ -361,4 +388,6 @@ def local_fast(
     if window < 0 and sinks <= 0:
         raise ValueError(f"exact local terms need window >= 0 or sinks > 0, got window={window}, sinks={sinks}")
     mask = None if key_padding_mask is None else key_padding_mask[:, None, :]
-    return _LocalFast.apply(q, k, qx, kx, v, log_const, a, mask, feat, window, sinks, block)
+    feat = row_features(feature_map, root)
+    projection = feature_map.projection
+    return _LocalFast.apply(q, k, qx, kx, v, log_const, projection, a, mask, feat, root, window, sinks, block)

@@ -6,11 +6,10 @@ log_const) in float64; the banded helpers against dense loops."""
 import pytest
 import torch
 
-from favor.attention._fast_features import row_features
 from favor.features.feature_map import FeatureMap
 from favor.hf.local import local_exact_attention, local_exact_reference, pair_features
 from favor.hf import local_fast as local_fast_module
-from favor.hf.local_fast import band_products, band_transpose, band_weighted_sum, local_fast
+from favor.hf.local_fast import band_products, band_transpose, band_weighted_sum, fast_eligible, local_fast
 
 
 @pytest.mark.parametrize("w,block,length", [(0, 4, 9), (2, 4, 9), (3, 2, 11), (5, 32, 7), (1, 3, 3)])
@@ -80,11 +79,12 @@ def test_fast_path_equals_autograd_path_and_reference(
     q, k, v, qx, kx, fm, pad, log_const, g = _case(kernel, length, dense, window + 3 * sinks + length)
     pad = pad if padded else None
     root = 0.9
-    feat = row_features(fm, root)
     a = fm.oprf_a(q * root, k * root) if kernel == "oprf" else None
+    if kernel == "positive":  # fitted and distilled: FAVOR+'s projection is trained too
+        fm.projection = fm.projection.clone().requires_grad_(True)
     qx_, kx_ = (qx, kx) if dense else (q * root, k * root)
     opts = dict(window=window, sinks=sinks, log_const=log_const, key_padding_mask=pad)
-    fast = local_fast(feat, q, k, qx_, kx_, v, a=a, block=block, **opts)
+    fast = local_fast(fm, q, k, qx_, kx_, v, root=root, a=a, block=block, **opts)
     fq, fk = pair_features(fm, q, k, root, None if pad is None else pad[:, None, :])
     slow = local_exact_attention(fq, fk, qx_, kx_, v, **opts)
     kernel_est = fq.explicit() @ fk.explicit().transpose(-1, -2)
@@ -94,10 +94,12 @@ def test_fast_path_equals_autograd_path_and_reference(
     torch.testing.assert_close(fast * keep, slow * keep, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast * keep, ref * keep, rtol=1e-10, atol=1e-12)
     w = torch.randn(fast.shape, generator=g, dtype=torch.float64) * keep
-    leaves = [q, k, v, log_const] + ([qx, kx] if dense else [])
+    names = ["q", "k", "v", "log_const"] + (["projection"] if kernel == "positive" else []) + (["qx", "kx"] if dense else [])
+    leaves = [{"projection": fm.projection, "qx": qx, "kx": kx}.get(n) for n in names[4:]]
+    leaves = [q, k, v, log_const] + leaves
     got = torch.autograd.grad((fast * w).sum(), leaves, retain_graph=True)
     want = torch.autograd.grad((slow * w).sum(), leaves)
-    for name, x, y in zip(["q", "k", "v", "log_const", "qx", "kx"], got, want, strict=False):
+    for name, x, y in zip(names, got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
 
 
@@ -108,19 +110,20 @@ def test_float32_agrees_with_float64():
     for dt in (torch.float64, torch.float32):
         fmd = FeatureMap("positive", dim=4, num_features=16, generator=torch.Generator().manual_seed(0)).to(dt)
         qd, kd, vd = (x.detach().to(dt) for x in (q, k, v))
-        outs.append(
-            local_fast(row_features(fmd, root), qd, kd, qd * root, kd * root, vd, window=8, sinks=1, key_padding_mask=pad)
-        )
+        outs.append(local_fast(fmd, qd, kd, qd * root, kd * root, vd, root=root, window=8, sinks=1, key_padding_mask=pad))
     # float32 round-off on O(1) outputs
     torch.testing.assert_close(outs[1].double(), outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_refuses_what_it_cannot_do():
     q, k, v, _, _, fm, _, _, _ = _case("positive", 6, False, 0)
-    feat = row_features(fm, 1.0)
     with pytest.raises(ValueError, match="window >= 0 or sinks > 0"):
-        local_fast(feat, q, k, q, k, v, window=-1, sinks=0)
+        local_fast(fm, q, k, q, k, v, root=1.0, window=-1, sinks=0)
     with pytest.raises(ValueError, match="as many queries as keys"):
-        local_fast(feat, q, k[..., :4, :], q, k[..., :4, :], v[..., :4, :], window=1, sinks=0)
-    with pytest.raises(TypeError, match="vjp"):
-        local_fast(lambda x, a=None: None, q, k, q, k, v, window=1, sinks=0)
+        local_fast(fm, q, k[..., :4, :], q, k[..., :4, :], v[..., :4, :], root=1.0, window=1, sinks=0)
+    trig = FeatureMap("trig", dim=4, num_features=8, generator=torch.Generator().manual_seed(0)).double()
+    with pytest.raises(ValueError, match="local_fast takes FAVOR"):
+        local_fast(trig, q, k, q, k, v, root=1.0, window=1, sinks=0)
+    oprf = FeatureMap("oprf", dim=4, num_features=8, generator=torch.Generator().manual_seed(0)).double()
+    a = oprf.oprf_a(q, k)  # rho from the data: A carries q's and k's gradient
+    assert a.requires_grad and not fast_eligible(oprf, a)
