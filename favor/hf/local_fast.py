@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..attention._fast_features import row_features
+from ..attention._chunking import Scratch
 from ..attention._normalise import exp_diff
 from ..features.feature_map import FeatureMap
 
@@ -77,17 +78,24 @@ def band_products(a: torch.Tensor, b: torch.Tensor, w: int, block: int = BLOCK, 
     return band.reshape(n, padded, 2 * w + 1)[:, :length]
 
 
-def band_weighted_sum(coeff: torch.Tensor, x: torch.Tensor, w: int, block: int = BLOCK, *, x_flat=None) -> torch.Tensor:
+def band_weighted_sum(
+    coeff: torch.Tensor, x: torch.Tensor, w: int, block: int = BLOCK, *, x_flat=None, out=None
+) -> torch.Tensor:
     """sum_s coeff[i, s] x[i + s - w], coeff (N, L, 2w + 1), x (N, L, X) -> (N, L, X).
-    ``coeff`` must be 0 on slots beyond the sequence's ends. ``x_flat``: as ``_flat_keys``."""
+    ``coeff`` must be 0 on slots beyond the sequence's ends. ``x_flat``: as ``_flat_keys``;
+    ``out`` (N, L, X) contiguous: added to in place (in the GEMM itself where blocks tile L)."""
     n, length, width = x.shape
     c, padded = _geometry(block, length)
     flat = _flat_keys(x, w, padded) if x_flat is None else x_flat
     band = _query_blocks(coeff, c, padded)  # (N * nb, c, 2w + 1)
     # skew: row r's slots move to columns r .. r + 2w of a (c, c + 2w) matrix
     skew = F.pad(band, (0, c)).flatten(-2)[:, : c * (c + 2 * w)].view(-1, c, c + 2 * w)
-    out = torch.bmm(skew, _keys_view(flat, w, c).transpose(-1, -2))  # (N * nb, c, X)
-    return out.view(n, padded, width)[:, :length]
+    keys = _keys_view(flat, w, c).transpose(-1, -2)  # (N * nb, c + 2w, X)
+    if out is not None and padded == length:
+        out.view(-1, c, width).baddbmm_(skew, keys)
+        return out
+    got = torch.bmm(skew, keys).view(n, padded, width)[:, :length]  # (N * nb, c, X) -> (N, L, X)
+    return got if out is None else out.add_(got)
 
 
 def band_transpose(coeff: torch.Tensor, w: int) -> torch.Tensor:
@@ -103,16 +111,17 @@ def band_transpose(coeff: torch.Tensor, w: int) -> torch.Tensor:
 GROUP_ROWS = 4096
 
 
-def _features(feat, x: torch.Tensor, a, w: int, block: int):
-    """(values (g, L, M'), log scale (g, L), flat): features of x (g, L, D), written straight
-    into a ``_flat_keys`` layout (``flat``) when the blocks tile L, else flat is None."""
+def _features(feat, x: torch.Tensor, a, w: int, block: int, scratch: Scratch, name: str):
+    """(values (g, L, M'), log scale (g, L), flat): features of x (g, L, D) in the reused
+    buffer ``name``, laid out as ``_flat_keys`` (``flat``) when the blocks tile L, else flat
+    is None."""
     g, length, _ = x.shape
     c, padded = _geometry(block, length)
-    width = getattr(feat, "width", None)
-    if w < 0 or padded != length or width is None:
-        f = feat(x, a)
+    width = feat.width
+    if w < 0 or padded != length:
+        f = scratch.features(feat, x, a, name)
         return f.values, f.log_scale, None
-    flat = x.new_empty(g * length + 2 * w, width)
+    flat = scratch(name, (g * length + 2 * w, width), x)
     flat[:w].zero_()
     flat[g * length + w :].zero_()
     f = feat(x, a, out=flat[w : w + g * length].view(g, length, width))
@@ -122,10 +131,10 @@ def _features(feat, x: torch.Tensor, a, w: int, block: int):
 class _Group:
     """One group of sequences: features, masks and the per-key weights, as both passes use."""
 
-    def __init__(self, ctx_like, q, k, a, pad, ref=None):
+    def __init__(self, ctx_like, q, k, a, pad, scratch: Scratch, ref=None):
         feat, w, block = ctx_like
-        self.qv, self.lq, self.q_flat = _features(feat, q, a, w, block)
-        kv_, lk, self.k_flat = _features(feat, k, a, w, block)
+        self.qv, self.lq, self.q_flat = _features(feat, q, a, w, block, scratch, "fq")
+        kv_, lk, self.k_flat = _features(feat, k, a, w, block, scratch, "fk")
         if pad is not None:
             lk = lk.masked_fill(pad, float("-inf"))
         self.ref = lk.amax(-1, keepdim=True) if ref is None else ref  # (g, 1)
@@ -183,10 +192,11 @@ class _LocalFast(torch.autograd.Function):
         exact = torch.empty_like(coeff)
         kvzs, refs = [], []
         step = max(1, GROUP_ROWS // length)
+        scratch = Scratch()  # the groups' (rows x M') blocks reuse the same buffers
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
             p_ = None if pad is None else pad[sl]
-            gr = _Group((feat, window, block), q_[sl], k_[sl], _a_at(a, lead, sl), p_)
+            gr = _Group((feat, window, block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch)
             qv, kw = gr.qv, gr.kw
             v1 = torch.cat([v_[sl], torch.ones_like(v_[sl, :, :1])], -1)  # (g, L, Dv + 1)
             kvz_g = kw.mT @ v1  # (g, M', Dv + 1)
@@ -245,10 +255,11 @@ class _LocalFast(torch.autograd.Function):
         # dW = root * sum over rows of (d values * values)^T x, for queries and keys
         dw = torch.zeros(ctx.w_shape, dtype=q_.dtype, device=q_.device) if need[6] else None
         step = max(1, GROUP_ROWS // length)
+        scratch = Scratch()
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
             _backward_group(
-                ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad,
+                ctx, scratch, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad,
                 (dq, dk, dqx, dkx, dv_, dc, dw),
             )
 
@@ -267,14 +278,14 @@ class _LocalFast(torch.autograd.Function):
         )
 
 
-def _backward_group(ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad, grads):
+def _backward_group(ctx, scratch, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad, grads):
     """The hand-written backward for the sequences ``sl``, written into ``grads`` (each (N, ...) or None)."""
     feat, window, sinks, block, lead = ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead
     dq, dk, dqx, dkx, dv_, dc, dw = grads
     length, dv = out.shape[-2], out.shape[-1]
     n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
     a_g = _a_at(a, lead, sl)
-    gr = _Group((feat, window, block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], ref[sl])
+    gr = _Group((feat, window, block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], scratch, ref[sl])
     qv, kw = gr.qv, gr.kw
     lv = live if live.shape[0] == 1 else live[sl]
     co, ex, fa, iv, vg = coeff[sl], exact[sl], far[sl], inv[sl], v_[sl]
@@ -317,27 +328,29 @@ def _backward_group(ctx, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff
     if dc is not None:
         dc[sl] = dlog.sum((-2, -1))
     if dq is not None or dw is not None:
-        dqv = dnd @ kvz_g.mT  # (g, L, M')
+        dqv = scratch.matmul("dqv", dnd, kvz_g.mT)  # (g, L, M')
         if nb:
-            dqv += band_weighted_sum(drf[..., :nb], kw, window, block, x_flat=gr.k_flat)
+            band_weighted_sum(drf[..., :nb], kw, window, block, x_flat=gr.k_flat, out=dqv)
         if n_sinks:
-            dqv += drf[..., nb:] @ kw[:, :n_sinks]
+            dqv.baddbmm_(drf[..., nb:], kw[:, :n_sinks])
         if dw is not None:
-            dw.addmm_(dqv.mul(qv).flatten(0, 1).mT, q_[sl].flatten(0, 1))
+            prod = torch.mul(dqv, qv, out=scratch("prod", qv.shape, qv))
+            dw.addmm_(prod.flatten(0, 1).mT, q_[sl].flatten(0, 1))
         if dq is not None:
             dq[sl] = feat.vjp(q_[sl], a_g, qv, dqv, -dlog.sum(-1))
     if dk is not None or dw is not None:
         v1 = torch.cat([vg, torch.ones_like(vg[..., :1])], -1)
-        dkw = v1 @ dkvz.mT  # (g, L, M')
+        dkw = scratch.matmul("dkw", v1, dkvz.mT)  # (g, L, M')
         if nb:
-            dkw += band_weighted_sum(band_transpose(drf[..., :nb], window), qv, window, block, x_flat=gr.q_flat)
+            band_weighted_sum(band_transpose(drf[..., :nb], window), qv, window, block, x_flat=gr.q_flat, out=dkw)
         if n_sinks:
             dkw[:, :n_sinks] += drf[..., nb:].mT @ qv
         # phi(k) exp(-ref) = kw: its log scale (the |k|^2 term) carries sum_m dkw kw
+        prod = torch.mul(dkw, kw, out=scratch("prod", kw.shape, kw))
         if dw is not None:
-            dw.addmm_(dkw.mul(kw).flatten(0, 1).mT, k_[sl].flatten(0, 1))
+            dw.addmm_(prod.flatten(0, 1).mT, k_[sl].flatten(0, 1))
         if dk is not None:
-            dk[sl] = feat.vjp(k_[sl], a_g, kw, dkw, (dkw * kw).sum(-1))
+            dk[sl] = feat.vjp(k_[sl], a_g, kw, dkw, prod.sum(-1))
 
 
 def fast_eligible(feature_map: FeatureMap, a: torch.Tensor | None) -> bool:
