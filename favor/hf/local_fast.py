@@ -33,8 +33,8 @@ __all__ = ["local_fast", "fast_eligible", "band_products", "band_weighted_sum", 
 
 #: queries per block of the banded GEMMs: each block meets BLOCK + 2W keys, so the products
 #: cost (BLOCK + 2W) / (2W + 1) times the band itself; smaller blocks waste less but make
-#: smaller GEMMs (32 measured best at W = 8 on a 2-core CPU, benchmarks/local_terms.py)
-BLOCK = 32
+#: smaller GEMMs (8, 16 and 32 within noise of each other at W = 8 on the 2-core CPU)
+BLOCK = 16
 
 
 def _geometry(block: int, length: int) -> tuple[int, int]:
@@ -131,15 +131,18 @@ def _features(feat, x: torch.Tensor, a, w: int, block: int, scratch: Scratch, na
 class _Group:
     """One group of sequences: features, masks and the per-key weights, as both passes use."""
 
-    def __init__(self, ctx_like, q, k, a, pad, scratch: Scratch, ref=None):
+    def __init__(self, ctx_like, q, k, a, pad, scratch: Scratch, ref=None, *, weighted: bool = True):
         feat, w, block = ctx_like
         self.qv, self.lq, self.q_flat = _features(feat, q, a, w, block, scratch, "fq")
         kv_, lk, self.k_flat = _features(feat, k, a, w, block, scratch, "fk")
         if pad is not None:
             lk = lk.masked_fill(pad, float("-inf"))
         self.ref = lk.amax(-1, keepdim=True) if ref is None else ref  # (g, 1)
-        e = exp_diff(lk, self.ref) if pad is not None else torch.exp(lk - self.ref)
-        self.kw = kv_.mul_(e[..., None])  # weighted key features phi(k_j) exp(-ref), in place; padded rows 0
+        # each key's weight exp(log scale - ref) (g, L), 0 for padding
+        self.e = exp_diff(lk, self.ref) if pad is not None else torch.exp(lk - self.ref)
+        # weighted: phi(k_j) exp(-ref) = values * e, in place (the backward's form); else the
+        # forward leaves the values alone and puts e on V's rows and on the band's products
+        self.kv = kv_.mul_(self.e[..., None]) if weighted else kv_
 
 
 def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
@@ -196,18 +199,23 @@ class _LocalFast(torch.autograd.Function):
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
             p_ = None if pad is None else pad[sl]
-            gr = _Group((feat, window, block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch)
-            qv, kw = gr.qv, gr.kw
-            v1 = torch.cat([v_[sl], torch.ones_like(v_[sl, :, :1])], -1)  # (g, L, Dv + 1)
-            kvz_g = kw.mT @ v1  # (g, M', Dv + 1)
-            nd = qv @ kvz_g  # (g, L, Dv + 1): far numerator and normaliser
+            gr = _Group((feat, window, block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch, weighted=False)
+            qv, kv, e = gr.qv, gr.kv, gr.e
+            v1e = torch.cat([v_[sl], torch.ones_like(v_[sl, :, :1])], -1).mul_(e[..., None])  # (g, L, Dv + 1)
+            kvz_g = kv.mT @ v1e  # (g, M', Dv + 1)
+            if n_sinks:  # the sinks' weighted features ride in the same GEMM as the far sums
+                sink_w = (kv[:, :n_sinks] * e[:, :n_sinks, None]).mT  # (g, M', S)
+                nd = qv @ torch.cat([kvz_g, sink_w], -1)  # (g, L, Dv + 1 + S)
+            else:
+                nd = qv @ kvz_g  # (g, L, Dv + 1): far numerator and normaliser
             lv = live if live.shape[0] == 1 else live[sl]
             rf, logits = [], []
             if nb:
-                rf.append(band_products(qv, kw, window, block, b_flat=gr.k_flat))
+                e_band = F.pad(e, (window, window)).unfold(-1, nb, 1)  # (g, L, 2W + 1): e of each slot's key
+                rf.append(band_products(qv, kv, window, block, b_flat=gr.k_flat).mul_(e_band))
                 logits.append(band_products(qx_[sl], kx_[sl], window, block))
             if n_sinks:
-                rf.append(qv @ kw[:, :n_sinks].mT)
+                rf.append(nd[..., dv + 1 :])
                 logits.append(qx_[sl] @ kx_[sl, :n_sinks].mT)
             rf = (torch.cat(rf, -1) if len(rf) > 1 else rf[0]).masked_fill_(~lv, 0.0)
             logits = torch.cat(logits, -1) if len(logits) > 1 else logits[0]
@@ -286,7 +294,7 @@ def _backward_group(ctx, scratch, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, li
     n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
     a_g = _a_at(a, lead, sl)
     gr = _Group((feat, window, block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], scratch, ref[sl])
-    qv, kw = gr.qv, gr.kw
+    qv, kw = gr.qv, gr.kv
     lv = live if live.shape[0] == 1 else live[sl]
     co, ex, fa, iv, vg = coeff[sl], exact[sl], far[sl], inv[sl], v_[sl]
     g = grad[sl]

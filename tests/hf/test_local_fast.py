@@ -127,3 +127,17 @@ def test_refuses_what_it_cannot_do():
     oprf = FeatureMap("oprf", dim=4, num_features=8, generator=torch.Generator().manual_seed(0)).double()
     a = oprf.oprf_a(q, k)  # rho from the data: A carries q's and k's gradient
     assert a.requires_grad and not fast_eligible(oprf, a)
+
+
+def test_the_benchmark_checks_before_timing(tmp_path, monkeypatch):
+    # benchmarks/local_terms.py times local_fast only after comparing it with the autograd
+    # path (float64, outputs and gradients); a tiny run exercises that check end to end
+    from benchmarks import local_terms
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        assert local_terms.main(["--lengths", "64", "--repeats", "1", "--backward", "--autograd", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "runs" / "bench" / "local_terms_fwd_bwd.json").exists()
