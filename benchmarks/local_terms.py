@@ -136,7 +136,9 @@ def _check(fast_path, autograd_path, fm, d: int) -> None:
     grads = [torch.autograd.grad((o * w).sum(), (q, k, v)) for o in outs]
     for a, b in zip([outs[0], *grads[0]], [outs[1], *grads[1]], strict=True):
         if not torch.allclose(a, b, rtol=1e-9, atol=1e-11):
-            raise SystemExit(f"local_fast differs from the autograd path by {float((a - b).abs().max()):.3g}: not timed")
+            raise SystemExit(
+                f"local_fast differs from the autograd path by {float((a - b).abs().max()):.3g}: not timed"
+            )
     print("check: local_fast == autograd path (float64, L=300, outputs and gradients, 1e-9)")
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..attention._fast_features import row_features
 from ..attention._chunking import Scratch
+from ..attention._fast_features import row_features
 from ..attention._normalise import exp_diff
 from ..features.feature_map import FeatureMap
 
@@ -219,7 +219,9 @@ class _LocalFast(torch.autograd.Function):
                 logits.append(qx_[sl] @ kx_[sl, :n_sinks].mT)
             rf = (torch.cat(rf, -1) if len(rf) > 1 else rf[0]).masked_fill_(~lv, 0.0)
             logits = torch.cat(logits, -1) if len(logits) > 1 else logits[0]
-            log_exact = (logits + (c_all[sl] - gr.lq[..., None] - gr.ref[..., None, :])).masked_fill_(~lv, float("-inf"))
+            log_exact = (logits + (c_all[sl] - gr.lq[..., None] - gr.ref[..., None, :])).masked_fill_(
+                ~lv, float("-inf")
+            )
             top = log_exact.amax(-1).clamp_min_(0.0)
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
             ex = torch.exp(log_exact - top[..., None])  # (g, L, E), 0 where no key
@@ -240,16 +242,15 @@ class _LocalFast(torch.autograd.Function):
         ctx.shapes = (qx.shape, kx.shape, v.shape)
         ctx.c_shape = log_const.shape if ctx.needs_input_grad[5] else None
         ctx.w_shape, ctx.w_dtype = projection.shape, projection.dtype
-        ctx.save_for_backward(q, k, qx, kx, v, a, pad, torch.cat(kvzs), torch.cat(refs), live, coeff, exact, far, out, inv)
+        ctx.save_for_backward(
+            q, k, qx, kx, v, a, pad, torch.cat(kvzs), torch.cat(refs), live, coeff, exact, far, out, inv
+        )
         return out.view(*lead, length, dv)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, qx, kx, v, a, pad, kvz, ref, live, coeff, exact, far, out, inv = ctx.saved_tensors
-        feat, window, sinks, block, lead = ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead
-        need = ctx.needs_input_grad
-        length, dv = out.shape[-2], out.shape[-1]
-        n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
+        lead, need, length = ctx.lead, ctx.needs_input_grad, out.shape[-2]
         q_, k_, qx_, kx_, v_ = (_flat(x, lead) for x in (q, k, qx, kx, v))
         grad = _flat(grad, lead)
         n = q_.shape[0]
@@ -266,10 +267,8 @@ class _LocalFast(torch.autograd.Function):
         scratch = Scratch()
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
-            _backward_group(
-                ctx, scratch, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad,
-                (dq, dk, dqx, dkx, dv_, dc, dw),
-            )
+            saved = (q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad)
+            _backward_group(ctx, scratch, sl, saved, (dq, dk, dqx, dkx, dv_, dc, dw))
 
         def view(t, shape):
             return None if t is None else t.view(*lead, *t.shape[-2:]).sum_to_size(shape)
@@ -282,12 +281,13 @@ class _LocalFast(torch.autograd.Function):
             view(dv_, ctx.shapes[2]),
             None if dc is None else dc.view(*lead, 1, 1).sum_to_size(ctx.c_shape),
             None if dw is None else (dw * ctx.root).to(ctx.w_dtype),
-            None, None, None, None, None, None, None,
+            *([None] * 7),  # a, mask, feat, root, window, sinks, block
         )
 
 
-def _backward_group(ctx, scratch, sl, q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad, grads):
+def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple) -> None:
     """The hand-written backward for the sequences ``sl``, written into ``grads`` (each (N, ...) or None)."""
+    q_, k_, qx_, kx_, v_, a, pad, kvz, ref, live, coeff, exact, far, out, inv, grad = saved
     feat, window, sinks, block, lead = ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead
     dq, dk, dqx, dkx, dv_, dc, dw = grads
     length, dv = out.shape[-2], out.shape[-1]

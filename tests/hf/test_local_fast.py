@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from favor.features.feature_map import FeatureMap
-from favor.hf.local import local_exact_attention, local_exact_reference, pair_features
 from favor.hf import local_fast as local_fast_module
+from favor.hf.local import local_exact_attention, local_exact_reference, pair_features
 from favor.hf.local_fast import band_products, band_transpose, band_weighted_sum, fast_eligible, local_fast
 
 
@@ -94,7 +94,11 @@ def test_fast_path_equals_autograd_path_and_reference(
     torch.testing.assert_close(fast * keep, slow * keep, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast * keep, ref * keep, rtol=1e-10, atol=1e-12)
     w = torch.randn(fast.shape, generator=g, dtype=torch.float64) * keep
-    names = ["q", "k", "v", "log_const"] + (["projection"] if kernel == "positive" else []) + (["qx", "kx"] if dense else [])
+    names = (
+        ["q", "k", "v", "log_const"]
+        + (["projection"] if kernel == "positive" else [])
+        + (["qx", "kx"] if dense else [])
+    )
     leaves = [{"projection": fm.projection, "qx": qx, "kx": kx}.get(n) for n in names[4:]]
     leaves = [q, k, v, log_const] + leaves
     got = torch.autograd.grad((fast * w).sum(), leaves, retain_graph=True)
@@ -110,7 +114,9 @@ def test_float32_agrees_with_float64():
     for dt in (torch.float64, torch.float32):
         fmd = FeatureMap("positive", dim=4, num_features=16, generator=torch.Generator().manual_seed(0)).to(dt)
         qd, kd, vd = (x.detach().to(dt) for x in (q, k, v))
-        outs.append(local_fast(fmd, qd, kd, qd * root, kd * root, vd, root=root, window=8, sinks=1, key_padding_mask=pad))
+        outs.append(
+            local_fast(fmd, qd, kd, qd * root, kd * root, vd, root=root, window=8, sinks=1, key_padding_mask=pad)
+        )
     # float32 round-off on O(1) outputs
     torch.testing.assert_close(outs[1].double(), outs[0], rtol=1e-5, atol=1e-5)
 
@@ -137,7 +143,9 @@ def test_the_benchmark_checks_before_timing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
-        assert local_terms.main(["--lengths", "64", "--repeats", "1", "--backward", "--autograd", "--threads", "1"]) == 0
+        assert (
+            local_terms.main(["--lengths", "64", "--repeats", "1", "--backward", "--autograd", "--threads", "1"]) == 0
+        )
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "runs" / "bench" / "local_terms_fwd_bwd.json").exists()
