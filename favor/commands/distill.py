@@ -88,6 +88,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--train", default="query-key", help="student weights to train besides the adapters: query-key (default) or all"
     )
+    parser.add_argument(
+        "--fit-batches", type=int, default=2, help="training batches the adapters are fitted on (default 2)"
+    )
     parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
     parser.add_argument(
         "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
@@ -198,7 +201,7 @@ def run(args) -> int:
     if args.fit_steps:
         from favor.hf.fit import fit_adapters
 
-        fit_adapters(student, batches[:2], steps=args.fit_steps)
+        fit_adapters(student, batches[: args.fit_batches], steps=args.fit_steps)
     refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
     keys = [str(n) for n in lengths]
     curve = {
@@ -254,6 +257,7 @@ def run(args) -> int:
         "num_features": args.num_features,
         "steps": len(curve["loss"]),
         "fit_steps": args.fit_steps,
+        "fit_batches": args.fit_batches,
         "schedule": args.schedule,
         "train": args.train,
         "lr": args.lr,
