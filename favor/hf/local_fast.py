@@ -8,7 +8,8 @@ which run on FAVOR+). Where the slow path records an autograd graph of some twen
 tensors, here:
 
 * features are computed once without a graph and differentiated by the map's ``vjp``;
-* the numerator and normaliser ride in one GEMM (V with a column of ones appended);
+* the numerator and normaliser ride in one GEMM (V with a column of ones appended, each
+  key's weight on V's rows), and so do the sinks' own estimates (extra columns);
 * every banded product over the 2W + 1 neighbours is one batched GEMM over blocks of
   ``BLOCK`` queries, all sequences of the batch laid end to end (the products that cross
   from one sequence into the next fall on slots that are masked anyway), and the band is
