@@ -38,7 +38,7 @@ from ._hf import (
 #: packed training passages that `favor distill` adds for a sentence encoder (at most the
 #: model's positions): on 64-token passages alone the 512-token fidelity falls while the
 #: 128-token one rises (benchmarks/results/hf_fidelity_512.md)
-LONG_LENGTH = 512
+LONG_LENGTHS = (512,)
 
 
 def add_arguments(parser) -> None:
@@ -58,10 +58,17 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--long-length",
         type=int,
-        help="also train on the training text packed to passages of this many tokens "
-        f"(default {LONG_LENGTH} for a sentence encoder; 0: none, the default for a masked LM)",
+        action="append",
+        help="also train on the training text packed to passages of this many tokens; repeat for several "
+        f"(default {' and '.join(map(str, LONG_LENGTHS))} for a sentence encoder, capped at its positions; "
+        "0: none, the default for a masked LM)",
     )
-    parser.add_argument("--long-batch-size", type=int, default=2, help="passages per batch at --long-length")
+    parser.add_argument(
+        "--long-batch-size",
+        type=int,
+        default=2,
+        help="passages per batch at the longest --long-length (shorter ones: as many tokens per batch)",
+    )
     parser.add_argument(
         "--eval-length",
         type=int,
@@ -80,6 +87,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", default="cosine", help="learning rate: cosine (to 10%%, default) or constant")
     parser.add_argument(
         "--train", default="query-key", help="student weights to train besides the adapters: query-key (default) or all"
+    )
+    parser.add_argument(
+        "--fit-batches", type=int, default=2, help="training batches the adapters are fitted on (default 2)"
     )
     parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
     parser.add_argument(
@@ -163,14 +173,16 @@ def run(args) -> int:
         batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=length)
     try:
         positions = _positions(teacher)
-        long_length = args.long_length
-        if long_length is None:
-            long_length = 0 if mlm else min(LONG_LENGTH, positions)
-        if long_length:
-            if mlm:
-                raise ValueError("--long-length packs passages of a sentence encoder's text, not a masked LM's")
-            long = packed_texts(tok, train, length=long_length)
-            batches += tokenize_batches(tok, long, batch_size=args.long_batch_size, max_length=long_length)
+        long_lengths = args.long_length
+        if long_lengths is None:
+            long_lengths = [] if mlm else sorted({min(n, positions) for n in LONG_LENGTHS})
+        long_lengths = [n for n in long_lengths if n]
+        if long_lengths and mlm:
+            raise ValueError("--long-length packs passages of a sentence encoder's text, not a masked LM's")
+        tokens = args.long_batch_size * max(long_lengths, default=0)  # per packed batch, every length
+        for n in long_lengths:
+            long = packed_texts(tok, train, length=n)
+            batches += tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n)
         given = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
         lengths = eval_lengths(given, kind, max_length(None, kind, 128), limit=positions)
         evs = {n: held_out_batches(tok, args.heldout, kind, length=n, count=samples, batch_size=8) for n in lengths}
@@ -189,7 +201,7 @@ def run(args) -> int:
     if args.fit_steps:
         from favor.hf.fit import fit_adapters
 
-        fit_adapters(student, batches[:2], steps=args.fit_steps)
+        fit_adapters(student, batches[: args.fit_batches], steps=args.fit_steps)
     refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
     keys = [str(n) for n in lengths]
     curve = {
@@ -245,6 +257,7 @@ def run(args) -> int:
         "num_features": args.num_features,
         "steps": len(curve["loss"]),
         "fit_steps": args.fit_steps,
+        "fit_batches": args.fit_batches,
         "schedule": args.schedule,
         "train": args.train,
         "lr": args.lr,
@@ -256,7 +269,8 @@ def run(args) -> int:
         "training_texts": len(train),
         "seconds": round(time.perf_counter() - t0, 1),
         "batch_size": args.batch_size,
-        "long_length": long_length,
+        "long_length": max(long_lengths, default=0),
+        "long_lengths": long_lengths,
         "long_batch_size": args.long_batch_size,
         "training_batches": len(batches),
         "held_out_passages": {n: sum(len(b["input_ids"]) for b in evs[int(n)]) for n in keys},

@@ -18,6 +18,7 @@ from .adapter import FavorAdapter
 from .cache import claim
 from .cross import cross_attention
 from .local import local_exact_attention, pair_features
+from .local_fast import fast_eligible, local_fast
 from .masks import plan_from_mask
 from .support import check_keywords
 
@@ -98,7 +99,7 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
     mask = None if pad is None else pad[:, None, :]  # (B, 1, L): broadcasts over heads
-    fq, fk = pair_features(adapter.feature_map, q, k, root, mask, causal=causal)
+    fm = adapter.feature_map
     # the logits the features estimate: the feature inputs themselves, except for dense
     # features, whose inputs are augmented (adapter.py)
     qx, kx = (
@@ -106,6 +107,24 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
         if adapter.dense
         else (q * root, k * root)
     )
+    if not causal and fm.stabilizer == "exact" and fm.kernel in ("positive", "oprf"):
+        a = fm.oprf_a(q * root, k * root, q_mask=mask, k_mask=mask) if fm.kernel == "oprf" else None
+        if fast_eligible(fm, a):  # the same numbers with a hand-written backward (local_fast.py)
+            return local_fast(
+                fm,
+                q,
+                k,
+                qx.to(dtype),
+                kx.to(dtype),
+                v,
+                root=root,
+                a=a,
+                window=adapter.exact_window,
+                sinks=adapter.exact_sinks,
+                log_const=adapter.log_const(dtype),
+                key_padding_mask=pad,
+            )
+    fq, fk = pair_features(fm, q, k, root, mask, causal=causal)
     return local_exact_attention(
         fq,
         fk,

@@ -20,6 +20,10 @@ prefix as in favor.attention.causal: no output depends on a later token.
 ``log_const`` is log E[phi(q).phi(k)] - q.k for the feature map at hand: 0 for FAVOR+ and
 FAVOR++, and a per-head constant for favor.hf's dense-exponential features (adapter.py).
 
+favor.hf's bidirectional layers run ``local_fast.local_fast`` (the same numbers as
+``local_exact_attention``, tested against it and against ``local_exact_reference``, with a
+hand-written backward); the functions here are its reference and the causal path.
+
 Legend: B batch, H heads, Lq = Lk = L positions, M' features, E exact keys per query.
 """
 
