@@ -30,6 +30,13 @@ def _check_state(state, lead, m: int, dv: int, device) -> None:
     check_state(state, "initial_state", lead, m, dv, device)
 
 
+def _map_needs_grad(feature_map: FeatureMap) -> bool:
+    """A buffer of the map (its projection, rho) is being trained: the fast and step paths'
+    hand-written gradients cover q, k, v and FAVOR++'s A only, so such a call takes the
+    autograd reference paths (else the buffer's gradient would be silently dropped)."""
+    return torch.is_grad_enabled() and any(b.requires_grad for b in feature_map.buffers())
+
+
 def _fast_eligible(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The chunked custom-autograd paths take row-wise features (favor's exact numerics:
     the official key max is a statistic of the whole sequence) and equal (batch, head) shapes;
@@ -131,11 +138,12 @@ def attention(
     # self-attention convention: with Lq == Lk, padded positions are padded queries too,
     # so they stay out of sequence statistics (FAVOR++'s rho)
     q_mask = mask if (mask is not None and q.shape[-2] == k.shape[-2]) else None
-    if streaming and 0 < q.shape[-2] <= STEP_MAX_QUERIES:
+    map_grad = _map_needs_grad(feature_map)
+    if streaming and 0 < q.shape[-2] <= STEP_MAX_QUERIES and not map_grad:
         return _attention_steps(
             q.to(dtype), k.to(dtype), vs, feature_map, root, mask, initial_state, return_state, v.dtype
         )
-    if _fast_eligible(feature_map, q, k, v):
+    if not map_grad and _fast_eligible(feature_map, q, k, v):
         return _attention_fast(
             q.to(dtype),
             k.to(dtype),

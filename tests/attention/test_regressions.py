@@ -109,3 +109,31 @@ def test_lm_token_ids_out_of_range_raise_naming_idx():
             lm(torch.tensor([[1, bad]]))
     with pytest.raises(TypeError, match="AttentionState"):
         lm(torch.tensor([[1]]), state=[None])
+
+
+@pytest.mark.parametrize("kernel", ["positive", "oprf", "relu"])
+@pytest.mark.parametrize("mode", ["bidirectional", "causal", "streamed steps"])
+def test_a_trained_projection_gets_its_gradient_on_every_path(gen, kernel, mode):
+    # was: the fast and step paths' hand-written backward returned no gradient for the
+    # projection (a buffer a user or favor.hf's adapter fitting may train): with only the
+    # projection requiring grad the output had no graph at all, silently
+    fm = make_fm(kernel, d=8, m=16).double()  # a float64 gradient: 1e-9 is round-off there
+    fm.projection.requires_grad_(True)
+    q, k, v = qkv(gen, lq=9, lk=9)
+    w = torch.randn(*q.shape[:-1], v.shape[-1], generator=gen, dtype=torch.float64)
+    causal = mode != "bidirectional"
+    ref = favor.kernel_attention(q, k, v, fm, causal=causal)
+    if mode == "streamed steps":  # a prefix as one call, then the last 2 positions as steps
+        _, state = favor.attention(q[..., :7, :], k[..., :7, :], v[..., :7, :], fm, causal=True, return_state=True)
+        got = favor.attention(
+            q[..., 7:, :], k[..., 7:, :], v[..., 7:, :], fm, causal=True, initial_state=state, return_state=True
+        )[0]
+        ref, w = ref[..., 7:, :], w[..., 7:, :]
+    else:
+        got = favor.attention(q, k, v, fm, causal=causal)
+    assert got.requires_grad
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), fm.projection)
+    (g_got,) = torch.autograd.grad((got * w).sum(), fm.projection)
+    assert rel(got, ref) < 1e-10
+    # float64; the paths differ in summation order only
+    assert rel(g_got, g_ref) < 1e-9, rel(g_got, g_ref)
