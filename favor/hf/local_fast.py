@@ -108,8 +108,18 @@ def band_transpose(coeff: torch.Tensor, w: int) -> torch.Tensor:
 
 
 #: rows (sequences x positions) whose features are alive at a time: a group of whole
-#: sequences, so no feature row is ever computed twice and the band needs no halo
-GROUP_ROWS = 4096
+#: sequences, so no feature row is ever computed twice and the band needs no halo. None:
+#: ROWS_PER_THREAD per torch thread (up to 4). At L=4096, H=8 on the 2-core CPU (quiet,
+#: interleaved): 1 thread best at 4096 rows (125 ms forward; 16384: 140-149 ms), 2 threads
+#: best at 8192 (forward 76 ms, forward+backward 225 ms; 4096: 86 / 249 ms)
+GROUP_ROWS: int | None = None
+ROWS_PER_THREAD = 4096
+
+
+def _group_rows() -> int:
+    if GROUP_ROWS is not None:
+        return GROUP_ROWS
+    return ROWS_PER_THREAD * max(1, min(torch.get_num_threads(), 4))
 
 
 def _features(feat, x: torch.Tensor, a, w: int, block: int, scratch: Scratch, name: str):
@@ -195,7 +205,7 @@ class _LocalFast(torch.autograd.Function):
         coeff = q_.new_empty(n, length, live.shape[-1])
         exact = torch.empty_like(coeff)
         kvzs, refs = [], []
-        step = max(1, GROUP_ROWS // length)
+        step = max(1, _group_rows() // length)
         scratch = Scratch()  # the groups' (rows x M') blocks reuse the same buffers
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
@@ -264,7 +274,7 @@ class _LocalFast(torch.autograd.Function):
         # FAVOR+'s projection W (fitted or distilled): values = exp(root x.w_m - shift), so
         # dW = root * sum over rows of (d values * values)^T x, for queries and keys
         dw = torch.zeros(ctx.w_shape, dtype=q_.dtype, device=q_.device) if need[6] else None
-        step = max(1, GROUP_ROWS // length)
+        step = max(1, _group_rows() // length)
         scratch = Scratch()
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
