@@ -46,7 +46,7 @@ from ..training.loop import (
     _config_dict,
     _make_optimizer,
     evaluate_bpr,
-    plot_log,
+    finish_run,
     restore_run,
     set_learning_rate,
     step_batch,
@@ -164,59 +164,21 @@ def _rng_states(group: dist.ProcessGroup | None, world: int) -> dict[str, torch.
 
 
 def train_sequence_parallel(
-    out_dir: str | Path,
-    model_cfg: PerformerConfig,
-    train_cfg: TrainConfig,
-    *,
-    group: dist.ProcessGroup | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-    write_plot: bool = True,
-    device: torch.device | str | None = None,
-    resume: bool = False,
-    throttle: float = 0.0,
+    out_dir: str | Path, model_cfg: PerformerConfig, train_cfg: TrainConfig, **options
 ) -> dict[str, Any]:
-    """Train a PerformerLM with every sequence split across the ranks of ``group``
-    (every rank calls this with the same arguments): ``train_distributed(split="sequence")``."""
-    return train_distributed(
-        out_dir,
-        model_cfg,
-        train_cfg,
-        split="sequence",
-        group=group,
-        on_step=on_step,
-        write_plot=write_plot,
-        device=device,
-        resume=resume,
-        throttle=throttle,
-    )
+    """Train a PerformerLM with every sequence split across the ranks of the group (every
+    rank calls this with the same arguments): ``train_distributed(split="sequence")``,
+    whose keyword options it takes."""
+    return train_distributed(out_dir, model_cfg, train_cfg, split="sequence", **options)
 
 
 def train_data_parallel(
-    out_dir: str | Path,
-    model_cfg: PerformerConfig,
-    train_cfg: TrainConfig,
-    *,
-    group: dist.ProcessGroup | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-    write_plot: bool = True,
-    device: torch.device | str | None = None,
-    resume: bool = False,
-    throttle: float = 0.0,
+    out_dir: str | Path, model_cfg: PerformerConfig, train_cfg: TrainConfig, **options
 ) -> dict[str, Any]:
-    """Train a PerformerLM with every batch's rows split across the ranks of ``group``
-    (every rank calls this with the same arguments): ``train_distributed(split="batch")``."""
-    return train_distributed(
-        out_dir,
-        model_cfg,
-        train_cfg,
-        split="batch",
-        group=group,
-        on_step=on_step,
-        write_plot=write_plot,
-        device=device,
-        resume=resume,
-        throttle=throttle,
-    )
+    """Train a PerformerLM with every batch's rows split across the ranks of the group (every
+    rank calls this with the same arguments): ``train_distributed(split="batch")``, whose
+    keyword options it takes."""
+    return train_distributed(out_dir, model_cfg, train_cfg, split="batch", **options)
 
 
 def train_distributed(
@@ -351,22 +313,8 @@ def train_distributed(
         if logf is not None:
             logf.close()
     wall = time.perf_counter() - t0
-    if lead and write_plot:
-        try:
-            plot_log(
-                log_path,
-                out / "loss.png",
-                title=f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {world} processes",
-            )
-        except ImportError:
-            log.warning("matplotlib is not installed (pip install favor[plot]): no loss.png")
-    return {
-        "steps": step,
-        "start_step": start,
-        "loss": last.get("loss"),
-        "val_bpr": val_bpr,
-        "tokens_per_s": (step - start) * total_tokens / max(1e-9, wall),
-        "seconds": wall,
-        _SUMMARY_KEY[split]: world,
-        "model": model,
-    }
+    return finish_run(
+        out, log_path, model, write_plot=lead and write_plot, step=step, start=start, last=last, val_bpr=val_bpr,
+        tokens=(step - start) * total_tokens, wall=wall, extra={_SUMMARY_KEY[split]: world},
+        title=f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {world} processes",
+    )  # fmt: skip

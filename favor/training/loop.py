@@ -372,9 +372,33 @@ def train(
             if final:
                 break
     wall = time.perf_counter() - t0
+    return finish_run(
+        out, log_path, model, write_plot=write_plot, step=step, start=start, last=last, val_bpr=val_bpr,
+        tokens=tokens_done, wall=wall,
+    )  # fmt: skip
+
+
+def finish_run(
+    out: Path,
+    log_path: Path,
+    model: PerformerLM,
+    *,
+    write_plot: bool,
+    step: int,
+    start: int,
+    last: dict[str, Any],
+    val_bpr: float | None,
+    tokens: int,
+    wall: float,
+    title: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The end of a training run (one process or distributed): DIR/loss.png from the log
+    (unless ``write_plot`` is False or matplotlib is missing) and the summary dict
+    ``train`` returns; ``extra`` joins it (e.g. the number of processes)."""
     if write_plot:
         try:
-            plot_log(log_path, out / "loss.png")
+            plot_log(log_path, out / "loss.png", title=title)
         except ImportError:
             log.warning("matplotlib is not installed (pip install favor[plot]): no loss.png")
     return {
@@ -382,8 +406,9 @@ def train(
         "start_step": start,
         "loss": last.get("loss"),
         "val_bpr": val_bpr,
-        "tokens_per_s": tokens_done / max(1e-9, wall),
+        "tokens_per_s": tokens / max(1e-9, wall),
         "seconds": wall,
+        **(extra or {}),
         "model": model,
     }
 

@@ -410,3 +410,16 @@ def test_gradients_of_a_subset_of_inputs(gen, kernel, causal, wanted):
             outs.append(torch.autograd.grad(out, [t for t in ts if t.requires_grad], g_out))
         for got, want in zip(*outs, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_default_bidirectional_chunk_adapts_to_batch_times_heads(gen):
+    from favor.attention.bidirectional_fast import default_chunk
+
+    # 8192 rows over all (batch, head) pairs, within [512, 4096]
+    assert [default_chunk(n) for n in (1, 2, 4, 8, 16, 64)] == [4096, 4096, 2048, 1024, 512, 512]
+    # the default takes several chunks at 2 heads and L = 9000 and gives the one-chunk sums
+    fm = favor.FeatureMap("positive", dim=4, num_features=8, generator=torch.Generator().manual_seed(0))
+    q, k, v = (torch.randn(1, 2, 9000, 4, generator=gen, dtype=torch.float64) * 0.5 for _ in range(3))
+    torch.testing.assert_close(
+        favor.attention(q, k, v, fm), favor.attention(q, k, v, fm, chunk_size=9000), rtol=1e-12, atol=1e-14
+    )

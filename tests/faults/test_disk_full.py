@@ -18,16 +18,8 @@ import favor.training.loop as train_mod
 from favor.cli import main
 from favor.training.checkpoint import CheckpointWriteError, load_checkpoint
 from favor.training.loop import resolve_config, train
+from tests.test_train import SMALL
 
-SMALL = {
-    "steps": 8,
-    "seq_len": 32,
-    "batch_size": 4,
-    "eval_every": 4,
-    "eval_windows": 4,
-    "checkpoint_every": 4,
-    "redraw_interval": 3,
-}
 #: stage -> (errno, what fails)
 STAGES = {
     "model": (errno.ENOSPC, "model.safetensors half written"),
