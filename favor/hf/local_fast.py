@@ -199,6 +199,7 @@ class _LocalFast(torch.autograd.Function):
         c_all = log_const.to(q.dtype).expand(*lead, 1, 1).reshape(n, 1, 1)
         live = _live(length, window, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)
         n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
+        n_exact = live.shape[-1]
         out = q_.new_empty(n, length, dv)
         inv = q_.new_empty(n, length)
         far = q_.new_empty(n, length)
@@ -212,25 +213,31 @@ class _LocalFast(torch.autograd.Function):
             p_ = None if pad is None else pad[sl]
             gr = _Group((feat, window, block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch, weighted=False)
             qv, kv, e = gr.qv, gr.kv, gr.e
-            v1e = torch.cat([v_[sl], torch.ones_like(v_[sl, :, :1])], -1).mul_(e[..., None])  # (g, L, Dv + 1)
+            g = qv.shape[0]
+            # [v, 1] e: each key's weight on V's rows and on the normaliser's column
+            v1e = scratch("v1e", (g, length, dv + 1), q_)
+            torch.mul(v_[sl], e[..., None], out=v1e[..., :dv])
+            v1e[..., dv].copy_(e)
             kvz_g = kv.mT @ v1e  # (g, M', Dv + 1)
             if n_sinks:  # the sinks' weighted features ride in the same GEMM as the far sums
-                sink_w = (kv[:, :n_sinks] * e[:, :n_sinks, None]).mT  # (g, M', S)
-                nd = qv @ torch.cat([kvz_g, sink_w], -1)  # (g, L, Dv + 1 + S)
+                rhs = scratch("rhs", (g, kv.shape[-1], dv + 1 + n_sinks), q_)
+                rhs[..., : dv + 1].copy_(kvz_g)
+                torch.mul(kv[:, :n_sinks].mT, e[:, None, :n_sinks], out=rhs[..., dv + 1 :])
+                nd = scratch.matmul("nd", qv, rhs)  # (g, L, Dv + 1 + S)
             else:
-                nd = qv @ kvz_g  # (g, L, Dv + 1): far numerator and normaliser
+                nd = scratch.matmul("nd", qv, kvz_g)  # (g, L, Dv + 1): far numerator and normaliser
             lv = live if live.shape[0] == 1 else live[sl]
-            rf, logits = [], []
+            # each exact slot's FAVOR estimate (rf) and exact logit, written side by side
+            rf, logits = scratch("rf", (g, length, n_exact), q_), scratch("logits", (g, length, n_exact), q_)
             if nb:
                 e_band = F.pad(e, (window, window)).unfold(-1, nb, 1)  # (g, L, 2W + 1): e of each slot's key
-                rf.append(band_products(qv, kv, window, block, b_flat=gr.k_flat).mul_(e_band))
-                logits.append(band_products(qx_[sl], kx_[sl], window, block))
+                torch.mul(band_products(qv, kv, window, block, b_flat=gr.k_flat), e_band, out=rf[..., :nb])
+                logits[..., :nb] = band_products(qx_[sl], kx_[sl], window, block)
             if n_sinks:
-                rf.append(nd[..., dv + 1 :])
-                logits.append(qx_[sl] @ kx_[sl, :n_sinks].mT)
-            rf = (torch.cat(rf, -1) if len(rf) > 1 else rf[0]).masked_fill_(~lv, 0.0)
-            logits = torch.cat(logits, -1) if len(logits) > 1 else logits[0]
-            log_exact = (logits + (c_all[sl] - gr.lq[..., None] - gr.ref[..., None, :])).masked_fill_(
+                rf[..., nb:] = nd[..., dv + 1 :]
+                torch.matmul(qx_[sl], kx_[sl, :n_sinks].mT, out=logits[..., nb:])
+            rf.masked_fill_(~lv, 0.0)
+            log_exact = logits.add_(c_all[sl] - gr.lq[..., None] - gr.ref[..., None, :]).masked_fill_(
                 ~lv, float("-inf")
             )
             top = log_exact.amax(-1).clamp_min_(0.0)
@@ -238,14 +245,17 @@ class _LocalFast(torch.autograd.Function):
             ex = torch.exp(log_exact - top[..., None])  # (g, L, E), 0 where no key
             fa = torch.exp(-top)  # (g, L)
             co = ex - fa[..., None] * rf
-            num = nd[..., :dv] * fa[..., None]
-            if nb:
-                num += band_weighted_sum(co[..., :nb], v_[sl], window, block)
-            if n_sinks:
-                num += co[..., nb:] @ v_[sl, :n_sinks]
             den = (fa * nd[..., dv] + co.sum(-1)).clamp_min_(0.0)
             iv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
-            torch.mul(num, iv[..., None], out=out[sl])
+            # out = (fa nd + sum co v) / den, the 1 / den folded into the (L x E) coefficients
+            # so that the banded and sink sums add into ``out`` inside their GEMMs
+            o = out[sl]
+            torch.mul(nd[..., :dv], (fa * iv)[..., None], out=o)
+            co_iv = co * iv[..., None]
+            if nb:
+                band_weighted_sum(co_iv[..., :nb], v_[sl], window, block, out=o)
+            if n_sinks:
+                o.baddbmm_(co_iv[..., nb:], v_[sl, :n_sinks])
             inv[sl], far[sl], coeff[sl], exact[sl] = iv, fa, co, ex
             kvzs.append(kvz_g)
             refs.append(gr.ref)
