@@ -199,7 +199,7 @@ class _LocalFast(torch.autograd.Function):
         c_all = log_const.to(q.dtype).expand(*lead, 1, 1).reshape(n, 1, 1)
         live = _live(length, window, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)
         n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
-        n_exact = live.shape[-1]
+        n_exact, dead_all = live.shape[-1], ~live
         out = q_.new_empty(n, length, dv)
         inv = q_.new_empty(n, length)
         far = q_.new_empty(n, length)
@@ -226,7 +226,7 @@ class _LocalFast(torch.autograd.Function):
                 nd = scratch.matmul("nd", qv, rhs)  # (g, L, Dv + 1 + S)
             else:
                 nd = scratch.matmul("nd", qv, kvz_g)  # (g, L, Dv + 1): far numerator and normaliser
-            lv = live if live.shape[0] == 1 else live[sl]
+            dead = dead_all if dead_all.shape[0] == 1 else dead_all[sl]
             # each exact slot's FAVOR estimate (rf) and exact logit, written side by side
             rf, logits = scratch("rf", (g, length, n_exact), q_), scratch("logits", (g, length, n_exact), q_)
             if nb:
@@ -236,15 +236,15 @@ class _LocalFast(torch.autograd.Function):
             if n_sinks:
                 rf[..., nb:] = nd[..., dv + 1 :]
                 torch.matmul(qx_[sl], kx_[sl, :n_sinks].mT, out=logits[..., nb:])
-            rf.masked_fill_(~lv, 0.0)
+            rf.masked_fill_(dead, 0.0)
             log_exact = logits.add_(c_all[sl] - gr.lq[..., None] - gr.ref[..., None, :]).masked_fill_(
-                ~lv, float("-inf")
+                dead, float("-inf")
             )
             top = log_exact.amax(-1).clamp_min_(0.0)
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            ex = torch.exp(log_exact - top[..., None])  # (g, L, E), 0 where no key
+            ex = torch.sub(log_exact, top[..., None], out=exact[sl]).exp_()  # (g, L, E), 0 where no key
             fa = torch.exp(-top)  # (g, L)
-            co = ex - fa[..., None] * rf
+            co = torch.addcmul(ex, rf, fa[..., None], value=-1.0, out=coeff[sl])
             den = (fa * nd[..., dv] + co.sum(-1)).clamp_min_(0.0)
             iv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
             # out = (fa nd + sum co v) / den, the 1 / den folded into the (L x E) coefficients
@@ -256,7 +256,7 @@ class _LocalFast(torch.autograd.Function):
                 band_weighted_sum(co_iv[..., :nb], v_[sl], window, block, out=o)
             if n_sinks:
                 o.baddbmm_(co_iv[..., nb:], v_[sl, :n_sinks])
-            inv[sl], far[sl], coeff[sl], exact[sl] = iv, fa, co, ex
+            inv[sl], far[sl] = iv, fa
             kvzs.append(kvz_g)
             refs.append(gr.ref)
         ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead, ctx.root = feat, window, sinks, block, lead, root
