@@ -227,6 +227,26 @@ def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
         assert ours[name] == "\n".join("" if x is None else str(x) for x in lines) + "\n", name
 
 
+def test_books_full_mode_uses_austen_and_falls_back_to_the_bible_with_a_note(monkeypatch, tmp_path):
+    import favor.paper.corpora as corpora
+    from favor.paper.books import corpus
+
+    fake = {name: f"{name} text\n" for name in AUSTEN_NOVELS.values()}
+    monkeypatch.setattr(corpora, "fetch_austen", lambda cache: dict(fake))
+    train, val, note = corpus(quick=False, data_dir=tmp_path)
+    assert "austen: persuasion" in val and "austen: persuasion" not in train
+    assert sum(k.startswith("austen: ") for k in train) == 5 and "Jane Austen" in note
+
+    def missing(cache):
+        raise RuntimeError("apt-get not found")
+
+    monkeypatch.setattr(corpora, "fetch_austen", missing)
+    train, val, note = corpus(quick=False, data_dir=tmp_path)
+    assert not any(k.startswith("austen") for k in (*train, *val))
+    assert "Jane Austen unavailable: apt-get not found" in note
+    assert corpus(quick=True, data_dir=tmp_path)[2] == "King James Bible only"
+
+
 def test_shipped_mnist_extract_has_50_images_per_digit():
     x, y = load_mnist()
     assert x.shape == (500, 784) and x.dtype == np.uint8
