@@ -68,7 +68,9 @@ def add_arguments(parser) -> None:
     from .suite import add_common_arguments
 
     add_common_arguments(parser, seeds=MODES["full"][6])
-    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 2048)")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="context length in bytes (default 2048; 256 with --quick)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="sequences per step at full length (default 1)")
     parser.add_argument(
         "--warmup-lengths",
