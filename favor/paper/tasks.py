@@ -13,6 +13,7 @@ token, = bits per dimension for pixels).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,11 @@ class StreamSource:
             raise ValueError(f"tokens must be 1-d with at least length + 2 = {length + 2} entries")
         self.tokens, self.length = tokens.long(), length
 
-    def rows(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, self.tokens.numel() - self.length, (n,), generator=gen)
-        rows = self.tokens[starts[:, None] + torch.arange(self.length)]
+    def rows(self, n: int, gen: torch.Generator, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` windows of ``length`` tokens (default: the source's length)."""
+        length = self.length if length is None else length
+        starts = torch.randint(0, self.tokens.numel() - length, (n,), generator=gen)
+        rows = self.tokens[starts[:, None] + torch.arange(length)]
         return rows, torch.zeros_like(rows, dtype=torch.bool)
 
 
@@ -80,9 +83,22 @@ def metrics_from(loss_sum: float, correct: int, count: int) -> dict[str, float]:
 class _Task:
     causal: bool
 
-    def __init__(self, train, val, *, vocab_size: int, batch_size: int, eval_rows: int, eval_batch: int = 8):
+    def __init__(
+        self,
+        train,
+        val,
+        *,
+        vocab_size: int,
+        batch_size: int,
+        eval_rows: int,
+        eval_batch: int = 8,
+        length_at: Callable[[int], int] | None = None,
+    ):
         self.train, self.val, self.vocab_size = train, val, vocab_size
         self.batch_size, self.eval_batch = batch_size, eval_batch
+        if length_at is not None and not isinstance(train, StreamSource):
+            raise TypeError("length_at needs a StreamSource as train (windows of any length)")
+        self.length_at = length_at
         gen = torch.Generator().manual_seed(_EVAL_SEED)
         self.eval_set = [
             self._make(*val.rows(min(eval_batch, eval_rows - i), gen), gen) for i in range(0, eval_rows, eval_batch)
@@ -92,8 +108,18 @@ class _Task:
         raise NotImplementedError
 
     def batch(self, step: int, seed: int) -> Batch:
+        """Training batch ``step`` of ``seed``. With ``length_at`` (a sequence-length
+        curriculum), the rows of step ``step`` are ``length_at(step)`` tokens long and their
+        number grows so that every step holds the same number of tokens (evaluation is
+        always at the source's full length)."""
         gen = torch.Generator().manual_seed(mix_seed(seed, 1, step))
-        return self._make(*self.train.rows(self.batch_size, gen), gen)
+        if self.length_at is None:
+            return self._make(*self.train.rows(self.batch_size, gen), gen)
+        length = int(self.length_at(step))
+        if not 1 <= length <= self.train.length:
+            raise ValueError(f"length_at({step}) = {length} must be in [1, {self.train.length}]")
+        n = max(1, self.batch_size * self.train.length // length)
+        return self._make(*self.train.rows(n, gen, length), gen)
 
     def logits(self, model, b: Batch) -> torch.Tensor:
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """favor paper transfer: softmax weights into a Performer, then fine-tuning (Fig. 5 left).
 
-The softmax masked LM of ``favor paper books`` (same data, model and optimiser) is trained;
+The softmax masked LM of ``favor paper books`` (its corpus and optimiser, at the short
+context of its earlier L = 128 run: dim 64, 2 heads, 16 x 128 bytes per step) is trained;
 its weights are loaded unchanged into the same model with FAVOR+ attention (no
 distillation; the Performer only adds random projections), which is then fine-tuned on
 the same masked-LM loss. Reported: the accuracy right after the swap, the steps until the

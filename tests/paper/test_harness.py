@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from favor.nn import feature_maps
-from favor.paper.corpora import _r_strings, load_mnist, read_austen
+from favor.paper.books import length_schedule
+from favor.paper.corpora import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, load_mnist, read_austen
 from favor.paper.families import family_split, homology_clusters
 from favor.paper.harness import ModelSize, Variant, at_time, build_model, compare, train_run
 from favor.paper.peers import bucket_size
@@ -36,6 +37,34 @@ def test_masked_lm_masks_about_15_percent_and_scores_only_masked_tokens():
     assert 0.12 < b.weight.float().mean().item() < 0.18
     again, other = task.batch(3, 0), task.batch(3, 1)
     assert torch.equal(again.inputs, b.inputs) and not torch.equal(other.inputs, b.inputs)
+
+
+def test_length_warmup_doubles_in_equal_stages_then_holds_the_full_length():
+    lengths = [length_schedule(s, steps=16, start=128, full=2048, fraction=0.5) for s in range(1, 17)]
+    assert lengths == [128, 128, 256, 256, 512, 512, 1024, 1024] + [2048] * 8
+    assert {length_schedule(s, steps=10, start=128, full=2048, fraction=0.0) for s in range(1, 11)} == {2048}
+    assert length_schedule(1, steps=10, start=4096, full=2048, fraction=0.5) == 2048
+    with pytest.raises(ValueError, match="fraction"):
+        length_schedule(1, steps=10, start=128, full=2048, fraction=1.5)
+
+
+def test_a_length_curriculum_keeps_the_tokens_per_step_and_evaluates_at_full_length():
+    src = StreamSource(torch.arange(5000) % 20, 64)  # a window's tokens count up mod 20
+    task = MaskedLM(
+        src, src, mask_id=20, vocab_size=21, batch_size=2, eval_rows=3, length_at=lambda s: 64 // 2 ** (s % 3)
+    )
+    for step, shape in ((0, (2, 64)), (1, (4, 32)), (2, (8, 16))):
+        b = task.batch(step, 0)
+        assert b.inputs.shape == b.targets.shape == b.weight.shape == shape
+        assert ((b.targets[:, 1:] - b.targets[:, :-1]) % 20 == 1).all()  # contiguous windows
+        assert b.weight.any() and torch.equal(b.inputs[~b.weight], b.targets[~b.weight])
+    assert [e.inputs.shape for e in task.eval_set] == [(3, 64)]
+    bad = MaskedLM(src, src, mask_id=20, vocab_size=21, batch_size=2, eval_rows=1, length_at=lambda s: 65)
+    with pytest.raises(ValueError, match="length_at"):
+        bad.batch(1, 0)
+    seqs = SequenceSource([torch.arange(5)], 8, pad_id=0)
+    with pytest.raises(TypeError, match="length_at"):
+        MaskedLM(seqs, seqs, mask_id=20, vocab_size=21, batch_size=2, eval_rows=1, length_at=lambda s: 4)
 
 
 def test_masked_lm_never_masks_padding():
@@ -169,6 +198,53 @@ def test_r_reader_reads_character_vectors_and_austen_novels_by_title(tmp_path):
     (tmp_path / "bad.rdb").write_bytes(struct.pack(">I", 10) + zlib.compress(_xdr_strings(["ULYSSES"])))
     with pytest.raises(ValueError, match="ULYSSES"):
         read_austen(tmp_path / "bad.rdb")
+
+
+def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
+    # the built-in reader against PyPI rdata, which follows the package's own index (.rdx)
+    # instead of walking the blocks and recognising titles; runs where an earlier
+    # `favor paper books` (or fetch_austen) has downloaded the package (CI does not need it)
+    import gzip
+    import warnings
+    from pathlib import Path
+
+    rdata = pytest.importorskip("rdata")
+    data = Path.home() / ".cache" / "favor" / "paper" / "janeaustenr" / AUSTEN_DATA
+    if not data.is_file():
+        pytest.skip("Jane Austen's package is not downloaded (favor.paper.corpora.fetch_austen)")
+    index_blob = gzip.decompress(data.with_suffix(".rdx").read_bytes())
+    raw = data.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata: "Unknown file type: assumed RDS"
+        index = rdata.conversion.convert(rdata.parser.parse_data(index_blob))["variables"]
+        theirs = {
+            str(name): rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(raw[o + 4 : o + n])))
+            for name, (o, n) in index.items()
+        }
+    ours = read_austen(data)
+    assert set(ours) == set(theirs) == set(AUSTEN_NOVELS.values())
+    for name, lines in theirs.items():
+        assert ours[name] == "\n".join("" if x is None else str(x) for x in lines) + "\n", name
+
+
+def test_books_full_mode_uses_austen_and_falls_back_to_the_bible_with_a_note(monkeypatch, tmp_path):
+    import favor.paper.corpora as corpora
+    from favor.paper.books import corpus
+
+    fake = {name: f"{name} text\n" for name in AUSTEN_NOVELS.values()}
+    monkeypatch.setattr(corpora, "fetch_austen", lambda cache: dict(fake))
+    train, val, note = corpus(quick=False, data_dir=tmp_path)
+    assert "austen: persuasion" in val and "austen: persuasion" not in train
+    assert sum(k.startswith("austen: ") for k in train) == 5 and "Jane Austen" in note
+
+    def missing(cache):
+        raise RuntimeError("apt-get not found")
+
+    monkeypatch.setattr(corpora, "fetch_austen", missing)
+    train, val, note = corpus(quick=False, data_dir=tmp_path)
+    assert not any(k.startswith("austen") for k in (*train, *val))
+    assert "Jane Austen unavailable: apt-get not found" in note
+    assert corpus(quick=True, data_dir=tmp_path)[2] == "King James Bible only"
 
 
 def test_shipped_mnist_extract_has_50_images_per_digit():
