@@ -76,7 +76,21 @@ def _positive(w: torch.Tensor, root: float):
         constant): values = exp(root x W^T - shift), log_scale = shift - root^2 |x|^2/2 - log(M)/2."""
         return _with_norm_grad(d_values.mul_(values) @ (w.to(x.dtype) * root), x, d_log_scale, half_r2)
 
+    def log2_terms(
+        x: torch.Tensor, a: torch.Tensor | None = None, *, out: torch.Tensor | None = None, rows: bool = True
+    ):
+        """(rows x M) base-2 exponents, no graph: phi(x)_m = 2^t_m * exp(-root^2 |x|^2 / 2) / sqrt(M),
+        and with ``rows`` that row factor folded in (phi(x)_m = 2^t_m exactly)."""
+        wt = w2.get(x.dtype)
+        if wt is None:
+            wt = w2[x.dtype] = _base2(w, x, root).T
+        t = torch.matmul(x, wt, out=out)
+        if rows:
+            t.sub_(((half_r2 * _square_norm(x) + log_m) * LOG2E)[..., None])
+        return t
+
     feat.vjp = vjp
+    feat.log2_terms = log2_terms
     return feat
 
 
@@ -157,8 +171,21 @@ def _oprf(w: torch.Tensor, root: float):
             da = da - (x.shape[-1] / one_minus_4a) * d_log_scale.sum(-1)
         return _with_norm_grad(dx, x, d_log_scale, half_r2), da
 
+    def log2_terms(x: torch.Tensor, a: torch.Tensor, *, out: torch.Tensor | None = None, rows: bool = True):
+        """As FAVOR+'s ``log2_terms``: phi(x)_m = 2^t_m with ``rows`` (the |x|^2 term and the
+        log of the normalising constant folded in), else up to a per-row factor."""
+        lead, n_rows = x.shape[:-2], x.shape[-2]
+        w_a, bias, log_const = cached(x, a)
+        if out is None:
+            out = x.new_empty(*lead, n_rows, w_a.shape[-2])
+        torch.baddbmm(bias, x.reshape(-1, n_rows, x.shape[-1]), w_a.mT, out=out.view(-1, n_rows, w_a.shape[-2]))
+        if rows:
+            out.sub_(((half_r2 * _square_norm(x) - log_const) * LOG2E)[..., None])
+        return out
+
     feat.vjp = vjp
     feat.vjp_a = vjp_a
+    feat.log2_terms = log2_terms
     return feat
 
 

@@ -82,20 +82,77 @@ def key_sums(k, v, a, mask, feat: FeatFn, chunk: int, scratch: Scratch | None = 
     return kvz, c
 
 
+def _key_terms(feat: FeatFn, k, a, mask, sl, scratch: Scratch, name: str) -> torch.Tensor:
+    """Base-2 exponents of the keys ``sl`` (every row factor in), -inf for padding."""
+    t = feat.log2_terms(k[..., sl, :], a, out=scratch(name, (*k.shape[:-2], sl.stop - sl.start, feat.width), k))
+    m = _mask_at(mask, sl)
+    return t if m is None else t.masked_fill_(m[..., None], float("-inf"))
+
+
+def _finite(b: torch.Tensor) -> torch.Tensor:
+    """A column shift with -inf (no key yet, or only padding) replaced by 0."""
+    return torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+
+
+def key_sums_per_feature(k, v, a, mask, feat: FeatFn, chunk: int, scratch: Scratch):
+    """(kvz (..., M', Dv + 1), b (..., M')): [sum_j phi(k_j) v_j^T, sum_j phi(k_j)] with row m
+    scaled by 2^-b_m, b_m the running max over keys of feature m's base-2 exponent.
+
+    One shift per feature, not per key: a feature that no key makes large still has a row
+    of order 1, so a query dominated by it (q's shift adds b, see ``_query_values``) gets a
+    normaliser >= 1. With one shared shift, such a normaliser was ~e^-95 in float32 books
+    training (FAVOR++, L = 2048): subnormal, and 1/normaliser overflowed to inf."""
+    kvz = b = None
+    dv = v.shape[-1]
+    for sl in _slices(k.shape[-2], chunk):
+        t = _key_terms(feat, k, a, mask, sl, scratch, "fk")
+        if kvz is None:
+            kvz = t.new_zeros(*t.shape[:-2], t.shape[-1], dv + 1)
+            b = t.new_full((*t.shape[:-2], t.shape[-1]), float("-inf"))
+        # b stays -inf for a feature no real key has reached yet (its row of kvz is 0), so
+        # that padding never lowers the shift of the keys that come later
+        new_b = torch.maximum(b, t.amax(-2))
+        shift = _finite(new_b)
+        vals = t.sub_(shift[..., None, :]).exp2_()
+        v1 = scratch("v1", (*v.shape[:-2], sl.stop - sl.start, dv + 1), v)
+        v1[..., :dv] = v[..., sl, :]
+        v1[..., dv] = 1.0
+        kvz.mul_(torch.exp2(b - shift)[..., None]).add_(scratch.matmul("summary", vals.mT, v1))
+        b = new_b
+    return kvz, _finite(b)
+
+
+def _query_values(feat: FeatFn, q, a, b, sl, scratch: Scratch, name: str) -> torch.Tensor:
+    """Query features for ``key_sums_per_feature``'s rows: 2^(t_m + b_m - max), each row's own
+    factor dropped (it cancels in the output)."""
+    t = feat.log2_terms(
+        q[..., sl, :], a, out=scratch(name, (*q.shape[:-2], sl.stop - sl.start, feat.width), q), rows=False
+    )
+    t.add_(b[..., None, :])
+    return t.sub_(t.amax(-1, keepdim=True)).exp2_()
+
+
 class _Bidirectional(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, a, mask, feat, chunk):
         scratch = Scratch()
-        kvz, c = key_sums(k, v, a, mask, feat, chunk, scratch)
+        per_feature = getattr(feat, "log2_terms", None) is not None
+        if per_feature:
+            kvz, c = key_sums_per_feature(k, v, a, mask, feat, chunk, scratch)
+        else:
+            kvz, c = key_sums(k, v, a, mask, feat, chunk, scratch)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         den = q.new_empty(q.shape[:-1])
         for sl in _slices(q.shape[-2], chunk):
-            fq = scratch.features(feat, q[..., sl, :], a, log_scale=False).values
+            if per_feature:
+                fq = _query_values(feat, q, a, c, sl, scratch, "features")
+            else:
+                fq = scratch.features(feat, q[..., sl, :], a, log_scale=False).values
             nd = scratch.matmul("nd", fq, kvz)
             d = nd[..., -1]
             den[..., sl] = d
             torch.mul(nd[..., :-1], _inverse(d)[..., None], out=out[..., sl, :])
-        ctx.feat, ctx.chunk = feat, chunk
+        ctx.feat, ctx.chunk, ctx.per_feature = feat, chunk, per_feature
         ctx.save_for_backward(q, k, v, a, mask, kvz, c, out, den)
         return out
 
@@ -133,7 +190,10 @@ class _Bidirectional(torch.autograd.Function):
             torch.mul(g_c, inv[..., None], out=dnd[..., :-1])
             torch.mul((g_c * out[..., sl, :]).sum(-1), inv, out=dnd[..., -1]).neg_()
             qc = q[..., sl, :]
-            fq = scratch.features(feat, qc, a, "fq", log_scale=False).values
+            if ctx.per_feature:
+                fq = _query_values(feat, q, a, c, sl, scratch, "fq")
+            else:
+                fq = scratch.features(feat, qc, a, "fq", log_scale=False).values
             _accumulate(dkvz, fq.mT, dnd)
             if need_q or need_a:
                 dx = feature_grad(qc, fq, scratch.matmul("dfq", dnd, kvz.mT), None)
@@ -142,9 +202,13 @@ class _Bidirectional(torch.autograd.Function):
         if need_k or need_v or need_a:
             for sl in _slices(k.shape[-2], chunk):
                 kc = k[..., sl, :]
-                f = scratch.features(feat, kc, a, "fk")
-                vals, ls = masked_keys(f, _mask_at(mask, sl))
-                e = exp_diff(ls, c[..., None])[..., None]  # c is the final max: a constant
+                if ctx.per_feature:  # every row factor is inside the values: e = 1
+                    vals = _key_terms(feat, k, a, mask, sl, scratch, "fk").sub_(c[..., None, :]).exp2_()
+                    e = torch.ones_like(vals[..., :1])
+                else:
+                    f = scratch.features(feat, kc, a, "fk")
+                    vals, ls = masked_keys(f, _mask_at(mask, sl))
+                    e = exp_diff(ls, c[..., None])[..., None]  # c is the final max: a constant
                 p = scratch.matmul("p", vals, dkvz)  # (C x E): phi(k) [dkv, dz]
                 if need_v:
                     torch.mul(p[..., :-1], e, out=dv[..., sl, :])
@@ -152,7 +216,9 @@ class _Bidirectional(torch.autograd.Function):
                     v1e = _weighted_v1(scratch, v[..., sl, :], e)
                     # d log_scale_j = sum_m dw_jm w_jm = e_j [v_j, 1] . p_j
                     d_ls = (v1e * p).sum(-1)
-                    dx = feature_grad(kc, f.values, scratch.matmul("dw", v1e, dkvz.mT), d_ls)
+                    dx = feature_grad(
+                        kc, vals if ctx.per_feature else f.values, scratch.matmul("dw", v1e, dkvz.mT), d_ls
+                    )
                     if need_k:
                         dk[..., sl, :] = dx
         if da is not None:
