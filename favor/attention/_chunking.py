@@ -70,6 +70,14 @@ class Scratch:
             buf = self._bufs[name] = like.new_empty(shape)
         return buf
 
+    def zeros(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """A buffer that is all zeros when made (and reused as is): for callers that only
+        ever write the same part of it and rely on the rest staying 0."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != tuple(shape):
+            buf = self._bufs[name] = like.new_zeros(shape)
+        return buf
+
     def matmul(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b into the buffer ``name``."""
         shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])

@@ -53,6 +53,17 @@ def _flat_keys(x: torch.Tensor, w: int, padded: int) -> torch.Tensor:
     return F.pad(x.reshape(n * padded, width), (0, 0, w, w))
 
 
+def _flat_reused(x: torch.Tensor, w: int, padded: int, scratch, name: str) -> torch.Tensor:
+    """``_flat_keys`` of x in the reused, zero-edged buffer ``name`` (the edges are never
+    written, so only x is copied); a fresh copy when the blocks do not tile L."""
+    n, length, width = x.shape
+    if scratch is None or padded != length:
+        return _flat_keys(x, w, padded)
+    flat = scratch.zeros(name, (n * length + 2 * w, width), x)
+    flat[w : w + n * length].view(n, length, width).copy_(x)
+    return flat
+
+
 def _keys_view(flat: torch.Tensor, w: int, c: int) -> torch.Tensor:
     """(N * P + 2w, X) -> (N * nb, X, c + 2w): the keys each block of c queries meets, an
     overlapping view (a block's keys past its sequence's end belong to the next sequence:
@@ -67,30 +78,39 @@ def _query_blocks(x: torch.Tensor, c: int, padded: int) -> torch.Tensor:
     return x.reshape(n * (padded // c), c, width)
 
 
-def band_products(a: torch.Tensor, b: torch.Tensor, w: int, block: int = BLOCK, *, b_flat=None) -> torch.Tensor:
+def band_products(
+    a: torch.Tensor, b: torch.Tensor, w: int, block: int = BLOCK, *, b_flat=None, scratch=None
+) -> torch.Tensor:
     """a_i . b_(i + s - w) for every query i and slot s = 0 .. 2w, a, b (N, L, X) ->
     (N, L, 2w + 1). Slots beyond the sequence's ends hold 0 or a product with another
-    sequence's row: the caller masks them. ``b_flat``: b already laid out as ``_flat_keys``."""
+    sequence's row: the caller masks them. ``b_flat``: b already laid out as ``_flat_keys``;
+    ``scratch`` (a Scratch): its buffers are reused for the layout."""
     n, length, _ = a.shape
     c, padded = _geometry(block, length)
-    flat = _flat_keys(b, w, padded) if b_flat is None else b_flat
+    flat = _flat_reused(b, w, padded, scratch, "band_b") if b_flat is None else b_flat
     full = torch.bmm(_query_blocks(a, c, padded), _keys_view(flat, w, c))  # (N * nb, c, c + 2w)
     band = full.as_strided((full.shape[0], c, 2 * w + 1), (c * (c + 2 * w), c + 2 * w + 1, 1))
     return band.reshape(n, padded, 2 * w + 1)[:, :length]
 
 
 def band_weighted_sum(
-    coeff: torch.Tensor, x: torch.Tensor, w: int, block: int = BLOCK, *, x_flat=None, out=None
+    coeff: torch.Tensor, x: torch.Tensor, w: int, block: int = BLOCK, *, x_flat=None, out=None, scratch=None
 ) -> torch.Tensor:
     """sum_s coeff[i, s] x[i + s - w], coeff (N, L, 2w + 1), x (N, L, X) -> (N, L, X).
     ``coeff`` must be 0 on slots beyond the sequence's ends. ``x_flat``: as ``_flat_keys``;
     ``out`` (N, L, X) contiguous: added to in place (in the GEMM itself where blocks tile L)."""
     n, length, width = x.shape
     c, padded = _geometry(block, length)
-    flat = _flat_keys(x, w, padded) if x_flat is None else x_flat
+    flat = _flat_reused(x, w, padded, scratch, "band_x") if x_flat is None else x_flat
     band = _query_blocks(coeff, c, padded)  # (N * nb, c, 2w + 1)
-    # skew: row r's slots move to columns r .. r + 2w of a (c, c + 2w) matrix
-    skew = F.pad(band, (0, c)).flatten(-2)[:, : c * (c + 2 * w)].view(-1, c, c + 2 * w)
+    # skew: row r's slots move to columns r .. r + 2w of a (c, c + 2w) matrix (the band
+    # padded with c zero columns; a reused buffer keeps its zero columns)
+    if scratch is None:
+        wide = F.pad(band, (0, c))
+    else:
+        wide = scratch.zeros("band_skew", (*band.shape[:-1], 2 * w + 1 + c), band)
+        wide[..., : 2 * w + 1] = band
+    skew = wide.flatten(-2)[:, : c * (c + 2 * w)].view(-1, c, c + 2 * w)
     keys = _keys_view(flat, w, c).transpose(-1, -2)  # (N * nb, c + 2w, X)
     if out is not None and padded == length:
         out.view(-1, c, width).baddbmm_(skew, keys)
@@ -232,7 +252,7 @@ class _LocalFast(torch.autograd.Function):
             if nb:
                 e_band = F.pad(e, (window, window)).unfold(-1, nb, 1)  # (g, L, 2W + 1): e of each slot's key
                 torch.mul(band_products(qv, kv, window, block, b_flat=gr.k_flat), e_band, out=rf[..., :nb])
-                logits[..., :nb] = band_products(qx_[sl], kx_[sl], window, block)
+                logits[..., :nb] = band_products(qx_[sl], kx_[sl], window, block, scratch=scratch)
             if n_sinks:
                 rf[..., nb:] = nd[..., dv + 1 :]
                 torch.matmul(qx_[sl], kx_[sl, :n_sinks].mT, out=logits[..., nb:])
@@ -253,7 +273,7 @@ class _LocalFast(torch.autograd.Function):
             torch.mul(nd[..., :dv], (fa * iv)[..., None], out=o)
             co_iv = co * iv[..., None]
             if nb:
-                band_weighted_sum(co_iv[..., :nb], v_[sl], window, block, out=o)
+                band_weighted_sum(co_iv[..., :nb], v_[sl], window, block, out=o, scratch=scratch)
             if n_sinks:
                 o.baddbmm_(co_iv[..., nb:], v_[sl, :n_sinks])
             inv[sl], far[sl] = iv, fa

@@ -6,6 +6,7 @@ log_const) in float64; the banded helpers against dense loops."""
 import pytest
 import torch
 
+from favor.attention._chunking import Scratch
 from favor.features.feature_map import FeatureMap
 from favor.hf import local_fast as local_fast_module
 from favor.hf.local import local_exact_attention, local_exact_reference, pair_features
@@ -37,6 +38,16 @@ def test_band_helpers_equal_dense_loops(w, block, length):
     torch.testing.assert_close(got * inside, prod, rtol=0, atol=1e-12)
     torch.testing.assert_close(band_weighted_sum(coeff, b, w, block), wsum, rtol=0, atol=1e-12)
     torch.testing.assert_close(band_weighted_sum(band_transpose(coeff, w), a, w, block), tsum, rtol=0, atol=1e-12)
+    # reused buffers (the forward's): the same numbers on the second use, whose buffers hold
+    # the first use's rows, as on the first
+    scratch = Scratch()
+    for _ in range(2):
+        got = band_products(a, b, w, block, scratch=scratch)
+        torch.testing.assert_close(got * inside, prod, rtol=0, atol=1e-12)
+        torch.testing.assert_close(band_weighted_sum(coeff, b, w, block, scratch=scratch), wsum, rtol=0, atol=1e-12)
+        a, b = a.flip(0), b.flip(0)
+        prod, wsum = prod.flip(0), wsum.flip(0)
+        coeff = coeff.flip(0)
 
 
 def _case(kernel: str, length: int, dense: bool, seed: int):
