@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
     parser.add_argument(
+        "--finetune-lr", type=float, default=None, help="Adam learning rate of the fine-tuning (default: --lr)"
+    )
+    parser.add_argument(
         "--warmup",
         type=int,
         default=WARMUP,
@@ -93,6 +96,7 @@ def experiment(
     seq_len: int | None = None,
     batch: int | None = None,
     lr: float = LR,
+    finetune_lr: float | None = None,
     warmup: int = WARMUP,
     length_warmup: float | None = None,
     data_dir: str | Path | None = None,
@@ -145,7 +149,7 @@ def experiment(
             steps=fine,
             eval_every=eval_every,
             warmup=0,
-            lr=lr,
+            lr=lr if finetune_lr is None else finetune_lr,
             model=swapped,
             progress=tick,
         )
@@ -189,6 +193,7 @@ def experiment(
         "eval_rows": eval_rows,
         "eval_every": eval_every,
         "lr": lr,
+        "finetune_lr": lr if finetune_lr is None else finetune_lr,
         "warmup": warmup,
         "pretrain_steps": pre,
         "finetune_steps": fine,
@@ -263,6 +268,7 @@ def run_books(args) -> None:
         seq_len=args.seq_len,
         batch=args.batch,
         lr=args.lr,
+        finetune_lr=args.finetune_lr,
         warmup=args.warmup,
         length_warmup=args.warmup_lengths,
         data_dir=args.data_dir,
