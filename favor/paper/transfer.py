@@ -1,12 +1,15 @@
 """favor paper transfer: softmax weights into a Performer, then fine-tuning (Fig. 5 left).
 
-The softmax masked LM of ``favor paper books`` (its corpus and optimiser, at the short
-context of its earlier L = 128 run: dim 64, 2 heads, 16 x 128 bytes per step) is trained;
-its weights are loaded unchanged into the same model with FAVOR+ attention (no
-distillation; the Performer only adds random projections), which is then fine-tuned on
-the same masked-LM loss. Reported: the accuracy right after the swap, the steps until the
-Performer comes within 1 % (relative) of the softmax model's accuracy, and the same for a
-Performer trained from scratch with the softmax model's budget plus the fine-tuning steps.
+The softmax masked LM of ``favor paper books`` in its full setting (the same corpus, model,
+optimiser and context: dim 128, 4 heads, L = 2,048 bytes per step, grown from 128 bytes over
+the first half of pre-training by books' sequence-length warm-up) is trained; its weights
+are loaded unchanged into the same model with FAVOR+ attention (no distillation; the
+Performer only adds random projections), which is then fine-tuned on the same masked-LM
+loss at the full 2,048-byte context from the first step. Reported: the accuracy right after
+the swap, the steps until the Performer comes within 1 % (relative) of the softmax model's
+accuracy, and the same for a Performer trained from scratch with the softmax model's budget
+plus the fine-tuning steps, on the softmax model's length schedule (the same warm-up over
+the first half of the pre-training steps, then 2,048 bytes for the rest).
 """
 
 from __future__ import annotations
@@ -23,21 +26,32 @@ SWAPPED = Variant("FAVOR+ from softmax weights", kernel="positive")
 SCRATCH = Variant("FAVOR+ from scratch", kernel="positive")
 FRESH = 1000
 
-#: mode -> (ModelSize, seq_len, batch, pretrain steps, fine-tune steps, eval_every, eval rows); evaluation
-#: every 10 steps (for the steps-to-99 % count) on fewer rows than books, to keep its cost down
-MODES = {
-    "quick": (ModelSize(dim=32, depth=1, heads=2, max_len=128), 128, 2, 4, 4, 2, 2),
-    "full": (ModelSize(dim=64, depth=2, heads=2, max_len=128), 128, 16, 600, 300, 20, 64),
-}
+#: mode -> (pre-training steps, fine-tuning steps, eval_every, eval rows); the model size,
+#: context, batch and length warm-up are books' (``books.MODES``, ``books.CURRICULUM``).
+#: Full: 400 pre-training steps as books, 250 fine-tuning steps, evaluation every 20 steps
+#: (for the steps-to-99 % count) on 8 held-out windows of 2,048 bytes (~2,450 masked bytes,
+#: half of books' 16, to keep its cost down)
+MODES = {"quick": (4, 4, 2, 2), "full": (400, 250, 20, 8)}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="softmax pre-training steps (default: the mode's)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="Performer fine-tuning steps")
-    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (default 128, as books)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16)")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="context length in bytes (default 2048 as books; 256 with --quick)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step at full length (default 1)")
+    parser.add_argument(
+        "--warmup-lengths",
+        type=float,
+        default=None,
+        help="fraction of the pre-training steps over which the context grows from 128 (default 0.5, as books; 0: off)",
+    )
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
+    parser.add_argument(
+        "--finetune-lr", type=float, default=None, help="Adam learning rate of the fine-tuning (default: --lr)"
+    )
     parser.add_argument(
         "--warmup",
         type=int,
@@ -82,50 +96,73 @@ def experiment(
     seq_len: int | None = None,
     batch: int | None = None,
     lr: float = LR,
+    finetune_lr: float | None = None,
     warmup: int = WARMUP,
+    length_warmup: float | None = None,
     data_dir: str | Path | None = None,
     austen: bool = True,
     progress=None,
 ) -> dict[str, Any]:
     from dataclasses import replace
+    from functools import partial
 
-    from .books import corpus, make_task
+    from .books import CURRICULUM, corpus, length_schedule, make_task
+    from .books import MODES as BOOKS
     from .harness import train_run
 
-    size, n_len, n_batch, n_pre, n_fine, eval_every, eval_rows = MODES["quick" if quick else "full"]
+    mode = "quick" if quick else "full"
+    size, n_len, n_batch = BOOKS[mode][:3]
+    n_pre, n_fine, eval_every, eval_rows = MODES[mode]
     pre, fine, seeds = steps or n_pre, finetune or n_fine, seeds or 1
     seq_len, batch = seq_len or n_len, batch or n_batch
+    start, fraction = CURRICULUM[mode]
+    fraction = fraction if length_warmup is None else length_warmup
     if seq_len != n_len:  # the same number of evaluated tokens at any length
         size = replace(size, max_len=seq_len)
         eval_rows = max(1, eval_rows * n_len // seq_len)
+    # the softmax model and the from-scratch Performer grow the context over the first
+    # ``fraction`` of the pre-training steps (the scratch run then continues at full length);
+    # fine-tuning is at full length throughout
+    lengths = None
+    if fraction > 0 and start < seq_len:
+        lengths = partial(length_schedule, steps=pre, start=start, full=seq_len, fraction=fraction)
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
-    task = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)
+    grown = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths)
+    full = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)  # the same evaluation set
     if progress is not None:
         progress.total = seeds * (pre + fine + pre + fine)
     runs, rows = [], []
     tick = progress.update if progress is not None else None
     for seed in range(seeds):
         soft = train_run(
-            task, SOFTMAX, size, seed=seed, steps=pre, eval_every=eval_every, lr=lr, warmup=warmup, progress=tick
+            grown, SOFTMAX, size, seed=seed, steps=pre, eval_every=eval_every, lr=lr, warmup=warmup, progress=tick
         )
         target = 0.99 * soft["curve"][-1]["accuracy"]
-        swapped = swap_to_favor(soft.pop("model"), size, vocab_size=task.vocab_size, seed=seed)
+        swapped = swap_to_favor(soft.pop("model"), size, vocab_size=full.vocab_size, seed=seed)
         # fine-tuning starts from trained weights (no warm-up) on batches the softmax model
         # did not see (the batch stream of seed + FRESH)
         tuned = train_run(
-            task,
+            full,
             SWAPPED,
             size,
             seed=seed + FRESH,
             steps=fine,
             eval_every=eval_every,
             warmup=0,
-            lr=lr,
+            lr=lr if finetune_lr is None else finetune_lr,
             model=swapped,
             progress=tick,
         )
         scratch = train_run(
-            task, SCRATCH, size, seed=seed, steps=pre + fine, eval_every=eval_every, lr=lr, warmup=warmup, progress=tick
+            grown,
+            SCRATCH,
+            size,
+            seed=seed,
+            steps=pre + fine,
+            eval_every=eval_every,
+            lr=lr,
+            warmup=warmup,
+            progress=tick,
         )
         for r in (tuned, scratch):
             r.pop("model")
@@ -145,11 +182,18 @@ def experiment(
             }
         )
     config = {
-        "mode": "quick" if quick else "full",
+        "mode": mode,
         "corpus": note,
         "seq_len": seq_len,
         "batch": batch,
+        "length_warmup": None
+        if lengths is None
+        else {"start": start, "fraction": fraction, "of_steps": pre, "applies_to": ["softmax", "scratch"]},
+        "finetune_seq_len": seq_len,
+        "eval_rows": eval_rows,
+        "eval_every": eval_every,
         "lr": lr,
+        "finetune_lr": lr if finetune_lr is None else finetune_lr,
         "warmup": warmup,
         "pretrain_steps": pre,
         "finetune_steps": fine,
@@ -157,7 +201,7 @@ def experiment(
         "redraw_interval": 1,
         "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads},
     }
-    return {"runs": runs, "rows": rows, "config": config}
+    return {"runs": runs, "rows": rows, "unigram": full.unigram(), "config": config}
 
 
 def table(res: dict[str, Any]) -> str:
@@ -186,7 +230,15 @@ def table(res: dict[str, Any]) -> str:
         for r in res["rows"]
     ]
     names = [SOFTMAX.name, SWAPPED.name, SCRATCH.name]
-    return "Masked-token accuracy on held-out books (" + ", ".join(names) + ").\n\n" + markdown_table(header, rows)
+    unigram = f" Unigram baseline: {res['unigram']['accuracy']:.4f}." if "unigram" in res else ""
+    return (
+        "Masked-token accuracy on held-out books ("
+        + ", ".join(names)
+        + ")."
+        + unigram
+        + "\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def run(args) -> int:
@@ -216,7 +268,9 @@ def run_books(args) -> None:
         seq_len=args.seq_len,
         batch=args.batch,
         lr=args.lr,
+        finetune_lr=args.finetune_lr,
         warmup=args.warmup,
+        length_warmup=args.warmup_lengths,
         data_dir=args.data_dir,
         austen=not args.no_austen,
     )
@@ -227,9 +281,11 @@ def save(args, res):
 
     t = table(res)
     c = res["config"]
+    warm = c.get("length_warmup")
+    grow = f" (pre-training grown from {warm['start']} over its first {warm['fraction']:.0%})" if warm else ""
     title = (
         f"transfer: softmax masked LM ({c['pretrain_steps']} steps) -> FAVOR+ fine-tuned, vs FAVOR+ from scratch; "
-        f"L={c['seq_len']}, {c['corpus']}"
+        f"L={c['seq_len']}{grow}, {c['corpus']}"
     )
     return t, save_suite(args.out, NAME, res, t, metric="accuracy", title=title)
 

@@ -169,6 +169,27 @@ def test_swap_to_favor_keeps_every_softmax_weight():
     assert feature_maps(fav) and fav.blocks[0].attn.attention == "favor"
 
 
+def test_transfer_grows_the_context_for_pretraining_and_scratch_and_finetunes_at_full_length(monkeypatch):
+    from favor.paper import harness, transfer
+
+    seen = {}
+
+    def fake_train_run(task, variant, size, *, seed, steps, model=None, **kw):
+        seen[variant.name] = [task.batch(s, seed).inputs.shape[1] for s in range(1, steps + 1)]
+        if model is None:
+            model = build_model(variant, size, vocab_size=task.vocab_size, causal=False, seed=seed)
+        return {"curve": [{"step": s, "accuracy": 0.1} for s in range(0, steps + 1, 2)], "model": model}
+
+    monkeypatch.setattr(harness, "train_run", fake_train_run)
+    res = transfer.experiment(quick=True, steps=8, finetune=4)
+    # quick mode is books' quick setting: L = 256, grown from 128 over the first half of the
+    # 8 pre-training steps; the scratch run follows the same schedule, then stays at 256
+    assert seen[transfer.SOFTMAX.name] == [128] * 4 + [256] * 4
+    assert seen[transfer.SWAPPED.name] == [256] * 4
+    assert seen[transfer.SCRATCH.name] == [128] * 4 + [256] * 8
+    assert res["config"]["length_warmup"]["of_steps"] == 8 and res["config"]["seq_len"] == 256
+
+
 def _xdr_strings(lines: list[str]) -> bytes:
     out = b"X\n" + struct.pack(">iii", 3, 0x040201, 0x030500) + struct.pack(">i", 5) + b"UTF-8"
     out += struct.pack(">ii", 16, len(lines))
