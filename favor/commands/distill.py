@@ -86,7 +86,10 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--schedule", default="cosine", help="learning rate: cosine (to 10%%, default) or constant")
     parser.add_argument(
-        "--train", default="query-key", help="student weights to train besides the adapters: query-key (default) or all"
+        "--train",
+        default="query-key",
+        help="student weights to train besides the adapters: query-key (default), attention (query, key, value and "
+        "output projections) or all",
     )
     parser.add_argument(
         "--fit-batches", type=int, default=2, help="training batches the adapters are fitted on (default 2)"
@@ -94,6 +97,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
     parser.add_argument(
         "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
+    )
+    parser.add_argument(
+        "--embedding-weight",
+        type=float,
+        default=1.0,
+        help="weight of 1 - cosine of the mean-pooled embeddings in the loss (default 1)",
     )
     parser.add_argument(
         "--attention-weight",
@@ -239,6 +248,7 @@ def run(args) -> int:
             lr=args.lr,
             adapter_lr=args.adapter_lr,
             logit_weight=args.logit_weight,
+            embedding_weight=args.embedding_weight,
             seed=args.seed,
             schedule=args.schedule,
             train=args.train,
@@ -264,6 +274,7 @@ def run(args) -> int:
         "adapter_lr": args.adapter_lr,
         "logit_weight": args.logit_weight,
         "attention_weight": args.attention_weight,
+        "embedding_weight": args.embedding_weight,
         **feature_options(args),
         "max_length": length,
         "training_texts": len(train),
