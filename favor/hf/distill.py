@@ -191,6 +191,8 @@ def distill(
     Returns the loss per step. ``evaluate(step)`` is called every ``eval_every`` steps and at the end."""
     if not batches:
         raise ValueError("batches is empty")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
     g = torch.Generator().manual_seed(config.seed)
     teacher.eval()
     student.eval()  # dropout off: the target is the deterministic teacher

@@ -139,3 +139,21 @@ def test_distill_with_attention_transfer_trains(tiny_bert):
     assert len(losses) == 2 and all(x > 0 for x in losses)
     with pytest.raises(ValueError, match="attention_weight"):
         DistillConfig(attention_weight=-1.0)
+
+
+@pytest.mark.parametrize("eval_every", [0, -1, 1.5])
+def test_distill_rejects_bad_eval_every(tiny_bert, eval_every):
+    teacher = tiny_bert()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=8, calibration=_batches())
+    with pytest.raises(ValueError, match="eval_every must be"):
+        distill(student, teacher, _batches(), DistillConfig(steps=1), evaluate=lambda step: None, eval_every=eval_every)
+
+
+def test_fit_set_takes_batches_in_turn_from_each_length():
+    from favor.commands.distill import fit_set
+
+    short, long = [{"s": i} for i in range(3)], [{"l": i} for i in range(1)]
+    assert fit_set([short, long], 2) == [short[0], long[0]]
+    assert fit_set([short, long], 4) == [short[0], long[0], short[1], short[2]]  # long ran out: short again
+    assert fit_set([short], 2) == short[:2]  # --fit-on short: the old choice, the first short batches
+    assert fit_set([short, long], 10) == [short[0], long[0], short[1], short[2]]
