@@ -1,12 +1,14 @@
 """favor distill: fine-tune a performerized model to match its softmax self on unlabeled text.
 
 Loads --model (softmax), performerizes a copy (derf, M=256, calibrated on the training text),
-fits each layer's adapter to its softmax attention (--fit-steps), then trains the attention
+fits each layer's adapter to its softmax attention (--fit-steps, on --fit-batches taken in turn
+from the short and the packed passages: --fit-on), then trains the attention
 query/key projections and the adapters (--train) to reproduce the softmax model's hidden
 states and mean-pooled embeddings (and token distributions, for LMs), with every layer's
 FAVOR output also matched to softmax attention on its own q, k, v (--attention-weight), and saves it to --out
 (load with favor.hf.from_pretrained). Default budget: 8 minutes of training after fitting,
-under 10 minutes in all on this CPU. Writes distill.json and distill.png (loss, and the
+under 10 minutes in all on this CPU (the held-out evaluations, every --eval-every steps, count
+against the budget). Writes distill.json and distill.png (loss, and the
 held-out embedding cosine per step at 128 and at 512 tokens: --eval-length, the held-out
 passages packed to exactly that length). --long-length N adds the training text packed to
 N-token passages (--long-batch-size per batch) to the short training passages.
@@ -80,7 +82,13 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--samples", type=int, help="held-out passages per length for the cosine (default 32; a masked LM: 64)"
     )
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=200,
+        help="held-out cosine every N steps, and at the start and the end (default 200; each evaluation takes "
+        "training time from the budget: ~8 steps' worth at 32 passages per length)",
+    )
     parser.add_argument(
         "--fit-steps", type=int, default=40, help="first fit each layer's adapter N steps (favor.hf.fit; default 40)"
     )
