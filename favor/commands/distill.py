@@ -1,12 +1,14 @@
 """favor distill: fine-tune a performerized model to match its softmax self on unlabeled text.
 
 Loads --model (softmax), performerizes a copy (derf, M=256, calibrated on the training text),
-fits each layer's adapter to its softmax attention (--fit-steps), then trains the attention
+fits each layer's adapter to its softmax attention (--fit-steps, on --fit-batches taken in turn
+from the short and the packed passages: --fit-on), then trains the attention
 query/key projections and the adapters (--train) to reproduce the softmax model's hidden
 states and mean-pooled embeddings (and token distributions, for LMs), with every layer's
 FAVOR output also matched to softmax attention on its own q, k, v (--attention-weight), and saves it to --out
 (load with favor.hf.from_pretrained). Default budget: 8 minutes of training after fitting,
-under 10 minutes in all on this CPU. Writes distill.json and distill.png (loss, and the
+under 10 minutes in all on this CPU (the held-out evaluations, every --eval-every steps, count
+against the budget). Writes distill.json and distill.png (loss, and the
 held-out embedding cosine per step at 128 and at 512 tokens: --eval-length, the held-out
 passages packed to exactly that length). --long-length N adds the training text packed to
 N-token passages (--long-batch-size per batch) to the short training passages.
@@ -80,20 +82,42 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--samples", type=int, help="held-out passages per length for the cosine (default 32; a masked LM: 64)"
     )
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=200,
+        help="held-out cosine every N steps, and at the start and the end (default 200; each evaluation takes "
+        "training time from the budget: ~8 steps' worth at 32 passages per length)",
+    )
     parser.add_argument(
         "--fit-steps", type=int, default=40, help="first fit each layer's adapter N steps (favor.hf.fit; default 40)"
     )
     parser.add_argument("--schedule", default="cosine", help="learning rate: cosine (to 10%%, default) or constant")
     parser.add_argument(
-        "--train", default="query-key", help="student weights to train besides the adapters: query-key (default) or all"
+        "--train",
+        default="query-key",
+        help="student weights to train besides the adapters: query-key (default), attention (query, key, value and "
+        "output projections) or all",
     )
     parser.add_argument(
         "--fit-batches", type=int, default=2, help="training batches the adapters are fitted on (default 2)"
     )
+    parser.add_argument(
+        "--fit-on",
+        choices=("mixed", "short"),
+        default="mixed",
+        help="fit the adapters on batches taken in turn from the short and each --long-length's passages "
+        "(mixed, default) or on the short passages only",
+    )
     parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
     parser.add_argument(
         "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
+    )
+    parser.add_argument(
+        "--embedding-weight",
+        type=float,
+        default=1.0,
+        help="weight of 1 - cosine of the mean-pooled embeddings in the loss (default 1)",
     )
     parser.add_argument(
         "--attention-weight",
@@ -138,6 +162,16 @@ def _positions(model) -> int:
     return n if isinstance(n, int) and n > 0 else 1 << 30
 
 
+def fit_set(groups: list[list[dict]], count: int) -> list[dict]:
+    """The first ``count`` batches taken in turn from each group (the short passages, then each
+    packed length): adapters fitted on short passages only lose at 512 tokens and the reverse
+    (benchmarks/results/hf_fidelity_512.md)."""
+    out: list[dict] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out[:count]
+
+
 def _last(curve: dict) -> str:
     return " ".join(f"{c[-1]:.4f}" for c in curve["eval_cosine"].values() if c)
 
@@ -180,9 +214,12 @@ def run(args) -> int:
         if long_lengths and mlm:
             raise ValueError("--long-length packs passages of a sentence encoder's text, not a masked LM's")
         tokens = args.long_batch_size * max(long_lengths, default=0)  # per packed batch, every length
+        groups = [batches]
         for n in long_lengths:
             long = packed_texts(tok, train, length=n)
-            batches += tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n)
+            groups.append(tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n))
+        batches = [b for group in groups for b in group]
+        fitting = fit_set(groups if args.fit_on == "mixed" else groups[:1], args.fit_batches)
         given = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
         lengths = eval_lengths(given, kind, max_length(None, kind, 128), limit=positions)
         evs = {n: held_out_batches(tok, args.heldout, kind, length=n, count=samples, batch_size=8) for n in lengths}
@@ -201,7 +238,7 @@ def run(args) -> int:
     if args.fit_steps:
         from favor.hf.fit import fit_adapters
 
-        fit_adapters(student, batches[: args.fit_batches], steps=args.fit_steps)
+        fit_adapters(student, fitting, steps=args.fit_steps)
     refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
     keys = [str(n) for n in lengths]
     curve = {
@@ -239,6 +276,7 @@ def run(args) -> int:
             lr=args.lr,
             adapter_lr=args.adapter_lr,
             logit_weight=args.logit_weight,
+            embedding_weight=args.embedding_weight,
             seed=args.seed,
             schedule=args.schedule,
             train=args.train,
@@ -258,12 +296,14 @@ def run(args) -> int:
         "steps": len(curve["loss"]),
         "fit_steps": args.fit_steps,
         "fit_batches": args.fit_batches,
+        "fit_on": args.fit_on,
         "schedule": args.schedule,
         "train": args.train,
         "lr": args.lr,
         "adapter_lr": args.adapter_lr,
         "logit_weight": args.logit_weight,
         "attention_weight": args.attention_weight,
+        "embedding_weight": args.embedding_weight,
         **feature_options(args),
         "max_length": length,
         "training_texts": len(train),

@@ -10,6 +10,9 @@ FAVOR adapters (query/key maps, key shift, projection) are all trained; dropout 
 FAVOR output is also matched to softmax attention on the student's own queries, keys and
 values (relative squared error over real tokens, target detached), a dense per-layer signal
 that keeps the feature map an approximation of softmax while the projections move.
+
+The teacher's outputs are kept for batches seen again (up to ``teacher_cache_mb``): the same
+numbers, one teacher forward fewer per step after the first pass over the batches.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ __all__ = ["DistillConfig", "distill", "adapter_tensors", "SCHEDULES", "TRAINABL
 #: learning-rate schedules over the run (by elapsed fraction of steps or of the time budget,
 #: whichever is further along): constant, or cosine decay to 10 % after a linear warm-up
 SCHEDULES = ("constant", "cosine")
-#: which student weights train besides the FAVOR adapters: every weight, or only the
-#: self-attention layers' query/key projections (the rest stays the teacher's)
-TRAINABLE = ("all", "query-key")
+#: which student weights train besides the FAVOR adapters: every weight, only the
+#: self-attention layers' query/key projections, or all of the attention layers' projections
+#: (query, key, value and output; the rest stays the teacher's)
+TRAINABLE = ("all", "query-key", "attention")
 _QUERY_KEY = ("query", "key", "q_proj", "k_proj")  # BERT, Llama
+_VALUE_OUTPUT = ("value", "v_proj", "o_proj")  # BERT's output projection is its parent's output.dense
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class DistillConfig:
     warmup_steps: int = 10
     train: str = "all"
     attention_weight: float = 0.0
+    teacher_cache_mb: float = 2048.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -61,8 +67,12 @@ class DistillConfig:
             raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.embedding_weight >= 0:
+            raise ValueError(f"embedding_weight must be >= 0, got {self.embedding_weight}")
         if not self.attention_weight >= 0:
             raise ValueError(f"attention_weight must be >= 0, got {self.attention_weight}")
+        if not self.teacher_cache_mb >= 0:
+            raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
 
@@ -83,9 +93,31 @@ def adapter_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
+def _projections(model: nn.Module, train: str) -> list[nn.Module]:
+    """The projection modules that ``train`` ("query-key" or "attention") trains: the
+    performerized attention modules' query/key projections, with "attention" also their value
+    and output projections (Llama's o_proj; BERT's sibling ``output.dense``)."""
+    names = _QUERY_KEY + (_VALUE_OUTPUT if train == "attention" else ())
+    out = []
+    for parent in model.modules():
+        for child_name, m in parent.named_children():
+            if not isinstance(getattr(m, ATTRIBUTE, None), nn.Module):
+                continue
+            out += [getattr(m, n) for n in names if isinstance(getattr(m, n, None), nn.Module)]
+            sibling = getattr(getattr(parent, "output", None), "dense", None)
+            if train == "attention" and child_name == "self" and isinstance(sibling, nn.Module):
+                out.append(sibling)  # BERT: BertAttention.self (scores) and .output.dense (projection)
+    return out
+
+
 def _hidden(model, batch, *, grad: bool):
     with torch.set_grad_enabled(grad):
         return model(**batch, output_hidden_states=True)
+
+
+def _nbytes(out) -> int:
+    tensors = list(out.hidden_states) + [getattr(out, "logits", None)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _student_with_transfer(student, batch):
@@ -159,6 +191,8 @@ def distill(
     Returns the loss per step. ``evaluate(step)`` is called every ``eval_every`` steps and at the end."""
     if not batches:
         raise ValueError("batches is empty")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
     g = torch.Generator().manual_seed(config.seed)
     teacher.eval()
     student.eval()  # dropout off: the target is the deterministic teacher
@@ -172,17 +206,10 @@ def distill(
         adapter = getattr(module, ATTRIBUTE, None)
         if isinstance(adapter, nn.Module):
             adapter.calibrated.fill_(True)
-    if config.train == "query-key":
-        keep = {
-            id(p)
-            for m in student.modules()
-            if isinstance(getattr(m, ATTRIBUTE, None), nn.Module)
-            for name in _QUERY_KEY
-            if isinstance(getattr(m, name, None), nn.Module)
-            for p in getattr(m, name).parameters()
-        }
+    if config.train != "all":
+        keep = {id(p) for m in _projections(student, config.train) for p in m.parameters()}
         if not keep:
-            raise ValueError(f"train='query-key' found no attention modules with projections named {_QUERY_KEY}")
+            raise ValueError(f"train={config.train!r} found no attention modules with projections named {_QUERY_KEY}")
         for p in student.parameters():
             p.requires_grad_(id(p) in keep)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -193,6 +220,8 @@ def distill(
     losses: list[float] = []
     start = time.perf_counter()
     order: list[int] = []
+    cache: dict[int, object] = {}
+    cached = 0
     step = 0
     if evaluate is not None:
         evaluate(0)
@@ -205,8 +234,14 @@ def distill(
                 group["lr"] = lr * factor
         if not order:
             order = torch.randperm(len(batches), generator=g).tolist()
-        batch = batches[order.pop()]
-        teacher_out = _hidden(teacher, batch, grad=False)
+        index = order.pop()
+        batch = batches[index]
+        teacher_out = cache.get(index)
+        if teacher_out is None:
+            teacher_out = _hidden(teacher, batch, grad=False)
+            size = _nbytes(teacher_out)
+            if cached + size <= config.teacher_cache_mb * 2**20:  # the same numbers next time round
+                cache[index], cached = teacher_out, cached + size
         keep = batch["attention_mask"].bool()
         if config.attention_weight:
             student_out, transfer = _student_with_transfer(student, batch)

@@ -126,7 +126,7 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
     assert all(len(res["curve"]["eval_cosine"][n]) == 4 for n in ("16", "32"))
     assert set(res["final_cosine"]) == {"16", "32"} and res["held_out_passages"] == {"16": 4, "32": 4}
     assert res["long_length"] == 32 and res["long_lengths"] == [32] and res["training_batches"] > 0
-    assert (res["fit_steps"], res["fit_batches"]) == (1, 1)
+    assert (res["fit_steps"], res["fit_batches"], res["fit_on"]) == (1, 1, "mixed")
     assert (res["exact_window"], res["exact_sinks"]) == (2, 1)
     assert (out / "distill.png").stat().st_size > 0
     model = fh.from_pretrained(out)

@@ -33,8 +33,51 @@ def test_query_key_training_leaves_other_weights_alone(tiny_bert):
     assert changed == qk | favor  # nothing else moved (values, outputs, FFNs, embeddings)
 
 
+@pytest.mark.parametrize("cache_mb", [0.0, 64.0])
+def test_teacher_cache_gives_the_same_losses_with_one_teacher_forward_per_batch(tiny_bert, cache_mb):
+    teacher = tiny_bert()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=_batches())
+    reference = copy.deepcopy(student)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))  # after the copies: the teacher's own calls
+    config = DistillConfig(steps=6, lr=1e-2, train="query-key", teacher_cache_mb=0.0)
+    expected = distill(reference, teacher, _batches(), config)
+    calls.clear()
+    cached = DistillConfig(steps=6, lr=1e-2, train="query-key", teacher_cache_mb=cache_mb)
+    assert distill(student, teacher, _batches(), cached) == expected  # bit for bit: the same teacher outputs
+    assert len(calls) == (6 if cache_mb == 0 else 2)  # 2 batches, each run once when cached
+
+
+def test_attention_training_moves_the_attention_projections_only(tiny_bert):
+    teacher = tiny_bert()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=_batches())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    distill(student, teacher, _batches(), DistillConfig(steps=3, lr=1e-2, train="attention"))
+    after = student.state_dict()
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    projections = {
+        k
+        for k in changed
+        if any(f".attention.{n}." in k for n in ("self.query", "self.key", "self.value", "output.dense"))
+    }
+    favor = {k for k in changed if ".favor." in k}
+    assert {k.split(".attention.")[1].rsplit(".", 2)[0] for k in projections} == {
+        "self",
+        "output",
+    }  # both the scores' and the output's side trained
+    assert len(projections) == 4 * 2 * len(student.encoder.layer)  # q, k, v, out: weight and bias per layer
+    assert changed == projections | favor  # not the LayerNorms, FFNs or embeddings
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"schedule": "linear"}, "schedule must be"), ({"train": "values"}, "train must be")]
+    ("kwargs", "match"),
+    [
+        ({"schedule": "linear"}, "schedule must be"),
+        ({"train": "values"}, "train must be"),
+        ({"embedding_weight": -1.0}, "embedding_weight must be"),
+        ({"embedding_weight": float("nan")}, "embedding_weight must be"),
+        ({"teacher_cache_mb": -1.0}, "teacher_cache_mb must be"),
+    ],
 )
 def test_distill_config_rejects_unknown_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -96,3 +139,21 @@ def test_distill_with_attention_transfer_trains(tiny_bert):
     assert len(losses) == 2 and all(x > 0 for x in losses)
     with pytest.raises(ValueError, match="attention_weight"):
         DistillConfig(attention_weight=-1.0)
+
+
+@pytest.mark.parametrize("eval_every", [0, -1, 1.5])
+def test_distill_rejects_bad_eval_every(tiny_bert, eval_every):
+    teacher = tiny_bert()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=8, calibration=_batches())
+    with pytest.raises(ValueError, match="eval_every must be"):
+        distill(student, teacher, _batches(), DistillConfig(steps=1), evaluate=lambda step: None, eval_every=eval_every)
+
+
+def test_fit_set_takes_batches_in_turn_from_each_length():
+    from favor.commands.distill import fit_set
+
+    short, long = [{"s": i} for i in range(3)], [{"l": i} for i in range(1)]
+    assert fit_set([short, long], 2) == [short[0], long[0]]
+    assert fit_set([short, long], 4) == [short[0], long[0], short[1], short[2]]  # long ran out: short again
+    assert fit_set([short], 2) == short[:2]  # --fit-on short: the old choice, the first short batches
+    assert fit_set([short, long], 10) == [short[0], long[0], short[1], short[2]]
