@@ -57,30 +57,9 @@ def _model(task, **kw):
 
 
 def grad_check(task) -> float:
-    import torch
+    from favor.paper.grad_check import reference_grad_error
 
-    from favor.attention.reference import kernel_attention
-    from favor.nn import attention as A
-
-    model = _model(task).double()
-    batch = task.batch(1, 0)
-
-    def grads():
-        model.zero_grad()
-        task.loss(model, batch).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    fast = grads()
-    orig = A.ATTENTIONS["favor"]
-    A.ATTENTIONS["favor"] = lambda mod, q, k, v, mask, st, sf: (
-        kernel_attention(q, k, v, mod.feature_map, key_padding_mask=mask),
-        None,
-    )
-    try:
-        ref = grads()
-    finally:
-        A.ATTENTIONS["favor"] = orig
-    return float((fast - ref).abs().max() / ref.abs().max())
+    return reference_grad_error(_model(task).double(), task, task.batch(1, 0))
 
 
 def attention_stats(model, task) -> list[dict]:

@@ -68,16 +68,7 @@ def add_arguments(parser) -> None:
     from .suite import add_common_arguments
 
     add_common_arguments(parser, seeds=MODES["full"][6])
-    parser.add_argument(
-        "--seq-len", type=int, default=None, help="context length in bytes (default 2048; 256 with --quick)"
-    )
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step at full length (default 1)")
-    parser.add_argument(
-        "--warmup-lengths",
-        type=float,
-        default=None,
-        help="fraction of the steps over which the context grows from 128 to --seq-len (default 0.5; 0: off)",
-    )
+    add_data_arguments(parser, steps="the steps")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR})")
     parser.add_argument(
         "--variants",
@@ -86,6 +77,21 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=WARMUP, help=f"linear warm-up steps (default {WARMUP})")
     parser.add_argument("--redraw-interval", type=int, default=1, help="steps between feature redraws (default 1)")
+
+
+def add_data_arguments(parser, *, steps: str) -> None:
+    """Books' context, batch, length warm-up and corpus options (``favor paper books`` and
+    ``transfer``); ``steps`` names the steps the warm-up spans."""
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="context length in bytes (default 2048; 256 with --quick)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step at full length (default 1)")
+    parser.add_argument(
+        "--warmup-lengths",
+        type=float,
+        default=None,
+        help=f"fraction of {steps} over which the context grows from 128 to --seq-len (default 0.5; 0: off)",
+    )
     parser.add_argument(
         "--data-dir",
         default=str(Path.home() / ".cache" / "favor" / "paper"),

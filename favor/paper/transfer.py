@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .books import LR, WARMUP
+from .books import LR, WARMUP, add_data_arguments
 from .harness import ModelSize, Variant
 
 NAME = "transfer"
@@ -38,16 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="softmax pre-training steps (default: the mode's)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="Performer fine-tuning steps")
-    parser.add_argument(
-        "--seq-len", type=int, default=None, help="context length in bytes (default 2048 as books; 256 with --quick)"
-    )
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step at full length (default 1)")
-    parser.add_argument(
-        "--warmup-lengths",
-        type=float,
-        default=None,
-        help="fraction of the pre-training steps over which the context grows from 128 (default 0.5, as books; 0: off)",
-    )
+    add_data_arguments(parser, steps="the pre-training steps")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR}, as books)")
     parser.add_argument(
         "--finetune-lr", type=float, default=None, help="Adam learning rate of the fine-tuning (default: --lr)"
@@ -63,12 +54,6 @@ def add_arguments(parser) -> None:
         "--antiberty-steps", type=int, default=None, help="AntiBERTy fine-tuning steps (default 60; 0 with --quick)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument(
-        "--data-dir",
-        default=str(Path.home() / ".cache" / "favor" / "paper"),
-        help="where the Jane Austen package is downloaded once",
-    )
-    parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
 
 
 def steps_within(curve: list[dict[str, Any]], target: float, *, metric: str = "accuracy") -> int | None:

@@ -335,33 +335,33 @@ def test_antiberty_swap_loses_accuracy_and_one_fine_tuning_step_starts_to_recove
 
 
 @pytest.mark.parametrize("kernel", ["positive", "relu"])
-def test_masked_lm_gradients_of_the_favor_model_equal_the_explicit_reference(kernel, monkeypatch):
+def test_masked_lm_gradients_of_the_favor_model_equal_the_explicit_reference(kernel):
     # the books diagnosis rests on this: FAVOR's plateau is not a wrong gradient. One float64
     # masked-LM step through the fast bidirectional path and through the explicit L x L
     # kernelised reference with the same features: the same sums in another order, so the
     # gradients agree to round-off (1e-10 relative leaves 1e5 x float64 epsilon of headroom)
-    from favor.attention.reference import kernel_attention
-    from favor.nn import attention as A
+    from favor.paper.grad_check import reference_grad_error
 
     src = StreamSource(_stream(vocab=20), 48)
     task = MaskedLM(src, src, mask_id=20, vocab_size=21, batch_size=4, eval_rows=1)
     model = build_model(Variant("f", kernel=kernel), TINY, vocab_size=21, causal=False, seed=0).double()
-    batch = task.batch(1, 0)
+    assert reference_grad_error(model, task, task.batch(1, 0)) < 1e-10
 
-    def grads():
-        model.zero_grad()
-        task.loss(model, batch).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    fast = grads()
-    monkeypatch.setitem(
-        A.ATTENTIONS,
-        "favor",
-        lambda mod, q, k, v, mask, state, stateful: (
-            kernel_attention(q, k, v, mod.feature_map, key_padding_mask=mask),
-            None,
-        ),
-    )
-    ref = grads()
-    assert ref.abs().max() > 0
-    assert ((fast - ref).abs().max() / ref.abs().max()).item() < 1e-10
+def test_the_gradient_check_sees_a_wrong_fast_path_and_restores_it(monkeypatch):
+    # a fast path off by 10 % in its output must show up, and the real one must be put back
+    from favor.nn import attention as A
+    from favor.paper.grad_check import reference_grad_error
+
+    src = StreamSource(_stream(vocab=20), 48)
+    task = MaskedLM(src, src, mask_id=20, vocab_size=21, batch_size=4, eval_rows=1)
+    model = build_model(Variant("f", kernel="positive"), TINY, vocab_size=21, causal=False, seed=0).double()
+    real = A.ATTENTIONS["favor"]
+
+    def wrong(*args):
+        out, state = real(*args)
+        return out * 1.1, state
+
+    monkeypatch.setitem(A.ATTENTIONS, "favor", wrong)
+    assert reference_grad_error(model, task, task.batch(1, 0)) > 1e-3
+    assert A.ATTENTIONS["favor"] is wrong
