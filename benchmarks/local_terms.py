@@ -2,6 +2,10 @@
 each query's 2W+1 neighbours and S sink tokens exact, against plain FAVOR (the fast path) and
 SDPA, in the same run; contenders interleaved, median of --repeats.
 
+With --block C > 1 (the CLI's default, 64) each query's whole block of C positions widened
+by W either side is exact (favor.hf.local_block): local_fast with ``exact_block``, checked
+against local_block's autograd path.
+
 "favor+local" is the path favor.hf runs: favor.hf.local_fast (hand-written backward) for
 bidirectional attention, the autograd path of favor.hf.local for --causal; --autograd adds
 the autograd path for bidirectional attention too ("favor+local autograd", its reference).
@@ -25,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.local_terms", description=__doc__)
     parser.add_argument("--window", type=int, default=8, help="exact neighbours either side (default 8: the CLI's)")
     parser.add_argument("--sinks", type=int, default=1)
+    parser.add_argument(
+        "--block", type=int, default=64, help="exact blocks of C positions (default 64: the CLI's; 1: the window alone)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="time forward+backward")
@@ -43,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import favor
     from favor.hf.local import local_exact_attention, pair_features
+    from favor.hf.local_block import block_exact_attention
     from favor.hf.local_fast import local_fast
 
     if args.threads:
@@ -53,21 +61,31 @@ def main(argv: list[str] | None = None) -> int:
     b, h, d, m = 1, 8, 64, 256
     mode = ("causal " if args.causal else "") + ("forward+backward" if args.backward else "forward")
     info = header(
-        f"local terms: window={args.window} sinks={args.sinks}, B={b} H={h} D={d} M={m} float32, {mode}, "
+        f"local terms: window={args.window} sinks={args.sinks} block={args.block}, B={b} H={h} D={d} M={m} float32, {mode}, "
         f"median of {args.repeats}, {args.clock} clock"
     )
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     fm = favor.FeatureMap("positive", dim=d, num_features=m, generator=torch.Generator().manual_seed(0))
     root = d**-0.25
 
+    blocks = args.block > 1
+    if blocks and args.causal:
+        parser.error("--block is for bidirectional attention: use --block 1 with --causal")
+
     def autograd_path(q, k, v, fm=fm):
         fq, fk = pair_features(fm, q, k, root, causal=args.causal)
+        if blocks:
+            return block_exact_attention(
+                fq, fk, q * root, k * root, v, window=args.window, sinks=args.sinks, block=args.block
+            )
         return local_exact_attention(
             fq, fk, q * root, k * root, v, window=args.window, sinks=args.sinks, causal=args.causal
         )
 
     def fast_path(q, k, v, fm=fm):
-        return local_fast(fm, q, k, q * root, k * root, v, root=root, window=args.window, sinks=args.sinks)
+        return local_fast(
+            fm, q, k, q * root, k * root, v, root=root, window=args.window, sinks=args.sinks, exact_block=args.block
+        )
 
     if not args.causal:
         _check(fast_path, autograd_path, fm, d)
@@ -116,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             f"sdpa/local {row['sdpa_over_local']:.2f}x{extra})"
         )
     path = write_json(
-        f"local_terms_{'causal_' if args.causal else ''}{'fwd_bwd' if args.backward else 'fwd'}",
+        f"local_terms_{'causal_' if args.causal else ''}{f'block{args.block}_' if blocks else ''}"
+        f"{'fwd_bwd' if args.backward else 'fwd'}",
         {"machine": info, "args": vars(args), "rows": rows},
     )
     print(f"wrote {path}")

@@ -46,6 +46,7 @@ from ..features import maps
 from ..features._host import buffer_flag
 from ..features.feature_map import FeatureMap
 from .local import check_exact_set
+from .local_block import check_block
 
 __all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection", "sequence_pair_mean"]
 
@@ -158,12 +159,14 @@ class FavorAdapter(nn.Module):
         sequence_shift: bool = False,
         exact_window: int = -1,
         exact_sinks: int = 0,
+        exact_block: int = 1,
     ) -> None:
         super().__init__()
         check_exact_set(exact_window, exact_sinks)
+        check_block(exact_block)
         self.feature_map = feature_map
         self.heads, self.dim, self.dense, self.sequence_shift = heads, dim, dense, sequence_shift
-        self.exact_window, self.exact_sinks = exact_window, exact_sinks
+        self.exact_window, self.exact_sinks, self.exact_block = exact_window, exact_sinks, exact_block
         eye = torch.eye(dim).expand(heads, dim, dim).clone()
         self.register_buffer("key_shift", torch.zeros(heads, dim))
         self.register_buffer("query_map", eye.clone())
@@ -182,13 +185,15 @@ class FavorAdapter(nn.Module):
 
     @property
     def local(self) -> bool:
-        """Whether some keys' weights are exact (``exact_window`` >= 0 or ``exact_sinks`` > 0; local.py)."""
-        return self.exact_window >= 0 or self.exact_sinks > 0
+        """Whether some keys' weights are exact (``exact_window`` >= 0, ``exact_sinks`` > 0 or
+        ``exact_block`` > 1; local.py, local_block.py)."""
+        return self.exact_window >= 0 or self.exact_sinks > 0 or self.exact_block > 1
 
     def extra_repr(self) -> str:
         extra = (", dense" if self.dense else "") + (", sequence_shift" if self.sequence_shift else "")
         if self.local:
             extra += f", exact_window={self.exact_window}, exact_sinks={self.exact_sinks}"
+            extra += f", exact_block={self.exact_block}" if self.exact_block > 1 else ""
         return f"heads={self.heads}, dim={self.dim}{extra}"
 
     def log_const(self, dtype: torch.dtype) -> torch.Tensor | float:

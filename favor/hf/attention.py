@@ -18,6 +18,7 @@ from .adapter import FavorAdapter
 from .cache import claim
 from .cross import cross_attention
 from .local import local_exact_attention, pair_features
+from .local_block import block_exact_attention
 from .local_fast import fast_eligible, local_fast
 from .masks import plan_from_mask
 from .support import check_keywords
@@ -92,6 +93,11 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
     logits they estimate from the raw query and key. Queries that sit at the end of the keys
     (decoding with a cache) get zero queries in front, as in the plain path."""
     offset = k.shape[-2] - q.shape[-2]
+    if causal and adapter.exact_block > 1:
+        raise ValueError(
+            f"exact_block={adapter.exact_block} is for bidirectional attention (a causal block would show its "
+            "later keys to its earlier queries); performerize a decoder with exact_block=1"
+        )
     if causal and offset > 0:
         query = torch.cat([query.new_zeros(*query.shape[:-2], offset, query.shape[-1]), query], dim=-2)
         q = torch.cat([q.new_zeros(*q.shape[:-2], offset, q.shape[-1]), q], dim=-2)
@@ -123,8 +129,22 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
                 sinks=adapter.exact_sinks,
                 log_const=adapter.log_const(dtype),
                 key_padding_mask=pad,
+                exact_block=adapter.exact_block,
             )
     fq, fk = pair_features(fm, q, k, root, mask, causal=causal)
+    if adapter.exact_block > 1:  # the autograd path of the blocks (local_block.py)
+        return block_exact_attention(
+            fq,
+            fk,
+            qx.to(dtype),
+            kx.to(dtype),
+            v,
+            window=adapter.exact_window,
+            sinks=adapter.exact_sinks,
+            block=adapter.exact_block,
+            log_const=adapter.log_const(dtype),
+            key_padding_mask=pad,
+        )
     return local_exact_attention(
         fq,
         fk,

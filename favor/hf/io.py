@@ -129,7 +129,7 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
     meta = _read_favor_json(cfg_path)
     cls = model_class or _model_class(meta["model_class"], cfg_path)
     performer = meta["performer"]
-    # fields added later (exact_window, exact_sinks) take their defaults in older saves
+    # fields added later (exact_window, exact_sinks, exact_block) take their defaults in older saves
     try:
         config = PerformerConfig(**{k: performer[k] for k in _FIELDS if k in performer})
     except (TypeError, ValueError) as e:

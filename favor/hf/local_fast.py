@@ -127,6 +127,90 @@ def band_transpose(coeff: torch.Tensor, w: int) -> torch.Tensor:
     return p.as_strided((n, length, e), (p.stride(0), e, 2 * w), p.storage_offset() + 2 * w)
 
 
+def block_products(a: torch.Tensor, b: torch.Tensor, w: int, block: int, *, b_flat=None, scratch=None) -> torch.Tensor:
+    """Exact blocks (local_block.py): a_i . b_(start(i) + s) for every query i and slot
+    s = 0 .. c + 2w - 1, start(i) = c (i // c) - w, a, b (N, L, X) -> (N, L, c + 2w); slots
+    beyond the sequence's ends as in ``band_products``: the caller masks them."""
+    n, length, _ = a.shape
+    c, padded = _geometry(block, length)
+    flat = _flat_reused(b, w, padded, scratch, "band_b") if b_flat is None else b_flat
+    full = torch.bmm(_query_blocks(a, c, padded), _keys_view(flat, w, c))  # (N * nb, c, c + 2w)
+    return full.view(n, padded, c + 2 * w)[:, :length]
+
+
+def block_weighted_sum(
+    coeff: torch.Tensor, x: torch.Tensor, w: int, block: int, *, x_flat=None, out=None, scratch=None
+) -> torch.Tensor:
+    """sum_s coeff[i, s] x[start(i) + s], coeff (N, L, c + 2w), x (N, L, X) -> (N, L, X);
+    ``coeff`` 0 on slots beyond the ends; ``x_flat``, ``out`` as in ``band_weighted_sum``."""
+    n, length, width = x.shape
+    c, padded = _geometry(block, length)
+    flat = _flat_reused(x, w, padded, scratch, "band_x") if x_flat is None else x_flat
+    keys = _keys_view(flat, w, c).transpose(-1, -2)  # (N * nb, c + 2w, X)
+    co = _query_blocks(coeff, c, padded)
+    if out is not None and padded == length:
+        out.view(-1, c, width).baddbmm_(co, keys)
+        return out
+    got = torch.bmm(co, keys).view(n, padded, width)[:, :length]
+    return got if out is None else out.add_(got)
+
+
+def block_transpose_sum(coeff: torch.Tensor, y: torch.Tensor, w: int, block: int, *, out=None) -> torch.Tensor:
+    """The blocks read from the keys' side: out[j] = sum over (i, s) with start(i) + s = j of
+    coeff[i, s] y_i, coeff (N, L, c + 2w), y (N, L, X) -> (N, L, X); ``coeff`` 0 on slots
+    beyond the ends (their products land in padding or in a neighbouring sequence's rows)."""
+    n, length, width = y.shape
+    c, padded = _geometry(block, length)
+    ext = _query_blocks(coeff, c, padded).mT @ _query_blocks(y, c, padded)  # (N * nb, c + 2w, X)
+    flat = y.new_zeros(n * padded + 2 * w + c, width)  # row b c + s: slot s of block b
+    for o in range(0, c + 2 * w, c):  # the overlapping extents, c rows at a time
+        m = min(c, c + 2 * w - o)
+        flat[o : o + n * padded].view(-1, c, width)[:, :m] += ext[:, o : o + m]
+    got = flat[w : w + n * padded].view(n, padded, width)[:, :length]
+    return got if out is None else out.add_(got)
+
+
+class _Slots:
+    """Where each exact slot's key sits: the band (``blocks`` = 1: keys i - w .. i + w, in
+    GEMM blocks of ``block`` queries) or exact blocks (``blocks`` = C > 1: each query's block
+    of C positions widened by w, local_block.py), with the products both passes use."""
+
+    def __init__(self, window: int, block: int, blocks: int, length: int) -> None:
+        self.blocked = blocks > 1
+        self.w = max(window, 0) if self.blocked else window
+        self.block = blocks if self.blocked else block
+        self.c = _geometry(self.block, length)[0]
+        self.n = (self.c + 2 * self.w) if self.blocked else (2 * window + 1 if window >= 0 else 0)
+
+    def keys(self, length: int, device) -> torch.Tensor:
+        """(L, n): the key of each slot (may lie outside [0, L))."""
+        i = torch.arange(length, device=device)[:, None]
+        start = (i // self.c) * self.c - self.w if self.blocked else i - self.w
+        return start + torch.arange(self.n, device=device)[None, :]
+
+    def weights(self, e: torch.Tensor) -> torch.Tensor:
+        """e (g, L) of each slot's key, (g, L, n); 0 beyond the ends."""
+        if not self.blocked:
+            return F.pad(e, (self.w, self.w)).unfold(-1, self.n, 1)
+        g, length = e.shape
+        c, padded = _geometry(self.block, length)
+        ext = F.pad(e, (self.w, padded - length + self.w)).unfold(-1, self.n, c)  # (g, nb, n)
+        return ext[:, :, None, :].expand(g, padded // c, c, self.n).reshape(g, padded, self.n)[:, :length]
+
+    def products(self, a, b, **kw):
+        f = block_products if self.blocked else band_products
+        return f(a, b, self.w, self.block, **kw)
+
+    def weighted_sum(self, coeff, x, **kw):
+        f = block_weighted_sum if self.blocked else band_weighted_sum
+        return f(coeff, x, self.w, self.block, **kw)
+
+    def transpose_sum(self, coeff, y, *, x_flat=None, out=None):
+        if self.blocked:
+            return block_transpose_sum(coeff, y, self.w, self.block, out=out)
+        return band_weighted_sum(band_transpose(coeff, self.w), y, self.w, self.block, x_flat=x_flat, out=out)
+
+
 #: rows (sequences x positions) whose features are alive at a time: a group of whole
 #: sequences, so no feature row is ever computed twice and the band needs no halo. None:
 #: ROWS_PER_THREAD per torch thread (up to 4). At L=4096, H=8 on the 2-core CPU (quiet,
@@ -181,20 +265,18 @@ def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
 
 
-def _live(length: int, window: int, sinks: int, live_key, device) -> torch.Tensor:
-    """Which exact slots hold a real key, (1 or N, L, E): neighbours inside the sequence,
-    sinks not among the neighbours, neither padding (``live_key`` (N, L) or None)."""
-    i = torch.arange(length, device=device)[:, None]
-    parts = []
-    if window >= 0:
-        parts.append(i + torch.arange(-window, window + 1, device=device)[None, :])
+def _live(length: int, slots: _Slots, sinks: int, live_key, device) -> torch.Tensor:
+    """Which exact slots hold a real key, (1 or N, L, E): neighbours (or the block's keys)
+    inside the sequence, sinks not among them, neither padding (``live_key`` (N, L) or None)."""
+    parts = [slots.keys(length, device)] if slots.n else []
     n_sinks = min(sinks, length)
     if n_sinks:
         parts.append(torch.arange(n_sinks, device=device)[None, :].expand(length, -1))
     j = torch.cat(parts, -1)  # (L, E): the key of each slot
     ok = (j >= 0) & (j < length)
-    if n_sinks:
-        ok[:, -n_sinks:] &= (i - j[:, -n_sinks:]).abs() > window
+    if n_sinks and slots.n:
+        first, sink = j[:, :1], j[:, -n_sinks:]
+        ok[:, -n_sinks:] &= (sink < first) | (sink >= first + slots.n)
     ok = ok[None]
     if live_key is not None:
         ok = ok & live_key[:, j.clamp(0, length - 1)]
@@ -208,7 +290,7 @@ def _a_at(a, lead, sl):
 
 class _LocalFast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, qx, kx, v, log_const, projection, a, mask, feat, root, window, sinks, block):
+    def forward(ctx, q, k, qx, kx, v, log_const, projection, a, mask, feat, root, window, sinks, block, blocks):
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], qx.shape[:-2], kx.shape[:-2])
         length, dv = q.shape[-2], v.shape[-1]
         q_, k_, qx_, kx_, v_ = (_flat(x, lead) for x in (q, k, qx, kx, v))
@@ -217,8 +299,9 @@ class _LocalFast(torch.autograd.Function):
         if not isinstance(log_const, torch.Tensor):
             log_const = torch.zeros((), dtype=q.dtype, device=q.device)
         c_all = log_const.to(q.dtype).expand(*lead, 1, 1).reshape(n, 1, 1)
-        live = _live(length, window, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)
-        n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
+        slots = _Slots(window, block, blocks, length)
+        live = _live(length, slots, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)
+        n_sinks, nb = min(sinks, length), slots.n
         n_exact, dead_all = live.shape[-1], ~live
         out = q_.new_empty(n, length, dv)
         inv = q_.new_empty(n, length)
@@ -231,7 +314,7 @@ class _LocalFast(torch.autograd.Function):
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
             p_ = None if pad is None else pad[sl]
-            gr = _Group((feat, window, block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch, weighted=False)
+            gr = _Group((feat, slots.w, slots.block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch, weighted=False)
             qv, kv, e = gr.qv, gr.kv, gr.e
             g = qv.shape[0]
             # [v, 1] e: each key's weight on V's rows and on the normaliser's column
@@ -250,9 +333,9 @@ class _LocalFast(torch.autograd.Function):
             # each exact slot's FAVOR estimate (rf) and exact logit, written side by side
             rf, logits = scratch("rf", (g, length, n_exact), q_), scratch("logits", (g, length, n_exact), q_)
             if nb:
-                e_band = F.pad(e, (window, window)).unfold(-1, nb, 1)  # (g, L, 2W + 1): e of each slot's key
-                torch.mul(band_products(qv, kv, window, block, b_flat=gr.k_flat), e_band, out=rf[..., :nb])
-                logits[..., :nb] = band_products(qx_[sl], kx_[sl], window, block, scratch=scratch)
+                e_band = slots.weights(e)  # (g, L, nb): e of each slot's key
+                torch.mul(slots.products(qv, kv, b_flat=gr.k_flat), e_band, out=rf[..., :nb])
+                logits[..., :nb] = slots.products(qx_[sl], kx_[sl], scratch=scratch)
             if n_sinks:
                 rf[..., nb:] = nd[..., dv + 1 :]
                 torch.matmul(qx_[sl], kx_[sl, :n_sinks].mT, out=logits[..., nb:])
@@ -273,13 +356,14 @@ class _LocalFast(torch.autograd.Function):
             torch.mul(nd[..., :dv], (fa * iv)[..., None], out=o)
             co_iv = co * iv[..., None]
             if nb:
-                band_weighted_sum(co_iv[..., :nb], v_[sl], window, block, out=o, scratch=scratch)
+                slots.weighted_sum(co_iv[..., :nb], v_[sl], out=o, scratch=scratch)
             if n_sinks:
                 o.baddbmm_(co_iv[..., nb:], v_[sl, :n_sinks])
             inv[sl], far[sl] = iv, fa
             kvzs.append(kvz_g)
             refs.append(gr.ref)
         ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead, ctx.root = feat, window, sinks, block, lead, root
+        ctx.blocks = blocks
         ctx.shapes = (qx.shape, kx.shape, v.shape)
         ctx.c_shape = log_const.shape if ctx.needs_input_grad[5] else None
         ctx.w_shape, ctx.w_dtype = projection.shape, projection.dtype
@@ -322,7 +406,7 @@ class _LocalFast(torch.autograd.Function):
             view(dv_, ctx.shapes[2]),
             None if dc is None else dc.view(*lead, 1, 1).sum_to_size(ctx.c_shape),
             None if dw is None else (dw * ctx.root).to(ctx.w_dtype),
-            *([None] * 7),  # a, mask, feat, root, window, sinks, block
+            *([None] * 8),  # a, mask, feat, root, window, sinks, block, blocks
         )
 
 
@@ -332,9 +416,10 @@ def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple
     feat, window, sinks, block, lead = ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead
     dq, dk, dqx, dkx, dv_, dc, dw = grads
     length, dv = out.shape[-2], out.shape[-1]
-    n_sinks, nb = min(sinks, length), (2 * window + 1 if window >= 0 else 0)
+    slots = _Slots(window, block, ctx.blocks, length)
+    n_sinks, nb = min(sinks, length), slots.n
     a_g = _a_at(a, lead, sl)
-    gr = _Group((feat, window, block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], scratch, ref[sl])
+    gr = _Group((feat, slots.w, slots.block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], scratch, ref[sl])
     qv, kw = gr.qv, gr.kv
     lv = live if live.shape[0] == 1 else live[sl]
     co, ex, fa, iv, vg = coeff[sl], exact[sl], far[sl], inv[sl], v_[sl]
@@ -346,7 +431,7 @@ def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple
     dkvz = qv.mT @ dnd  # (g, M', Dv + 1)
     dcoeff = []
     if nb:
-        dcoeff.append(band_products(dnum, vg, window, block))
+        dcoeff.append(slots.products(dnum, vg))
     if n_sinks:
         dcoeff.append(dnum @ vg[:, :n_sinks].mT)
     dcoeff = torch.cat(dcoeff, -1) if len(dcoeff) > 1 else dcoeff[0]
@@ -356,21 +441,21 @@ def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple
     if dv_ is not None:
         d = kw @ dkvz[..., :dv]
         if nb:
-            d += band_weighted_sum(band_transpose(co[..., :nb], window), dnum, window, block)
+            d += slots.transpose_sum(co[..., :nb], dnum)
         if n_sinks:
             d[:, :n_sinks] += co[..., nb:].mT @ dnum
         dv_[sl] = d
     if dqx is not None:
         d = 0.0
         if nb:
-            d = band_weighted_sum(dlog[..., :nb], kx_[sl], window, block)
+            d = slots.weighted_sum(dlog[..., :nb], kx_[sl])
         if n_sinks:
             d = d + dlog[..., nb:] @ kx_[sl, :n_sinks]
         dqx[sl] = d
     if dkx is not None:
         d = torch.zeros_like(kx_[sl])
         if nb:
-            d += band_weighted_sum(band_transpose(dlog[..., :nb], window), qx_[sl], window, block)
+            d += slots.transpose_sum(dlog[..., :nb], qx_[sl])
         if n_sinks:
             d[:, :n_sinks] += dlog[..., nb:].mT @ qx_[sl]
         dkx[sl] = d
@@ -379,7 +464,7 @@ def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple
     if dq is not None or dw is not None:
         dqv = scratch.matmul("dqv", dnd, kvz_g.mT)  # (g, L, M')
         if nb:
-            band_weighted_sum(drf[..., :nb], kw, window, block, x_flat=gr.k_flat, out=dqv)
+            slots.weighted_sum(drf[..., :nb], kw, x_flat=gr.k_flat, out=dqv)
         if n_sinks:
             dqv.baddbmm_(drf[..., nb:], kw[:, :n_sinks])
         if dw is not None:
@@ -391,7 +476,7 @@ def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple
         v1 = torch.cat([vg, torch.ones_like(vg[..., :1])], -1)
         dkw = scratch.matmul("dkw", v1, dkvz.mT)  # (g, L, M')
         if nb:
-            band_weighted_sum(band_transpose(drf[..., :nb], window), qv, window, block, x_flat=gr.q_flat, out=dkw)
+            slots.transpose_sum(drf[..., :nb], qv, x_flat=gr.q_flat, out=dkw)
         if n_sinks:
             dkw[:, :n_sinks] += drf[..., nb:].mT @ qv
         # phi(k) exp(-ref) = kw: its log scale (the |k|^2 term) carries sum_m dkw kw
@@ -428,6 +513,7 @@ def local_fast(
     log_const: torch.Tensor | float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
     block: int = BLOCK,
+    exact_block: int = 1,
 ) -> torch.Tensor:
     """Bidirectional FAVOR with exact local terms (local.py's module docstring), fast.
 
@@ -435,8 +521,10 @@ def local_fast(
     (..., L, D): the inputs whose dot products the features estimate (already scaled);
     v (..., L, Dv); ``a``: FAVOR++'s A (a constant) or None; ``log_const``: a float or a
     tensor broadcasting against (..., 1, 1); ``key_padding_mask`` bool (B, L), True for
-    padding. Gradients reach q, k, qx, kx, v, a tensor log_const and FAVOR+'s projection.
-    Returns (..., L, Dv)."""
+    padding. ``exact_block`` C > 1: each query's block of C positions widened by ``window``
+    is exact instead of its neighbours (local_block.py; its ``block_exact_attention`` is this
+    path's reference). Gradients reach q, k, qx, kx, v, a tensor log_const and FAVOR+'s
+    projection. Returns (..., L, Dv)."""
     if not fast_eligible(feature_map, a):
         raise ValueError(
             f"local_fast takes FAVOR+ ('positive') or FAVOR++ ('oprf') with a constant A and projection and the "
@@ -447,9 +535,13 @@ def local_fast(
         raise ValueError(
             f"exact local terms need as many queries as keys, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if window < 0 and sinks <= 0:
+    if window < 0 and sinks <= 0 and exact_block <= 1:
         raise ValueError(f"exact local terms need window >= 0 or sinks > 0, got window={window}, sinks={sinks}")
+    if isinstance(exact_block, bool) or not isinstance(exact_block, int) or exact_block < 1:
+        raise ValueError(f"exact_block must be an int >= 1, got {exact_block!r}")
     mask = None if key_padding_mask is None else key_padding_mask[:, None, :]
     feat = row_features(feature_map, root)
     projection = feature_map.projection
-    return _LocalFast.apply(q, k, qx, kx, v, log_const, projection, a, mask, feat, root, window, sinks, block)
+    return _LocalFast.apply(
+        q, k, qx, kx, v, log_const, projection, a, mask, feat, root, window, sinks, block, exact_block
+    )

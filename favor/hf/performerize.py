@@ -22,6 +22,7 @@ from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_proj
 from .attention import ATTRIBUTE
 from .generation import use_favor_cache
 from .local import check_exact_set
+from .local_block import check_block
 from .masks import plan_from_mask
 from .registry import NAME, probing, register
 from .support import UnsupportedAttentionError, check_config, watching_cross_attention
@@ -57,9 +58,11 @@ class PerformerConfig:
     calibrate_rho: bool = True
     exact_window: int = -1
     exact_sinks: int = 0
+    exact_block: int = 1
 
     def __post_init__(self) -> None:
         check_exact_set(self.exact_window, self.exact_sinks)
+        check_block(self.exact_block)
         if self.kernel != DENSE and (self.kernel not in KERNELS or not KERNELS[self.kernel][0]):
             ok = sorted([DENSE] + [k for k, v in KERNELS.items() if v[0]])
             raise ValueError(f"kernel must be one of {ok} (random-feature kernels), got {self.kernel!r}")
@@ -186,6 +189,7 @@ def attach_adapters(model: nn.Module, config: PerformerConfig, layers) -> list[F
             sequence_shift=config.key_shift == "sequence",
             exact_window=config.exact_window,
             exact_sinks=config.exact_sinks,
+            exact_block=config.exact_block,
         )
         p = next(module.parameters(), None)
         if p is not None:
@@ -257,6 +261,7 @@ def performerize(
     calibrate_rho: bool = True,
     exact_window: int = -1,
     exact_sinks: int = 0,
+    exact_block: int = 1,
 ) -> nn.Module:
     """Switch ``model`` (a transformers PreTrainedModel) to FAVOR attention in place; returns it.
 
@@ -268,7 +273,9 @@ def performerize(
     ``exact_sinks`` > 0 compute the weights of each query's keys within ``exact_window``
     positions and of the first ``exact_sinks`` tokens exactly, FAVOR the rest (local.py;
     in a causal layer the
-    neighbours before the query; still linear in length). ``kernel="derf"``: dense-exponential features, a matrix A
+    neighbours before the query; still linear in length). ``exact_block`` = C > 1 (bidirectional
+    layers only) makes the exact set each query's whole block of C positions widened by
+    ``exact_window`` either side (local_block.py). ``kernel="derf"``: dense-exponential features, a matrix A
     per head in place of FAVOR++'s scalar, fitted on ``calibration`` (adapter.py). Without it the adapters are the identity and rho comes
     from each input sequence. Projections are drawn from (``seed``, layer index) and saved in
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``. A decoder's
@@ -285,6 +292,7 @@ def performerize(
         calibrate_rho=calibrate_rho,
         exact_window=exact_window,
         exact_sinks=exact_sinks,
+        exact_block=exact_block,
     )
     calibrated = calibration is not None
     check_config(model)  # features FAVOR does not implement; the probe below checks each call's keywords

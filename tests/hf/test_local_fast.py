@@ -159,4 +159,53 @@ def test_the_benchmark_checks_before_timing(tmp_path, monkeypatch):
         )
     finally:
         torch.set_num_threads(threads)
-    assert (tmp_path / "runs" / "bench" / "local_terms_fwd_bwd.json").exists()
+    assert (tmp_path / "runs" / "bench" / "local_terms_block64_fwd_bwd.json").exists()
+    assert local_terms.main(["--lengths", "40", "--repeats", "1", "--block", "1", "--threads", "1"]) == 0
+    assert (tmp_path / "runs" / "bench" / "local_terms_fwd.json").exists()
+
+
+@pytest.mark.parametrize("kernel", ["positive", "oprf"])
+@pytest.mark.parametrize(
+    "window,sinks,length,blocks,dense,padded",
+    [
+        (1, 1, 9, 4, True, True),
+        (0, 0, 13, 4, False, False),
+        (-1, 2, 9, 3, True, True),  # blocks alone, no widening
+        (3, 2, 70, 16, True, True),  # a ragged last block
+        (8, 1, 64, 16, False, True),  # blocks tile L: features straight into the key layout
+        (8, 1, 40, 64, True, False),  # one block wider than the sequence
+        (5, 1, 24, 4, False, True),  # W > C: the extents overlap several blocks
+    ],
+)
+@pytest.mark.parametrize("group_rows", [4096, 128])
+def test_exact_blocks_fast_path_equals_local_block(
+    kernel, window, sinks, length, blocks, dense, padded, group_rows, monkeypatch
+):
+    from favor.hf.local_block import block_exact_attention
+
+    monkeypatch.setattr(local_fast_module, "GROUP_ROWS", group_rows)
+    q, k, v, qx, kx, fm, pad, log_const, g = _case(kernel, length, dense, window + 3 * sinks + length + blocks)
+    pad = pad if padded else None
+    root = 0.9
+    a = fm.oprf_a(q * root, k * root) if kernel == "oprf" else None
+    if kernel == "positive":
+        fm.projection = fm.projection.clone().requires_grad_(True)
+    qx_, kx_ = (qx, kx) if dense else (q * root, k * root)
+    opts = dict(window=window, sinks=sinks, log_const=log_const, key_padding_mask=pad)
+    fast = local_fast(fm, q, k, qx_, kx_, v, root=root, a=a, exact_block=blocks, **opts)
+    fq, fk = pair_features(fm, q, k, root, None if pad is None else pad[:, None, :])
+    slow = block_exact_attention(fq, fk, qx_, kx_, v, block=blocks, **opts)
+    keep = torch.ones_like(fast[..., :1]) if pad is None else ~pad[:, None, :, None]
+    # float64, the same sums in other orders: round-off only
+    torch.testing.assert_close(fast * keep, slow * keep, rtol=1e-10, atol=1e-12)
+    w = torch.randn(fast.shape, generator=g, dtype=torch.float64) * keep
+    names = (
+        ["q", "k", "v", "log_const"]
+        + (["projection"] if kernel == "positive" else [])
+        + (["qx", "kx"] if dense else [])
+    )
+    leaves = [q, k, v, log_const] + [{"projection": fm.projection, "qx": qx, "kx": kx}.get(n) for n in names[4:]]
+    got = torch.autograd.grad((fast * w).sum(), leaves, retain_graph=True)
+    want = torch.autograd.grad((slow * w).sum(), leaves)
+    for name, x, y in zip(names, got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
