@@ -2,7 +2,7 @@
 each query's 2W+1 neighbours and S sink tokens exact, against plain FAVOR (the fast path) and
 SDPA, in the same run; contenders interleaved, median of --repeats.
 
-With --block C > 1 (the CLI's default, 64) each query's whole block of C positions widened
+With --block C > 1 (the CLI's default, 32) each query's whole block of C positions widened
 by W either side is exact (favor.hf.local_block): local_fast with ``exact_block``, checked
 against local_block's autograd path.
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8, help="exact neighbours either side (default 8: the CLI's)")
     parser.add_argument("--sinks", type=int, default=1)
     parser.add_argument(
-        "--block", type=int, default=64, help="exact blocks of C positions (default 64: the CLI's; 1: the window alone)"
+        "--block", type=int, default=32, help="exact blocks of C positions (default 32: the CLI's; 1: the window alone)"
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)

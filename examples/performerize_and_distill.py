@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel", default="derf", help="positive, oprf or derf (dense-exponential)")
     p.add_argument("--num-features", type=int, default=256)
     p.add_argument("--exact-window", type=int, default=-1, help="exact attention within W positions (-1: none)")
+    p.add_argument(
+        "--exact-block", type=int, default=1, help="exact attention within blocks of C positions (bidirectional; 1: none)"
+    )
     p.add_argument("--steps", type=int, default=300, help="distillation steps")
     p.add_argument("--max-seconds", type=float, default=540.0)
     p.add_argument("--train-passages", type=int, default=512)
@@ -92,6 +95,7 @@ def main(argv=None) -> dict:
     ev = tokenize_batches(tokenizer, held, batch_size=32, max_length=args.max_length)
 
     local = {"exact_window": args.exact_window, "exact_sinks": 1} if args.exact_window >= 0 else {}
+    local |= {"exact_block": args.exact_block} if args.exact_block > 1 else {}
     student = favor.hf.performerize(
         copy.deepcopy(teacher),
         kernel=args.kernel,
@@ -106,7 +110,7 @@ def main(argv=None) -> dict:
     config = DistillConfig(
         steps=args.steps,
         max_seconds=args.max_seconds,
-        lr=5e-4,
+        lr=2.5e-4,
         schedule="cosine",
         train="query-key",
         attention_weight=1.0,

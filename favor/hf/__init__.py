@@ -7,8 +7,8 @@
 
 For a pretrained encoder, ``exact_window=8, exact_sinks=1`` (favor.hf.local) computes each
 query's neighbours and first token exactly and FAVOR the rest, still linear in length;
-``exact_block=64`` (favor.hf.local_block, bidirectional layers) widens that to each query's
-whole block of 64 positions.
+``exact_block=32`` (favor.hf.local_block, bidirectional layers) widens that to each query's
+whole block of 32 positions.
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature

@@ -11,12 +11,12 @@ sums' overcount taken out, as in local.py:
 With ``block=1`` the exact set is local.py's window (tested equal). Because every query of a
 block shares its exact keys, the exact terms are dense (C, C + 2W) products per block: no
 band is extracted, and autograd's backward is the GEMMs' own. The extra work is about
-(C + 2W) / D GEMMs the size of the core's per head (C=64, W=8, D=64: 1.25), and time and
+(C + 2W) / D GEMMs the size of the core's per head (C=32, W=8, D=64: 0.75), and time and
 memory stay linear in length.
 
 Why blocks: at 128 tokens MiniLM's queries keep 26-72 % of their weight outside a 17-key
-window, at 512 tokens 48-87 %; a block of 64 makes most of a short input's attention exact
-at the cost of one more feature-sized GEMM (benchmarks/results/hf_fidelity_512.md).
+window, at 512 tokens 48-87 %; blocks of 32 (favor's CLI default) or 64 make much of a short
+input's attention exact at a fixed cost per query (benchmarks/results/hf_fidelity_512.md).
 Bidirectional attention only: a causal block would show its later keys to its earlier queries.
 
 Legend: B batch, H heads, L positions, C block, W window, S sinks, M' features.

@@ -159,7 +159,7 @@ def test_the_benchmark_checks_before_timing(tmp_path, monkeypatch):
         )
     finally:
         torch.set_num_threads(threads)
-    assert (tmp_path / "runs" / "bench" / "local_terms_block64_fwd_bwd.json").exists()
+    assert (tmp_path / "runs" / "bench" / "local_terms_block32_fwd_bwd.json").exists()
     assert local_terms.main(["--lengths", "40", "--repeats", "1", "--block", "1", "--threads", "1"]) == 0
     assert (tmp_path / "runs" / "bench" / "local_terms_fwd.json").exists()
 
