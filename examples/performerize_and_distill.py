@@ -73,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--num-features", type=int, default=256)
     p.add_argument("--exact-window", type=int, default=-1, help="exact attention within W positions (-1: none)")
     p.add_argument(
-        "--exact-block", type=int, default=1, help="exact attention within blocks of C positions (bidirectional; 1: none)"
+        "--exact-block",
+        type=int,
+        default=1,
+        help="exact attention within blocks of C positions (bidirectional; 1: none)",
     )
     p.add_argument("--steps", type=int, default=300, help="distillation steps")
     p.add_argument("--max-seconds", type=float, default=540.0)

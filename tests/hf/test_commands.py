@@ -62,7 +62,11 @@ def test_performerize_command_writes_json_and_png(tiny_bert, tmp_path, capsys):
     ]
     assert all(0.0 < r["cosine_mean"] <= 1.0 + 1e-6 and len(r["layer_errors"]) == 2 for r in rows)
     assert all(r["passages"] == 4 for r in rows)  # packed from the held-out split: every length has them
-    assert (result["meta"]["exact_window"], result["meta"]["exact_block"], result["meta"]["key_shift"]) == (-1, 1, "pair")
+    assert (result["meta"]["exact_window"], result["meta"]["exact_block"], result["meta"]["key_shift"]) == (
+        -1,
+        1,
+        "pair",
+    )
     # more features, closer to softmax (Monte Carlo error ~ M^-1/2), at both lengths
     for short, long in ((0, 2), (1, 3)):
         assert sum(rows[long]["layer_errors"]) < sum(rows[short]["layer_errors"])
