@@ -215,15 +215,17 @@ class _Slots:
 #: sequences, so no feature row is ever computed twice and the band needs no halo. None:
 #: ROWS_PER_THREAD per torch thread (up to 4). At L=4096, H=8 on the 2-core CPU (quiet,
 #: interleaved): 1 thread best at 4096 rows (125 ms forward; 16384: 140-149 ms), 2 threads
-#: best at 8192 (forward 76 ms, forward+backward 225 ms; 4096: 86 / 249 ms)
+#: best at 8192 (forward 76 ms, forward+backward 225 ms; 4096: 86 / 249 ms). Exact blocks
+#: (C=32) take ROWS_PER_THREAD whatever the threads: at 2 threads 4096 rows 68 / 224 ms,
+#: 8192 rows 75 / 237 ms (forward / forward+backward, interleaved, median of 11 / 7)
 GROUP_ROWS: int | None = None
 ROWS_PER_THREAD = 4096
 
 
-def _group_rows() -> int:
+def _group_rows(blocked: bool = False) -> int:
     if GROUP_ROWS is not None:
         return GROUP_ROWS
-    return ROWS_PER_THREAD * max(1, min(torch.get_num_threads(), 4))
+    return ROWS_PER_THREAD * (1 if blocked else max(1, min(torch.get_num_threads(), 4)))
 
 
 def _features(feat, x: torch.Tensor, a, w: int, block: int, scratch: Scratch, name: str):
@@ -309,7 +311,7 @@ class _LocalFast(torch.autograd.Function):
         coeff = q_.new_empty(n, length, live.shape[-1])
         exact = torch.empty_like(coeff)
         kvzs, refs = [], []
-        step = max(1, _group_rows() // length)
+        step = max(1, _group_rows(slots.blocked) // length)
         scratch = Scratch()  # the groups' (rows x M') blocks reuse the same buffers
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
@@ -388,7 +390,7 @@ class _LocalFast(torch.autograd.Function):
         # FAVOR+'s projection W (fitted or distilled): values = exp(root x.w_m - shift), so
         # dW = root * sum over rows of (d values * values)^T x, for queries and keys
         dw = torch.zeros(ctx.w_shape, dtype=q_.dtype, device=q_.device) if need[6] else None
-        step = max(1, _group_rows() // length)
+        step = max(1, _group_rows(ctx.blocks > 1) // length)
         scratch = Scratch()
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
