@@ -113,50 +113,21 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
         if adapter.dense
         else (q * root, k * root)
     )
-    if not causal and fm.stabilizer == "exact" and fm.kernel in ("positive", "oprf"):
-        a = fm.oprf_a(q * root, k * root, q_mask=mask, k_mask=mask) if fm.kernel == "oprf" else None
-        if fast_eligible(fm, a):  # the same numbers with a hand-written backward (local_fast.py)
-            return local_fast(
-                fm,
-                q,
-                k,
-                qx.to(dtype),
-                kx.to(dtype),
-                v,
-                root=root,
-                a=a,
-                window=adapter.exact_window,
-                sinks=adapter.exact_sinks,
-                log_const=adapter.log_const(dtype),
-                key_padding_mask=pad,
-                exact_block=adapter.exact_block,
-            )
-    fq, fk = pair_features(fm, q, k, root, mask, causal=causal)
-    if adapter.exact_block > 1:  # the autograd path of the blocks (local_block.py)
-        return block_exact_attention(
-            fq,
-            fk,
-            qx.to(dtype),
-            kx.to(dtype),
-            v,
-            window=adapter.exact_window,
-            sinks=adapter.exact_sinks,
-            block=adapter.exact_block,
-            log_const=adapter.log_const(dtype),
-            key_padding_mask=pad,
-        )
-    return local_exact_attention(
-        fq,
-        fk,
-        qx.to(dtype),
-        kx.to(dtype),
-        v,
+    qx, kx = qx.to(dtype), kx.to(dtype)
+    exact = dict(
         window=adapter.exact_window,
         sinks=adapter.exact_sinks,
         log_const=adapter.log_const(dtype),
         key_padding_mask=pad,
-        causal=causal,
-    )[..., offset:, :]
+    )
+    if not causal and fm.stabilizer == "exact" and fm.kernel in ("positive", "oprf"):
+        a = fm.oprf_a(q * root, k * root, q_mask=mask, k_mask=mask) if fm.kernel == "oprf" else None
+        if fast_eligible(fm, a):  # the same numbers with a hand-written backward (local_fast.py)
+            return local_fast(fm, q, k, qx, kx, v, root=root, a=a, exact_block=adapter.exact_block, **exact)
+    fq, fk = pair_features(fm, q, k, root, mask, causal=causal)
+    if adapter.exact_block > 1:  # the autograd path of the blocks (local_block.py)
+        return block_exact_attention(fq, fk, qx, kx, v, block=adapter.exact_block, **exact)
+    return local_exact_attention(fq, fk, qx, kx, v, causal=causal, **exact)[..., offset:, :]
 
 
 def favor_attention_forward(

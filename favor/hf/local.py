@@ -38,7 +38,15 @@ from ..attention.state import State
 from ..features.feature_map import FeatureMap
 from ..features.maps import Features
 
-__all__ = ["local_exact_attention", "pair_features", "check_exact_set", "exact_positions", "local_exact_reference"]
+__all__ = [
+    "local_exact_attention",
+    "pair_features",
+    "check_exact_set",
+    "exact_positions",
+    "local_exact_reference",
+    "explicit_reference",
+    "far_sums",
+]
 
 
 def check_exact_set(window, sinks) -> None:
@@ -175,13 +183,7 @@ def local_exact_attention(
         raise ValueError(f"exact local terms need window >= 0 or sinks > 0, got window={window}, sinks={sinks}")
     if causal:
         return _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (B, 1, L) over heads
-    values, log_scale = masked_keys(fk, mask)
-    ref = max_log_scale(log_scale)  # (..., 1): one shift per (batch, head), as key_summary
-    weighted = values * exp_diff(log_scale, ref)[..., None]  # (..., L, M'), padded rows 0
-    kv, z = weighted.transpose(-1, -2) @ v, weighted.sum(-2)
-    num_rf = fq.values @ kv  # (..., L, Dv), in units of exp(log_scale_q + ref)
-    den_rf = (fq.values @ z[..., None])[..., 0]
+    num_rf, den_rf, ref, weighted = far_sums(fq.values, fk, v, key_padding_mask)
     live_key = None if key_padding_mask is None else ~key_padding_mask[:, None, :]  # (B, 1, L)
 
     # per exact slot of query i: the features' estimate (the far sum's overcount) and the logit
@@ -209,6 +211,19 @@ def local_exact_attention(
         parts.append((n_sinks, lambda c: c @ v[..., :n_sinks, :]))
     q_scale = query_log_scale(fq, den_rf)
     return _combine(num_rf, den_rf, ref, logits, log_const, q_scale, parts_sum(parts), rf_near)
+
+
+def far_sums(fq_values: torch.Tensor, fk: Features, v: torch.Tensor, key_padding_mask=None):
+    """Bidirectional FAVOR over every key, before the exact keys' estimates are taken out:
+    (numerator (..., Lq, Dv), normaliser (..., Lq), ref (..., 1), weighted keys (..., L, M')),
+    the first two in units of exp(query log scale + ref), ref one shift per (batch, head) as
+    key_summary, the weighted keys phi(k) exp(-ref) with padded rows 0."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (B, 1, L) over heads
+    values, log_scale = masked_keys(fk, mask)
+    ref = max_log_scale(log_scale)
+    weighted = values * exp_diff(log_scale, ref)[..., None]
+    kv, z = weighted.transpose(-1, -2) @ v, weighted.sum(-2)
+    return fq_values @ kv, (fq_values @ z[..., None])[..., 0], ref, weighted
 
 
 def _combine(far_num, far_den, log_ref, logits, log_const, q_log_scale, near_v_sum, rf_near=None):
@@ -306,6 +321,12 @@ def local_exact_reference(
     index, ok = exact_positions(length, window, sinks, device=logits.device)
     near = torch.zeros(length, length, dtype=torch.bool, device=logits.device)
     near[torch.arange(length, device=logits.device)[:, None].expand_as(index)[ok], index[ok]] = True
+    return explicit_reference(near, kernel, logits, v, log_const, key_padding_mask, causal=causal)
+
+
+def explicit_reference(near, kernel, logits, v, log_const=0.0, key_padding_mask=None, *, causal=False):
+    """Quadratic attention with the weights exp(s + log_const) where ``near`` (L, L) is True
+    and the features' estimate ``kernel`` elsewhere: the tests' reference for any exact set."""
     weights = torch.where(near, torch.exp(logits + log_const), kernel)
     if key_padding_mask is not None:
         weights = weights.masked_fill(key_padding_mask[:, None, None, :], 0.0)

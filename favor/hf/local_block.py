@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attention._normalise import exp_diff, masked_keys, max_log_scale
 from ..features.maps import Features
-from .local import _combine, parts_sum, query_log_scale
+from .local import _combine, explicit_reference, far_sums, parts_sum, query_log_scale
 
 __all__ = ["block_exact_attention", "block_exact_positions", "block_exact_reference", "check_block"]
 
@@ -90,13 +89,8 @@ def block_exact_attention(
     block = min(block, length)
     padded = -(-length // block) * block
     mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (B, 1, L) over heads
-    values, log_scale = masked_keys(fk, mask)
-    ref = max_log_scale(log_scale)  # (..., 1): one shift per (batch, head)
-    weighted = values * exp_diff(log_scale, ref)[..., None]  # (..., L, M'), padded rows 0
-    kv, z = weighted.transpose(-1, -2) @ v, weighted.sum(-2)
     fq_values = torch.nn.functional.pad(fq.values, (0, 0, 0, padded - length))
-    num_rf = fq_values @ kv  # (..., Lp, Dv)
-    den_rf = (fq_values @ z[..., None])[..., 0]
+    num_rf, den_rf, ref, weighted = far_sums(fq_values, fk, v, key_padding_mask)  # (..., Lp, ...)
 
     rf_near, logits, parts = [], [], []
     if window >= 0 or block > 1:  # block 1 without a window: no neighbours, as in local.py
@@ -146,8 +140,4 @@ def block_exact_reference(
     """The same, quadratic and explicit: ``kernel`` (..., L, L) the features' estimate of
     exp(s_ij) * exp(log_const), ``logits`` s (..., L, L). For tests."""
     near = block_exact_positions(logits.shape[-1], window, sinks, block, device=logits.device)
-    weights = torch.where(near, torch.exp(logits + log_const), kernel)
-    if key_padding_mask is not None:
-        weights = weights.masked_fill(key_padding_mask[:, None, None, :], 0.0)
-    den = weights.sum(-1)
-    return (weights @ v) / torch.where(den == 0, torch.ones_like(den), den)[..., None]
+    return explicit_reference(near, kernel, logits, v, log_const, key_padding_mask)

@@ -29,6 +29,7 @@ from ..attention._chunking import Scratch
 from ..attention._fast_features import row_features
 from ..attention._normalise import exp_diff
 from ..features.feature_map import FeatureMap
+from .local_block import check_block
 
 __all__ = ["local_fast", "fast_eligible", "band_products", "band_weighted_sum", "band_transpose", "BLOCK"]
 
@@ -537,10 +538,9 @@ def local_fast(
         raise ValueError(
             f"exact local terms need as many queries as keys, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if window < 0 and sinks <= 0 and exact_block <= 1:
+    check_block(exact_block)
+    if window < 0 and sinks <= 0 and exact_block == 1:
         raise ValueError(f"exact local terms need window >= 0 or sinks > 0, got window={window}, sinks={sinks}")
-    if isinstance(exact_block, bool) or not isinstance(exact_block, int) or exact_block < 1:
-        raise ValueError(f"exact_block must be an int >= 1, got {exact_block!r}")
     mask = None if key_padding_mask is None else key_padding_mask[:, None, :]
     feat = row_features(feature_map, root)
     projection = feature_map.projection

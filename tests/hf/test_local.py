@@ -14,6 +14,7 @@ from favor.features.feature_map import FeatureMap
 from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
 from favor.hf.local import exact_positions, local_exact_attention, local_exact_reference
+from favor.hf.local_block import block_exact_reference
 from tests.hf._batches import decoded_logits, padded_batch
 
 
@@ -103,15 +104,22 @@ def test_window_over_the_whole_sequence_is_softmax_attention(tiny_bert, kernel, 
         torch.testing.assert_close(got[keep], ref[keep], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [1, 5])  # 5: exact blocks (local_block.py), 1: the window
 @pytest.mark.parametrize("kernel", ["positive", "oprf", "derf"])
-def test_model_path_equals_the_explicit_reference(tiny_bert, kernel):
+def test_model_path_equals_the_explicit_reference(tiny_bert, kernel, block):
     # favor_attention_forward (fast row features, FAVOR++'s per-head A, the dense constant)
     # against the quadratic reference built from the map's own explicit kernel estimate
     inputs = _inputs()
     pad = ~inputs["attention_mask"].bool()
     keep = ~pad
     model = fh.performerize(
-        tiny_bert(), kernel=kernel, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1
+        tiny_bert(),
+        kernel=kernel,
+        num_features=16,
+        calibration=[inputs],
+        exact_window=1,
+        exact_sinks=1,
+        exact_block=block,
     )
     for module, recorded in record_attention(model, [inputs]).items():
         q, k, v, mask, scaling, _, _, _ = recorded[0]
@@ -122,15 +130,13 @@ def test_model_path_equals_the_explicit_reference(tiny_bert, kernel):
         root = (q.shape[-1] ** -0.5 if scale is None else scale) ** 0.5
         kernel_est = adapter.feature_map.double().estimate_kernel(qf * root, kf * root)
         qx, kx = adapter.logit_inputs(q, k, scaling, keep=keep)
-        ref = local_exact_reference(
-            kernel_est,
-            qx @ kx.transpose(-1, -2),
-            v,
-            window=1,
-            sinks=1,
-            log_const=adapter.log_const(torch.float64),
-            key_padding_mask=pad,
-        ).transpose(1, 2)
+        opts = dict(window=1, sinks=1, log_const=adapter.log_const(torch.float64), key_padding_mask=pad)
+        logits = qx @ kx.transpose(-1, -2)
+        if block == 1:
+            ref = local_exact_reference(kernel_est, logits, v, **opts)
+        else:
+            ref = block_exact_reference(kernel_est, logits, v, block=block, **opts)
+        ref = ref.transpose(1, 2)
         # float64 throughout: round-off only (two orders of summation, stabilised vs explicit)
         torch.testing.assert_close(got[keep], ref[keep], rtol=1e-9, atol=1e-9)
 

@@ -1,6 +1,8 @@
 """Exact blocks (favor.hf.local_block): the linear path equals the explicit quadratic one
 (outputs and gradients, ragged last blocks, padding, sinks), block 1 is local.py's window, a
-block covering the sequence is softmax attention, and the exact set is what the docstring says."""
+block covering the sequence is softmax attention, and the exact set is what the docstring says.
+The model path against this reference: tests/hf/test_local.py; local_fast's blocks:
+tests/hf/test_local_fast.py."""
 
 import pytest
 import torch
@@ -97,42 +99,6 @@ def _model_inputs():
     from tests.hf._batches import padded_batch
 
     return padded_batch(3, 12, seed=2, pad_row=1, pad_from=7)
-
-
-@pytest.mark.parametrize("kernel", ["positive", "oprf", "derf"])
-def test_model_path_equals_the_explicit_reference(tiny_bert, kernel):
-    # favor_attention_forward with exact_block against the quadratic reference built from the
-    # map's own explicit kernel estimate, float64: round-off only
-    import favor.hf as fh
-    from favor.hf.attention import favor_attention_forward
-    from favor.hf.fit import record_attention
-
-    inputs = _model_inputs()
-    pad = ~inputs["attention_mask"].bool()
-    keep = ~pad
-    model = fh.performerize(
-        tiny_bert(), kernel=kernel, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1, exact_block=5
-    )
-    for module, recorded in record_attention(model, [inputs]).items():
-        q, k, v, mask, scaling, _, _, _ = recorded[0]
-        q, k, v = q.double(), k.double(), v.double()
-        got, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling)
-        adapter = module.favor
-        qf, kf, scale = adapter.inputs(q, k, scaling, keep=keep)
-        root = (q.shape[-1] ** -0.5 if scale is None else scale) ** 0.5
-        kernel_est = adapter.feature_map.double().estimate_kernel(qf * root, kf * root)
-        qx, kx = adapter.logit_inputs(q, k, scaling, keep=keep)
-        ref = block_exact_reference(
-            kernel_est,
-            qx @ kx.transpose(-1, -2),
-            v,
-            window=1,
-            sinks=1,
-            block=5,
-            log_const=adapter.log_const(torch.float64),
-            key_padding_mask=pad,
-        ).transpose(1, 2)
-        torch.testing.assert_close(got[keep], ref[keep], rtol=1e-9, atol=1e-9)
 
 
 def test_whole_sequence_block_is_softmax_and_save_load_keeps_the_block(tiny_bert, tmp_path):

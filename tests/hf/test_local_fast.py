@@ -68,11 +68,30 @@ def _case(kernel: str, length: int, dense: bool, seed: int):
     return q, k, v, qx, kx, fm, pad, log_const, g
 
 
+def _assert_same_gradients(fast, slow, keep, g, kernel, dense, tensors):
+    """d(fast . w) = d(slow . w) for a random w on the kept rows, for every input that takes a
+    gradient: q, k, v, log_const, FAVOR+'s projection, and the dense features' qx, kx."""
+    q, k, v, log_const, projection, qx, kx = tensors
+    names = (
+        ["q", "k", "v", "log_const"]
+        + (["projection"] if kernel == "positive" else [])
+        + (["qx", "kx"] if dense else [])
+    )
+    leaves = [q, k, v, log_const] + [{"projection": projection, "qx": qx, "kx": kx}[n] for n in names[4:]]
+    w = torch.randn(fast.shape, generator=g, dtype=torch.float64) * keep
+    got = torch.autograd.grad((fast * w).sum(), leaves, retain_graph=True)
+    want = torch.autograd.grad((slow * w).sum(), leaves)
+    # float64, the same sums in other orders: round-off only
+    for name, x, y in zip(names, got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 @pytest.mark.parametrize("kernel", ["positive", "oprf"])
 @pytest.mark.parametrize(
     "window,sinks,length,block,dense,padded",
     [
         (0, 0, 9, 4, False, True),
+        (0, 2, 9, 4, False, True),  # a sink after the first query's window: exact as a sink
         (1, 1, 9, 4, True, True),
         (2, 0, 13, 4, False, False),
         (-1, 2, 9, 4, True, True),
@@ -104,18 +123,7 @@ def test_fast_path_equals_autograd_path_and_reference(
     # float64, the same sums in other orders: round-off only
     torch.testing.assert_close(fast * keep, slow * keep, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast * keep, ref * keep, rtol=1e-10, atol=1e-12)
-    w = torch.randn(fast.shape, generator=g, dtype=torch.float64) * keep
-    names = (
-        ["q", "k", "v", "log_const"]
-        + (["projection"] if kernel == "positive" else [])
-        + (["qx", "kx"] if dense else [])
-    )
-    leaves = [{"projection": fm.projection, "qx": qx, "kx": kx}.get(n) for n in names[4:]]
-    leaves = [q, k, v, log_const] + leaves
-    got = torch.autograd.grad((fast * w).sum(), leaves, retain_graph=True)
-    want = torch.autograd.grad((slow * w).sum(), leaves)
-    for name, x, y in zip(names, got, want, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_same_gradients(fast, slow, keep, g, kernel, dense, (q, k, v, log_const, fm.projection, qx, kx))
 
 
 def test_float32_agrees_with_float64():
@@ -181,7 +189,7 @@ def test_the_benchmark_checks_before_timing(tmp_path, monkeypatch):
 def test_exact_blocks_fast_path_equals_local_block(
     kernel, window, sinks, length, blocks, dense, padded, group_rows, monkeypatch
 ):
-    from favor.hf.local_block import block_exact_attention
+    from favor.hf.local_block import block_exact_attention, block_exact_reference
 
     monkeypatch.setattr(local_fast_module, "GROUP_ROWS", group_rows)
     q, k, v, qx, kx, fm, pad, log_const, g = _case(kernel, length, dense, window + 3 * sinks + length + blocks)
@@ -195,17 +203,10 @@ def test_exact_blocks_fast_path_equals_local_block(
     fast = local_fast(fm, q, k, qx_, kx_, v, root=root, a=a, exact_block=blocks, **opts)
     fq, fk = pair_features(fm, q, k, root, None if pad is None else pad[:, None, :])
     slow = block_exact_attention(fq, fk, qx_, kx_, v, block=blocks, **opts)
+    kernel_est = fq.explicit() @ fk.explicit().transpose(-1, -2)
+    ref = block_exact_reference(kernel_est, qx_ @ kx_.transpose(-1, -2), v, block=blocks, **opts)
     keep = torch.ones_like(fast[..., :1]) if pad is None else ~pad[:, None, :, None]
     # float64, the same sums in other orders: round-off only
     torch.testing.assert_close(fast * keep, slow * keep, rtol=1e-10, atol=1e-12)
-    w = torch.randn(fast.shape, generator=g, dtype=torch.float64) * keep
-    names = (
-        ["q", "k", "v", "log_const"]
-        + (["projection"] if kernel == "positive" else [])
-        + (["qx", "kx"] if dense else [])
-    )
-    leaves = [q, k, v, log_const] + [{"projection": fm.projection, "qx": qx, "kx": kx}.get(n) for n in names[4:]]
-    got = torch.autograd.grad((fast * w).sum(), leaves, retain_graph=True)
-    want = torch.autograd.grad((slow * w).sum(), leaves)
-    for name, x, y in zip(names, got, want, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+    torch.testing.assert_close(fast * keep, ref * keep, rtol=1e-10, atol=1e-12)
+    _assert_same_gradients(fast, slow, keep, g, kernel, dense, (q, k, v, log_const, fm.projection, qx, kx))
