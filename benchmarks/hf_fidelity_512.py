@@ -30,7 +30,7 @@ import torch
 def _measure(model, batches, window, sinks):
     from favor.hf.attention import favor_attention_forward
     from favor.hf.fit import record_attention
-    from favor.hf.local import exact_positions
+    from favor.attention.local.window import exact_positions
 
     rows = []
     for layer, (module, calls) in enumerate(record_attention(model, batches).items()):

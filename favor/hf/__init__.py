@@ -5,9 +5,9 @@
     >>> favor.hf.save_pretrained(model, "out/")
     >>> model = favor.hf.from_pretrained("out/")
 
-For a pretrained encoder, ``exact_window=8, exact_sinks=1`` (favor.hf.local) computes each
+For a pretrained encoder, ``exact_window=8, exact_sinks=1`` (favor.attention.local) computes each
 query's neighbours and first token exactly and FAVOR the rest, still linear in length;
-``exact_block=32`` (favor.hf.local_block, bidirectional layers) widens that to each query's
+``exact_block=32`` (favor.attention.local.block, bidirectional layers) widens that to each query's
 whole block of 32 positions.
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention

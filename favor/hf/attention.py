@@ -17,9 +17,9 @@ from ..attention._checks import check_scale, compute_dtype
 from .adapter import FavorAdapter
 from .cache import claim
 from .cross import cross_attention
-from .local import local_exact_attention, pair_features
-from .local_block import block_exact_attention
-from .local_fast import fast_eligible, local_fast
+from ..attention.local.window import local_exact_attention, pair_features
+from ..attention.local.block import block_exact_attention
+from ..attention.local.bidirectional_fast import fast_eligible, local_fast
 from .masks import plan_from_mask
 from .support import check_keywords
 

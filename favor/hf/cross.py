@@ -17,7 +17,7 @@ import torch
 
 from ..attention._checks import check_scale, compute_dtype
 from ..attention.bidirectional import bidirectional
-from .local import pair_features
+from ..attention.local.window import pair_features
 
 __all__ = ["cross_attention"]
 

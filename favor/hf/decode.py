@@ -29,7 +29,7 @@ from ..attention.recurrent import _step_features
 from ..attention.state import State
 from .attention import _repeat_kv, adapter_of
 from .cache import FavorLayer
-from .local import _combine, pair_features, parts_sum, query_log_scale
+from ..attention.local.window import _combine, pair_features, parts_sum, query_log_scale
 from .masks import plan_from_mask
 
 __all__ = ["cached_attention"]

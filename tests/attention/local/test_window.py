@@ -1,4 +1,4 @@
-"""Exact local terms (favor.hf.local): the linear-time path equals the explicit quadratic one
+"""Exact local terms (favor.attention.local): the linear-time path equals the explicit quadratic one
 (outputs and gradients, bidirectional and causal), a window covering the sequence gives
 softmax attention exactly for every kernel, causal outputs never see later tokens, cached
 decoding equals teacher forcing, and the option is checked, saved and loaded."""
@@ -13,8 +13,8 @@ import favor.hf as fh
 from favor.features.feature_map import FeatureMap
 from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
-from favor.hf.local import exact_positions, local_exact_attention, local_exact_reference
-from favor.hf.local_block import block_exact_reference
+from favor.attention.local.window import exact_positions, local_exact_attention, local_exact_reference
+from favor.attention.local.block import block_exact_reference
 from tests.hf._batches import decoded_logits, padded_batch
 
 

@@ -1,4 +1,4 @@
-"""Exact blocks (favor.hf.local_block): the linear path equals the explicit quadratic one
+"""Exact blocks (favor.attention.local.block): the linear path equals the explicit quadratic one
 (outputs and gradients, ragged last blocks, padding, sinks), block 1 is local.py's window, a
 block covering the sequence is softmax attention, and the exact set is what the docstring says.
 The model path against this reference: tests/hf/test_local.py; local_fast's blocks:
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from favor.features.feature_map import FeatureMap
-from favor.hf.local import local_exact_attention
-from favor.hf.local_block import block_exact_attention, block_exact_positions, block_exact_reference, check_block
+from favor.attention.local.window import local_exact_attention
+from favor.attention.local.block import block_exact_attention, block_exact_positions, block_exact_reference, check_block
 
 
 def test_exact_set_is_the_widened_block_and_the_sinks():

@@ -1,4 +1,4 @@
-"""favor.hf.local_fast, the bidirectional exact-local-terms path with a hand-written backward,
+"""favor.attention.local.bidirectional_fast, the bidirectional exact-local-terms path with a hand-written backward,
 against its references: local.local_exact_attention (the autograd path) and the explicit
 quadratic local_exact_reference, outputs and gradients (q, k, the logit inputs, v, a per-head
 log_const) in float64; the banded helpers against dense loops."""
@@ -8,9 +8,9 @@ import torch
 
 from favor.attention._chunking import Scratch
 from favor.features.feature_map import FeatureMap
-from favor.hf import local_fast as local_fast_module
-from favor.hf.local import local_exact_attention, local_exact_reference, pair_features
-from favor.hf.local_fast import band_products, band_transpose, band_weighted_sum, fast_eligible, local_fast
+from favor.attention.local import bidirectional_fast as local_fast_module
+from favor.attention.local.window import local_exact_attention, local_exact_reference, pair_features
+from favor.attention.local.bidirectional_fast import band_products, band_transpose, band_weighted_sum, fast_eligible, local_fast
 
 
 @pytest.mark.parametrize("w,block,length", [(0, 4, 9), (2, 4, 9), (3, 2, 11), (5, 32, 7), (1, 3, 3)])
@@ -189,7 +189,7 @@ def test_the_benchmark_checks_before_timing(tmp_path, monkeypatch):
 def test_exact_blocks_fast_path_equals_local_block(
     kernel, window, sinks, length, blocks, dense, padded, group_rows, monkeypatch
 ):
-    from favor.hf.local_block import block_exact_attention, block_exact_reference
+    from favor.attention.local.block import block_exact_attention, block_exact_reference
 
     monkeypatch.setattr(local_fast_module, "GROUP_ROWS", group_rows)
     q, k, v, qx, kx, fm, pad, log_const, g = _case(kernel, length, dense, window + 3 * sinks + length + blocks)

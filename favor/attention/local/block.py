@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..features.maps import Features
-from .local import _combine, explicit_reference, far_sums, parts_sum, query_log_scale
+from ...features.maps import Features
+from .window import _combine, explicit_reference, far_sums, parts_sum, query_log_scale
 
 __all__ = ["block_exact_attention", "block_exact_positions", "block_exact_reference", "check_block"]
 
