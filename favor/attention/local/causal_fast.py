@@ -1,0 +1,379 @@
+"""Causal FAVOR with exact local terms, chunked, linear in L.
+
+Query t takes exact weights exp(q_t.k_j + log_const) for its exact set (spec.py: positions
+floor(t / C) C - W .. t and the first S tokens) and FAVOR's phi(q_t).phi(k_j) for every other
+key j <= t, under one normaliser. Nothing is subtracted: the far sums hold only far keys.
+
+Queries go in chunks of T positions (T a multiple of C). Every key more than ``lag``
+(= ceil(W / T) T) positions before a chunk's first query is far for the whole chunk, so it
+lives in the chunk's state, a prefix sum of phi(k) [v, 1] that trails the chunk by ``lag``.
+The chunk meets the rest, its span of lag + T keys, as dense (T x span) products: exact
+logits where the key is in the set, feature products where it is far. Sinks before the span
+are S extra columns; the state never holds a sink.
+
+Scales: every term of row t is taken relative to the query's feature log scale and then to
+one row shift r_t (the max over the row's terms: exact logits, far keys' log scales, the
+state's running max), so nothing overflows and the shift cancels in the output. All maxima
+run over the prefix only: output t is bit-for-bit independent of tokens after t.
+
+``_CausalExact`` keeps only the state at the start of every group of BLOCK_CHUNKS chunks;
+its backward walks the groups in reverse and differentiates each group's recomputed forward
+(a group is a few hundred rows), so no L x anything graph or feature tensor is held.
+``causal_exact_autograd`` is the same loop under autograd (any map, also a trained
+projection); window.py and reference.py hold the slower and quadratic references.
+
+Legend: T chunk, n chunks in a group, R = n T rows, span = lag + T keys, M' features,
+E = Dv + 1 (V with a column of ones), S' = min(S, L) sinks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._chunking import ones_column
+from .._normalise import exp_diff, normalise
+from .spec import ExactTerms
+
+__all__ = ["causal_exact_fast", "causal_exact_autograd", "Geometry", "DEFAULT_CHUNK", "BLOCK_CHUNKS"]
+
+#: queries per chunk (rounded up to a multiple of C); the span products cost O(lag + T) per query
+DEFAULT_CHUNK = 64
+#: chunks per group: the backward differentiates one group of R = BLOCK_CHUNKS * T rows at a time
+BLOCK_CHUNKS = 8
+
+NEG_INF = float("-inf")
+
+
+class Geometry:
+    """The chunking of one call: chunk T, lag, span and the masks of a chunk's (T, span)
+    products relative to its first query (the same for every chunk: T is a multiple of C)."""
+
+    def __init__(self, terms: ExactTerms, length: int, chunk: int = DEFAULT_CHUNK, device=None) -> None:
+        c = terms.block
+        chunk = max(1, min(chunk, length))
+        self.terms = terms
+        self.chunk = t = c * -(-chunk // c)
+        self.lag = terms.lag(t)
+        self.span = self.lag + t
+        a = torch.arange(t, device=device)[:, None]  # query offset in its chunk
+        j = torch.arange(self.span, device=device)[None, :] - self.lag  # key offset from the chunk start
+        start = terms.start(a)
+        self.causal = j <= a
+        self.exact = (j >= start) & self.causal
+        self.far = j < start
+        # the chunk's own keys are all exact or in the future when T <= C + W: no products there
+        self.far_cols = self.lag if t <= c + terms.window else self.span
+
+    def rows(self, length: int) -> int:
+        """Rows per group: BLOCK_CHUNKS chunks, fewer for a short sequence."""
+        return self.chunk * min(BLOCK_CHUNKS, -(-length // self.chunk))
+
+
+def _take(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start .. stop - 1 of x (..., L, X), zero rows outside [0, L)."""
+    length = x.shape[-2]
+    got = x[..., max(start, 0) : min(stop, length), :]
+    before, after = max(0, -start), max(0, stop - length)
+    if before or after:
+        got = F.pad(got, (0, 0, before, after))
+    return got
+
+
+def _take_valid(valid: torch.Tensor | None, length: int, start: int, stop: int, device) -> torch.Tensor:
+    """Which of rows start .. stop - 1 are real keys (inside [0, L), not padding): (..., rows)."""
+    pos = torch.arange(start, stop, device=device)
+    inside = (pos >= 0) & (pos < length)
+    if valid is None:
+        return inside
+    got = valid[..., max(start, 0) : min(stop, length)]
+    return F.pad(got, (max(0, -start), max(0, stop - length)), value=False) & inside
+
+
+def _spans(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """(..., lag + R, X) -> (..., n, span, X): each chunk's keys (a copy-free view)."""
+    return x.unfold(-2, geo.span, geo.chunk).transpose(-1, -2)
+
+
+def _group(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c):
+    """One group of n chunks: out (..., R, Dv), the far state after it (kvz, c).
+
+    q, qx (..., R, .) the group's queries (rows past L are zeros); k, kx, v (..., lag + R, .)
+    its keys from pos0 - lag; kvalid (..., lag + R) real keys; ``sinks`` (k, kx, v, valid)
+    of the first S' positions or None; kvz (..., M', E), c (...) the far state before the
+    group in units of exp(c) (c = -inf: empty). qx, kx None: q * root, k * root."""
+    t, lag, terms = geo.chunk, geo.lag, geo.terms
+    rows = q.shape[-2]
+    n = rows // t
+    qx = q * root if qx is None else qx
+    kx = k * root if kx is None else kx
+    fq, fk = feat(q, a), feat(k, a)
+    qv = fq.values.unflatten(-2, (n, t))  # (..., n, T, M')
+    lq = fq.log_scale if fq.log_scale is not None else qv.new_zeros(q.shape[:-1])
+    lq = lq.expand(q.shape[:-1]).unflatten(-1, (n, t))
+    lk = fk.log_scale if fk.log_scale is not None else k.new_zeros(k.shape[:-1])
+    lk = lk.masked_fill(~kvalid, NEG_INF)
+    kvals = fk.values.masked_fill(~kvalid[..., None], 0.0)
+    pos = torch.arange(pos0 - lag, pos0 + rows, device=q.device)
+    sink_key = pos < terms.sinks
+    far_lk = lk.masked_fill(sink_key, NEG_INF)  # the state and the far products skip sinks
+    if isinstance(log_const, torch.Tensor):
+        log_const = log_const[..., None]  # (..., 1, 1) -> (..., 1, 1, 1): one per chunk too
+
+    # the far state before each chunk: prefix sums of the keys trailing the chunks by lag
+    lag_lk = far_lk[..., :rows].unflatten(-1, (n, t))  # (..., n, T)
+    after = torch.cummax(torch.maximum(lag_lk.amax(-1), c[..., None]), -1).values.detach()
+    before = torch.cat([c[..., None], after[..., :-1]], -1)
+    e = exp_diff(lag_lk, after[..., None])  # each lagged key's weight in its chunk's summary
+    v1 = ones_column(v)
+    lag_keys = (kvals[..., :rows, :] * e.flatten(-2)[..., None]).unflatten(-2, (n, t))
+    sums = lag_keys.mT @ v1[..., :rows, :].unflatten(-2, (n, t))  # (..., n, M', E)
+    decay = exp_diff(before, after)
+    states = []
+    for i in range(n):
+        states.append(kvz)
+        kvz = kvz * decay[..., i, None, None] + sums[..., i, :, :]
+    states = torch.stack(states, -3)  # (..., n, M', E)
+
+    # the span: exact logits and far products, relative to each query's feature scale
+    qxc = qx.unflatten(-2, (n, t))
+    valid = _spans(kvalid[..., None], geo)[..., 0][..., None, :]  # (..., n, 1, span)
+    sink_col = _spans(sink_key[:, None], geo)[..., 0][..., None, :]  # (n, 1, span)
+    exact = (geo.exact | (sink_col & geo.causal)) & valid
+    log_exact = (qxc @ _spans(kx, geo).mT + log_const - lq[..., None]).masked_fill(~exact, NEG_INF)
+    fc = geo.far_cols
+    far = (geo.far[:, :fc] & ~sink_col[..., :fc]) & valid[..., :fc]
+    log_far = torch.where(far, _spans(far_lk[..., None], geo)[..., 0][..., None, :fc], NEG_INF)
+    tops = [log_exact.amax(-1), log_far.amax(-1) if fc else None, before[..., None].expand(lq.shape)]
+    log_sink = None
+    if sinks is not None:
+        sk, skx, sv, svalid = sinks
+        span_start = pos0 - lag + torch.arange(n, device=q.device) * t  # (n,)
+        live = (torch.arange(sk.shape[-2], device=q.device) < span_start[:, None]) & svalid[..., None, :]
+        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(
+            ~live[..., None, :], NEG_INF
+        )
+        tops.append(log_sink.amax(-1))
+    top = tops[0]
+    for x in tops[1:]:
+        if x is not None:
+            top = torch.maximum(top, x)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()[..., None]  # (..., n, T, 1)
+
+    weights = torch.exp(log_exact - top)
+    if fc:
+        kv_span = _spans(kvals, geo)[..., :fc, :]  # (..., n, fc, M')
+        products = (qv @ kv_span.mT) * torch.exp(log_far - top)
+        weights = torch.cat([weights[..., :fc] + products, weights[..., fc:]], -1) if fc < geo.span else weights + products
+    nd = weights @ _spans(v1, geo)  # (..., n, T, E)
+    nd = nd + (qv @ states) * torch.exp(before[..., None, None] - top)
+    if log_sink is not None:
+        nd = nd + torch.exp(log_sink - top) @ ones_column(sv)[..., None, :, :]
+    nd = nd.flatten(-3, -2)
+    return normalise(nd[..., :-1], nd[..., -1], None), kvz, after[..., -1]
+
+
+class _Inputs:
+    """The group-wise slices of one call's inputs (with zero rows outside the sequence)."""
+
+    def __init__(self, q, k, qx, kx, v, valid, geo: Geometry) -> None:
+        self.q, self.k, self.qx, self.kx, self.v, self.valid, self.geo = q, k, qx, kx, v, valid, geo
+        self.length = q.shape[-2]
+        self.rows = geo.rows(self.length)
+        self.groups = -(-self.length // self.rows)
+        s = min(geo.terms.sinks, self.length)
+        self.n_sinks = s
+
+    def queries(self, g: int):
+        s = g * self.rows
+        qx = None if self.qx is None else _take(self.qx, s, s + self.rows)
+        return _take(self.q, s, s + self.rows), qx
+
+    def keys(self, g: int):
+        s = g * self.rows
+        lo, hi = s - self.geo.lag, s + self.rows
+        kx = None if self.kx is None else _take(self.kx, lo, hi)
+        valid = _take_valid(self.valid, self.length, lo, hi, self.q.device)
+        return _take(self.k, lo, hi), kx, _take(self.v, lo, hi), valid
+
+    def sinks(self, root):
+        s = self.n_sinks
+        if not s:
+            return None
+        kx = self.k[..., :s, :] * root if self.kx is None else self.kx[..., :s, :]
+        valid = _take_valid(self.valid, self.length, 0, s, self.q.device)
+        return self.k[..., :s, :], kx, self.v[..., :s, :], valid
+
+
+def _empty_state(feat, a, q, v):
+    m = getattr(feat, "width", None) or feat(q[..., :1, :], a).values.shape[-1]
+    lead = q.shape[:-2]
+    return q.new_zeros(*lead, m, v.shape[-1] + 1), q.new_full(lead, NEG_INF)
+
+
+class _CausalExact(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, qx, kx, v, log_const, a, valid, feat, geo, root):
+        inp = _Inputs(q, k, qx, kx, v, valid, geo)
+        keep = any(ctx.needs_input_grad)
+        kvz, c = _empty_state(feat, a, q, v)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        starts = []
+        sinks = inp.sinks(root)
+        for g in range(inp.groups):
+            if keep:
+                starts.append((kvz, c))
+            s = g * inp.rows
+            qg, qxg = inp.queries(g)
+            kg, kxg, vg, vvalid = inp.keys(g)
+            o, kvz, c = _group(feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, vvalid, s, sinks, kvz, c)
+            out[..., s : s + inp.rows, :] = o[..., : min(inp.rows, inp.length - s), :]
+        ctx.feat, ctx.geo, ctx.root, ctx.starts = feat, geo, root, starts
+        ctx.save_for_backward(q, k, qx, kx, v, log_const if isinstance(log_const, torch.Tensor) else None, a, valid)
+        ctx.log_const = log_const
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        q, k, qx, kx, v, lc_t, a, valid = ctx.saved_tensors
+        feat, geo, root = ctx.feat, ctx.geo, ctx.root
+        log_const = ctx.log_const if lc_t is None else lc_t
+        inp = _Inputs(q, k, qx, kx, v, valid, geo)
+        need = ctx.needs_input_grad
+        length, lag = inp.length, geo.lag
+        grads = {name: torch.zeros_like(t) for name, t, n in (("q", q, need[0]), ("k", k, need[1]), ("v", v, need[4])) if n}
+        if need[2]:
+            grads["qx"] = torch.zeros_like(qx)
+        if need[3]:
+            grads["kx"] = torch.zeros_like(kx)
+        d_lc = torch.zeros_like(lc_t) if (lc_t is not None and need[5]) else None
+        sinks0 = inp.sinks(root)
+        d_kvz = None
+        for g in reversed(range(inp.groups)):
+            s = g * inp.rows
+            kvz0, c0 = ctx.starts[g]
+            with torch.enable_grad():
+                qg, qxg = (t.detach().requires_grad_() if t is not None else None for t in inp.queries(g))
+                kg, kxg, vg, vvalid = inp.keys(g)
+                kg, vg = kg.detach().requires_grad_(), vg.detach().requires_grad_()
+                kxg = None if kxg is None else kxg.detach().requires_grad_()
+                sinks = None
+                if sinks0 is not None:
+                    sk, skx, sv, svalid = sinks0
+                    sk, sv = sk.detach().requires_grad_(), sv.detach().requires_grad_()
+                    skx_leaf = skx.detach().requires_grad_()
+                    sinks = (sk, skx_leaf, sv, svalid)
+                kvz_leaf = kvz0.detach().requires_grad_()
+                lc = log_const.detach().requires_grad_() if d_lc is not None else log_const
+                o, kvz1, _ = _group(feat, a, geo, lc, root, qg, qxg, kg, kxg, vg, vvalid, s, sinks, kvz_leaf, c0)
+                take = min(inp.rows, length - s)
+                g_o = torch.zeros_like(o)
+                g_o[..., :take, :] = g_out[..., s : s + take, :]
+                leaves = [qg, kg, vg, kvz_leaf]
+                names = ["q", "k", "v", "state"]
+                if qxg is not None:
+                    leaves.append(qxg)
+                    names.append("qx")
+                if kxg is not None:
+                    leaves.append(kxg)
+                    names.append("kx")
+                if sinks is not None:
+                    leaves += [sinks[0], sinks[1], sinks[2]]
+                    names += ["sk", "skx", "sv"]
+                if d_lc is not None:
+                    leaves.append(lc)
+                    names.append("lc")
+                outs, gs = [o], [g_o]
+                if d_kvz is not None:
+                    outs.append(kvz1)
+                    gs.append(d_kvz)
+                got = dict(zip(names, torch.autograd.grad(outs, leaves, gs, allow_unused=True), strict=True))
+            lo, hi = max(s - lag, 0), min(s + inp.rows, length)
+            off = lo - (s - lag)
+            for name, rows_of in (("q", "q"), ("qx", "q"), ("k", "k"), ("kx", "k"), ("v", "k")):
+                if name not in grads or got.get(name) is None:
+                    continue
+                gx = got[name]
+                if rows_of == "q":
+                    grads[name][..., s:hi, :] += gx[..., : hi - s, :]
+                else:
+                    grads[name][..., lo:hi, :] += gx[..., off : off + hi - lo, :]
+            if sinks is not None:
+                n_s = inp.n_sinks
+                for name, key in (("k", "sk"), ("v", "sv")):
+                    if name in grads and got[key] is not None:
+                        grads[name][..., :n_s, :] += got[key]
+                if got["skx"] is not None:
+                    if "kx" in grads:
+                        grads["kx"][..., :n_s, :] += got["skx"]
+                    elif kx is None and "k" in grads:
+                        grads["k"][..., :n_s, :] += got["skx"] * root
+            if d_lc is not None and got["lc"] is not None:
+                d_lc += got["lc"]
+            d_kvz = got["state"]
+        return (
+            grads.get("q"),
+            grads.get("k"),
+            grads.get("qx"),
+            grads.get("kx"),
+            grads.get("v"),
+            d_lc,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _valid_keys(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if key_padding_mask is None else ~key_padding_mask
+
+
+def causal_exact_fast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feat,
+    terms: ExactTerms,
+    *,
+    root: float,
+    qx: torch.Tensor | None = None,
+    kx: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    log_const: torch.Tensor | float = 0.0,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Causal FAVOR with exact terms, memory-light (module docstring).
+
+    q, k (..., L, D') the features' inputs before sqrt(scale) (``feat(x * root)`` is taken
+    by ``feat(x, a)``, favor.attention's row features), v (..., L, Dv), equal leading dims;
+    qx, kx (..., L, D): the inputs whose dot products the features estimate, already scaled
+    (None: q * root, k * root); ``a`` FAVOR++'s A (a constant) or None; ``log_const`` a float
+    or a tensor broadcasting against (..., 1, 1); ``key_padding_mask`` bool broadcasting
+    against (..., L), True for padding. Gradients reach q, k, qx, kx, v and a tensor
+    log_const. Returns (..., L, Dv)."""
+    geo = Geometry(terms, q.shape[-2], chunk_size, q.device)
+    return _CausalExact.apply(q, k, qx, kx, v, log_const, a, _valid_keys(key_padding_mask), feat, geo, root)
+
+
+def causal_exact_autograd(
+    q, k, v, feat, terms: ExactTerms, *, root, qx=None, kx=None, a=None, log_const=0.0, key_padding_mask=None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """The same loop under autograd: any map, gradients also to a projection or A that is
+    trained. Holds every group's graph (memory O(L (lag + T))): the reference beside
+    ``causal_exact_fast``."""
+    geo = Geometry(terms, q.shape[-2], chunk_size, q.device)
+    inp = _Inputs(q, k, qx, kx, v, _valid_keys(key_padding_mask), geo)
+    kvz, c = _empty_state(feat, a, q, v)
+    sinks = inp.sinks(root)
+    outs = []
+    for g in range(inp.groups):
+        s = g * inp.rows
+        qg, qxg = inp.queries(g)
+        kg, kxg, vg, valid = inp.keys(g)
+        o, kvz, c = _group(feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, valid, s, sinks, kvz, c)
+        outs.append(o)
+    return torch.cat(outs, -2)[..., : inp.length, :]
