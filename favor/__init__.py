@@ -8,6 +8,8 @@
 
 from . import _aliases, attention  # favor.attention is callable (see favor/attention/__init__.py)
 from .attention import State, kernel_attention, kernel_matrix, softmax_attention, step
+from .attention.local.recurrent import ExactState
+from .attention.local.spec import ExactTerms
 from .features import (
     KERNELS,
     FeatureMap,
@@ -23,6 +25,8 @@ __all__ = [
     "attention",
     "step",
     "State",
+    "ExactTerms",
+    "ExactState",
     "softmax_attention",
     "kernel_attention",
     "kernel_matrix",

@@ -20,6 +20,8 @@ from .bidirectional import bidirectional
 from .bidirectional_fast import bidirectional_fast
 from .causal import DEFAULT_CHUNK, causal_chunked
 from .causal_fast import DEFAULT_CAUSAL_CHUNK, causal_fast
+from .local.dispatch import exact_attention
+from .local.spec import ExactTerms
 from .recurrent import STEP_MAX_QUERIES, steps
 from .state import State
 
@@ -106,6 +108,7 @@ def attention(
     chunk_size: int | None = None,
     initial_state: State | None = None,
     return_state: bool = False,
+    exact: ExactTerms | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, State]:
     """FAVOR attention, linear in length. Layout as scaled_dot_product_attention:
     q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) -> (..., Lq, Dv).
@@ -118,6 +121,10 @@ def attention(
     (4) queries, as in decoding, takes the recurrent path (``favor.step``'s arithmetic, one
     position at a time, equal to the chunked path to round-off). float16/bfloat16 inputs
     are computed in float32.
+
+    ``exact`` (a ``favor.ExactTerms``): each query's window, sinks and block get their exact
+    softmax weight, FAVOR's estimate the rest (one normaliser); causal states are then
+    ``favor.ExactState`` (FAVOR's far state, a ring of the last C + W keys, the sinks).
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=causal)
@@ -134,6 +141,24 @@ def attention(
         )
     dtype = compute_dtype(q.dtype)
     root = s**0.5
+    exact = ExactTerms.coerce(exact)
+    if exact is not None:
+        got = exact_attention(
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
+            feature_map,
+            exact,
+            causal=causal,
+            root=root,
+            key_padding_mask=mask if key_padding_mask is None else key_padding_mask,
+            chunk_size=chunk_size,
+            initial_state=initial_state,
+            return_state=return_state,
+        )
+        if return_state:
+            return got[0].to(v.dtype), got[1]
+        return got.to(v.dtype)
     vs = v.to(dtype)
     # self-attention convention: with Lq == Lk, padded positions are padded queries too,
     # so they stay out of sequence statistics (FAVOR++'s rho)

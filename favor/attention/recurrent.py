@@ -12,6 +12,8 @@ from . import _normalise
 from ._checks import check_feature_map, check_scale, check_state, compute_dtype
 from ._chunking import inverse as _inverse
 from ._fast_features import row_features
+from .local.recurrent import ExactState
+from .local.spec import ExactTerms
 from .state import State
 
 __all__ = ["step", "steps", "STEP_MAX_QUERIES"]
@@ -25,11 +27,13 @@ def step(
     feature_map: FeatureMap,
     *,
     scale: float | None = None,
+    exact=None,
 ) -> tuple[torch.Tensor, State]:
     """Attend from one new token: q, k (..., D), v (..., Dv) -> (out (..., Dv), new state).
 
     ``state=None`` starts an empty context. Equal (to round-off) to causal attention over
-    the whole sequence, one position at a time.
+    the whole sequence, one position at a time. ``exact`` (a ``favor.ExactTerms``): the
+    state is a ``favor.ExactState`` (far state, ring of recent keys, sinks; fixed size).
     """
     check_feature_map(feature_map)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -59,6 +63,16 @@ def step(
     out_dtype, dtype = v.dtype, compute_dtype(q.dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
     q1, k1, v1 = q.to(dtype).unsqueeze(-2), k.to(dtype).unsqueeze(-2), v.to(dtype)
+    if exact is not None:
+        from .local.dispatch import exact_steps  # local/ builds on this module
+
+        terms = ExactTerms.coerce(exact)
+        if state is not None and not isinstance(state, ExactState):
+            raise TypeError(
+                f"with exact terms the state must be a favor.ExactState or None, got {type(state).__name__}"
+            )
+        out, new = exact_steps(state, terms, feature_map, q1, k1, v1.unsqueeze(-2), root=root)
+        return out[..., 0, :].to(out_dtype), new
     feat, a = _step_features(feature_map, root, q1, k1)
     # the query's log scale cancels in its output: not computed where feat can skip it
     f_q = (feat(q1, a) if getattr(feat, "width", None) is None else feat(q1, a, log_scale=False)).values[..., 0, :]

@@ -150,9 +150,7 @@ def _group(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos
         sk, skx, sv, svalid = sinks
         span_start = pos0 - lag + torch.arange(n, device=q.device) * t  # (n,)
         live = (torch.arange(sk.shape[-2], device=q.device) < span_start[:, None]) & svalid[..., None, :]
-        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(
-            ~live[..., None, :], NEG_INF
-        )
+        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(~live[..., None, :], NEG_INF)
         tops.append(log_sink.amax(-1))
     top = tops[0]
     for x in tops[1:]:
@@ -164,7 +162,9 @@ def _group(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos
     if fc:
         kv_span = _spans(kvals, geo)[..., :fc, :]  # (..., n, fc, M')
         products = (qv @ kv_span.mT) * torch.exp(log_far - top)
-        weights = torch.cat([weights[..., :fc] + products, weights[..., fc:]], -1) if fc < geo.span else weights + products
+        weights = (
+            torch.cat([weights[..., :fc] + products, weights[..., fc:]], -1) if fc < geo.span else weights + products
+        )
     nd = weights @ _spans(v1, geo)  # (..., n, T, E)
     nd = nd + (qv @ states) * torch.exp(before[..., None, None] - top)
     if log_sink is not None:
@@ -241,7 +241,9 @@ class _CausalExact(torch.autograd.Function):
         inp = _Inputs(q, k, qx, kx, v, valid, geo)
         need = ctx.needs_input_grad
         length, lag = inp.length, geo.lag
-        grads = {name: torch.zeros_like(t) for name, t, n in (("q", q, need[0]), ("k", k, need[1]), ("v", v, need[4])) if n}
+        grads = {
+            name: torch.zeros_like(t) for name, t, n in (("q", q, need[0]), ("k", k, need[1]), ("v", v, need[4])) if n
+        }
         if need[2]:
             grads["qx"] = torch.zeros_like(qx)
         if need[3]:
@@ -359,7 +361,18 @@ def causal_exact_fast(
 
 
 def causal_exact_autograd(
-    q, k, v, feat, terms: ExactTerms, *, root, qx=None, kx=None, a=None, log_const=0.0, key_padding_mask=None,
+    q,
+    k,
+    v,
+    feat,
+    terms: ExactTerms,
+    *,
+    root,
+    qx=None,
+    kx=None,
+    a=None,
+    log_const=0.0,
+    key_padding_mask=None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """The same loop under autograd: any map, gradients also to a projection or A that is
