@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     import favor
-    from favor.attention.local.window import local_exact_attention, pair_features
-    from favor.attention.local.block import block_exact_attention
     from favor.attention.local.bidirectional_fast import local_fast
+    from favor.attention.local.block import block_exact_attention
+    from favor.attention.local.window import local_exact_attention, pair_features
 
     if args.threads:
         torch.set_num_threads(args.threads)

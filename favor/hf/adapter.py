@@ -42,11 +42,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention.local.block import check_block
+from ..attention.local.window import check_exact_set
 from ..features import maps
 from ..features._host import buffer_flag
 from ..features.feature_map import FeatureMap
-from ..attention.local.window import check_exact_set
-from ..attention.local.block import check_block
 
 __all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection", "sequence_pair_mean"]
 

@@ -14,12 +14,12 @@ import torch
 
 from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
+from ..attention.local.bidirectional_fast import fast_eligible, local_fast
+from ..attention.local.block import block_exact_attention
+from ..attention.local.window import local_exact_attention, pair_features
 from .adapter import FavorAdapter
 from .cache import claim
 from .cross import cross_attention
-from ..attention.local.window import local_exact_attention, pair_features
-from ..attention.local.block import block_exact_attention
-from ..attention.local.bidirectional_fast import fast_eligible, local_fast
 from .masks import plan_from_mask
 from .support import check_keywords
 

@@ -25,11 +25,11 @@ from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from ..attention._normalise import masked_keys
 from ..attention.causal import causal_sums
+from ..attention.local.window import _combine, pair_features, parts_sum, query_log_scale
 from ..attention.recurrent import _step_features
 from ..attention.state import State
 from .attention import _repeat_kv, adapter_of
 from .cache import FavorLayer
-from ..attention.local.window import _combine, pair_features, parts_sum, query_log_scale
 from .masks import plan_from_mask
 
 __all__ = ["cached_attention"]

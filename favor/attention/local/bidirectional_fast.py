@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ...features.feature_map import FeatureMap
 from .._chunking import Scratch
 from .._fast_features import row_features
 from .._normalise import exp_diff
-from ...features.feature_map import FeatureMap
 from .block import check_block
 
 __all__ = ["local_fast", "fast_eligible", "band_products", "band_weighted_sum", "band_transpose", "BLOCK"]

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import torch
 
+from ...features.feature_map import FeatureMap
+from ...features.maps import Features
 from .._fast_features import row_features
 from .._normalise import exp_diff, masked_keys, max_log_scale, normalise
 from ..causal import causal_sums
 from ..state import State
-from ...features.feature_map import FeatureMap
-from ...features.maps import Features
 
 __all__ = [
     "local_exact_attention",

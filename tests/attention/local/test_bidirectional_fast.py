@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from favor.attention._chunking import Scratch
-from favor.features.feature_map import FeatureMap
 from favor.attention.local import bidirectional_fast as local_fast_module
-from favor.attention.local.window import local_exact_attention, local_exact_reference, pair_features
 from favor.attention.local.bidirectional_fast import (
     band_products,
     band_transpose,
@@ -17,6 +15,8 @@ from favor.attention.local.bidirectional_fast import (
     fast_eligible,
     local_fast,
 )
+from favor.attention.local.window import local_exact_attention, local_exact_reference, pair_features
+from favor.features.feature_map import FeatureMap
 
 
 @pytest.mark.parametrize("w,block,length", [(0, 4, 9), (2, 4, 9), (3, 2, 11), (5, 32, 7), (1, 3, 3)])

@@ -7,9 +7,9 @@ tests/hf/test_local_fast.py."""
 import pytest
 import torch
 
-from favor.features.feature_map import FeatureMap
-from favor.attention.local.window import local_exact_attention
 from favor.attention.local.block import block_exact_attention, block_exact_positions, block_exact_reference, check_block
+from favor.attention.local.window import local_exact_attention
+from favor.features.feature_map import FeatureMap
 
 
 def test_exact_set_is_the_widened_block_and_the_sinks():
