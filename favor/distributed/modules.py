@@ -63,6 +63,11 @@ def _layers(model: nn.Module) -> list[FavorAttention]:
                 f"sequence parallelism splits causal FAVOR attention; a layer has causal={m.causal}, "
                 f"attention={m.attention!r}"
             )
+        if m.exact is not None:
+            raise ValueError(
+                f"sequence parallelism does not yet split attention with exact terms ({m.exact}): a rank's "
+                "first queries need the previous rank's last keys exactly; run this model on one process"
+            )
     return layers
 
 

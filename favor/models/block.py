@@ -26,6 +26,7 @@ class Block(nn.Module):
             attention=config.attention,
             rotary=config.position == "rotary",
             chunk_size=config.chunk_size,
+            exact=config.exact,
         )
         self.norm2 = nn.LayerNorm(config.dim)
         hidden = int(round(config.dim * config.mlp_ratio))

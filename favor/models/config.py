@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..attention.local.spec import ExactTerms
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
 
@@ -40,8 +41,13 @@ class PerformerConfig:
     tie_embeddings: bool = True
     chunk_size: int | None = None
     seed: int = 0
+    #: exact local terms (window, sinks, block) beside FAVOR: an ExactTerms, its dict or None
+    exact: ExactTerms | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exact", ExactTerms.coerce(self.exact))
+        if self.exact is not None and self.attention != "favor":
+            raise ValueError(f"exact terms are part of FAVOR attention; attention={self.attention!r} is exact already")
         for name in ("vocab_size", "dim", "depth", "heads", "max_len"):
             _positive_int(name, getattr(self, name))
         if self.dim % self.heads:

@@ -17,6 +17,8 @@ from torch import nn
 from ..attention.api import attention as favor_attention
 from ..attention.recurrent import step as favor_step
 from ..attention.reference import softmax_attention
+from ..attention.local.recurrent import ExactState
+from ..attention.local.spec import ExactTerms
 from ..attention.state import State
 from ..features.feature_map import FeatureMap
 from .rotary import apply_rotary
@@ -30,20 +32,23 @@ class AttentionState(NamedTuple):
     (B, H, position, D) that grows with the context."""
 
     position: int
-    favor: State | None = None
+    favor: State | ExactState | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
 
 
 def _favor(module: FavorAttention, q, k, v, mask, state: AttentionState | None, stateful: bool):
-    fm, chunk = module.feature_map, module.chunk_size
+    fm, chunk, exact = module.feature_map, module.chunk_size, module.exact
     if not stateful:
-        return favor_attention(q, k, v, fm, causal=module.causal, key_padding_mask=mask, chunk_size=chunk), None
+        out = favor_attention(q, k, v, fm, causal=module.causal, key_padding_mask=mask, chunk_size=chunk, exact=exact)
+        return out, None
     prev = state.favor if state is not None else None
     if q.shape[-2] == 1:
-        out, new = favor_step(prev, q[..., 0, :], k[..., 0, :], v[..., 0, :], fm)
+        out, new = favor_step(prev, q[..., 0, :], k[..., 0, :], v[..., 0, :], fm, exact=exact)
         return out.unsqueeze(-2), new
-    return favor_attention(q, k, v, fm, causal=True, chunk_size=chunk, initial_state=prev, return_state=True)
+    return favor_attention(
+        q, k, v, fm, causal=True, chunk_size=chunk, initial_state=prev, return_state=True, exact=exact
+    )
 
 
 def _softmax(module: FavorAttention, q, k, v, mask, state: AttentionState | None, stateful: bool):
@@ -93,6 +98,10 @@ class FavorAttention(nn.Module):
     feeding a sequence in pieces gives the same outputs as one pass. ``dropout`` applies to
     the attention weights for softmax and to the attention output for favor (no weights).
 
+    ``exact`` (a ``favor.ExactTerms``): each query's window, sinks and block get their exact
+    softmax weight, FAVOR the rest (favor.attention's ``exact``); decoding keeps a ring of the
+    last C + W keys beside FAVOR's state.
+
     Feature options: ``kernel`` (any favor.KERNELS name), ``num_features`` (default
     favor.default_num_features(head_dim) = round(D ln D)), ``projection``, ``stabilizer``,
     ``generator`` (for the initial draw). ``rotary=True`` rotates q and k by position
@@ -118,6 +127,7 @@ class FavorAttention(nn.Module):
         rotary: bool = False,
         rotary_base: float = 10000.0,
         chunk_size: int | None = None,
+        exact: ExactTerms | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -141,6 +151,9 @@ class FavorAttention(nn.Module):
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.dropout, self.batch_first, self.causal = float(dropout), batch_first, causal
         self.attention, self.rotary, self.rotary_base, self.chunk_size = attention, rotary, rotary_base, chunk_size
+        self.exact = ExactTerms.coerce(exact)
+        if self.exact is not None and attention != "favor":
+            raise ValueError(f"exact terms are part of FAVOR attention; attention={attention!r} is exact already")
         kw = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
@@ -162,7 +175,7 @@ class FavorAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, attention={self.attention!r}, "
-            f"causal={self.causal}, rotary={self.rotary}"
+            f"causal={self.causal}, rotary={self.rotary}" + (f", exact={self.exact}" if self.exact else "")
         )
 
     @classmethod
