@@ -16,6 +16,8 @@ from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from ..attention.local.bidirectional_fast import fast_eligible, local_fast
 from ..attention.local.block import block_exact_attention
+from ..attention.local.dispatch import exact_attention
+from ..attention.local.spec import ExactTerms
 from ..attention.local.window import local_exact_attention, pair_features
 from .adapter import FavorAdapter
 from .cache import claim
@@ -93,11 +95,6 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
     logits they estimate from the raw query and key. Queries that sit at the end of the keys
     (decoding with a cache) get zero queries in front, as in the plain path."""
     offset = k.shape[-2] - q.shape[-2]
-    if causal and adapter.exact_block > 1:
-        raise ValueError(
-            f"exact_block={adapter.exact_block} is for bidirectional attention (a causal block would show its "
-            "later keys to its earlier queries); performerize a decoder with exact_block=1"
-        )
     if causal and offset > 0:
         query = torch.cat([query.new_zeros(*query.shape[:-2], offset, query.shape[-1]), query], dim=-2)
         q = torch.cat([q.new_zeros(*q.shape[:-2], offset, q.shape[-1]), q], dim=-2)
@@ -120,6 +117,17 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
         log_const=adapter.log_const(dtype),
         key_padding_mask=pad,
     )
+    if causal and fm.stabilizer == "exact" and adapter.exact_window >= 0:
+        # the core causal path (favor.attention.local): chunks, far state, hand-written backward
+        terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
+        out = exact_attention(
+            q, k, v, fm, terms, causal=True, root=root, key_padding_mask=pad, qx=qx, kx=kx, log_const=exact["log_const"]
+        )
+        return out[..., offset:, :]
+    if causal and adapter.exact_block > 1:
+        raise ValueError(
+            f"exact_block={adapter.exact_block} in a causal layer needs exact_window >= 0 and stabilizer='exact'"
+        )
     if not causal and fm.stabilizer == "exact" and fm.kernel in ("positive", "oprf"):
         a = fm.oprf_a(q * root, k * root, q_mask=mask, k_mask=mask) if fm.kernel == "oprf" else None
         if fast_eligible(fm, a):  # the same numbers with a hand-written backward (local_fast.py)

@@ -96,6 +96,11 @@ def _empty(b: int, heads: int, n: int, like: torch.Tensor):
 
 
 def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
+    if adapter.exact_block > 1:
+        raise ValueError(
+            f"decoding with a FavorCache keeps a window of keys, not blocks: this layer has exact_block="
+            f"{adapter.exact_block}; generate without a cache (use_cache=False) or performerize with exact_block=1"
+        )
     b, h, lq, _ = query.shape
     hkv = key.shape[1]
     window, sinks = max(adapter.exact_window, -1), adapter.exact_sinks

@@ -123,11 +123,21 @@ def test_whole_sequence_block_is_softmax_and_save_load_keeps_the_block(tiny_bert
     assert torch.equal(a, b) and float((a - want)[keep].abs().max()) > 1e-3  # FAVOR estimates the rest
 
 
-def test_a_causal_layer_refuses_blocks(tiny_llama):
+def test_a_causal_layer_runs_blocks_causally_and_its_cache_refuses_them(tiny_llama):
     import favor.hf as fh
 
     model = fh.performerize(tiny_llama(), num_features=8, exact_window=2, exact_block=4)
-    with pytest.raises(ValueError, match="exact_block=4 is for bidirectional attention"):
-        model(input_ids=torch.ones(1, 6, dtype=torch.long))
+    ids = torch.randint(1, 50, (1, 13), generator=torch.Generator().manual_seed(0))
+    later = ids.clone()
+    later[:, 9:] = 7
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=later).logits
+    # the core causal path (favor.attention.local.causal_fast): block 8..11 never shows key
+    # 11 to query 9, so logits before position 9 are bit-for-bit unchanged
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.equal(a[:, 9:], b[:, 9:])
+    with pytest.raises(ValueError, match="FavorCache keeps a window of keys, not blocks"):
+        with torch.no_grad():
+            model(input_ids=ids, cache=fh.FavorCache(model), use_cache=True)
     with pytest.raises(ValueError, match="exact_block must be an int >= 1"):
         fh.performerize(tiny_llama(), exact_block=0)
