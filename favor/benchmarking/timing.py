@@ -165,6 +165,17 @@ def _favor(causal: bool):
     return build
 
 
+def _favor_exact(causal: bool, terms):
+    """favor.attention with exact terms (the issue's settings: causal W=64, S=4; bidirectional
+    blocks of 32 widened by 8, one sink)."""
+
+    def build(cfg: BenchConfig):
+        fm = bench_feature_map(cfg)
+        return lambda q, k, v: favor.attention(q, k, v, fm, causal=causal, exact=terms)
+
+    return build
+
+
 def _sdpa(causal: bool):
     def build(cfg: BenchConfig):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -214,6 +225,8 @@ CONTENDERS: dict[str, Contender] = {
     "sdpa": Contender(_sdpa(False), False, 2.0),
     "performer-pytorch": Contender(_performer(False), False, 1.0, lambda: _peer_available("performer_pytorch")),
     "favor-causal": Contender(_favor(True), True, 1.0),
+    "favor-exact": Contender(_favor_exact(False, favor.ExactTerms(8, 1, 32)), False, 1.0),
+    "favor-exact-causal": Contender(_favor_exact(True, favor.ExactTerms(64, 4, 1)), True, 1.0),
     "sdpa-causal": Contender(_sdpa(True), True, 2.0),
     "performer-pytorch-causal": Contender(_performer(True), True, 1.0, lambda: _peer_available("performer_pytorch")),
     "performer-pytorch-causal-ft": Contender(
@@ -240,6 +253,14 @@ def check_contender(name: str, cfg: BenchConfig, *, length: int = 256) -> tuple[
         exact = favor.softmax_attention(q, k, v, causal=contender.causal)
         if not torch.isfinite(out).all():
             return False, "non-finite output"
+        if name.startswith("favor-exact"):
+            from ..attention.local.reference import exact_terms_reference
+
+            fm = bench_feature_map(cfg).double()
+            terms = favor.ExactTerms(64, 4, 1) if contender.causal else favor.ExactTerms(8, 1, 32)
+            want = exact_terms_reference(q.double(), k.double(), v.double(), fm, terms, causal=contender.causal)
+            err = (out.double() - want).abs().max().item()
+            return err < 1e-4, f"max |favor - exact_terms_reference| = {err:.2e} (bound 1e-4)"
         if name.startswith("favor"):
             fm = bench_feature_map(cfg)
             want = favor.kernel_attention(q.double(), k.double(), v.double(), fm.double(), causal=contender.causal)

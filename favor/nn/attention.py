@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.api import attention as favor_attention
-from ..attention.recurrent import step as favor_step
-from ..attention.reference import softmax_attention
 from ..attention.local.recurrent import ExactState
 from ..attention.local.spec import ExactTerms
+from ..attention.recurrent import step as favor_step
+from ..attention.reference import softmax_attention
 from ..attention.state import State
 from ..features.feature_map import FeatureMap
 from .rotary import apply_rotary

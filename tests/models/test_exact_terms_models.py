@@ -15,7 +15,9 @@ from favor.nn import FavorAttention
 
 def test_favor_attention_module_streams_with_exact_terms():
     torch.manual_seed(0)
-    mod = FavorAttention(32, 4, causal=True, exact=favor.ExactTerms(3, 1, 2), generator=torch.Generator().manual_seed(0))
+    mod = FavorAttention(
+        32, 4, causal=True, exact=favor.ExactTerms(3, 1, 2), generator=torch.Generator().manual_seed(0)
+    )
     mod = mod.double()
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     full, _ = mod(x)
