@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._chunking import ones_column
+from .._chunking import inverse, ones_column
 from .._normalise import exp_diff, normalise
 from .spec import ExactTerms
 
@@ -95,25 +95,33 @@ def _spans(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return x.unfold(-2, geo.span, geo.chunk).transpose(-1, -2)
 
 
-def _group(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c):
-    """One group of n chunks: out (..., R, Dv), the far state after it (kvz, c).
+class _Parts:
+    """A group's forward intermediates (``_parts``): what the output needs and what the
+    hand-written backward re-reads."""
+
+
+def _parts(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c) -> _Parts:
+    """One group of n chunks, forward (differentiable where its inputs are: the autograd path).
 
     q, qx (..., R, .) the group's queries (rows past L are zeros); k, kx, v (..., lag + R, .)
     its keys from pos0 - lag; kvalid (..., lag + R) real keys; ``sinks`` (k, kx, v, valid)
     of the first S' positions or None; kvz (..., M', E), c (...) the far state before the
     group in units of exp(c) (c = -inf: empty). qx, kx None: q * root, k * root."""
+    p = _Parts()
     t, lag, terms = geo.chunk, geo.lag, geo.terms
     rows = q.shape[-2]
     n = rows // t
-    qx = q * root if qx is None else qx
-    kx = k * root if kx is None else kx
+    p.n = n
+    p.qx = q * root if qx is None else qx
+    p.kx = k * root if kx is None else kx
     fq, fk = feat(q, a), feat(k, a)
-    qv = fq.values.unflatten(-2, (n, t))  # (..., n, T, M')
+    p.fq = fq.values
+    qv = p.qv = fq.values.unflatten(-2, (n, t))  # (..., n, T, M')
     lq = fq.log_scale if fq.log_scale is not None else qv.new_zeros(q.shape[:-1])
     lq = lq.expand(q.shape[:-1]).unflatten(-1, (n, t))
     lk = fk.log_scale if fk.log_scale is not None else k.new_zeros(k.shape[:-1])
     lk = lk.masked_fill(~kvalid, NEG_INF)
-    kvals = fk.values.masked_fill(~kvalid[..., None], 0.0)
+    kvals = p.kvals = fk.values.masked_fill(~kvalid[..., None], 0.0)
     pos = torch.arange(pos0 - lag, pos0 + rows, device=q.device)
     sink_key = pos < terms.sinks
     far_lk = lk.masked_fill(sink_key, NEG_INF)  # the state and the far products skip sinks
@@ -124,53 +132,166 @@ def _group(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos
     lag_lk = far_lk[..., :rows].unflatten(-1, (n, t))  # (..., n, T)
     after = torch.cummax(torch.maximum(lag_lk.amax(-1), c[..., None]), -1).values.detach()
     before = torch.cat([c[..., None], after[..., :-1]], -1)
-    e = exp_diff(lag_lk, after[..., None])  # each lagged key's weight in its chunk's summary
-    v1 = ones_column(v)
-    lag_keys = (kvals[..., :rows, :] * e.flatten(-2)[..., None]).unflatten(-2, (n, t))
+    p.e = exp_diff(lag_lk, after[..., None])  # each lagged key's weight in its chunk's summary
+    p.v1 = v1 = ones_column(v)
+    lag_keys = (kvals[..., :rows, :] * p.e.flatten(-2)[..., None]).unflatten(-2, (n, t))
     sums = lag_keys.mT @ v1[..., :rows, :].unflatten(-2, (n, t))  # (..., n, M', E)
-    decay = exp_diff(before, after)
+    p.decay = decay = exp_diff(before, after)
     states = []
     for i in range(n):
         states.append(kvz)
         kvz = kvz * decay[..., i, None, None] + sums[..., i, :, :]
-    states = torch.stack(states, -3)  # (..., n, M', E)
+    p.states = torch.stack(states, -3)  # (..., n, M', E)
+    p.kvz, p.c = kvz, after[..., -1]
 
     # the span: exact logits and far products, relative to each query's feature scale
-    qxc = qx.unflatten(-2, (n, t))
+    p.qxc = qxc = p.qx.unflatten(-2, (n, t))
     valid = _spans(kvalid[..., None], geo)[..., 0][..., None, :]  # (..., n, 1, span)
     sink_col = _spans(sink_key[:, None], geo)[..., 0][..., None, :]  # (n, 1, span)
     exact = (geo.exact | (sink_col & geo.causal)) & valid
-    log_exact = (qxc @ _spans(kx, geo).mT + log_const - lq[..., None]).masked_fill(~exact, NEG_INF)
+    log_exact = (qxc @ _spans(p.kx, geo).mT + log_const - lq[..., None]).masked_fill(~exact, NEG_INF)
     fc = geo.far_cols
     far = (geo.far[:, :fc] & ~sink_col[..., :fc]) & valid[..., :fc]
     log_far = torch.where(far, _spans(far_lk[..., None], geo)[..., 0][..., None, :fc], NEG_INF)
-    tops = [log_exact.amax(-1), log_far.amax(-1) if fc else None, before[..., None].expand(lq.shape)]
+    top = torch.maximum(log_exact.amax(-1), before[..., None])
+    if fc:
+        top = torch.maximum(top, log_far.amax(-1))
     log_sink = None
     if sinks is not None:
         sk, skx, sv, svalid = sinks
         span_start = pos0 - lag + torch.arange(n, device=q.device) * t  # (n,)
         live = (torch.arange(sk.shape[-2], device=q.device) < span_start[:, None]) & svalid[..., None, :]
-        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(~live[..., None, :], NEG_INF)
-        tops.append(log_sink.amax(-1))
-    top = tops[0]
-    for x in tops[1:]:
-        if x is not None:
-            top = torch.maximum(top, x)
+        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(
+            ~live[..., None, :], NEG_INF
+        )
+        top = torch.maximum(top, log_sink.amax(-1))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()[..., None]  # (..., n, T, 1)
 
-    weights = torch.exp(log_exact - top)
+    p.w_exact = weights = torch.exp(log_exact - top)
     if fc:
-        kv_span = _spans(kvals, geo)[..., :fc, :]  # (..., n, fc, M')
-        products = (qv @ kv_span.mT) * torch.exp(log_far - top)
-        weights = (
-            torch.cat([weights[..., :fc] + products, weights[..., fc:]], -1) if fc < geo.span else weights + products
-        )
+        p.kv_far = _spans(kvals, geo)[..., :fc, :]  # (..., n, fc, M')
+        p.e_far = torch.exp(log_far - top)
+        p.w_far = (qv @ p.kv_far.mT) * p.e_far
+        if fc < geo.span:
+            weights = torch.cat([weights[..., :fc] + p.w_far, weights[..., fc:]], -1)
+        else:
+            weights = weights + p.w_far
+    p.weights = weights
+    p.carry = torch.exp(before[..., None, None] - top)  # (..., n, T, 1); 0 for an empty state
     nd = weights @ _spans(v1, geo)  # (..., n, T, E)
-    nd = nd + (qv @ states) * torch.exp(before[..., None, None] - top)
+    nd = nd + (qv @ p.states) * p.carry
+    p.w_sink = None
     if log_sink is not None:
-        nd = nd + torch.exp(log_sink - top) @ ones_column(sv)[..., None, :, :]
-    nd = nd.flatten(-3, -2)
-    return normalise(nd[..., :-1], nd[..., -1], None), kvz, after[..., -1]
+        p.w_sink = torch.exp(log_sink - top)
+        p.sv1 = ones_column(sv)
+        nd = nd + p.w_sink @ p.sv1[..., None, :, :]
+    p.nd = nd = nd.flatten(-3, -2)
+    p.out = normalise(nd[..., :-1], nd[..., -1], None)
+    return p
+
+
+def _group(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c):
+    """(out (..., R, Dv), far state after the group (kvz, c)): ``_parts``' results."""
+    p = _parts(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c)
+    return p.out, p.kvz, p.c
+
+
+def _overlap_add(x: torch.Tensor, geo: Geometry, width: int, rows: int) -> torch.Tensor:
+    """Per-chunk span rows x (..., n, width, X) summed back onto the group's key rows
+    (..., rows, X), chunk i's span starting at row i T (the transpose of ``_spans``)."""
+    n, t = x.shape[-3], geo.chunk
+    out = x.new_zeros(*x.shape[:-3], rows, x.shape[-1])
+    for o in range(0, width, t):
+        w = min(t, width - o)
+        out[..., o : o + n * t, :].unflatten(-2, (n, t))[..., :w, :] += x[..., o : o + w, :]
+    return out
+
+
+def _feature_vjp(feat, x, a, values, d_values, d_log):
+    """dL/dx of the features feat(x, a) from dL/dvalues and dL/dlog_scale: the map's own
+    ``vjp`` where it has one, else autograd over a recomputation."""
+    vjp = getattr(feat, "vjp", None)
+    if vjp is not None:
+        return vjp(x, a, values, d_values, d_log)
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        f = feat(leaf, a)
+        outs, grads = [f.values], [d_values]
+        if f.log_scale is not None:
+            outs.append(f.log_scale.expand(x.shape[:-1]))
+            grads.append(d_log)
+        return torch.autograd.grad(outs, leaf, grads, allow_unused=True)[0]
+
+
+def _lc_grad(d_log: torch.Tensor, shape) -> torch.Tensor:
+    """d_log (..., n, T, X) summed onto a log_const of ``shape`` (broadcasting against
+    (..., 1, 1))."""
+    row = d_log.sum((-1, -2, -3))  # (...)
+    lead = tuple(shape[:-2]) if len(shape) >= 2 else ()
+    return row.sum_to_size(lead).reshape(shape) if lead else row.sum().reshape(shape)
+
+
+def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks, lc_shape):
+    """Gradients of one group from its recomputed ``_parts``: g_out (..., R, Dv) of its
+    outputs, d_kvz (..., M', E) of the far state after it (None: 0). Returns a dict: q, qx
+    (..., R, .), k, kx, v (..., lag + R, .), sk_x, s_v (sinks) and state (the far state
+    before the group), lc (the log_const, summed, or None)."""
+    n, t, lag = p.n, geo.chunk, geo.lag
+    rows = q.shape[-2]
+    halo = k.shape[-2]
+    den = p.nd[..., -1]
+    inv = inverse(den)
+    dnum = g_out * inv[..., None]
+    dden = -(g_out * p.out).sum(-1) * inv
+    dnd = torch.cat([dnum, dden[..., None]], -1).unflatten(-2, (n, t))  # (..., n, T, E)
+    v1s = _spans(p.v1, geo)
+    d_w = dnd @ v1s.mT  # (..., n, T, span)
+    d_v1 = _overlap_add(p.weights.mT @ dnd, geo, geo.span, halo)  # (..., lag + R, E)
+    d_read = (p.qv * p.carry).mT @ dnd  # (..., n, M', E): each chunk's read of its state
+    d_qv = (dnd @ p.states.mT).mul_(p.carry)  # (..., n, T, M')
+    d_log = d_w * p.w_exact  # exact logits
+    d_qx = d_log @ _spans(p.kx, geo)
+    d_kx = _overlap_add(d_log.mT @ p.qxc, geo, geo.span, halo)
+    d_lq = -d_log.sum(-1)
+    d_lc = None if lc_shape is None else _lc_grad(d_log, lc_shape)
+    d_kvals = torch.zeros_like(p.kvals)
+    d_lk = p.kvals.new_zeros(p.kvals.shape[:-1])
+    fc = geo.far_cols
+    if fc:
+        d_wf = d_w[..., :fc]
+        d_prod = d_wf * p.e_far
+        d_qv = d_qv.add_(d_prod @ p.kv_far)
+        d_kvals = d_kvals.add_(_overlap_add(d_prod.mT @ p.qv, geo, fc, halo))
+        d_lk = d_lk.add_(_overlap_add((d_wf * p.w_far).sum(-2)[..., None], geo, fc, halo)[..., 0])
+    out = {}
+    if p.w_sink is not None:
+        sk, skx, sv, _ = sinks
+        d_ws = dnd @ p.sv1[..., None, :, :].mT  # (..., n, T, S')
+        out["s_v"] = (p.w_sink.mT @ dnd).sum(-3)[..., :-1]
+        d_logs = d_ws * p.w_sink
+        d_qx = d_qx.add_(d_logs @ skx[..., None, :, :])
+        out["s_kx"] = (d_logs.mT @ p.qxc).sum(-3)
+        d_lq = d_lq.sub_(d_logs.sum(-1))
+        if lc_shape is not None:
+            d_lc = d_lc + _lc_grad(d_logs, lc_shape)
+    # the far state, backwards: G after chunk i gives the chunk's summary its gradient
+    d_sums = torch.empty_like(d_read)
+    grad = torch.zeros_like(p.kvz) if d_kvz is None else d_kvz
+    for i in range(n - 1, -1, -1):
+        d_sums[..., i, :, :] = grad
+        grad = d_read[..., i, :, :] + grad * p.decay[..., i, None, None]
+    out["state"] = grad
+    kv_lag = p.kvals[..., :rows, :].unflatten(-2, (n, t))
+    v1_lag = p.v1[..., :rows, :].unflatten(-2, (n, t))
+    e = p.e[..., None]
+    d_kv_lag = (v1_lag @ d_sums.mT).mul_(e)  # (..., n, T, M')
+    d_v1 = d_v1.add_(F.pad(((kv_lag * e) @ d_sums).flatten(-3, -2), (0, 0, 0, halo - rows)))
+    d_lk = d_lk.add_(F.pad((d_kv_lag * kv_lag).sum(-1).flatten(-2), (0, halo - rows)))
+    d_kvals = d_kvals.add_(F.pad(d_kv_lag.flatten(-3, -2), (0, 0, 0, halo - rows)))
+    out["q"] = _feature_vjp(feat, q, a, p.fq, d_qv.flatten(-3, -2), d_lq.flatten(-2))
+    out["k"] = _feature_vjp(feat, k, a, p.kvals, d_kvals, d_lk)
+    out["qx"], out["kx"], out["v"], out["lc"] = d_qx.flatten(-3, -2), d_kx, d_v1[..., :-1], d_lc
+    return out
 
 
 class _Inputs:
@@ -241,84 +362,51 @@ class _CausalExact(torch.autograd.Function):
         inp = _Inputs(q, k, qx, kx, v, valid, geo)
         need = ctx.needs_input_grad
         length, lag = inp.length, geo.lag
-        grads = {
-            name: torch.zeros_like(t) for name, t, n in (("q", q, need[0]), ("k", k, need[1]), ("v", v, need[4])) if n
-        }
-        if need[2]:
-            grads["qx"] = torch.zeros_like(qx)
-        if need[3]:
-            grads["kx"] = torch.zeros_like(kx)
-        d_lc = torch.zeros_like(lc_t) if (lc_t is not None and need[5]) else None
-        sinks0 = inp.sinks(root)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dqx = None if qx is None else torch.zeros_like(qx)
+        dkx = None if kx is None else torch.zeros_like(kx)
+        need_lc = lc_t is not None and need[5]
+        d_lc = torch.zeros_like(lc_t) if need_lc else None
+        sinks = inp.sinks(root)
         d_kvz = None
         for g in reversed(range(inp.groups)):
             s = g * inp.rows
             kvz0, c0 = ctx.starts[g]
-            with torch.enable_grad():
-                qg, qxg = (t.detach().requires_grad_() if t is not None else None for t in inp.queries(g))
-                kg, kxg, vg, vvalid = inp.keys(g)
-                kg, vg = kg.detach().requires_grad_(), vg.detach().requires_grad_()
-                kxg = None if kxg is None else kxg.detach().requires_grad_()
-                sinks = None
-                if sinks0 is not None:
-                    sk, skx, sv, svalid = sinks0
-                    sk, sv = sk.detach().requires_grad_(), sv.detach().requires_grad_()
-                    skx_leaf = skx.detach().requires_grad_()
-                    sinks = (sk, skx_leaf, sv, svalid)
-                kvz_leaf = kvz0.detach().requires_grad_()
-                lc = log_const.detach().requires_grad_() if d_lc is not None else log_const
-                o, kvz1, _ = _group(feat, a, geo, lc, root, qg, qxg, kg, kxg, vg, vvalid, s, sinks, kvz_leaf, c0)
-                take = min(inp.rows, length - s)
-                g_o = torch.zeros_like(o)
-                g_o[..., :take, :] = g_out[..., s : s + take, :]
-                leaves = [qg, kg, vg, kvz_leaf]
-                names = ["q", "k", "v", "state"]
-                if qxg is not None:
-                    leaves.append(qxg)
-                    names.append("qx")
-                if kxg is not None:
-                    leaves.append(kxg)
-                    names.append("kx")
-                if sinks is not None:
-                    leaves += [sinks[0], sinks[1], sinks[2]]
-                    names += ["sk", "skx", "sv"]
-                if d_lc is not None:
-                    leaves.append(lc)
-                    names.append("lc")
-                outs, gs = [o], [g_o]
-                if d_kvz is not None:
-                    outs.append(kvz1)
-                    gs.append(d_kvz)
-                got = dict(zip(names, torch.autograd.grad(outs, leaves, gs, allow_unused=True), strict=True))
+            qg, qxg = inp.queries(g)
+            kg, kxg, vg, vvalid = inp.keys(g)
+            p = _parts(feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, vvalid, s, sinks, kvz0, c0)
+            take = min(inp.rows, length - s)
+            g_o = g_out.new_zeros(p.out.shape)
+            g_o[..., :take, :] = g_out[..., s : s + take, :]
+            got = _group_backward(feat, a, geo, p, qg, kg, g_o, d_kvz, sinks, lc_t.shape if need_lc else None)
+            d_kvz = got["state"]
             lo, hi = max(s - lag, 0), min(s + inp.rows, length)
             off = lo - (s - lag)
-            for name, rows_of in (("q", "q"), ("qx", "q"), ("k", "k"), ("kx", "k"), ("v", "k")):
-                if name not in grads or got.get(name) is None:
-                    continue
-                gx = got[name]
-                if rows_of == "q":
-                    grads[name][..., s:hi, :] += gx[..., : hi - s, :]
-                else:
-                    grads[name][..., lo:hi, :] += gx[..., off : off + hi - lo, :]
-            if sinks is not None:
+            # logit inputs: their own gradients, or folded into q, k (qx = q root)
+            gq, gk = got["q"][..., :take, :], got["k"][..., off : off + hi - lo, :]
+            gqx, gkx = got["qx"][..., :take, :], got["kx"][..., off : off + hi - lo, :]
+            dq[..., s : s + take, :] += gq if qx is not None else gq.add_(gqx, alpha=root)
+            dk[..., lo:hi, :] += gk if kx is not None else gk.add_(gkx, alpha=root)
+            if dqx is not None:
+                dqx[..., s : s + take, :] += gqx
+            if dkx is not None:
+                dkx[..., lo:hi, :] += gkx
+            dv[..., lo:hi, :] += got["v"][..., off : off + hi - lo, :]
+            if sinks is not None and "s_kx" in got:
                 n_s = inp.n_sinks
-                for name, key in (("k", "sk"), ("v", "sv")):
-                    if name in grads and got[key] is not None:
-                        grads[name][..., :n_s, :] += got[key]
-                if got["skx"] is not None:
-                    if "kx" in grads:
-                        grads["kx"][..., :n_s, :] += got["skx"]
-                    elif kx is None and "k" in grads:
-                        grads["k"][..., :n_s, :] += got["skx"] * root
-            if d_lc is not None and got["lc"] is not None:
+                dv[..., :n_s, :] += got["s_v"]
+                if dkx is not None:
+                    dkx[..., :n_s, :] += got["s_kx"]
+                else:
+                    dk[..., :n_s, :] += got["s_kx"] * root
+            if need_lc:
                 d_lc += got["lc"]
-            d_kvz = got["state"]
         return (
-            grads.get("q"),
-            grads.get("k"),
-            grads.get("qx"),
-            grads.get("kx"),
-            grads.get("v"),
+            dq if need[0] else None,
+            dk if need[1] else None,
+            dqx if need[2] else None,
+            dkx if need[3] else None,
+            dv if need[4] else None,
             d_lc,
             None,
             None,

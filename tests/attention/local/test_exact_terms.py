@@ -168,3 +168,29 @@ def test_clear_errors():
         favor.step(state, q[..., 0, :], k[..., 0, :], v[..., 0, :], fm, exact=favor.ExactTerms(2))
     with pytest.raises(ValueError, match="causal"):
         favor.attention(q, k, v, fm, exact=favor.ExactTerms(2), return_state=True)
+
+
+@pytest.mark.parametrize("kernel", ["positive", "relu"])
+def test_fast_backward_equals_autograd_with_logit_inputs_and_a_per_head_log_const(kernel):
+    # favor.hf's dense features estimate exp(qx.kx + log_const) from other inputs (q, k):
+    # the hand-written backward reaches q, k, qx, kx, v and the per-head log_const; ReLU has
+    # no hand-written feature gradient (autograd over its recomputed features)
+    fm = _map(kernel)
+    q, k, v = _qkv(6)
+    g = torch.Generator().manual_seed(7)
+    qx, kx = (torch.randn(B, H, L, 5, dtype=torch.float64, generator=g) for _ in range(2))
+    lc = torch.randn(H, 1, 1, dtype=torch.float64, generator=g)
+    leaves = [t.requires_grad_() for t in (q, k, v, qx, kx, lc)]
+    pad = _pad()[:, None, :]
+    terms = favor.ExactTerms(3, 2, 2)
+    feat = row_features(fm, 0.7)
+    w = torch.randn(B, H, L, D, dtype=torch.float64, generator=g)
+    got = []
+    for run in (causal_exact_fast, causal_exact_autograd):
+        out = run(q, k, v, feat, terms, root=0.7, qx=qx, kx=kx, log_const=lc, key_padding_mask=pad, chunk_size=4)
+        got.append((out, torch.autograd.grad((out * w).sum(), leaves)))
+    _close(got[0][0], got[1][0])
+    for name, a, b in zip(("q", "k", "v", "qx", "kx", "log_const"), got[0][1], got[1][1], strict=True):
+        assert torch.isfinite(a).all(), name
+        _close(a, b)
+    assert got[0][1][-1].abs().sum() > 0  # the log_const gradient is not silently zero
