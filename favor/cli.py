@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "time and peak memory vs L: favor vs SDPA (and performer-pytorch); JSON + PNG under runs/bench/",
     ),
     "demo": ("demo", "approximation, speed and memory tables vs exact attention; JSON + PNG under runs/demo/"),
-    "train": ("train", "train a Performer LM on proteins (checkpoints, exact --resume, log.jsonl, loss.png)"),
+    "train": ("train", "train a Performer LM on text or proteins (--data; checkpoints, exact --resume, --minutes)"),
     "generate": ("generate", "sample a protein from a trained checkpoint"),
     "data": ("data", "fetch the full Swiss-Prot set (Debian metastudent-data) for long runs"),
     "performerize": ("performerize", "swap softmax for FAVOR in a pretrained HF model; fidelity JSON + PNG"),
