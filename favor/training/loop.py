@@ -142,7 +142,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "seq_len": 1024,
             "lr": 2e-3,
             "warmup": 20,
-            "eval_every": 50,
+            "eval_every": 25,
             "eval_windows": 8,
             "log_every": 5,
             "checkpoint_every": 100,
