@@ -9,7 +9,7 @@ import torch
 
 from favor.cli import main
 from favor.models import PerformerEncoder
-from favor.training import load_lm, resolve_config, train
+from favor.training import CheckpointError, load_lm, resolve_config, train
 from favor.training.loop import evaluate_bits, load_data
 
 PANGRAM = "The quick brown fox jumps over the lazy dog. "
@@ -132,3 +132,18 @@ def test_cli_errors_are_clear(tmp_path, text_file, capsys, args, message):
     assert main(argv) == 2
     out = capsys.readouterr().out
     assert out.startswith("favor train: ") and re.search(message, out), out
+
+
+def test_checkpoint_written_before_the_text_fields_still_resumes(tmp_path, one_thread):
+    # a protein run's config.json from before eval_data/tokenizer/objective existed
+    m, t = resolve_config(preset="tiny", **SMALL)
+    train(tmp_path, m, t, stop_at=4, write_plot=False)
+    cfg_path = tmp_path / "checkpoints" / "step_00000004" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    for key in ("eval_data", "tokenizer", "objective"):
+        del config["train"][key]
+    cfg_path.write_text(json.dumps(config))
+    assert train(tmp_path, m, t, resume=True, write_plot=False)["start_step"] == 4
+    other = resolve_config(preset="tiny", objective="masked", **SMALL)
+    with pytest.raises(CheckpointError, match=r"differs in \['model.vocab_size', 'train.objective'\]"):
+        train(tmp_path, *other, resume=True, write_plot=False)
