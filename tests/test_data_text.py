@@ -139,3 +139,19 @@ def test_errors_name_the_path(tmp_path):
     short = load_training_data(_write(tmp_path / "short.txt", "abc" * 40))
     with pytest.raises(ValueError, match="held-out data has 6 tokens, too few for one window of context 64"):
         short.heldout_windows(64, 1)
+
+
+def test_hugging_face_tokenizer_directory(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="--tokenizer needs the `hf` extra")
+    words = "the quick brown fox jumps over lazy dog .".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(tmp_path / "tok")
+    text = _write(tmp_path / "t.txt", "The quick brown fox jumps over the lazy dog. " * 50)
+    d = load_training_data(text, tokenizer=tmp_path / "tok")
+    assert (d.unit, d.vocab_size) == ("token", len(vocab))
+    assert len(d.train) + len(d.heldout) == 10 * 50  # 10 word tokens a sentence
+    assert d.train.tokens[:10].tolist() == [
+        vocab.index(w) for w in "the quick brown fox jumps over the lazy dog .".split()
+    ]
+    masked = load_training_data(text, tokenizer=tmp_path / "tok", objective="masked")
+    assert (masked.vocab_size, masked.mask_id) == (len(vocab), vocab.index("[MASK]"))  # its own mask token
