@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("demo", "approximation, speed and memory tables vs exact attention; JSON + PNG under runs/demo/"),
     "train": ("train", "train a Performer LM on text or proteins (--data; checkpoints, exact --resume, --minutes)"),
-    "generate": ("generate", "sample a protein from a trained checkpoint"),
+    "generate": ("generate", "sample a protein or text continuation from a trained checkpoint"),
     "data": ("data", "fetch the full Swiss-Prot set (Debian metastudent-data) for long runs"),
     "performerize": ("performerize", "swap softmax for FAVOR in a pretrained HF model; fidelity JSON + PNG"),
     "distill": ("distill", "fine-tune a performerized HF model to match its softmax self; saves it"),

@@ -36,7 +36,7 @@ def _log(path):
     return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
 
 
-def test_repetitive_text_is_learned_below_chance(tmp_path, text_file, one_thread):
+def test_repetitive_text_is_learned_below_chance(tmp_path, text_file, one_thread, capsys):
     out = tmp_path / "run"
     code = main(
         ["train", "--out", str(out), "--data", str(text_file), "--context", "32", "--steps", "80",
@@ -56,6 +56,12 @@ def test_repetitive_text_is_learned_below_chance(tmp_path, text_file, one_thread
     assert [r["step"] for r in rows if "val_bpr" in r] == [40, 80]
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step_00000080"
+    # a text checkpoint generates text: the prompt, then 20 sampled bytes (a byte that is
+    # not valid UTF-8 prints as one replacement character)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "The quick", "--max-new-tokens", "20"]) == 0
+    sample = capsys.readouterr().out.rstrip("\n")
+    assert sample.startswith("The quick") and len("The quick") < len(sample) <= len("The quick") + 20
 
 
 def test_minutes_stops_by_wall_time_with_a_checkpoint(tmp_path, text_file, one_thread):
@@ -86,13 +92,15 @@ def test_resume_after_a_time_limit_stop_is_exact(tmp_path, text_file, one_thread
     assert [r.get("val_bpr") for r in a if r["step"] > 1] == [r.get("val_bpr") for r in b if r["step"] > 1]
 
 
-def test_masked_objective_trains_an_encoder(tmp_path, text_file, one_thread):
+def test_masked_objective_trains_an_encoder(tmp_path, text_file, one_thread, capsys):
     m, t = resolve_config(preset="tiny", data=str(text_file), objective="masked", **{**SMALL, "steps": 30})
     assert m.vocab_size == 257  # the byte vocabulary plus a mask id
     res = train(tmp_path, m, t, write_plot=False)
     assert res["objective"] == "masked" and 0 < res["val_bits_per_token"] < 8
     model, config = load_lm(tmp_path)
     assert isinstance(model, PerformerEncoder) and config["train"]["objective"] == "masked"
+    assert main(["generate", "--checkpoint", str(tmp_path)]) == 2
+    assert "holds a masked LM" in capsys.readouterr().out
 
 
 def test_eval_data_scores_another_file(tmp_path, text_file, one_thread):

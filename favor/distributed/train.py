@@ -297,7 +297,7 @@ def train_distributed(
                         model=model,
                         config=config,
                         optimizer=optimizer,
-                        extra={"val_bpr": val_bpr},
+                        extra={"val_bpr": val_bpr, "data_format": data.format},
                         extra_tensors=rng,
                     )
             last = row

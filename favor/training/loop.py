@@ -454,7 +454,12 @@ def train(
             if step % train_cfg.checkpoint_every == 0 or final:
                 logf.flush()
                 save_checkpoint(
-                    out, step=step, model=model, config=config, optimizer=optimizer, extra={"val_bpr": val_bpr}
+                    out,
+                    step=step,
+                    model=model,
+                    config=config,
+                    optimizer=optimizer,
+                    extra={"val_bpr": val_bpr, "data_format": data.format},
                 )
             last = row
             if on_step is not None:
