@@ -155,3 +155,13 @@ def test_checkpoint_written_before_the_text_fields_still_resumes(tmp_path, one_t
     other = resolve_config(preset="tiny", objective="masked", **SMALL)
     with pytest.raises(CheckpointError, match=r"differs in \['model.vocab_size', 'train.objective'\]"):
         train(tmp_path, *other, resume=True, write_plot=False)
+
+
+def test_cli_model_options_are_collected_for_the_model_config():
+    from favor.cli import build_parser
+    from favor.commands.train import model_overrides
+
+    args = build_parser("train").parse_args(["train", "--out", "x", "--attention", "softmax", "--context", "64"])
+    assert model_overrides(args) == {"kernel": None, "attention": "softmax"}
+    m, t = resolve_config(preset="tiny", model=model_overrides(args), seq_len=args.context)
+    assert (m.attention, m.kernel, t.seq_len) == ("softmax", "positive", 64)

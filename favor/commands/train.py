@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
@@ -76,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """PerformerConfig fields the options set (None keeps the preset's value): one entry per
+    MODEL_OPTIONS item; options that combine into one field (several flags, one spec) are
+    built here too."""
+    return {field: getattr(args, dest) for dest, field in MODEL_OPTIONS.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         model_cfg, train_cfg = resolve_config(
             preset=args.preset,
             config_file=args.config,
-            model={field: getattr(args, dest) for dest, field in MODEL_OPTIONS.items()},
+            model=model_overrides(args),
             **{field: getattr(args, dest) for dest, field in TRAIN_OPTIONS.items()},
         )
     except (ValueError, FileNotFoundError, ImportError) as e:
