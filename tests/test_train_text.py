@@ -165,3 +165,17 @@ def test_cli_model_options_are_collected_for_the_model_config():
     assert model_overrides(args) == {"kernel": None, "attention": "softmax"}
     m, t = resolve_config(preset="tiny", model=model_overrides(args), seq_len=args.context)
     assert (m.attention, m.kernel, t.seq_len) == ("softmax", "positive", 64)
+
+
+def test_a_directory_of_fasta_files_trains_as_proteins(tmp_path, one_thread):
+    from favor.data import load_proteins, write_fasta
+
+    records = load_proteins()[:60]
+    (tmp_path / "d").mkdir()
+    write_fasta(tmp_path / "d" / "a.fa", records[:30])
+    write_fasta(tmp_path / "d" / "b.fasta.gz", records[30:])
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "d"), "--steps", "4", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["unit"], summary["vocab_size"], summary["tokenizer"]) == ("residue", 28, "residues")
+    assert 0 < summary["val_bits_per_token"] < 6  # log2(20) = 4.3 bits at chance over residues
