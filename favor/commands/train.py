@@ -1,13 +1,35 @@
-"""favor train: train a Performer LM on proteins, with checkpoints and exact resume."""
+"""favor train: train a Performer LM on text or proteins, with checkpoints and exact resume.
+
+This module only parses and calls ``favor.training.train``: data reading lives in
+``favor.data``, the loop in ``favor.training.loop``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from typing import Any
 
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
+
+#: option dest -> PerformerConfig field: each option given overrides the preset's model
+#: config (resolve_config's ``model`` dict); a new model option is one add_argument and one entry
+MODEL_OPTIONS = {"kernel": "kernel", "attention": "attention"}
+#: option dest -> TrainConfig field, overriding the preset's training config the same way
+TRAIN_OPTIONS = {
+    "steps": "steps",
+    "seed": "seed",
+    "checkpoint_every": "checkpoint_every",
+    "eval_every": "eval_every",
+    "data": "data",
+    "eval_data": "eval_data",
+    "tokenizer": "tokenizer",
+    "objective": "objective",
+    "context": "seq_len",
+    "batch_size": "batch_size",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,13 +40,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration (default tiny)"
     )
-    parser.add_argument("--steps", type=int, help="total optimiser steps")
+    parser.add_argument("--steps", type=int, help="total optimiser steps (the learning-rate schedule's length)")
     parser.add_argument("--seed", type=int, help="seed for data order, initial weights and projections")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
     parser.add_argument("--kernel", choices=sorted(KERNELS), help="feature map kernel")
     parser.add_argument("--attention", choices=sorted(ATTENTIONS), help="favor, or exact softmax for a baseline")
-    parser.add_argument("--data", help="protein FASTA(.gz) instead of the embedded extract (see `favor data`)")
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="plain text (UTF-8 bytes), FASTA (.fasta/.fa/.faa[.gz] or a leading '>') or a directory of them; "
+        "default: the embedded Swiss-Prot extract",
+    )
+    parser.add_argument(
+        "--eval-data", metavar="PATH", help="held-out data (default: the last 5%% of --data text, never trained on)"
+    )
+    parser.add_argument("--eval-every", type=int, metavar="N", help="steps between held-out evaluations")
+    parser.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer directory for text")
+    parser.add_argument(
+        "--objective", choices=("causal", "masked"), help="causal LM (PerformerLM) or masked LM (PerformerEncoder)"
+    )
+    parser.add_argument("--context", type=int, metavar="N", help="tokens per training window (>= 2)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="windows per step")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        metavar="M",
+        help="wall-clock budget: stop after the step that spends it, with an evaluation and a checkpoint",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     from ..distributed.cli import add_parallel_arguments
@@ -32,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_parallel_arguments(parser)
     # tests kill a run mid-way; a per-step sleep makes "mid-way" reliable
     parser.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """PerformerConfig fields the options set (None keeps the preset's value): one entry per
+    MODEL_OPTIONS item; options that combine into one field (several flags, one spec) are
+    built here too."""
+    return {field: getattr(args, dest) for dest, field in MODEL_OPTIONS.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,18 +93,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.context is not None and args.context < 2:
+        print(f"favor train: --context must be >= 2, got {args.context}")
+        return 2
+    if args.minutes is not None and not args.minutes > 0:
+        print(f"favor train: --minutes must be > 0, got {args.minutes}")
+        return 2
     try:
         model_cfg, train_cfg = resolve_config(
             preset=args.preset,
             config_file=args.config,
-            steps=args.steps,
-            seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
-            kernel=args.kernel,
-            attention=args.attention,
-            data=args.data,
+            model=model_overrides(args),
+            **{field: getattr(args, dest) for dest, field in TRAIN_OPTIONS.items()},
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"favor train: {e}")
         return 2
     from ..distributed.cli import parallel_option
@@ -63,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if parallel is not None and (parallel[1] != 1 or "WORLD_SIZE" in os.environ):  # 1 without torchrun: plain
         from ..distributed.cli import run_parallel
 
+        if args.minutes is not None:
+            print("favor train: --minutes is for one process; give --steps to a distributed run")
+            return 2
         return run_parallel(args, model_cfg, train_cfg)
     bar = tqdm(total=train_cfg.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     val = {"bpr": None}
@@ -74,12 +129,20 @@ def run(args: argparse.Namespace) -> int:
             val["bpr"] = row["val_bpr"]
         post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
         if val["bpr"] is not None:
-            post["val_bpr"] = f"{val['bpr']:.3f}"
+            post["val_bits"] = f"{val['bpr']:.3f}"
         bar.set_postfix(post)
         bar.update(1)
 
     try:
-        result = train(args.out, model_cfg, train_cfg, resume=args.resume, on_step=on_step, throttle=args.throttle)
+        result = train(
+            args.out,
+            model_cfg,
+            train_cfg,
+            resume=args.resume,
+            on_step=on_step,
+            throttle=args.throttle,
+            time_limit=None if args.minutes is None else 60.0 * args.minutes,
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         bar.close()
         print(f"favor train: {e}")
@@ -91,5 +154,8 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     result.pop("model")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
-    print(f"log: {args.out}/log.jsonl  plot: {args.out}/loss.png  checkpoint: {args.out}/checkpoints/")
+    print(
+        f"log: {args.out}/log.jsonl  plot: {args.out}/loss.png  summary: {args.out}/summary.json  "
+        f"checkpoint: {args.out}/checkpoints/"
+    )
     return 0

@@ -1,7 +1,9 @@
-"""Protein data: the embedded Swiss-Prot extract, tokenizer, splits, and the full set on demand."""
+"""Training data: the embedded Swiss-Prot extract, FASTA and plain text, tokenizers, splits."""
 
 from .corpus import EMBEDDED, TokenStream, load_proteins, split
 from .fasta import read_fasta, write_fasta
+from .source import OBJECTIVES, TrainingData, load_training_data, mask_tokens, model_vocab
+from .text import ByteTokenizer, data_files, detect_format, load_tokenizer
 from .tokenizer import RESIDUES, SPECIALS, ProteinTokenizer
 
 __all__ = [
@@ -14,4 +16,13 @@ __all__ = [
     "SPECIALS",
     "read_fasta",
     "write_fasta",
+    "OBJECTIVES",
+    "TrainingData",
+    "load_training_data",
+    "mask_tokens",
+    "model_vocab",
+    "ByteTokenizer",
+    "data_files",
+    "detect_format",
+    "load_tokenizer",
 ]

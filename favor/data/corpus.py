@@ -75,6 +75,16 @@ class TokenStream:
             torch.from_numpy(np.concatenate(parts).astype(np.int64)) if parts else torch.empty(0, dtype=torch.long)
         )
 
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor) -> TokenStream:
+        """A stream over ready-made ids (text corpora); ``tokenizer`` is None."""
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D tensor of ids, got {type(tokens).__name__}")
+        stream = cls.__new__(cls)
+        stream.tokenizer = None
+        stream.tokens = tokens.long()
+        return stream
+
     def __len__(self) -> int:
         return self.tokens.numel()
 

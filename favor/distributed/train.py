@@ -36,8 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data import ProteinTokenizer, TokenStream, load_proteins
-from ..data import split as split_records
 from ..models import PerformerConfig, PerformerLM
 from ..nn import FeatureRedrawer, mix_seed
 from ..training.checkpoint import save_checkpoint
@@ -45,9 +43,11 @@ from ..training.loop import (
     TrainConfig,
     _config_dict,
     _make_optimizer,
-    evaluate_bpr,
+    evaluate_bits,
     finish_run,
+    load_data,
     restore_run,
+    run_summary,
     set_learning_rate,
     step_batch,
     truncate_log,
@@ -214,6 +214,8 @@ def train_distributed(
             raise ValueError(f"seq_len={train_cfg.seq_len} is shorter than the {world} ranks it is split across")
     elif train_cfg.batch_size < world:
         raise ValueError(f"batch_size={train_cfg.batch_size} is smaller than the {world} ranks it is split across")
+    if train_cfg.objective != "causal":
+        raise ValueError(f"distributed training trains causal LMs, got objective={train_cfg.objective!r}")
     out = Path(out_dir)
     log_path = out / "log.jsonl"
     lead = rank == 0
@@ -232,16 +234,10 @@ def train_distributed(
             if log_path.exists():
                 log_path.unlink()
         torch.manual_seed(mix_seed(train_cfg.seed, 2))
-    tok = ProteinTokenizer()
-    train_recs, val_recs = split_records(
-        load_proteins(train_cfg.data), val_fraction=train_cfg.val_fraction, seed=train_cfg.seed
-    )
-    train_stream = TokenStream(train_recs, tok)
+    data = load_data(train_cfg)
     val_x = val_y = None
     if lead:
-        val_x, val_y = (
-            t.to(device) for t in TokenStream(val_recs, tok).windows(train_cfg.seq_len, train_cfg.eval_windows)
-        )
+        val_x, val_y = (t.to(device) for t in data.heldout_windows(train_cfg.seq_len, train_cfg.eval_windows))
     redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
     if split == "sequence":
         lo, hi = shard_bounds(train_cfg.seq_len, world, rank)
@@ -258,7 +254,7 @@ def train_distributed(
         for step in range(start + 1, train_cfg.steps + 1):
             ts = time.perf_counter()
             lr = set_learning_rate(optimizer, step, train_cfg)
-            x, y = step_batch(train_stream, step, train_cfg)
+            x, y = step_batch(data, step, train_cfg)
             if split == "sequence":
                 x, y = x[:, lo:hi].to(device), y[:, lo:hi].to(device)
                 logits = sequence_parallel_forward(model, x, offset=lo, group=group)
@@ -289,7 +285,7 @@ def train_distributed(
             rng = _rng_states(group, world) if checkpoint else None
             if lead:
                 if step % train_cfg.eval_every == 0 or final:
-                    val_bpr = evaluate_bpr(model, val_x, val_y)
+                    val_bpr = evaluate_bits(model, val_x, val_y, counted=data.counted)
                     row["val_bpr"] = val_bpr
                 if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
                     logf.write(json.dumps(row) + "\n")
@@ -301,7 +297,7 @@ def train_distributed(
                         model=model,
                         config=config,
                         optimizer=optimizer,
-                        extra={"val_bpr": val_bpr},
+                        extra={"val_bpr": val_bpr, "data_format": data.format},
                         extra_tensors=rng,
                     )
             last = row
@@ -316,5 +312,6 @@ def train_distributed(
     return finish_run(
         out, log_path, model, write_plot=lead and write_plot, step=step, start=start, last=last, val_bpr=val_bpr,
         tokens=(step - start) * total_tokens, wall=wall, extra={_SUMMARY_KEY[split]: world},
-        title=f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {world} processes",
+        title=f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {world} processes", unit=data.unit,
+        summary=run_summary(model_cfg, train_cfg, unit=data.unit, stopped="steps", time_limit=None),
     )  # fmt: skip

@@ -1,7 +1,8 @@
 """Training Performer language models: the loop, checkpoints, and the demo's comparison.
 
-- ``loop``: ``train`` (deterministic, resumable, logged), ``TrainConfig``, ``PRESETS``,
-  ``resolve_config``, ``evaluate_bpr``, ``load_lm``, ``plot_log``.
+- ``loop``: ``train`` (deterministic, resumable, logged; text or proteins, causal or
+  masked), ``TrainConfig``, ``PRESETS``, ``resolve_config``, ``evaluate_bits``,
+  ``evaluate_bpr``, ``load_lm``, ``plot_log``.
 - ``checkpoint``: safetensors + JSON checkpoints written atomically (no pickle).
 - ``demo``: ``lm_demo``, FAVOR vs softmax LMs trained side by side (``make demo``'s part c).
 
@@ -10,7 +11,7 @@ The dependency runs one way: demo -> loop -> checkpoint.
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .demo import lm_demo
-from .loop import PRESETS, TrainConfig, evaluate_bpr, load_lm, plot_log, resolve_config, train
+from .loop import PRESETS, TrainConfig, evaluate_bits, evaluate_bpr, load_lm, plot_log, resolve_config, train
 
 __all__ = [
     "train",
@@ -18,6 +19,7 @@ __all__ = [
     "PRESETS",
     "resolve_config",
     "evaluate_bpr",
+    "evaluate_bits",
     "load_lm",
     "plot_log",
     "lm_demo",

@@ -1,9 +1,14 @@
-"""Training a Performer LM on proteins: deterministic, resumable, logged.
+"""Training a Performer LM on proteins or text: deterministic, resumable, logged.
 
 Everything a step does is a function of (config, step): the batch is drawn from a
 generator seeded by (seed, step), the feature redraws by (seed, layer, step), the learning
 rate by the step. A checkpoint therefore needs only weights, optimiser tensors, the torch
 RNG state (for dropout) and the step, and ``resume=True`` continues bit-for-bit.
+
+Data comes through ``favor.data.load_training_data`` (FASTA, plain text as bytes or a
+Hugging Face tokenizer's ids, or a directory of either). The objective is causal
+(PerformerLM, next-token targets) or masked (PerformerEncoder, BERT-style masking); the
+held-out score is bits per residue, byte or token. ``train`` writes DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import ProteinTokenizer, TokenStream, load_proteins, split
-from ..models import PerformerConfig, PerformerLM
+from ..data import OBJECTIVES, ProteinTokenizer, TokenStream, TrainingData, load_training_data, model_vocab
+from ..models import PerformerConfig, PerformerEncoder, PerformerLM
 from ..nn import FeatureRedrawer, mix_seed
 from .checkpoint import (
     CheckpointError,
@@ -33,7 +38,17 @@ from .checkpoint import (
     save_checkpoint,
 )
 
-__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "evaluate_bpr", "plot_log", "load_lm"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "resolve_config",
+    "train",
+    "evaluate_bpr",
+    "evaluate_bits",
+    "plot_log",
+    "load_lm",
+    "load_data",
+]
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -42,7 +57,10 @@ _BATCH_STREAM = 1  # mix_seed(seed, _BATCH_STREAM, step): keeps batch draws apar
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train. ``data=None`` uses the embedded Swiss-Prot extract."""
+    """How to train. ``data=None`` uses the embedded Swiss-Prot extract; ``data`` is a
+    FASTA or text file or a directory of them, ``eval_data`` the held-out data (default:
+    a ``val_fraction`` share of ``data``), ``tokenizer`` a Hugging Face tokenizer directory
+    for text (default: UTF-8 bytes). ``seq_len`` is the context (``--context``)."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -60,6 +78,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.05
     data: str | None = None
+    eval_data: str | None = None
+    tokenizer: str | None = None
+    objective: str = "causal"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "log_every", "checkpoint_every"):
@@ -70,6 +91,14 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"train.warmup must be a non-negative int, got {self.warmup!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"train.seq_len (the context, --context) must be >= 2, got {self.seq_len}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("data", "eval_data", "tokenizer"):  # kept as str: the config goes to JSON
+            val = getattr(self, name)
+            if val is not None and not isinstance(val, str):
+                object.__setattr__(self, name, str(val))
 
 
 #: preset name -> (model config kwargs without vocab_size, TrainConfig kwargs)
@@ -101,6 +130,22 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "log_every": 10,
             "checkpoint_every": 200,
             "redraw_interval": 0,
+        },
+    ),
+    # a byte-level text LM for a 2-core CPU: ~8k tokens/s with one thread, so a step of
+    # 4 x 1024 bytes takes ~0.5 s and 200 steps fit in ~2 minutes (--minutes cuts earlier)
+    "text": (
+        {"dim": 128, "depth": 3, "heads": 4},
+        {
+            "steps": 200,
+            "batch_size": 4,
+            "seq_len": 1024,
+            "lr": 2e-3,
+            "warmup": 20,
+            "eval_every": 25,
+            "eval_windows": 8,
+            "log_every": 5,
+            "checkpoint_every": 100,
         },
     ),
     "base": (
@@ -136,10 +181,16 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    *, preset: str = "tiny", config_file: str | Path | None = None, **overrides: Any
+    *,
+    preset: str = "tiny",
+    config_file: str | Path | None = None,
+    model: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> tuple[PerformerConfig, TrainConfig]:
-    """Preset, then the TOML file's [model]/[train] tables, then ``overrides`` (train
-    fields, or model fields ``kernel`` and ``attention``; None values are ignored)."""
+    """Preset, then the TOML file's [model]/[train] tables, then ``model`` (PerformerConfig
+    fields) and ``overrides`` (train fields, or model fields such as ``kernel`` and
+    ``attention``); None values are ignored. The vocabulary follows the data, tokenizer and
+    objective (``favor.data.model_vocab``) unless the config sets ``vocab_size``."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     model_kw, train_kw = dict(PRESETS[preset][0]), dict(PRESETS[preset][1])
@@ -149,6 +200,11 @@ def resolve_config(
         train_kw.update(data.get("train", {}))
     model_fields = {f.name for f in dataclasses.fields(PerformerConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, val in (model or {}).items():
+        if key not in model_fields:
+            raise ValueError(f"unknown model override {key!r}; known: {sorted(model_fields)}")
+        if val is not None:
+            model_kw[key] = val
     for key, val in overrides.items():
         if val is None:
             continue
@@ -161,9 +217,13 @@ def resolve_config(
     unknown = sorted(set(train_kw) - train_fields)
     if unknown:
         raise ValueError(f"unknown [train] keys {unknown}; known: {sorted(train_fields)}")
-    model_kw.setdefault("vocab_size", ProteinTokenizer().vocab_size)
-    model_kw.setdefault("seed", train_kw.get("seed", 0))
-    return PerformerConfig.from_dict(model_kw), TrainConfig(**train_kw)
+    train_cfg = TrainConfig(**train_kw)
+    if "vocab_size" not in model_kw:
+        model_kw["vocab_size"] = model_vocab(
+            train_cfg.data, tokenizer=train_cfg.tokenizer, objective=train_cfg.objective
+        )
+    model_kw.setdefault("seed", train_cfg.seed)
+    return PerformerConfig.from_dict(model_kw), train_cfg
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -182,29 +242,59 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, cfg: TrainCon
     return lr
 
 
-def step_batch(stream: TokenStream, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``step``: a function of (seed, step) only, so a resumed run and every
-    process of a distributed run draw exactly the same tokens."""
+def step_batch(stream: TokenStream | TrainingData, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step`` (masked, for a TrainingData with the masked objective): a
+    function of (seed, step) only, so a resumed run and every process of a distributed run
+    draw exactly the same tokens."""
     gen = torch.Generator().manual_seed(mix_seed(cfg.seed, _BATCH_STREAM, step))
     return stream.batch(cfg.batch_size, cfg.seq_len, gen)
 
 
+def model_logits(model: PerformerLM | PerformerEncoder, x: torch.Tensor) -> torch.Tensor:
+    """Token logits (B, L, vocab) of an LM or, through its tied embedding, an encoder."""
+    return model.logits(model(x)) if isinstance(model, PerformerEncoder) else model(x)
+
+
 @torch.no_grad()
-def evaluate_bpr(model: PerformerLM, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16) -> float:
-    """Bits per residue: mean cross-entropy over targets that are residues, in bits."""
+def evaluate_bits(
+    model: PerformerLM | PerformerEncoder,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    counted: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 16,
+) -> float:
+    """Mean cross-entropy in bits over the targets ``counted(targets)`` marks."""
     was = model.training
     model.eval()
-    tok = ProteinTokenizer()
     total, count = 0.0, 0
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i : i + batch_size], targets[i : i + batch_size]
-        logits = model(x)
+        logits = model_logits(model, x)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-        keep = tok.is_residue(y.flatten())
+        keep = counted(y.flatten())
         total += float(nll[keep].sum())
         count += int(keep.sum())
     model.train(was)
     return total / max(1, count) / LN2
+
+
+def evaluate_bpr(model: PerformerLM, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16) -> float:
+    """Bits per residue: mean cross-entropy over targets that are residues, in bits."""
+    return evaluate_bits(model, inputs, targets, counted=ProteinTokenizer().is_residue, batch_size=batch_size)
+
+
+def load_data(cfg: TrainConfig) -> TrainingData:
+    """The run's training and held-out data (``favor.data.load_training_data``)."""
+    return load_training_data(
+        cfg.data, eval_data=cfg.eval_data, tokenizer=cfg.tokenizer, objective=cfg.objective,
+        val_fraction=cfg.val_fraction, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def make_model(model_cfg: PerformerConfig, train_cfg: TrainConfig) -> PerformerLM | PerformerEncoder:
+    """PerformerLM for the causal objective, PerformerEncoder for the masked one."""
+    return PerformerEncoder(model_cfg) if train_cfg.objective == "masked" else PerformerLM(model_cfg)
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -242,12 +332,15 @@ def restore_run(
     (the state saved under ``rng_key``), after checking it was written with ``config``;
     returns its step. Errors are CheckpointError naming the file."""
     ckpt = load_checkpoint(out_dir)
-    if ckpt.config != config:
+    saved = {sec: dict(ckpt.config.get(sec, {})) for sec in ("model", "train")}
+    for f in dataclasses.fields(TrainConfig):  # fields added since the checkpoint was written
+        saved["train"].setdefault(f.name, f.default)
+    if saved != {sec: config.get(sec) for sec in ("model", "train")} or set(ckpt.config) - {"model", "train"}:
         diff = sorted(
             f"{sec}.{k}"
             for sec in ("model", "train")
-            for k in set(config[sec]) | set(ckpt.config.get(sec, {}))
-            if config[sec].get(k) != ckpt.config.get(sec, {}).get(k)
+            for k in set(config[sec]) | set(saved[sec])
+            if config[sec].get(k) != saved[sec].get(k)
         )
         raise CheckpointError(f"{ckpt.path / 'config.json'} does not match this run's config (differs in {diff})")
     load_model_state(model, ckpt)
@@ -272,14 +365,16 @@ def truncate_log(log_path: str | Path, step: int) -> None:
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def load_lm(path: str | Path) -> tuple[PerformerLM, dict[str, Any]]:
-    """A PerformerLM and its config dict from a checkpoint (run dir or step dir)."""
+def load_lm(path: str | Path) -> tuple[PerformerLM | PerformerEncoder, dict[str, Any]]:
+    """A PerformerLM (a PerformerEncoder for a masked-LM run) and its config dict from a
+    checkpoint (run dir or step dir)."""
     ckpt = load_checkpoint(path)
     try:
         model_cfg = PerformerConfig.from_dict(ckpt.config.get("model"))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: bad model config: {e}") from None
-    model = PerformerLM(model_cfg)
+    masked = ckpt.config.get("train", {}).get("objective") == "masked"
+    model = PerformerEncoder(model_cfg) if masked else PerformerLM(model_cfg)
     load_model_state(model, ckpt)
     return model, ckpt.config
 
@@ -299,8 +394,9 @@ def train(
     """Train a PerformerLM; writes DIR/log.jsonl, DIR/checkpoints/, DIR/loss.png.
 
     ``on_step(row)`` is called after every step (row has step, loss, tokens_per_s, and
-    val_bpr when evaluated) so a caller can drive a progress bar. ``time_limit`` (seconds)
-    stops early after the step that crosses it; ``stop_at``
+    val_bpr, held-out bits per residue/byte/token, when evaluated) so a caller can drive a
+    progress bar. ``time_limit`` (seconds) stops early, with an evaluation and a
+    checkpoint, after the step that crosses it; ``stop_at``
     stops (with a checkpoint) after that step, as if interrupted. ``throttle`` sleeps that long per step
     (tests use it to kill a run mid-way). Returns a summary dict.
     """
@@ -308,7 +404,9 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     config = _config_dict(model_cfg, train_cfg)
-    model = PerformerLM(model_cfg)
+    data = load_data(train_cfg)  # first: a missing or empty file fails before anything is written
+    val_x, val_y = data.heldout_windows(train_cfg.seq_len, train_cfg.eval_windows, seed=train_cfg.seed)
+    model = make_model(model_cfg, train_cfg)
     optimizer = _make_optimizer(model, train_cfg)
     start = 0
     if resume:
@@ -318,12 +416,6 @@ def train(
         if log_path.exists():
             log_path.unlink()
         torch.manual_seed(mix_seed(train_cfg.seed, 2))
-    tok = ProteinTokenizer()
-    train_recs, val_recs = split(
-        load_proteins(train_cfg.data), val_fraction=train_cfg.val_fraction, seed=train_cfg.seed
-    )
-    train_stream, val_stream = TokenStream(train_recs, tok), TokenStream(val_recs, tok)
-    val_x, val_y = val_stream.windows(train_cfg.seq_len, train_cfg.eval_windows)
     redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
     model.train()
     t0 = time.perf_counter()
@@ -334,9 +426,9 @@ def train(
         for step in range(start + 1, train_cfg.steps + 1):
             ts = time.perf_counter()
             lr = set_learning_rate(optimizer, step, train_cfg)
-            x, y = step_batch(train_stream, step, train_cfg)
-            logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            x, y = step_batch(data, step, train_cfg)
+            logits = model_logits(model, x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # masked LM: targets -100 are ignored
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if train_cfg.grad_clip:
@@ -354,7 +446,7 @@ def train(
             }
             final = step == train_cfg.steps or step == stop_at or (time_limit is not None and elapsed >= time_limit)
             if step % train_cfg.eval_every == 0 or final:
-                val_bpr = evaluate_bpr(model, val_x, val_y)
+                val_bpr = evaluate_bits(model, val_x, val_y, counted=data.counted)
                 row["val_bpr"] = val_bpr
             if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
                 logf.write(json.dumps(row) + "\n")
@@ -362,7 +454,12 @@ def train(
             if step % train_cfg.checkpoint_every == 0 or final:
                 logf.flush()
                 save_checkpoint(
-                    out, step=step, model=model, config=config, optimizer=optimizer, extra={"val_bpr": val_bpr}
+                    out,
+                    step=step,
+                    model=model,
+                    config=config,
+                    optimizer=optimizer,
+                    extra={"val_bpr": val_bpr, "data_format": data.format},
                 )
             last = row
             if on_step is not None:
@@ -372,10 +469,32 @@ def train(
             if final:
                 break
     wall = time.perf_counter() - t0
+    stopped = "steps" if step == train_cfg.steps else "stop_at" if step == stop_at else "time_limit"
     return finish_run(
         out, log_path, model, write_plot=write_plot, step=step, start=start, last=last, val_bpr=val_bpr,
-        tokens=tokens_done, wall=wall,
+        tokens=tokens_done, wall=wall, unit=data.unit,
+        summary=run_summary(model_cfg, train_cfg, unit=data.unit, stopped=stopped, time_limit=time_limit),
     )  # fmt: skip
+
+
+def run_summary(
+    model_cfg: PerformerConfig, train_cfg: TrainConfig, *, unit: str, stopped: str, time_limit: float | None
+) -> dict[str, Any]:
+    """What summary.json says about a run besides its numbers."""
+    return {
+        "objective": train_cfg.objective,
+        "context": train_cfg.seq_len,
+        "attention": model_cfg.attention,
+        "kernel": model_cfg.kernel,
+        "data": train_cfg.data or "embedded Swiss-Prot extract",
+        "eval_data": train_cfg.eval_data or f"held-out {train_cfg.val_fraction:g} of data",
+        "tokenizer": train_cfg.tokenizer or ("residues" if unit == "residue" else "bytes"),
+        "unit": unit,
+        "vocab_size": model_cfg.vocab_size,
+        "parameters": None,  # filled by finish_run from the model
+        "stopped_by": stopped,
+        "time_limit_s": time_limit,
+    }
 
 
 def finish_run(
@@ -392,31 +511,49 @@ def finish_run(
     wall: float,
     title: str | None = None,
     extra: dict[str, Any] | None = None,
+    unit: str = "residue",
+    summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The end of a training run (one process or distributed): DIR/loss.png from the log
     (unless ``write_plot`` is False or matplotlib is missing) and the summary dict
-    ``train`` returns; ``extra`` joins it (e.g. the number of processes)."""
+    ``train`` returns; ``extra`` joins it (e.g. the number of processes). With ``summary``
+    (``run_summary``'s dict) the result, less the model, is also written to DIR/summary.json
+    (when ``write_plot`` is True, i.e. on the process that writes files)."""
     if write_plot:
         try:
-            plot_log(log_path, out / "loss.png", title=title)
+            plot_log(log_path, out / "loss.png", title=title, unit=unit)
         except ImportError:
             log.warning("matplotlib is not installed (pip install favor[plot]): no loss.png")
-    return {
+    result = {
         "steps": step,
         "start_step": start,
         "loss": last.get("loss"),
         "val_bpr": val_bpr,
+        "val_bits_per_token": val_bpr,
         "tokens_per_s": tokens / max(1e-9, wall),
         "seconds": wall,
         **(extra or {}),
-        "model": model,
     }
+    if summary is not None:
+        result.update({**summary, "parameters": sum(p.numel() for p in model.parameters())})
+        if write_plot:
+            atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    return {**result, "model": model}
+
+
+#: held-out unit -> (its uniform-guess bits, that line's label)
+_CHANCE = {"residue": (math.log2(20), "uniform over 20 residues"), "byte": (8.0, "uniform over 256 bytes")}
 
 
 def plot_log(
-    log_path: str | Path, png_path: str | Path, *, title: str | None = None, others: dict | None = None
+    log_path: str | Path,
+    png_path: str | Path,
+    *,
+    title: str | None = None,
+    others: dict | None = None,
+    unit: str = "residue",
 ) -> Path:
-    """Training loss (bits per token) and validation bits per residue against step.
+    """Training loss (bits per token) and held-out bits per ``unit`` against step.
 
     ``others`` maps a label to another log path drawn on the same axes (the demo's softmax run).
     """
@@ -437,12 +574,14 @@ def plot_log(
                 *zip(*val, strict=False),
                 "o-",
                 color=line[0].get_color(),
-                label=f"{label} validation (bits/residue)".strip(),
+                label=f"{label} held-out (bits/{unit})".strip(),
             )
-    ax.axhline(math.log2(20), color="gray", ls=":", label="uniform over 20 residues")
+    if unit in _CHANCE:
+        ax.axhline(_CHANCE[unit][0], color="gray", ls=":", label=_CHANCE[unit][1])
     ax.set_xlabel("step")
     ax.set_ylabel("bits")
-    ax.set_title(title or "Performer LM on Swiss-Prot proteins")
+    default = "Performer LM on Swiss-Prot proteins" if unit == "residue" else f"Performer LM, held-out bits per {unit}"
+    ax.set_title(title or default)
     ax.legend(fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
