@@ -179,3 +179,24 @@ def test_a_directory_of_fasta_files_trains_as_proteins(tmp_path, one_thread):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["unit"], summary["vocab_size"], summary["tokenizer"]) == ("residue", 28, "residues")
     assert 0 < summary["val_bits_per_token"] < 6  # log2(20) = 4.3 bits at chance over residues
+
+
+def test_exact_terms_flags_train_a_hybrid_that_resumes_exactly(tmp_path, text_file, one_thread):
+    import favor
+    from favor.cli import build_parser
+    from favor.commands.train import model_overrides
+
+    args = build_parser("train").parse_args(["train", "--out", "x", "--exact-window", "4", "--exact-sinks", "1"])
+    over = model_overrides(args)
+    assert over["exact"] == {"window": 4, "sinks": 1, "block": 1}
+    with pytest.raises(ValueError, match="need --exact-window"):
+        model_overrides(build_parser("train").parse_args(["train", "--out", "x", "--exact-sinks", "1"]))
+    m, t = resolve_config(preset="tiny", data=str(text_file), model=over, **SMALL)
+    assert m.exact == favor.ExactTerms(4, 1, 1)
+    train(tmp_path / "a", m, t, write_plot=False)
+    train(tmp_path / "b", m, t, time_limit=0.0, write_plot=False)
+    resumed = train(tmp_path / "b", m, t, resume=True, write_plot=False)
+    assert resumed["steps"] == 8
+    assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
+    model, _ = load_lm(tmp_path / "a")
+    assert model.config.exact == favor.ExactTerms(4, 1, 1)  # the checkpoint keeps the exact terms

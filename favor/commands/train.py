@@ -47,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", choices=sorted(KERNELS), help="feature map kernel")
     parser.add_argument("--attention", choices=sorted(ATTENTIONS), help="favor, or exact softmax for a baseline")
     parser.add_argument(
+        "--exact-window",
+        type=int,
+        metavar="W",
+        help="exact local terms (favor.ExactTerms): each query's last W + 1 keys get their exact softmax weight",
+    )
+    parser.add_argument("--exact-sinks", type=int, metavar="S", help="with --exact-window: the first S tokens too")
+    parser.add_argument(
+        "--exact-block", type=int, metavar="C", help="with --exact-window: queries share exact sets in blocks of C"
+    )
+    parser.add_argument(
         "--data",
         metavar="PATH",
         help="plain text (UTF-8 bytes), FASTA (.fasta/.fa/.faa[.gz] or a leading '>') or a directory of them; "
@@ -81,7 +91,13 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """PerformerConfig fields the options set (None keeps the preset's value): one entry per
     MODEL_OPTIONS item; options that combine into one field (several flags, one spec) are
     built here too."""
-    return {field: getattr(args, dest) for dest, field in MODEL_OPTIONS.items()}
+    out = {field: getattr(args, dest) for dest, field in MODEL_OPTIONS.items()}
+    window, sinks, block = (getattr(args, n, None) for n in ("exact_window", "exact_sinks", "exact_block"))
+    if window is not None:
+        out["exact"] = {"window": window, "sinks": sinks or 0, "block": block or 1}
+    elif sinks is not None or block is not None:
+        raise ValueError("--exact-sinks / --exact-block need --exact-window W (W >= 0)")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -161,9 +161,7 @@ def _parts(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos
         sk, skx, sv, svalid = sinks
         span_start = pos0 - lag + torch.arange(n, device=q.device) * t  # (n,)
         live = (torch.arange(sk.shape[-2], device=q.device) < span_start[:, None]) & svalid[..., None, :]
-        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(
-            ~live[..., None, :], NEG_INF
-        )
+        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(~live[..., None, :], NEG_INF)
         top = torch.maximum(top, log_sink.amax(-1))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()[..., None]  # (..., n, T, 1)
 
