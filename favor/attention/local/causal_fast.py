@@ -234,7 +234,7 @@ def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks
     outputs, d_kvz (..., M', E) of the far state after it (None: 0). Returns a dict: q, qx
     (..., R, .), k, kx, v (..., lag + R, .), sk_x, s_v (sinks) and state (the far state
     before the group), lc (the log_const, summed, or None)."""
-    n, t, lag = p.n, geo.chunk, geo.lag
+    n, t = p.n, geo.chunk
     rows = q.shape[-2]
     halo = k.shape[-2]
     den = p.nd[..., -1]
