@@ -9,6 +9,7 @@ import torch
 from ...features.feature_map import FeatureMap
 from .._fast_features import row_features
 from ..recurrent import _step_features
+from ..state import State
 from .bidirectional_fast import fast_eligible, local_fast
 from .block import block_exact_attention
 from .causal_fast import DEFAULT_CHUNK, causal_exact_autograd, causal_exact_fast
@@ -38,65 +39,43 @@ def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, l
     """A continued causal pass, position by position (the recurrent arithmetic):
     q, k (..., Lq, D), v (..., Lq, Dv) after ``state`` (an ExactState or None)."""
     feat, a = _step_features(feature_map, root, q[..., :1, :], k[..., :1, :])
-    fq, lq = feature_rows(feat, q, a)
-    fk, lk = feature_rows(feat, k, a)
     qx = q * root if qx is None else qx
     kx = k * root if kx is None else kx
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     if state is None:
-        state = ExactState.empty(lead, terms, kx.shape[-1], fk.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        m = getattr(feat, "width", None) or feat(k[..., :1, :], a).values.shape[-1]
+        state = ExactState.empty(lead, terms, k.shape[-1], kx.shape[-1], m, v.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
     for t in range(q.shape[-2]):
         o, state = exact_step(
-            state,
-            terms,
-            fq[..., t, :],
-            lq[..., t],
-            fk[..., t, :],
-            lk[..., t],
-            qx[..., t, :],
-            kx[..., t, :],
-            v[..., t, :],
-            log_const,
+            state, terms, feat, a, q[..., t, :], k[..., t, :], qx[..., t, :], kx[..., t, :], v[..., t, :], log_const
         )
         outs.append(o)
     return torch.stack(outs, -2), state
 
 
 def _state_after(terms, feat, a, k, kx, v, valid) -> ExactState:
-    """The ExactState after the whole sequence: the last rows (ring, and sinks among them)
-    from exact_state_from_sequence, the far keys and earlier sinks here, key features
-    STATE_ROWS rows at a time."""
+    """The ExactState after the whole sequence: the far state over the keys before the next
+    query's exact set (sinks excluded), key features STATE_ROWS rows at a time, then the
+    ring and the sinks (exact_state_from_sequence)."""
     length = k.shape[-2]
     keep = max(0, min(length, (length // terms.block) * terms.block - terms.window))
-    # an empty tail (window 0 at a block's end) still needs the feature width
-    fk, lk = feature_rows(feat, k[..., min(keep, length - 1) :, :], a)
-    fk, lk = fk[..., fk.shape[-2] - (length - keep) :, :], lk[..., lk.shape[-1] - (length - keep) :]
-    tail_valid = None if valid is None else valid[..., keep:]
-    state = exact_state_from_sequence(terms, fk, lk, kx[..., keep:, :], v[..., keep:, :], tail_valid, offset=keep)
-    far = state.far
-    lead = far.log_scale.shape
+    lead = torch.broadcast_shapes(k.shape[:-2], v.shape[:-2])
+    m = getattr(feat, "width", None) or feat(k[..., :1, :], a).values.shape[-1]
+    far = State.empty(lead, m, v.shape[-1], dtype=k.dtype, device=k.device)
     for s in range(terms.sinks, keep, STATE_ROWS):
         e = min(s + STATE_ROWS, keep)
         f, l = feature_rows(feat, k[..., s:e, :], a)
-        take = torch.ones(e - s, dtype=torch.bool, device=k.device) if valid is None else valid[..., s:e]
         rows = (e - s,)
+        take = None if valid is None else valid[..., s:e].expand(*lead, *rows)
         far = absorb(
             far,
             f.expand(*lead, *rows, f.shape[-1]),
             l.expand(*lead, *rows),
             v[..., s:e, :].expand(*lead, *rows, v.shape[-1]),
-            take.expand(*lead, *rows),
+            take,
         )
-    sinks = min(terms.sinks, keep)
-    if sinks:  # sinks before the ring's range are still kept exactly
-        live = torch.ones(sinks, dtype=torch.bool, device=k.device) if valid is None else valid[..., :sinks]
-        sink_kx, sink_v, sink_live = state.sink_kx.clone(), state.sink_v.clone(), state.sink_live.clone()
-        sink_kx[..., :sinks, :] = kx[..., :sinks, :]
-        sink_v[..., :sinks, :] = v[..., :sinks, :]
-        sink_live[..., :sinks] = live
-        state = state._replace(sink_kx=sink_kx, sink_v=sink_v, sink_live=sink_live)
-    return state._replace(far=far)
+    return exact_state_from_sequence(terms, k, kx, v, valid, far, length=length)
 
 
 def exact_attention(

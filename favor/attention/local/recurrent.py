@@ -26,14 +26,14 @@ NEG_INF = float("-inf")
 class ExactState(NamedTuple):
     """Everything decoding with exact terms needs from the past, fixed size: far (State over
     keys that are far for every later query), ring_* (..., R = C + W, .) the recent keys
-    (``ring_pos`` their positions, -1 empty), sink_* (..., S, .) the first S tokens
-    (``sink_live`` False where absent or padding), ``length`` the tokens seen (a 0-d tensor)."""
+    (their feature inputs, logit inputs and values; ``ring_pos`` their positions, -1 empty),
+    sink_* (..., S, .) the first S tokens (``sink_live`` False where absent or padding),
+    ``length`` the tokens seen (a 0-d tensor)."""
 
     far: State
-    ring_kx: torch.Tensor  # (..., R, D) logit inputs of the keys, already scaled
+    ring_k: torch.Tensor  # (..., R, D') feature inputs of the keys (their features are made on leaving)
+    ring_kx: torch.Tensor  # (..., R, D) logit inputs, already scaled
     ring_v: torch.Tensor  # (..., R, Dv)
-    ring_f: torch.Tensor  # (..., R, M') feature values
-    ring_l: torch.Tensor  # (..., R) feature log scales
     ring_pos: torch.Tensor  # (..., R) long, -1 empty
     sink_kx: torch.Tensor  # (..., S, D)
     sink_v: torch.Tensor  # (..., S, Dv)
@@ -41,15 +41,14 @@ class ExactState(NamedTuple):
     length: torch.Tensor  # () long
 
     @classmethod
-    def empty(cls, lead, terms: ExactTerms, d: int, m: int, dv: int, *, dtype, device) -> ExactState:
+    def empty(cls, lead, terms: ExactTerms, d_in: int, d: int, m: int, dv: int, *, dtype, device) -> ExactState:
         r, s = terms.ring(), terms.sinks
         z = dict(dtype=dtype, device=device)
         return cls(
             State.empty(tuple(lead), m, dv, dtype=dtype, device=device),
+            torch.zeros(*lead, r, d_in, **z),
             torch.zeros(*lead, r, d, **z),
             torch.zeros(*lead, r, dv, **z),
-            torch.zeros(*lead, r, m, **z),
-            torch.full((*lead, r), NEG_INF, **z),
             torch.full((*lead, r), -1, dtype=torch.long, device=device),
             torch.zeros(*lead, s, d, **z),
             torch.zeros(*lead, s, dv, **z),
@@ -70,124 +69,137 @@ class ExactState(NamedTuple):
         return ExactState(*moved)
 
 
-def absorb(far: State, f: torch.Tensor, l: torch.Tensor, v: torch.Tensor, take: torch.Tensor) -> State:
-    """far plus the keys where ``take`` (..., R): features f (..., R, M'), log scales l, values v."""
+def absorb(far: State, f: torch.Tensor, l: torch.Tensor, v: torch.Tensor, take: torch.Tensor | None = None) -> State:
+    """far plus keys: features f (..., n, M'), log scales l (..., n), values v (..., n, Dv);
+    ``take`` (..., n) bool: only those (None: all)."""
     if l.shape[-1] == 0:
         return far
-    l = l.masked_fill(~take, NEG_INF)
+    if take is not None:
+        l = l.masked_fill(~take, NEG_INF)
     kv, z, c = far
     new_c = torch.maximum(c, l.amax(-1))
     safe = torch.where(torch.isfinite(new_c), new_c, torch.zeros_like(new_c))
-    w = torch.exp(l - safe[..., None]) * take  # 0 for keys not taken
-    decay = torch.where(torch.isfinite(c), torch.exp(c - safe), torch.zeros_like(c))
+    w = torch.exp(l - safe[..., None])  # 0 for keys not taken
+    decay = torch.exp(c - safe)  # 0 for an empty far state (c = -inf, safe finite)
     fw = f * w[..., None]
-    kv = kv * decay[..., None, None] + fw.mT @ v
-    z = z * decay[..., None] + fw.sum(-2)
+    kv = torch.addcmul(fw.mT @ v, kv, decay[..., None, None])
+    z = torch.addcmul(fw.sum(-2), z, decay[..., None])
     return State(kv, z, new_c)
+
+
+def _start(t: int, terms: ExactTerms) -> int:
+    return (t // terms.block) * terms.block - terms.window
+
+
+def _put(buffer: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
+    """A copy of ``buffer`` (..., R, X) with row ``slot`` replaced by ``row`` (..., X): the
+    caller's state is never written."""
+    out = buffer.clone()
+    out[..., slot, :] = row
+    return out
 
 
 def exact_step(
     state: ExactState,
     terms: ExactTerms,
-    fq: torch.Tensor,
-    lq: torch.Tensor,
-    fk: torch.Tensor,
-    lk: torch.Tensor,
+    feat,
+    a,
+    q: torch.Tensor,
+    k: torch.Tensor,
     qx: torch.Tensor,
     kx: torch.Tensor,
     v: torch.Tensor,
     log_const: torch.Tensor | float = 0.0,
 ) -> tuple[torch.Tensor, ExactState]:
-    """One token: its query's features fq (..., M') with log scale lq (...), its key's fk, lk,
-    logit inputs qx, kx (..., D) (already scaled), v (..., Dv) -> (out (..., Dv), new state)."""
-    t = state.length
-    start = torch.div(t, terms.block, rounding_mode="floor") * terms.block - terms.window
-    pos = state.ring_pos
-    leaving = (pos >= 0) & (pos < start)
-    far = absorb(state.far, state.ring_f, state.ring_l, state.ring_v, leaving)
-    pos = pos.masked_fill(leaving, -1)
-    ring = [state.ring_kx, state.ring_v, state.ring_f, state.ring_l]
+    """One token: its query and key q, k (..., D') as the features take them
+    (``feat(x, a)``), their logit inputs qx, kx (..., D) (already scaled), v (..., Dv) ->
+    (out (..., Dv), new state). The keys that leave the exact set go into the far state
+    (their features made now, from ``ring_k``)."""
+    t = int(state.length)  # positions decide which slots move: one small host read per token
+    r = state.ring_pos.shape[-1]
+    far = state.far
+    start, before = _start(t, terms), _start(t - 1, terms) if t else -terms.window
+    leaving = [p for p in range(max(before, terms.sinks, 0), start) if p >= t - r]
+    if leaving:
+        slots = torch.tensor([p % r for p in leaving], device=q.device)
+        fk = feat(state.ring_k.index_select(-2, slots), a)
+        lk = fk.log_scale if fk.log_scale is not None else torch.zeros_like(fk.values[..., 0])
+        live = state.ring_pos.index_select(-1, slots) >= 0  # padding never enters the far state
+        far = absorb(far, fk.values, lk.expand(fk.values.shape[:-1]), state.ring_v.index_select(-2, slots), live)
+    ring_k, ring_kx, ring_v, pos = state.ring_k, state.ring_kx, state.ring_v, state.ring_pos
     sink_kx, sink_v, sink_live = state.sink_kx, state.sink_v, state.sink_live
     s = terms.sinks
-    if int(t) < s:  # a sink: kept exactly for ever, never in the far state
-        hot = torch.arange(s, device=t.device) == t
-        sink_kx = torch.where(hot[:, None], kx[..., None, :], sink_kx)
-        sink_v = torch.where(hot[:, None], v[..., None, :], sink_v)
-        sink_live = sink_live | hot
+    if t < s:  # a sink: kept exactly for ever, never in the ring or the far state
+        sink_kx, sink_v = _put(sink_kx, t, kx), _put(sink_v, t, v)
+        sink_live = sink_live.clone()
+        sink_live[..., t] = True
     else:
-        hot = torch.arange(pos.shape[-1], device=t.device) == t % pos.shape[-1]
-        ring = [
-            torch.where(hot[:, None], new[..., None, :], old) for new, old in zip((kx, v, fk), ring[:3], strict=True)
-        ] + [torch.where(hot, lk[..., None], ring[3])]
-        pos = torch.where(hot, t, pos)
-    ring_kx, ring_v, ring_f, ring_l = ring
+        slot = t % r
+        ring_k, ring_kx, ring_v = _put(ring_k, slot, k), _put(ring_kx, slot, kx), _put(ring_v, slot, v)
+        pos = pos.clone()
+        pos[..., slot] = t
+    pos_live = (pos >= start) & (pos >= 0)
+    fq = feat(q[..., None, :], a)
+    fqv = fq.values[..., 0, :]
+    lq = fq.log_scale[..., 0] if fq.log_scale is not None else torch.zeros_like(fqv[..., 0])
     if isinstance(log_const, torch.Tensor):
         log_const = log_const[..., 0]  # (..., 1, 1) -> (..., 1)
     # every term of the row relative to the query's feature scale, then to the row's max
-    log_ring = ((ring_kx @ qx[..., :, None])[..., 0] + log_const - lq[..., None]).masked_fill(pos < 0, NEG_INF)
+    shift = log_const - lq[..., None]
+    log_ring = ((ring_kx @ qx[..., :, None])[..., 0] + shift).masked_fill(~pos_live, NEG_INF)
     top = torch.maximum(log_ring.amax(-1), far.log_scale)
     if s:
-        log_sink = ((sink_kx @ qx[..., :, None])[..., 0] + log_const - lq[..., None]).masked_fill(~sink_live, NEG_INF)
+        log_sink = ((sink_kx @ qx[..., :, None])[..., 0] + shift).masked_fill(~sink_live, NEG_INF)
         top = torch.maximum(top, log_sink.amax(-1))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w_ring = torch.exp(log_ring - top[..., None])
     carry = torch.exp(far.log_scale - top)  # 0 for an empty far state
-    num = (w_ring[..., None, :] @ ring_v)[..., 0, :] + (fq[..., None, :] @ far.kv)[..., 0, :] * carry[..., None]
-    den = w_ring.sum(-1) + (fq * far.z).sum(-1) * carry
+    nd = torch.cat([(w_ring[..., None, :] @ ring_v)[..., 0, :], w_ring.sum(-1, keepdim=True)], -1)
+    state_kvz = torch.cat([far.kv, far.z[..., None]], -1)
+    nd = torch.addcmul(nd, (fqv[..., None, :] @ state_kvz)[..., 0, :], carry[..., None])
     if s:
         w_sink = torch.exp(log_sink - top[..., None])
-        num = num + (w_sink[..., None, :] @ sink_v)[..., 0, :]
-        den = den + w_sink.sum(-1)
-    out = num * inverse(den)[..., None]
-    new = ExactState(far, ring_kx, ring_v, ring_f, ring_l, pos, sink_kx, sink_v, sink_live, t + 1)
+        nd = nd + torch.cat([(w_sink[..., None, :] @ sink_v)[..., 0, :], w_sink.sum(-1, keepdim=True)], -1)
+    out = nd[..., :-1] * inverse(nd[..., -1])[..., None]
+    new = ExactState(far, ring_k, ring_kx, ring_v, pos, sink_kx, sink_v, sink_live, state.length + 1)
     return out, new
 
 
 def exact_state_from_sequence(
     terms: ExactTerms,
-    fk: torch.Tensor,
-    lk: torch.Tensor,
+    k: torch.Tensor,
     kx: torch.Tensor,
     v: torch.Tensor,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None,
+    far: State,
     *,
-    offset: int = 0,
+    length: int,
 ) -> ExactState:
-    """The state after a sequence whose last rows (positions offset .. offset + n - 1) are
-    given: the keys' features fk (..., n, M'), log scales lk (..., n), logit inputs kx
-    (..., n, D), values v (..., n, Dv), ``valid`` bool broadcasting against (..., n) (False:
-    padding). Keys of those rows that are far for the next query go into the far state, the
-    rest into the ring or the sinks; rows before ``offset`` are the caller's (far, sinks)."""
-    n = fk.shape[-2]
-    length = offset + n
-    lead = torch.broadcast_shapes(fk.shape[:-2], kx.shape[:-2], v.shape[:-2])
-    state = ExactState.empty(lead, terms, kx.shape[-1], fk.shape[-1], v.shape[-1], dtype=fk.dtype, device=fk.device)
-
-    def full(x, *tail):
-        return x.expand(*lead, *tail)
-
-    fk, lk, kx, v = full(fk, n, fk.shape[-1]), full(lk, n), full(kx, n, kx.shape[-1]), full(v, n, v.shape[-1])
-    pos = torch.arange(offset, length, device=fk.device)
-    live = torch.ones(n, dtype=torch.bool, device=fk.device) if valid is None else valid
-    live = full(live, n)
-    start = (length // terms.block) * terms.block - terms.window  # the next query's first neighbour
-    s, r = terms.sinks, terms.ring()
-    far = absorb(state.far, fk, lk, v, (pos >= s) & (pos < start) & live)
-    ring = (pos >= max(s, start)) & live
-    slots = pos % r
-    ring_kx, ring_v, ring_f = (x.clone() for x in (state.ring_kx, state.ring_v, state.ring_f))
-    ring_l, ring_pos = state.ring_l.clone(), state.ring_pos.clone()
-    idx = (pos >= max(s, start)).nonzero()[:, 0]  # the same rows for every sequence of the batch
-    if idx.numel():
-        sl = slots[idx]
-        ring_kx[..., sl, :], ring_v[..., sl, :], ring_f[..., sl, :] = kx[..., idx, :], v[..., idx, :], fk[..., idx, :]
-        ring_l[..., sl] = lk[..., idx]
-        ring_pos[..., sl] = torch.where(ring[..., idx], pos[idx], -1)
+    """The state after ``length`` tokens, given the far state of the keys before the next
+    query's exact set and the sequence's keys k (..., L, D'), kx (..., L, D), v (..., L, Dv)
+    (``valid`` bool broadcasting against (..., L): False for padding): the ring holds the
+    keys from the next query's first exact position, the sinks the first S."""
+    lead = far.log_scale.shape
+    state = ExactState.empty(
+        lead, terms, k.shape[-1], kx.shape[-1], far.kv.shape[-2], v.shape[-1], dtype=k.dtype, device=k.device
+    )
+    r, s = terms.ring(), terms.sinks
+    live = torch.ones(length, dtype=torch.bool, device=k.device) if valid is None else valid
+    live = live.expand(*lead, length)
+    first = max(s, _start(length, terms), 0)
+    ring_k, ring_kx, ring_v, pos = (x.clone() for x in (state.ring_k, state.ring_kx, state.ring_v, state.ring_pos))
+    if first < length:
+        idx = torch.arange(first, length, device=k.device)
+        slots = idx % r
+        ring_k[..., slots, :] = k.expand(*lead, *k.shape[-2:])[..., first:, :]
+        ring_kx[..., slots, :] = kx.expand(*lead, *kx.shape[-2:])[..., first:, :]
+        ring_v[..., slots, :] = v.expand(*lead, *v.shape[-2:])[..., first:, :]
+        pos[..., slots] = torch.where(live[..., first:], idx, -1)
     sink_kx, sink_v, sink_live = state.sink_kx.clone(), state.sink_v.clone(), state.sink_live.clone()
-    idx = (pos < s).nonzero()[:, 0]
-    if idx.numel():
-        sp = pos[idx]
-        sink_kx[..., sp, :], sink_v[..., sp, :] = kx[..., idx, :], v[..., idx, :]
-        sink_live[..., sp] = live[..., idx]
-    t = torch.tensor(length, dtype=torch.long, device=fk.device)
-    return ExactState(far, ring_kx, ring_v, ring_f, ring_l, ring_pos, sink_kx, sink_v, sink_live, t)
+    n_s = min(s, length)
+    if n_s:
+        sink_kx[..., :n_s, :] = kx.expand(*lead, *kx.shape[-2:])[..., :n_s, :]
+        sink_v[..., :n_s, :] = v.expand(*lead, *v.shape[-2:])[..., :n_s, :]
+        sink_live[..., :n_s] = live[..., :n_s]
+    t = torch.tensor(length, dtype=torch.long, device=k.device)
+    return ExactState(far, ring_k, ring_kx, ring_v, pos, sink_kx, sink_v, sink_live, t)
