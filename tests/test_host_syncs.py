@@ -21,10 +21,11 @@ from favor.hf.adapter import FavorAdapter, HeadwiseFeatureMap
 ROOT = Path(favor.__file__).parent
 HOT = [
     *sorted((ROOT / "attention").glob("*.py")),
+    *sorted((ROOT / "attention" / "local").glob("*.py")),
     *(ROOT / "features" / n for n in ("maps.py", "feature_map.py", "official.py", "_host.py")),
     *(ROOT / "nn" / n for n in ("attention.py", "rotary.py")),
     *(ROOT / "models" / n for n in ("performer.py", "block.py")),
-    *(ROOT / "hf" / n for n in ("attention.py", "local.py", "masks.py", "adapter.py")),
+    *(ROOT / "hf" / n for n in ("attention.py", "masks.py", "adapter.py")),
     *(ROOT / "distributed" / n for n in ("sequence.py", "local_state.py", "collectives.py")),
 ]
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}

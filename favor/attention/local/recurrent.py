@@ -115,7 +115,7 @@ def exact_step(
     (``feat(x, a)``), their logit inputs qx, kx (..., D) (already scaled), v (..., Dv) ->
     (out (..., Dv), new state). The keys that leave the exact set go into the far state
     (their features made now, from ``ring_k``)."""
-    t = int(state.length)  # positions decide which slots move: one small host read per token
+    t = int(state.length)  # host sync: positions decide which slots move (one small read per token)
     r = state.ring_pos.shape[-1]
     far = state.far
     start, before = _start(t, terms), _start(t - 1, terms) if t else -terms.window
