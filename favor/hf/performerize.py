@@ -27,7 +27,7 @@ from .masks import plan_from_mask
 from .registry import NAME, probing, register
 from .support import UnsupportedAttentionError, check_config, watching_cross_attention
 
-__all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modules", "CONFIG_KEY"]
+__all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modules", "probe_inputs", "CONFIG_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,37 @@ class _Stats:
         self.scaling = scaling
 
 
+def probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A small batch of the model's main input (``model.main_input_name``), for the probe
+    that finds the attention modules when no calibration inputs are given: token ids (the
+    model's dummy inputs), random images of ``config.image_size`` (pixel_values) or one
+    second of random 16 kHz audio (input_values). Another input is a ValueError asking for
+    ``calibration``."""
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "input_ids":
+        return dict(model.dummy_inputs)
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else None
+    g = torch.Generator().manual_seed(0)
+    size = getattr(model.config, "image_size", None)
+    if name == "pixel_values" and size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (1, getattr(model.config, "num_channels", 3), h, w)
+    elif name == "input_values":
+        shape = (1, 16_000)
+    else:
+        raise ValueError(
+            f"{type(model).__name__} takes {name!r} (model.main_input_name), for which performerize cannot make up a "
+            f"probe input: pass calibration=[{{{name!r}: ...}}], a batch the model accepts"
+        )
+    return {name: torch.randn(shape, generator=g, dtype=dtype).to(device)}
+
+
 def attention_modules(
     model: nn.Module, inputs: Iterable[Mapping[str, torch.Tensor]] | None = None, *, sequence_shift: bool = False
 ):
-    """Run the model (softmax attention) on ``inputs`` (default: its dummy inputs) and return the
+    """Run the model (softmax attention) on ``inputs`` (default: ``probe_inputs``) and return the
     attention modules in call order as [(qualified name, module, _Stats)]. ``sequence_shift``:
     the key statistics are of keys minus their sequence's pair mean (``sequence_pair_mean``)."""
     register()
@@ -145,7 +172,7 @@ def attention_modules(
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
         entry[2].cross = entry[2].cross or cross
 
-    batches = list(inputs) if inputs is not None else [model.dummy_inputs]
+    batches = list(inputs) if inputs is not None else [probe_inputs(model)]
     with watching_cross_attention(model) as is_cross, probing(model, record), torch.no_grad():
         for batch in batches:
             try:
