@@ -57,9 +57,12 @@ def _outputs(model, inputs) -> dict:
 
 def _performerize(arch, inputs, **kw):
     # calibration inputs for the probe (ViT has no dummy inputs), but identity adapters (no
-    # shift, no balancing map, rho from the sequence): the logits are the model's own, exactly
+    # shift, no balancing map, rho from the sequence): the logits are the model's own, exactly;
+    # plain FAVOR++ unless exact terms are asked for
     return fh.performerize(
         arch.build(),
+        kernel="oprf",
+        plain=True,
         num_features=8,
         seed=0,
         calibration=[inputs],
