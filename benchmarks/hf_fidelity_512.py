@@ -127,6 +127,7 @@ def main(argv=None) -> int:
         key_shift=args.key_shift,
         exact_window=args.exact_window,
         exact_sinks=args.exact_sinks,
+        exact_block=1,  # the window alone (blocks: favor performerize --exact-block)
     )
     if args.fit_steps:
         fb = tokenize_batches(

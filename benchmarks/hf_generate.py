@@ -40,7 +40,13 @@ def _models(max_len: int, *, exact_window: int = -1, exact_sinks: int = 0):
     cfg = LlamaConfig(**MODEL, max_position_embeddings=max_len, attn_implementation="sdpa")
     softmax = LlamaForCausalLM(cfg).eval()
     performer = fh.performerize(
-        copy.deepcopy(softmax), num_features=NUM_FEATURES, seed=0, exact_window=exact_window, exact_sinks=exact_sinks
+        copy.deepcopy(softmax),
+        kernel="oprf",
+        plain=True,
+        num_features=NUM_FEATURES,
+        seed=0,
+        exact_window=exact_window,
+        exact_sinks=exact_sinks,
     )
     return softmax, performer
 

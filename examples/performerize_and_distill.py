@@ -97,8 +97,8 @@ def main(argv=None) -> dict:
     batches = tokenize_batches(tokenizer, train, batch_size=args.batch_size, max_length=args.max_length)
     ev = tokenize_batches(tokenizer, held, batch_size=32, max_length=args.max_length)
 
-    local = {"exact_window": args.exact_window, "exact_sinks": 1} if args.exact_window >= 0 else {}
-    local |= {"exact_block": args.exact_block} if args.exact_block > 1 else {}
+    local = {"exact_window": args.exact_window, "exact_sinks": 1 if args.exact_window >= 0 else 0}
+    local |= {"exact_block": args.exact_block, "key_shift": "pair"}  # the calibrated constant shift
     student = favor.hf.performerize(
         copy.deepcopy(teacher),
         kernel=args.kernel,

@@ -63,38 +63,38 @@ def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, bat
     return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)
 
 
-#: the exact set and key shift the commands use unless ``--plain``: the most faithful
-#: linear-cost setting measured on MiniLM (benchmarks/results/hf_fidelity_512.md)
-DEFAULT_WINDOW, DEFAULT_SINKS, DEFAULT_KEY_SHIFT = 8, 1, "sequence"
-#: exact blocks of 32 positions (widened by the window) since stop 14: distilled 0.992 / 0.992
-#: at 128 / 512 tokens (the window alone: 0.984 / 0.990); 64 gives 0.994 / 0.993 but costs
-#: 2.15x plain FAVOR's forward at L=4096, 32 1.91x (benchmarks/results/hf_fidelity_512.md)
-DEFAULT_BLOCK = 32
+def _defaults():
+    """favor.hf's defaults (favor.hf.performerize.DEFAULTS): the commands use the library's."""
+    from favor.hf.performerize import DEFAULTS
+
+    return DEFAULTS
 
 
 def add_feature_arguments(parser) -> None:
-    """Options for how performerize draws and places the features (both commands)."""
+    """Options for how performerize draws and places the features (both commands); what is
+    not given takes favor.hf.performerize's defaults (``--plain``: its ``plain=True``)."""
+    d = _defaults()
     parser.add_argument("--projection", default="orthogonal", help="orthogonal (default), simplex or iid")
     parser.add_argument(
         "--key-shift",
-        help="sequence (default: per sequence), pair (calibrated constant; the --plain default), keys, none",
+        help=f"{d['key_shift']} (default: per sequence), pair (calibrated constant; the --plain default), keys, none",
     )
     parser.add_argument(
         "--exact-window",
         type=int,
         help=f"exact weights for keys within W positions of each query, FAVOR for the rest "
-        f"(default {DEFAULT_WINDOW}; -1: none, the --plain default)",
+        f"(default {d['exact_window']}; -1: none, the --plain default)",
     )
     parser.add_argument(
         "--exact-sinks",
         type=int,
-        help=f"exact weights for the first N tokens too (default {DEFAULT_SINKS}; --plain: 0)",
+        help=f"exact weights for the first N tokens too (default {d['exact_sinks']}; --plain: 0)",
     )
     parser.add_argument(
         "--exact-block",
         type=int,
         help=f"exact weights for each query's whole block of C positions, widened by the window "
-        f"(default {DEFAULT_BLOCK}; 1: the window alone; --plain: 1)",
+        f"(default {d['exact_block']}; 1: the window alone; --plain: 1)",
     )
     parser.add_argument(
         "--plain",
@@ -104,18 +104,13 @@ def add_feature_arguments(parser) -> None:
     )
 
 
-def feature_options(args) -> dict:
+def feature_options(args, *, causal: bool = False) -> dict:
     """performerize's keyword arguments from the options of ``add_feature_arguments``: what
-    was given, else the defaults (``--plain``: no exact terms, constant key shift)."""
-    plain = getattr(args, "plain", False)
-    window = args.exact_window if args.exact_window is not None else (-1 if plain else DEFAULT_WINDOW)
-    sinks = args.exact_sinks if args.exact_sinks is not None else (0 if plain else DEFAULT_SINKS)
-    shift = args.key_shift if args.key_shift is not None else ("pair" if plain else DEFAULT_KEY_SHIFT)
-    block = args.exact_block if args.exact_block is not None else (1 if plain else DEFAULT_BLOCK)
-    return {
-        "projection": args.projection,
-        "key_shift": shift,
-        "exact_window": window,
-        "exact_sinks": sinks,
-        "exact_block": block,
-    }
+    was given, else favor.hf.performerize's defaults (``--plain``: its ``plain=True``;
+    ``causal``: a decoder, no exact blocks unless given)."""
+    from favor.hf.performerize import feature_defaults
+
+    given = {k: getattr(args, k) for k in ("key_shift", "exact_window", "exact_sinks", "exact_block")}
+    options = feature_defaults(plain=getattr(args, "plain", False), causal=causal, **given)
+    del options["kernel"]  # each command chooses its kernel(s): --kernel
+    return {"projection": args.projection, **options}

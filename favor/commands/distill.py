@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from ._hf import (
+    _defaults,
     add_feature_arguments,
     eval_lengths,
     feature_options,
@@ -53,7 +54,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heldout", default="heldout", help="held-out text for the cosine curve: 'heldout' or a file")
     parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000, or until --minutes)")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time budget after fitting (default 8)")
-    parser.add_argument("--kernel", default="derf", help="derf (default: dense-exponential), oprf, positive, ...")
+    parser.add_argument(
+        "--kernel",
+        default=_defaults()["kernel"],
+        help=f"{_defaults()['kernel']} (default: dense-exponential), oprf, positive, ...",
+    )
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(

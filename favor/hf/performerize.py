@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -27,7 +28,17 @@ from .masks import plan_from_mask
 from .registry import NAME, probing, register
 from .support import UnsupportedAttentionError, check_config, watching_cross_attention
 
-__all__ = ["PerformerConfig", "performerize", "attach_adapters", "attention_modules", "CONFIG_KEY"]
+__all__ = [
+    "PerformerConfig",
+    "performerize",
+    "attach_adapters",
+    "attention_modules",
+    "probe_inputs",
+    "feature_defaults",
+    "DEFAULTS",
+    "PLAIN",
+    "CONFIG_KEY",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,35 @@ KEY_SHIFTS = ("none", "keys", "pair", "sequence")
 
 #: favor.hf's own kernel: dense-exponential random features (see adapter.py), run as FAVOR+
 DENSE = "derf"
+
+#: performerize's defaults, the `favor performerize` / `favor distill` defaults too
+#: (commands/_hf.py): dense-exponential features calibrated on the given inputs, the
+#: per-sequence key shift, and exact weights for each query's block of 32 positions widened
+#: by 8 either side and for the first token, FAVOR for the rest: the most faithful linear-cost
+#: setting measured on MiniLM (distilled: 0.992 / 0.992 embedding cosine at 128 / 512 tokens,
+#: the window alone 0.984 / 0.990; blocks of 64 give 0.994 / 0.993 but cost 2.15x plain FAVOR's
+#: forward at L=4096, 32 1.91x: benchmarks/results/hf_fidelity_512.md). Blocks are
+#: bidirectional: a model with causal layers gets exact_block=1 unless one is given.
+DEFAULTS = MappingProxyType(
+    {"kernel": DENSE, "key_shift": "sequence", "exact_window": 8, "exact_sinks": 1, "exact_block": 32}
+)
+#: ``plain=True`` (``--plain``): the paper's estimator, FAVOR alone with the calibrated constant
+#: key shift and no exact terms (kernel="positive": FAVOR+; "oprf": FAVOR++)
+PLAIN = MappingProxyType({"key_shift": "pair", "exact_window": -1, "exact_sinks": 0, "exact_block": 1})
+
+
+def feature_defaults(*, plain: bool = False, causal: bool = False, **given) -> dict:
+    """performerize's options ``kernel``, ``key_shift``, ``exact_window``, ``exact_sinks``,
+    ``exact_block``: each given one that is not None, else ``PLAIN``'s (``plain``), else
+    ``DEFAULTS``'; ``causal`` (a model with causal layers): exact_block 1 unless given."""
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"feature_defaults() got unexpected options {unknown}; expected {sorted(DEFAULTS)}")
+    base = {**DEFAULTS, **PLAIN} if plain else dict(DEFAULTS)
+    if causal:
+        base["exact_block"] = 1  # a causal block would show its later keys to its earlier queries
+    return {k: given[k] if given.get(k) is not None else v for k, v in base.items()}
+
 
 #: where performerize records its PerformerConfig on ``model.config`` (saved in config.json)
 CONFIG_KEY = "favor_performer"
@@ -87,6 +127,7 @@ class _Stats:
         self.heads = self.dim = None
         self.scaling = None
         self.cross = False  # cross-attention: keys from another sequence (support.watching_cross_attention)
+        self.causal = False  # a causal mask (decoder self-attention)
 
     @staticmethod
     def _acc(x: torch.Tensor, keep: torch.Tensor | None):
@@ -117,10 +158,37 @@ class _Stats:
         self.scaling = scaling
 
 
+def probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A small batch of the model's main input (``model.main_input_name``), for the probe
+    that finds the attention modules when no calibration inputs are given: token ids (the
+    model's dummy inputs), random images of ``config.image_size`` (pixel_values) or one
+    second of random 16 kHz audio (input_values). Another input is a ValueError asking for
+    ``calibration``."""
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "input_ids":
+        return dict(model.dummy_inputs)
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else None
+    g = torch.Generator().manual_seed(0)
+    size = getattr(model.config, "image_size", None)
+    if name == "pixel_values" and size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (1, getattr(model.config, "num_channels", 3), h, w)
+    elif name == "input_values":
+        shape = (1, 16_000)
+    else:
+        raise ValueError(
+            f"{type(model).__name__} takes {name!r} (model.main_input_name), for which performerize cannot make up a "
+            f"probe input: pass calibration=[{{{name!r}: ...}}], a batch the model accepts"
+        )
+    return {name: torch.randn(shape, generator=g, dtype=dtype).to(device)}
+
+
 def attention_modules(
     model: nn.Module, inputs: Iterable[Mapping[str, torch.Tensor]] | None = None, *, sequence_shift: bool = False
 ):
-    """Run the model (softmax attention) on ``inputs`` (default: its dummy inputs) and return the
+    """Run the model (softmax attention) on ``inputs`` (default: ``probe_inputs``) and return the
     attention modules in call order as [(qualified name, module, _Stats)]. ``sequence_shift``:
     the key statistics are of keys minus their sequence's pair mean (``sequence_pair_mean``)."""
     register()
@@ -144,8 +212,9 @@ def attention_modules(
         entry = found.setdefault(id(module), (names.get(id(module), f"<{type(module).__name__}>"), module, _Stats()))
         entry[2].add(query, k, q_keep, k_keep, scaling if scaling is not None else d**-0.5)
         entry[2].cross = entry[2].cross or cross
+        entry[2].causal = entry[2].causal or plan.causal
 
-    batches = list(inputs) if inputs is not None else [model.dummy_inputs]
+    batches = list(inputs) if inputs is not None else [probe_inputs(model)]
     with watching_cross_attention(model) as is_cross, probing(model, record), torch.no_grad():
         for batch in batches:
             try:
@@ -250,20 +319,27 @@ def _calibrate_dense(adapter: FavorAdapter, stats: _Stats, shift, a, sq, sk_c) -
 def performerize(
     model: nn.Module,
     *,
-    kernel: str = "oprf",
+    kernel: str | None = None,
     num_features: int = 256,
     seed: int = 0,
     projection: str = "orthogonal",
     norm: str = "chi",
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    key_shift: str = "pair",
+    key_shift: str | None = None,
     balance: bool = True,
     calibrate_rho: bool = True,
-    exact_window: int = -1,
-    exact_sinks: int = 0,
-    exact_block: int = 1,
+    exact_window: int | None = None,
+    exact_sinks: int | None = None,
+    exact_block: int | None = None,
+    plain: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (a transformers PreTrainedModel) to FAVOR attention in place; returns it.
+
+    Defaults (``DEFAULTS``, the CLI's too): ``kernel="derf"``, ``key_shift="sequence"``,
+    ``exact_window=8, exact_sinks=1, exact_block=32`` (``exact_block=1`` for a model with causal
+    layers). ``plain=True``: the paper's estimator, no exact terms and the constant "pair" key
+    shift (``PLAIN``; with ``kernel="positive"``: FAVOR+, ``"oprf"``: FAVOR++). An option given
+    explicitly wins over both.
 
     ``calibration``: batches (dicts of model inputs, e.g. a tokenizer's output) on which the
     softmax model's queries and keys are measured to fit, per layer and head, the key shift,
@@ -281,22 +357,23 @@ def performerize(
     ``model.state_dict()``; the config goes to ``model.config.favor_performer``. A decoder's
     ``model.generate`` then keeps a constant-size ``favor.hf.FavorCache`` (cache.py).
     """
+    given = dict(
+        kernel=kernel, key_shift=key_shift, exact_window=exact_window, exact_sinks=exact_sinks, exact_block=exact_block
+    )
     config = PerformerConfig(
-        kernel=kernel,
         num_features=num_features,
         projection=projection,
         norm=norm,
         seed=seed,
-        key_shift=key_shift,
         balance=balance,
         calibrate_rho=calibrate_rho,
-        exact_window=exact_window,
-        exact_sinks=exact_sinks,
-        exact_block=exact_block,
+        **feature_defaults(plain=plain, **given),
     )
     calibrated = calibration is not None
     check_config(model)  # features FAVOR does not implement; the probe below checks each call's keywords
-    modules = attention_modules(model, calibration, sequence_shift=key_shift == "sequence")
+    modules = attention_modules(model, calibration, sequence_shift=config.key_shift == "sequence")
+    if any(st.causal for _, _, st in modules):  # the default blocks are bidirectional (local_block.py)
+        config = replace(config, **feature_defaults(plain=plain, causal=True, **given))
     adapters = attach_adapters(model, config, [(m, st.heads, st.dim) for _, m, st in modules])
     for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
         adapter.cross_attention = stats.cross  # exact local terms need self-attention: plain FAVOR here
@@ -315,5 +392,5 @@ def performerize(
     )
     model.set_attn_implementation(NAME)
     use_favor_cache(model)  # model.generate keeps a constant-size FavorCache (cache.py)
-    log.info("performerized %d attention modules (%s, M=%d)", len(adapters), kernel, num_features)
+    log.info("performerized %d attention modules (%s, M=%d)", len(adapters), config.kernel, num_features)
     return model

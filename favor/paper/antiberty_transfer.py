@@ -45,7 +45,7 @@ def antiberty_transfer(
     evals = masked_batches(tok, held, seed=0)
     softmax_acc, n_masked = masked_accuracy(base, evals)
     torch.manual_seed(seed)
-    model = performerize(copy.deepcopy(base), kernel="positive", num_features=num_features, seed=seed)
+    model = performerize(copy.deepcopy(base), kernel="positive", plain=True, num_features=num_features, seed=seed)
     model.eval()
     curve = [{"step": 0, "time": 0.0, "accuracy": masked_accuracy(model, evals)[0]}]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)

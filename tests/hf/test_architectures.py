@@ -57,9 +57,12 @@ def _outputs(model, inputs) -> dict:
 
 def _performerize(arch, inputs, **kw):
     # calibration inputs for the probe (ViT has no dummy inputs), but identity adapters (no
-    # shift, no balancing map, rho from the sequence): the logits are the model's own, exactly
+    # shift, no balancing map, rho from the sequence): the logits are the model's own, exactly;
+    # plain FAVOR++ unless exact terms are asked for
     return fh.performerize(
         arch.build(),
+        kernel="oprf",
+        plain=True,
         num_features=8,
         seed=0,
         calibration=[inputs],
@@ -353,3 +356,32 @@ def test_cross_attention_is_found_by_its_arguments_or_its_flag(config_cls, model
     assert model.config.favor_performer["cross_attention"] == [found.format(i) for i in range(2)]
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_each_architecture_is_called_by_its_main_input(arch):
+    # a vision model takes pixel_values, not the token ids a text model takes
+    assert arch.build().main_input_name in _inputs(arch.kind)
+
+
+def test_vit_performerized_without_calibration_runs_on_pixel_values():
+    # the probe used to feed ViT token ids: AttributeError 'NoneType' object has no attribute 'dtype'
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4
+    )
+    model = fh.performerize(ViTModel(config).eval())
+    assert len(model.config.favor_performer["modules"]) == 2
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(pixel_values=images).last_hidden_state
+    assert out.shape == (2, 17, 32) and torch.isfinite(out).all()
+
+
+def test_a_main_input_the_probe_cannot_make_asks_for_calibration():
+    model = by_name("BERT").build()
+    model.main_input_name = "input_features"  # as Whisper's
+    with pytest.raises(ValueError, match=r"BertModel takes 'input_features' .* pass calibration=\[\{'input_features'"):
+        fh.performerize(model)

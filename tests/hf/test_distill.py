@@ -108,7 +108,7 @@ def test_attention_transfer_loss_is_the_mean_relative_error_of_each_call(tiny_be
     batch = {"input_ids": _batches()[0]["input_ids"], "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     batch["attention_mask"][1, 6:] = 0
     keep = batch["attention_mask"].bool()
-    student = fh.performerize(tiny_bert(), num_features=8, calibration=_batches())
+    student = fh.performerize(tiny_bert(), kernel="oprf", plain=True, num_features=8, calibration=_batches())
     out, transfer = _student_with_transfer(student, batch)
     assert student.config._attn_implementation == fh.NAME  # restored
     with torch.no_grad():

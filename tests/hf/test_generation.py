@@ -12,7 +12,12 @@ from tests.hf._decoders import FAMILIES, VOCAB, tiny_decoder
 
 #: plain FAVOR (FAVOR++, uncalibrated) and exact local terms: 2 neighbours and 3 sinks, so
 #: that the sinks fill across the pieces of a prompt and the window straddles calls
-VARIANTS = {"plain": {}, "local": {"exact_window": 2, "exact_sinks": 3}}
+#: plain FAVOR++, with exact local terms, and performerize's defaults (derf, window 8, 1 sink)
+VARIANTS = {
+    "plain": {"kernel": "oprf", "plain": True},
+    "local": {"kernel": "oprf", "plain": True, "exact_window": 2, "exact_sinks": 3},
+    "defaults": {},
+}
 
 
 def _model(family: str, variant: str, seed: int = 0):

@@ -12,7 +12,7 @@ def _inputs():
 
 
 def test_save_load_round_trip_is_exact(tiny_bert, tmp_path):
-    model = fh.performerize(tiny_bert(), num_features=48, seed=7, calibration=[_inputs()])
+    model = fh.performerize(tiny_bert(), kernel="oprf", plain=True, num_features=48, seed=7, calibration=[_inputs()])
     fh.save_pretrained(model, tmp_path / "m")
     assert not list((tmp_path / "m").glob("*.bin")) and (tmp_path / "m" / "favor.safetensors").is_file()
     loaded = fh.from_pretrained(tmp_path / "m")
@@ -53,7 +53,7 @@ def test_reparametrisation_leaves_softmax_unchanged():
 
 
 def test_fit_reduces_layer_error(tiny_bert):
-    model = fh.performerize(tiny_bert(), num_features=8, seed=0, calibration=[_inputs()])
+    model = fh.performerize(tiny_bert(), kernel="oprf", plain=True, num_features=8, seed=0, calibration=[_inputs()])
     res = fit_adapters(model, [_inputs()], steps=15, lr=1e-2)
     assert len(res) == 2 and all(after < before for before, after in res), res
 

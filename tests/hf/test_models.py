@@ -30,7 +30,7 @@ def test_bert_error_falls_with_m_and_is_small_at_large_m(tiny_bert):
     ref = _hidden(tiny_bert(), {"input_ids": inputs["input_ids"][:1]})
     errs = []
     for m in (16, 256, 8192):
-        model = fh.performerize(tiny_bert(), num_features=m, kernel="oprf", seed=0)
+        model = fh.performerize(tiny_bert(), num_features=m, kernel="oprf", plain=True, seed=0)
         errs.append(_rel(_hidden(model, {"input_ids": inputs["input_ids"][:1]}), ref))
     # Monte Carlo error ~ 1/sqrt(M): 16 -> 8192 features should cut it by far more than 4x
     assert errs[2] < errs[0] / 4, errs
@@ -50,7 +50,7 @@ def test_bert_padding_equals_unpadded(tiny_bert):
 
 
 def test_set_attn_implementation_switches_back_to_softmax(tiny_bert):
-    model = fh.performerize(tiny_bert(), num_features=32)
+    model = fh.performerize(tiny_bert(), kernel="oprf", plain=True, num_features=32)
     inputs = _bert_inputs()
     favor_out = _hidden(model, inputs)
     model.set_attn_implementation("sdpa")
@@ -109,8 +109,61 @@ def test_attn_implementation_favor_without_performerize(tiny_bert, tmp_path):
     inputs = _bert_inputs()
     out = _hidden(model, inputs)
     # each layer got a default adapter whose projection matches performerize(seed=0, M=256)
-    ref = fh.performerize(tiny_bert(), num_features=256, seed=0)
+    # (attention.py's adapter for a model never performerized: plain FAVOR++, not performerize's defaults)
+    ref = fh.performerize(tiny_bert(), kernel="oprf", plain=True, num_features=256, seed=0)
     a = {k: v for k, v in model.state_dict().items() if k.endswith("projection")}
     b = {k: v for k, v in ref.state_dict().items() if k.endswith("projection")}
     assert a.keys() == b.keys() and all(torch.equal(a[k].double(), b[k].double()) for k in a)
     torch.testing.assert_close(out, _hidden(ref, inputs), rtol=1e-6, atol=1e-8)
+
+
+def test_defaults_are_the_commands_and_plain_is_the_papers_estimator(tiny_bert):
+    from favor.cli import build_parser
+    from favor.commands._hf import feature_options
+    from favor.hf.performerize import DEFAULTS
+
+    cal = [_bert_inputs()]
+    meta = fh.performerize(tiny_bert(), num_features=16, calibration=cal).config.favor_performer
+    got = {k: meta[k] for k in DEFAULTS}
+    assert (
+        got
+        == dict(DEFAULTS)
+        == {
+            "kernel": "derf",
+            "key_shift": "sequence",
+            "exact_window": 8,
+            "exact_sinks": 1,
+            "exact_block": 32,
+        }
+    )
+    for command in ("performerize", "distill"):  # the CLI takes the library's defaults
+        args = build_parser(command).parse_args(
+            [command, "--model", "m"] + (["--out", "o"] if command == "distill" else [])
+        )
+        assert feature_options(args) == {"projection": "orthogonal", **{k: v for k, v in got.items() if k != "kernel"}}
+    assert args.kernel == "derf"
+    args.plain = True
+    assert feature_options(args) == {
+        "projection": "orthogonal",
+        "key_shift": "pair",
+        "exact_window": -1,
+        "exact_sinks": 0,
+        "exact_block": 1,
+    }
+    plain = fh.performerize(tiny_bert(), num_features=16, calibration=cal, plain=True).config.favor_performer
+    assert (plain["key_shift"], plain["exact_window"], plain["exact_sinks"], plain["exact_block"]) == ("pair", -1, 0, 1)
+    assert not any(m.favor.local for m in fh.performerize(tiny_bert(), plain=True).modules() if hasattr(m, "favor"))
+    # an option given explicitly wins over both
+    mixed = fh.performerize(tiny_bert(), kernel="positive", plain=True, exact_window=3).config.favor_performer
+    assert (mixed["kernel"], mixed["exact_window"], mixed["exact_sinks"]) == ("positive", 3, 0)
+
+
+def test_a_decoder_gets_the_default_window_and_sinks_without_blocks(tiny_llama):
+    # exact blocks are bidirectional: the defaults leave them out of a causal model
+    model = fh.performerize(tiny_llama(), num_features=16)
+    meta = model.config.favor_performer
+    assert (meta["kernel"], meta["exact_window"], meta["exact_sinks"], meta["exact_block"]) == ("derf", 8, 1, 1)
+    ids = torch.randint(1, 64, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert fh.performerize(tiny_llama(), exact_block=4).config.favor_performer["exact_block"] == 4  # as asked

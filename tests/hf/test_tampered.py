@@ -95,7 +95,7 @@ def saved(tmp_path_factory):
     from tests.hf.conftest import _tiny_bert
 
     path = tmp_path_factory.mktemp("hf") / "good"
-    model = fh.performerize(_tiny_bert(), num_features=16, seed=0)
+    model = fh.performerize(_tiny_bert(), kernel="oprf", plain=True, num_features=16, seed=0)
     fh.save_pretrained(model, path)
     return path
 

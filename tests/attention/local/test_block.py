@@ -108,13 +108,15 @@ def test_whole_sequence_block_is_softmax_and_save_load_keeps_the_block(tiny_bert
     ref = tiny_bert()
     with torch.no_grad():
         want = ref(**inputs).last_hidden_state
-    model = fh.performerize(tiny_bert(), kernel="derf", num_features=8, calibration=[inputs], exact_block=16)
+    model = fh.performerize(
+        tiny_bert(), kernel="derf", plain=True, num_features=8, calibration=[inputs], exact_block=16
+    )
     keep = inputs["attention_mask"].bool()
     with torch.no_grad():
         got = model(**inputs).last_hidden_state
     # every key exact at M=8: the softmax model's output up to the float32 reparametrisation
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
-    small = fh.performerize(tiny_bert(), kernel="derf", num_features=8, calibration=[inputs], exact_block=4)
+    small = fh.performerize(tiny_bert(), kernel="derf", plain=True, num_features=8, calibration=[inputs], exact_block=4)
     fh.save_pretrained(small, tmp_path / "m")
     loaded = fh.from_pretrained(tmp_path / "m")
     assert {m.exact_block for m in loaded.modules() if hasattr(m, "exact_block")} == {4}

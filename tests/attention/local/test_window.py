@@ -149,7 +149,7 @@ def test_local_terms_cut_the_error_of_a_small_feature_count(tiny_bert):
     errors = {}
     for window in (-1, 2):
         model = fh.performerize(
-            tiny_bert(), kernel="derf", num_features=8, calibration=[inputs], exact_window=window, exact_sinks=0
+            tiny_bert(), kernel="derf", plain=True, num_features=8, calibration=[inputs], exact_window=window
         )
         num = den = 0.0
         for module, recorded in record_attention(model, [inputs]).items():
@@ -202,7 +202,9 @@ def test_causal_cached_decoding_equals_teacher_forcing(tiny_llama):
 
 def test_save_load_keeps_the_window_and_reads_older_saves(tiny_bert, tmp_path):
     inputs = _inputs()
-    model = fh.performerize(tiny_bert(), num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1)
+    model = fh.performerize(
+        tiny_bert(), kernel="oprf", plain=True, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1
+    )
     fh.save_pretrained(model, tmp_path / "m")
     loaded = fh.from_pretrained(tmp_path / "m")
     assert all(a.exact_window == 1 and a.exact_sinks == 1 for a in _adapters(loaded))
@@ -272,7 +274,9 @@ def test_far_gain_keeps_a_whole_window_softmax_and_scales_only_the_far_estimate(
     inputs = _inputs()
     pad = ~inputs["attention_mask"].bool()
     keep = ~pad
-    whole = fh.performerize(tiny_bert(), kernel=kernel, num_features=8, calibration=[inputs], exact_window=12)
+    whole = fh.performerize(
+        tiny_bert(), kernel=kernel, plain=True, num_features=8, calibration=[inputs], exact_window=12
+    )
     _set_gains(whole, 1)
     for module, recorded in record_attention(whole, [inputs]).items():
         q, k, v, mask, scaling, _, _, _ = recorded[0]
@@ -280,7 +284,7 @@ def test_far_gain_keeps_a_whole_window_softmax_and_scales_only_the_far_estimate(
         got, _ = favor_attention_forward(module, q, k, v, mask, scaling=scaling)
         torch.testing.assert_close(got[keep], _softmax_attention(q, k, v, keep, scaling)[keep], rtol=1e-6, atol=1e-6)
     model = fh.performerize(
-        tiny_bert(), kernel=kernel, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1
+        tiny_bert(), kernel=kernel, plain=True, num_features=16, calibration=[inputs], exact_window=1, exact_sinks=1
     )
     _set_gains(model, 2)
     for module, recorded in record_attention(model, [inputs]).items():
@@ -306,7 +310,9 @@ def test_fitting_moves_the_far_gain_and_save_load_keeps_it(tiny_bert, tmp_path):
     from favor.hf.fit import fit_adapters
 
     inputs = _inputs()
-    model = fh.performerize(tiny_bert(), kernel="derf", num_features=8, calibration=[inputs], exact_window=1)
+    model = fh.performerize(
+        tiny_bert(), kernel="derf", plain=True, num_features=8, calibration=[inputs], exact_window=1
+    )
     errors = fit_adapters(model, [inputs], steps=5)
     assert all(after < before for before, after in errors)
     assert all(float(a.far_log_gain.abs().max()) > 0 for a in _adapters(model))  # it was a parameter
