@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import favor
-from favor.hf.adapter import FavorAdapter, HeadwiseFeatureMap
+from favor.features.headwise import HeadwiseFeatureMap
+from favor.hf.adapter import FavorAdapter
 
 ROOT = Path(favor.__file__).parent
 HOT = [
@@ -26,7 +27,7 @@ HOT = [
     *(ROOT / "nn" / n for n in ("attention.py", "rotary.py")),
     *(ROOT / "models" / n for n in ("performer.py", "block.py")),
     *(ROOT / "hf" / n for n in ("attention.py", "masks.py", "adapter.py")),
-    *(ROOT / "distributed" / n for n in ("sequence.py", "local_state.py", "collectives.py")),
+    *(ROOT / "distributed" / n for n in ("sequence.py", "rank_state.py", "collectives.py")),
 ]
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
 CONVERSIONS = {"bool", "float", "int"}

@@ -76,3 +76,51 @@ def test_no_loose_modules_at_the_top_level():
 
 def test_py_typed_marker_ships():
     assert (ROOT / "py.typed").exists()
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """favor module -> the favor modules it imports anywhere in its file (function-level
+    imports included: a cycle hidden inside a function is still a cycle)."""
+    files = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for mod in _imported_modules(path):
+            while mod and mod not in files:  # a name imported from a module -> that module
+                mod = mod.rpartition(".")[0]
+            if mod and mod != name and mod.startswith("favor."):
+                deps.add(mod)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    """Layers point one way: no module reaches itself through its imports, except through
+    its own package's __init__ (which imports its submodules by design)."""
+    graph = _module_graph()
+    cycles = []
+
+    def visit(node, path, seen):
+        for dep in graph[node]:
+            if dep == path[0]:
+                ring = path + [dep]
+                if not any(m == p or p.startswith(m + ".") for m, p in zip(ring[1:], ring[:-1], strict=True)):
+                    cycles.append(" -> ".join(ring))
+            elif dep not in seen and len(path) < 8:
+                seen.add(dep)
+                visit(dep, path + [dep], seen)
+
+    for start in sorted(graph):
+        if start.startswith(("favor.attention", "favor.hf", "favor.features", "favor.nn", "favor.models")):
+            visit(start, [start], {start})
+    assert not cycles, cycles[:5]
+
+
+def test_exact_local_terms_live_in_the_core():
+    """No attention kernel stays in favor/hf: the exact terms are favor.attention.local's."""
+    assert not list((ROOT / "hf").glob("local*.py"))
+    assert (ROOT / "attention" / "local" / "causal_fast.py").exists()
+    assert not (ROOT / "hf" / "cross.py").exists()

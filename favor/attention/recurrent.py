@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -11,10 +10,11 @@ from ..features.feature_map import FeatureMap
 from . import _normalise
 from ._checks import check_feature_map, check_scale, check_state, compute_dtype
 from ._chunking import inverse as _inverse
-from ._fast_features import row_features
+from .local.dispatch import exact_steps
 from .local.recurrent import ExactState
 from .local.spec import ExactTerms
 from .state import State
+from .step_features import step_features
 
 __all__ = ["step", "steps", "STEP_MAX_QUERIES"]
 
@@ -64,8 +64,6 @@ def step(
     root = check_scale(scale, q.shape[-1]) ** 0.5
     q1, k1, v1 = q.to(dtype).unsqueeze(-2), k.to(dtype).unsqueeze(-2), v.to(dtype)
     if exact is not None:
-        from .local.dispatch import exact_steps  # local/ builds on this module
-
         terms = ExactTerms.coerce(exact)
         if state is not None and not isinstance(state, ExactState):
             raise TypeError(
@@ -73,7 +71,7 @@ def step(
             )
         out, new = exact_steps(state, terms, feature_map, q1, k1, v1.unsqueeze(-2), root=root)
         return out[..., 0, :].to(out_dtype), new
-    feat, a = _step_features(feature_map, root, q1, k1)
+    feat, a = step_features(feature_map, root, q1, k1)
     # the query's log scale cancels in its output: not computed where feat can skip it
     f_q = (feat(q1, a) if getattr(feat, "width", None) is None else feat(q1, a, log_scale=False)).values[..., 0, :]
     fk = feat(k1, a)
@@ -96,37 +94,6 @@ def step(
     den = (f_q * z).sum(-1)
     out = num * _inverse(den)[..., None]  # a query with no visible key returns 0
     return out.to(out_dtype), State(kv, z, new_c)
-
-
-#: per feature map, beside it rather than on it: the module stays picklable (closures are
-#: not) and the entry goes when the map does
-_STEP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _step_features(feature_map: FeatureMap, root: float, q1: torch.Tensor, k1: torch.Tensor):
-    """(feat, A) for a step: the chunked paths' row features (sqrt(scale) folded into the
-    projection) and FAVOR++'s A, remembered on the map from one token to the next. A step
-    is a few dozen tiny ops, so rebuilding them (the base-2 projection; for FAVOR++ A and
-    its per-head projection) every token was a third of its cost. The key holds every
-    buffer's storage and version, so a redraw, a new rho or a move to another device
-    rebuilds them."""
-    key = (
-        feature_map.kernel,
-        feature_map.stabilizer,
-        root,
-        q1.dtype,
-        q1.device,
-        q1.shape[:-2],
-        k1.shape[:-2],
-        tuple((b.data_ptr(), b._version) for b in feature_map.buffers()),
-    )
-    hit = _STEP_CACHE.get(feature_map)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    feat = row_features(feature_map, root)
-    a = feature_map.oprf_a(q1, k1, causal=True) if feature_map.kernel == "oprf" else None
-    _STEP_CACHE[feature_map] = (key, feat, a)
-    return feat, a
 
 
 def _exp_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,7 +131,7 @@ def steps(
     The features of all L rows come from one call; the state is then updated one position
     at a time exactly as ``step`` does (a padded key adds nothing), so this is the arithmetic
     of L calls of ``step`` with the per-call overhead paid once. Differentiable."""
-    feat, a = _step_features(feature_map, root, q, k)
+    feat, a = step_features(feature_map, root, q, k)
     f_q = (feat(q, a) if getattr(feat, "width", None) is None else feat(q, a, log_scale=False)).values
     fk = feat(k, a)
     f_k = fk.values

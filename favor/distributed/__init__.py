@@ -9,8 +9,8 @@
 """
 
 from .collectives import CommCounter, all_gather_rows, count_communication
-from .local_state import local_state, local_state_reference
 from .modules import sequence_parallel, sequence_parallel_forward
+from .rank_state import rank_state, rank_state_reference
 from .sequence import combine_states, prefix_state, sequence_parallel_attention, state_bytes, state_numel
 from .sharding import shard_bounds, shard_sequence
 
@@ -20,8 +20,8 @@ __all__ = [
     "sequence_parallel_forward",
     "prefix_state",
     "combine_states",
-    "local_state",
-    "local_state_reference",
+    "rank_state",
+    "rank_state_reference",
     "state_bytes",
     "state_numel",
     "all_gather_rows",

@@ -5,7 +5,7 @@ order). Causal linear attention only needs, from everything before the slice, th
 sums sum_{t<start} phi(k_t) v_t^T and sum_{t<start} phi(k_t): O(M' Dv) numbers per (batch,
 head), whatever the length. So each rank
 
-1. sums its own keys into a state (kv, z, log_scale) with no prefix (``local_state``),
+1. sums its own keys into a state (kv, z, log_scale) with no prefix (``rank_state``),
 2. all-gathers the W states (one collective of W * (M' Dv + M' + 1) numbers per (B, H)),
 3. combines the states of ranks < r exactly (log scales merged with a max and rescaling),
 4. runs ``favor.attention(causal=True)`` on its slice with that prefix as ``initial_state``.
@@ -26,7 +26,7 @@ from ..attention.api import attention
 from ..attention.state import State
 from ..features.feature_map import FeatureMap
 from .collectives import all_gather_rows, group_rank_size
-from .local_state import DEFAULT_STATE_CHUNK, local_state
+from .rank_state import DEFAULT_STATE_CHUNK, rank_state
 
 __all__ = ["sequence_parallel_attention", "combine_states", "prefix_state", "state_numel", "state_bytes"]
 
@@ -122,7 +122,7 @@ def sequence_parallel_attention(
     kc, vc, root = k.to(dtype), v.to(dtype), s**0.5  # no copies for float32/float64 inputs
     # causal A* depends only on D and the rho buffer, never on the data (see FeatureMap.oprf_a)
     a = feature_map.oprf_a(kc, kc, causal=True) if feature_map.kernel == "oprf" else None
-    local = local_state(
+    local = rank_state(
         kc, vc, feature_map.exact_features, a=a, key_padding_mask=mask, chunk_size=DEFAULT_STATE_CHUNK, root=root
     )
     prefix = prefix_state(local, group=group)

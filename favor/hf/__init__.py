@@ -13,7 +13,7 @@ rest (favor.attention.local), still linear in length (a model with causal layers
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature
-(favor.hf.support); cross-attention runs plain FAVOR (favor.hf.cross).
+(favor.hf.support); cross-attention runs plain FAVOR (favor.attention.cross).
 
 ``model.generate`` of a performerized decoder keeps a constant-size ``FavorCache`` (FAVOR's
 recurrent state per layer, plus the exact terms' last tokens): O(1) work and memory per token.
@@ -21,7 +21,8 @@ recurrent state per layer, plus the exact terms' last tokens): O(1) work and mem
 Importing this package registers ``attn_implementation="favor"`` with transformers.
 """
 
-from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map
+from ..features.headwise import HeadwiseFeatureMap
+from .adapter import FavorAdapter, balancing_map
 from .attention import favor_attention_forward
 from .cache import FavorCache, FavorLayer
 from .generation import use_favor_cache

@@ -39,62 +39,29 @@ Legend: H heads, D head dim, M features.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..attention.local.block import check_block
 from ..attention.local.window import check_exact_set
-from ..features import maps
 from ..features._host import buffer_flag
 from ..features.feature_map import FeatureMap
+from ..features.headwise import HeadwiseFeatureMap
 
-__all__ = ["FavorAdapter", "HeadwiseFeatureMap", "balancing_map", "dense_projection", "sequence_pair_mean"]
+log = logging.getLogger(__name__)
 
-
-class HeadwiseFeatureMap(FeatureMap):
-    """A FeatureMap whose FAVOR++ statistic rho is one value per head, ``head_rho`` (H,).
-
-    Heads of a pretrained layer have very different query/key norms; one rho per head lets
-    each pick its own variance-optimal A*. While ``head_rho`` is unset (NaN) this is the
-    parent exactly; once set, the parent's scalar ``rho`` holds their mean, so code that
-    only asks "is rho fixed?" sees a fixed rho and asks ``oprf_a``, which answers per head."""
-
-    def __init__(self, kernel: str, *, heads: int, **kwargs) -> None:
-        super().__init__(kernel, **kwargs)
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"heads must be a positive int, got {heads!r}")
-        self.heads = heads
-        self.register_buffer("head_rho", torch.full((heads,), float("nan"), dtype=torch.float64))
-
-    def oprf_a(self, q, k, *, causal=False, q_mask=None, k_mask=None):
-        if buffer_flag(self, "head_rho", self.head_rho, lambda r: torch.isnan(r).any()):
-            return super().oprf_a(q, k, causal=causal, q_mask=q_mask, k_mask=k_mask)
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-        if len(lead) < 1 or lead[-1] != self.heads:
-            raise ValueError(
-                f"per-head rho needs q/k shaped (..., H={self.heads}, L, D), got leading shape {tuple(lead)}"
-            )
-        rho = self.head_rho.to(device=q.device, dtype=q.dtype).expand(lead)  # (H,) broadcasts on (B, H)
-        return maps.oprf_a(rho)
-
-    @torch.no_grad()
-    def set_head_rho(self, rho: torch.Tensor) -> None:
-        """Fix rho per head, (H,) (already-scaled statistics, see ``maps.oprf_rho``)."""
-        if tuple(rho.shape) != (self.heads,):
-            raise ValueError(f"rho must have shape ({self.heads},), got {tuple(rho.shape)}")
-        self.head_rho.copy_(rho)
-        self.rho.fill_(float(rho.double().mean()))  # host sync: calibration, once
-
-    @torch.no_grad()
-    def calibrate_rho(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """rho per head from already-scaled samples q (H, Nq, D), k (H, Nk, D); returns (H,)."""
-        if q.ndim != 3 or k.ndim != 3 or q.shape[0] != self.heads or k.shape[0] != self.heads:
-            raise ValueError(
-                f"calibrate_rho needs q and k shaped (H={self.heads}, N, D), got {tuple(q.shape)} and {tuple(k.shape)}"
-            )
-        rho = maps.oprf_rho(q.double(), k.double())
-        self.set_head_rho(rho)
-        return rho
+__all__ = [
+    "FavorAdapter",
+    "ATTRIBUTE",
+    "adapter_of",
+    "default_adapter",
+    "repeat_kv",
+    "balancing_map",
+    "dense_projection",
+    "sequence_pair_mean",
+]
 
 
 def balancing_map(sq: torch.Tensor, sk: torch.Tensor, *, ridge: float = 1e-4) -> torch.Tensor:
@@ -291,3 +258,52 @@ class FavorAdapter(nn.Module):
         self.query_map.copy_(query_map)
         self.key_map.copy_(torch.linalg.inv(query_map.double()).transpose(-1, -2).to(self.key_map.dtype))
         self.calibrated.fill_(True)
+
+
+#: the attribute of an attention module that holds its FavorAdapter
+ATTRIBUTE = "favor"
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, heads, L, D): grouped-query attention's key/value heads, each
+    repeated for its group of query heads."""
+    b, hkv, length, d = x.shape
+    if hkv == heads:
+        return x
+    if heads % hkv:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({hkv})")
+    return x[:, :, None].expand(b, hkv, heads // hkv, length, d).reshape(b, heads, length, d)
+
+
+def default_adapter(module: torch.nn.Module, heads: int, dim: int, device) -> FavorAdapter:
+    """What a model loaded with attn_implementation="favor" but never performerized gets on its
+    first call: FAVOR++ with M=256, projection seeded by the layer index, no calibration."""
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
+        raise RuntimeError(
+            f"{type(module).__name__} runs attn_implementation='favor' without a FavorAdapter and has no "
+            "layer_idx to seed one; call favor.hf.performerize(model) first"
+        )
+    log.warning(
+        "%s (layer %d) has no FavorAdapter: using uncalibrated FAVOR++ with M=256; "
+        "favor.hf.performerize(model, calibration=...) is far more accurate",
+        type(module).__name__,
+        layer,
+    )
+    g = torch.Generator().manual_seed(layer)  # as performerize(seed=0) draws layer i's projection
+    fm = HeadwiseFeatureMap("oprf", heads=heads, dim=dim, num_features=256, generator=g)
+    adapter = FavorAdapter(fm, heads=heads, dim=dim).to(device)
+    module.add_module(ATTRIBUTE, adapter)
+    return adapter
+
+
+def adapter_of(module: torch.nn.Module, heads: int | None = None, dim: int | None = None, device=None) -> FavorAdapter:
+    adapter = getattr(module, ATTRIBUTE, None)
+    if isinstance(adapter, FavorAdapter):
+        return adapter
+    if heads is None:
+        raise RuntimeError(
+            f"{type(module).__name__} has no FavorAdapter; call favor.hf.performerize(model) "
+            "(or load with favor.hf.from_pretrained) first"
+        )
+    return default_adapter(module, heads, dim, device)

@@ -14,14 +14,15 @@ import torch
 
 from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
+from ..attention.cross import cross_attention
 from ..attention.local.bidirectional_fast import fast_eligible, local_fast
 from ..attention.local.block import block_exact_attention
 from ..attention.local.dispatch import exact_attention
 from ..attention.local.spec import ExactTerms
 from ..attention.local.window import local_exact_attention, pair_features
-from .adapter import FavorAdapter
+from .adapter import ATTRIBUTE, adapter_of, repeat_kv
 from .cache import claim
-from .cross import cross_attention
+from .decode import cached_attention
 from .masks import plan_from_mask
 from .support import check_keywords
 
@@ -29,18 +30,7 @@ __all__ = ["favor_attention_forward", "ATTRIBUTE"]
 
 log = logging.getLogger(__name__)
 
-#: the attribute of an attention module that holds its FavorAdapter
-ATTRIBUTE = "favor"
 _warned_dropout = False
-
-
-def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, hkv, length, d = x.shape
-    if hkv == heads:
-        return x
-    if heads % hkv:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({hkv})")
-    return x[:, :, None].expand(b, hkv, heads // hkv, length, d).reshape(b, heads, length, d)
 
 
 def _check_inputs(query, key, value) -> None:
@@ -52,42 +42,6 @@ def _check_inputs(query, key, value) -> None:
         raise ValueError(
             f"key and value must share (B, key/value heads, Lk), got key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-
-
-def _default_adapter(module: torch.nn.Module, heads: int, dim: int, device) -> FavorAdapter:
-    """What a model loaded with attn_implementation="favor" but never performerized gets on its
-    first call: FAVOR++ with M=256, projection seeded by the layer index, no calibration."""
-    from .adapter import HeadwiseFeatureMap
-
-    layer = getattr(module, "layer_idx", None)
-    if not isinstance(layer, int):
-        raise RuntimeError(
-            f"{type(module).__name__} runs attn_implementation='favor' without a FavorAdapter and has no "
-            "layer_idx to seed one; call favor.hf.performerize(model) first"
-        )
-    log.warning(
-        "%s (layer %d) has no FavorAdapter: using uncalibrated FAVOR++ with M=256; "
-        "favor.hf.performerize(model, calibration=...) is far more accurate",
-        type(module).__name__,
-        layer,
-    )
-    g = torch.Generator().manual_seed(layer)  # as performerize(seed=0) draws layer i's projection
-    fm = HeadwiseFeatureMap("oprf", heads=heads, dim=dim, num_features=256, generator=g)
-    adapter = FavorAdapter(fm, heads=heads, dim=dim).to(device)
-    module.add_module(ATTRIBUTE, adapter)
-    return adapter
-
-
-def adapter_of(module: torch.nn.Module, heads: int | None = None, dim: int | None = None, device=None) -> FavorAdapter:
-    adapter = getattr(module, ATTRIBUTE, None)
-    if isinstance(adapter, FavorAdapter):
-        return adapter
-    if heads is None:
-        raise RuntimeError(
-            f"{type(module).__name__} has no FavorAdapter; call favor.hf.performerize(model) "
-            "(or load with favor.hf.from_pretrained) first"
-        )
-    return _default_adapter(module, heads, dim, device)
 
 
 def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, causal: bool) -> torch.Tensor:
@@ -154,8 +108,6 @@ def favor_attention_forward(
     check_keywords(module, kwargs)
     layer = claim(key)  # the keys came from a FavorCache: continue its state (decode.py)
     if layer is not None:
-        from .decode import cached_attention
-
         return cached_attention(layer, module, query, key, value, attention_mask, scaling, is_causal)
     adapter = adapter_of(module, query.shape[1], query.shape[-1], query.device)
     if dropout and not _warned_dropout:
@@ -165,7 +117,7 @@ def favor_attention_forward(
     lk = key.shape[-2]
     causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
     plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=lk, is_causal=causal_module)
-    key, value = _repeat_kv(key, h)[..., : plan.kv_length, :], _repeat_kv(value, h)[..., : plan.kv_length, :]
+    key, value = repeat_kv(key, h)[..., : plan.kv_length, :], repeat_kv(value, h)[..., : plan.kv_length, :]
     pad = plan.key_padding_mask
     if pad is not None:
         pad = pad[:, : plan.kv_length].expand(b, plan.kv_length)

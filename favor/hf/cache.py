@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention.state import State
-from .registry import NAME, OBSERVE
+from .names import NAME, OBSERVE
 
 __all__ = ["FavorCache", "FavorLayer", "claim", "FAVOR_IMPLEMENTATIONS"]
 

@@ -26,9 +26,9 @@ from ..attention._checks import check_scale, compute_dtype
 from ..attention._normalise import masked_keys
 from ..attention.causal import causal_sums
 from ..attention.local.window import _combine, pair_features, parts_sum, query_log_scale
-from ..attention.recurrent import _step_features
 from ..attention.state import State
-from .attention import _repeat_kv, adapter_of
+from ..attention.step_features import step_features
+from .adapter import adapter_of, repeat_kv
 from .cache import FavorLayer
 from .masks import plan_from_mask
 
@@ -72,7 +72,7 @@ def cached_attention(
 
 def _plain(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     h = query.shape[1]
-    k_r, v_r = _repeat_kv(key, h), _repeat_kv(value, h)
+    k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
     q, k, scale = adapter.inputs(query, k_r, scaling, keep=None if pad is None else ~pad, sequence=False)
     v = v_r.to(q.dtype)
     out, layer.state = favor_attention(
@@ -126,7 +126,7 @@ def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     # E's positions n - kept .. n + lq - 1; slots before position 0 are dead already
 
     # reparametrised inputs of [sinks, E] in one call (causal: per token, no sequence statistic)
-    all_k, all_v = _repeat_kv(torch.cat([sk, ek], -2), h), _repeat_kv(torch.cat([sv, ev], -2), h)
+    all_k, all_v = repeat_kv(torch.cat([sk, ek], -2), h), repeat_kv(torch.cat([sv, ev], -2), h)
     q, k, scale = adapter.inputs(query, all_k, scaling, keep=None, sequence=False)
     dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), all_v.to(dtype)
@@ -141,7 +141,7 @@ def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     s_v = v[..., :sinks, :]
     fm = adapter.feature_map
     if fm.stabilizer == "exact":  # the step's row features and A, kept on the map between tokens
-        feat, a = _step_features(fm, root, q, k)
+        feat, a = step_features(fm, root, q, k)
         fq, fk = feat(q, a), feat(k[..., sinks:, :], a)
     else:
         fq, fk = pair_features(fm, q, k[..., sinks:, :], root, None, causal=True)

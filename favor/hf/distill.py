@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import ATTRIBUTE
+from .adapter import ATTRIBUTE
 from .fidelity import mean_pool
 from .registry import observing
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .attention import ATTRIBUTE, favor_attention_forward
+from .adapter import ATTRIBUTE
+from .attention import favor_attention_forward
 from .registry import probing
 
 __all__ = ["record_attention", "fit_adapters"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .attention import ATTRIBUTE
+from .adapter import ATTRIBUTE
 from .generation import use_favor_cache
 from .performerize import CONFIG_KEY, PerformerConfig, attach_adapters
 from .registry import NAME, register

@@ -19,10 +19,10 @@ from torch import nn
 from ..attention.local.block import check_block
 from ..attention.local.window import check_exact_set
 from ..features.feature_map import KERNELS, FeatureMap
+from ..features.headwise import HeadwiseFeatureMap
 from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
-from .adapter import FavorAdapter, HeadwiseFeatureMap, balancing_map, dense_projection, sequence_pair_mean
-from .attention import ATTRIBUTE
+from .adapter import ATTRIBUTE, FavorAdapter, balancing_map, dense_projection, sequence_pair_mean
 from .generation import use_favor_cache
 from .masks import plan_from_mask
 from .registry import NAME, probing, register

@@ -6,26 +6,21 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import favor_attention_forward
+from .names import NAME, OBSERVE, PROBE
+from .support import check_keywords
 
 __all__ = ["NAME", "PROBE", "OBSERVE", "register", "probing", "observing"]
-
-#: the attn_implementation name
-NAME = "favor"
-#: softmax attention that also reports each call's queries and keys (calibration)
-PROBE = "favor_probe"
-
-#: FAVOR attention that also hands each call's inputs and output to an observer (distillation)
-OBSERVE = "favor_observe"
 
 _recorder: Callable | None = None
 _observer: Callable | None = None
 
 
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from .support import check_keywords
-
     # a softmax feature FAVOR cannot reproduce is refused before any calibration is measured
     check_keywords(module, kwargs)
     if _recorder is not None:
@@ -36,8 +31,6 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 def _observe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    from .attention import favor_attention_forward
-
     out, weights = favor_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
@@ -51,11 +44,6 @@ def register() -> None:
 
     The mask function is transformers' sdpa one: a bool (B, 1, Lq, Lk) mask, or None when the
     pattern is plain causal / no padding, which favor.hf.masks reads back."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .attention import favor_attention_forward
-
     for name, fn in ((NAME, favor_attention_forward), (PROBE, _probe_forward), (OBSERVE, _observe_forward)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)

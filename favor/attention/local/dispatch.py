@@ -8,8 +8,8 @@ import torch
 
 from ...features.feature_map import FeatureMap
 from .._fast_features import row_features
-from ..recurrent import _step_features
 from ..state import State
+from ..step_features import step_features
 from .bidirectional_fast import fast_eligible, local_fast
 from .block import block_exact_attention
 from .causal_fast import DEFAULT_CHUNK, causal_exact_autograd, causal_exact_fast
@@ -38,7 +38,7 @@ def feature_rows(feat, x: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor]:
 def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, log_const=0.0):
     """A continued causal pass, position by position (the recurrent arithmetic):
     q, k (..., Lq, D), v (..., Lq, Dv) after ``state`` (an ExactState or None)."""
-    feat, a = _step_features(feature_map, root, q[..., :1, :], k[..., :1, :])
+    feat, a = step_features(feature_map, root, q[..., :1, :], k[..., :1, :])
     qx = q * root if qx is None else qx
     kx = k * root if kx is None else kx
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])

@@ -4,8 +4,8 @@ This is what a rank contributes to the ranks after it in sequence-parallel atten
 everywhere in favor the sums are held as (kv, z, log_scale) with true sums kv * exp(log_scale);
 log_scale is the maximum of the keys' log scales (-inf when every key is padding).
 
-``local_state`` is the fast path: chunked, with a hand-written backward that recomputes each
-chunk's features, so no L x M' tensor is kept for backward. ``local_state_reference`` is the
+``rank_state`` is the fast path: chunked, with a hand-written backward that recomputes each
+chunk's features, so no L x M' tensor is kept for backward. ``rank_state_reference`` is the
 same sum in plain autograd, its reference (tests compare them at 1e-10 in float64).
 
 The log scale is a detached shift: the represented sums are exact functions of k and v and
@@ -22,7 +22,7 @@ from ..attention._normalise import exp_diff, masked_keys
 from ..attention.state import State
 from ..features.maps import Features
 
-__all__ = ["local_state", "local_state_reference", "DEFAULT_STATE_CHUNK"]
+__all__ = ["rank_state", "rank_state_reference", "DEFAULT_STATE_CHUNK"]
 
 #: rows per chunk when summing a slice's keys: large enough for efficient matmuls, small
 #: enough that the (..., C, M') feature block stays a few MB
@@ -35,7 +35,7 @@ def _mask_at(mask: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return None if mask is None else mask[..., sl]
 
 
-def local_state_reference(
+def rank_state_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     feat: FeatFn,
@@ -81,7 +81,7 @@ class _LocalState(torch.autograd.Function):
         need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.needs_input_grad[2]:
             raise RuntimeError(
-                "local_state: gradients with respect to FAVOR++'s A are not supported (A is a constant in causal attention)"
+                "rank_state: gradients with respect to FAVOR++'s A are not supported (A is a constant in causal attention)"
             )
         lead = c.shape
         g_kv = torch.zeros(*lead, *g_kv.shape[-2:], dtype=k.dtype, device=k.device) if g_kv is None else g_kv
@@ -113,7 +113,7 @@ class _LocalState(torch.autograd.Function):
         return dk, dv, None, None, None, None, None
 
 
-def local_state(
+def rank_state(
     k: torch.Tensor,
     v: torch.Tensor,
     feat: FeatFn,
@@ -129,6 +129,6 @@ def local_state(
     Memory for backward is k and v plus one (..., C, M') chunk; ``feat(x, a)`` gives
     row-wise Features (``FeatureMap.exact_features``)."""
     if k.shape[-2] == 0:
-        return local_state_reference(k, v, feat, a=a, key_padding_mask=key_padding_mask, root=root)
+        return rank_state_reference(k, v, feat, a=a, key_padding_mask=key_padding_mask, root=root)
     kv, z, c = _LocalState.apply(k, v, a, key_padding_mask, feat, chunk_size, root)
     return State(kv, z, c)

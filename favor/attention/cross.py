@@ -1,7 +1,7 @@
 """Cross-attention (an encoder-decoder's decoder attending to the encoder): plain FAVOR.
 
 The queries come from one sequence (the decoder's tokens) and the keys and values from
-another (the encoder's), so there is no diagonal for exact local terms (local.py) to make
+another (the encoder's), so there is no diagonal for exact local terms (favor.attention.local) to make
 exact: cross-attention modules take plain FAVOR whatever ``exact_window``/``exact_sinks`` say.
 No statistic of the queries is used either (FAVOR++'s rho is the calibrated one, else the
 fixed default of causal layers; no per-sequence key shift): the queries are a causal
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attention._checks import check_scale, compute_dtype
-from ..attention.bidirectional import bidirectional
-from ..attention.local.window import pair_features
+from ._checks import check_scale, compute_dtype
+from .bidirectional import bidirectional
+from .local.window import pair_features
 
 __all__ = ["cross_attention"]
 

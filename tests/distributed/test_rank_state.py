@@ -1,6 +1,6 @@
 """Single-process pieces of sequence parallelism.
 
-- local_state (chunked, hand-written backward) vs local_state_reference (plain autograd):
+- rank_state (chunked, hand-written backward) vs rank_state_reference (plain autograd):
   values and gradients at 1e-10 in float64.
 - combine_states of the slices' local states equals the state favor.attention returns after
   the whole sequence (return_state=True): true sums kv * exp(log_scale) at 1e-10.
@@ -15,8 +15,8 @@ import torch
 import favor
 from favor.distributed import (
     combine_states,
-    local_state,
-    local_state_reference,
+    rank_state,
+    rank_state_reference,
     sequence_parallel_attention,
     shard_bounds,
 )
@@ -44,7 +44,7 @@ def _true(state):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunk", [1, 4, 50])
-def test_local_state_matches_reference(gen, kernel, chunk):
+def test_rank_state_matches_reference(gen, kernel, chunk):
     fm = _fm(kernel)
     k, v, mask = _inputs(gen, std=0.6 if kernel == "trig" else 1.5)
     a = fm.oprf_a(k.detach(), k.detach(), causal=True) if kernel == "oprf" else None
@@ -53,7 +53,7 @@ def test_local_state_matches_reference(gen, kernel, chunk):
         torch.randn(2, 3, fm.num_outputs, generator=gen, dtype=torch.float64),
     )
     results = []
-    for fn, kw in ((local_state, {"chunk_size": chunk}), (local_state_reference, {})):
+    for fn, kw in ((rank_state, {"chunk_size": chunk}), (rank_state_reference, {})):
         st = fn(k, v, fm.exact_features, a=a, key_padding_mask=mask, root=0.7, **kw)
         kv, z = _true(st)
         loss = (kv * gkv).sum() + (z * gz).sum()
@@ -75,7 +75,7 @@ def test_combined_slices_equal_whole_sequence_state(gen, kernel):
     ks = k * s**0.5
     a = fm.oprf_a(ks, ks, causal=True) if kernel == "oprf" else None
     parts = [
-        local_state(ks[..., lo:hi, :], v.detach()[..., lo:hi, :], fm.exact_features, a=a)
+        rank_state(ks[..., lo:hi, :], v.detach()[..., lo:hi, :], fm.exact_features, a=a)
         for lo, hi in (shard_bounds(length, world, r) for r in range(world))
     ]
     stacked = [torch.stack(t) for t in zip(*parts, strict=True)]
