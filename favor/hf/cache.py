@@ -35,6 +35,7 @@ import threading
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..attention.local.recurrent import ExactState
 from ..attention.state import State
 from .names import NAME, OBSERVE
 
@@ -44,6 +45,12 @@ __all__ = ["FavorCache", "FavorLayer", "claim", "FAVOR_IMPLEMENTATIONS"]
 FAVOR_IMPLEMENTATIONS = (NAME, OBSERVE)
 
 _slot = threading.local()
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, ExactState):
+        return [*state.far, *state[1:]]
+    return list(state)
 
 
 def claim(key: torch.Tensor) -> FavorLayer | None:
@@ -80,7 +87,8 @@ class FavorLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.start = 0  # position of the first token of the pending update
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.state: State | None = None  # (B, H, M', Dv), (B, H, M'), (B, H)
+        # plain FAVOR: State (B, H, M', Dv), (B, H, M'), (B, H); exact terms: an ExactState
+        self.state: State | ExactState | None = None
         # exact local terms: raw keys/values (B, Hkv, n, D) and "real token" flags (B, n)
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -120,7 +128,7 @@ class FavorLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [] if self.state is None else list(self.state)
+        out = [] if self.state is None else _state_tensors(self.state)
         for part in (self.window, self.sinks):
             if part is not None:
                 out.extend(part)
@@ -132,7 +140,12 @@ class FavorLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def _map(self, fn) -> None:
-        if self.state is not None:
+        if isinstance(self.state, ExactState):
+            far = State(*(fn(t) for t in self.state.far))
+            # every field has the batch first except the token count, shared by the batch
+            rest = (fn(t) if t.ndim else t for t in self.state[1:])
+            self.state = ExactState(far, *rest)
+        elif self.state is not None:
             self.state = State(*(fn(t) for t in self.state))
         if self.window is not None:
             self.window = tuple(fn(t) for t in self.window)

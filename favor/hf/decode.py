@@ -25,6 +25,9 @@ from ..attention import attention as favor_attention
 from ..attention._checks import check_scale, compute_dtype
 from ..attention._normalise import masked_keys
 from ..attention.causal import causal_sums
+from ..attention.local.dispatch import exact_attention
+from ..attention.local.recurrent import ExactState
+from ..attention.local.spec import ExactTerms
 from ..attention.local.window import _combine, pair_features, parts_sum, query_log_scale
 from ..attention.state import State
 from ..attention.step_features import step_features
@@ -63,7 +66,9 @@ def cached_attention(
     pad = plan.key_padding_mask
     if pad is not None:
         pad = pad.expand(b, lq)
-    if adapter.local:
+    if adapter.local and adapter.exact_window >= 0 and adapter.feature_map.stabilizer == "exact":
+        out = _exact(layer, adapter, query, key, value, pad, scaling)
+    elif adapter.local:
         out = _local(layer, adapter, query, key, value, pad, scaling)
     else:
         out = _plain(layer, adapter, query, key, value, pad, scaling)
@@ -89,6 +94,40 @@ def _plain(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     return out
 
 
+def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
+    """Exact terms through the core op: the prompt by the chunked causal path (the same
+    numbers as the teacher-forced pass), later tokens by its step loop, the layer holding an
+    ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks)."""
+    h = query.shape[1]
+    k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
+    q, k, scale = adapter.inputs(query, k_r, scaling, keep=None, sequence=False)
+    dtype = compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v_r.to(dtype)
+    root = check_scale(scale, q.shape[-1]) ** 0.5
+    qx, kx = adapter.logit_inputs(query, k_r, scaling, keep=None, sequence=False) if adapter.dense else (None, None)
+    if qx is not None:
+        qx, kx = qx.to(dtype), kx.to(dtype)
+    terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
+    if layer.state is not None and not isinstance(layer.state, ExactState):
+        raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
+    out, layer.state = exact_attention(
+        q,
+        k,
+        v,
+        adapter.feature_map,
+        terms,
+        causal=True,
+        root=root,
+        key_padding_mask=pad,
+        initial_state=layer.state,
+        return_state=True,
+        qx=qx,
+        kx=kx,
+        log_const=adapter.log_const(dtype),
+    )
+    return out
+
+
 def _empty(b: int, heads: int, n: int, like: torch.Tensor):
     """n dead slots: zero keys and values (B, Hkv, n, D) and "real token" flags False (B, n)."""
     zeros = like.new_zeros(b, heads, n, like.shape[-1])
@@ -96,6 +135,8 @@ def _empty(b: int, heads: int, n: int, like: torch.Tensor):
 
 
 def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
+    """Exact sinks without a window (exact_window = -1) or the official stabiliser: the
+    window-and-sinks arithmetic of favor.attention.local.window, step by step."""
     if adapter.exact_block > 1:
         raise ValueError(
             f"decoding with a FavorCache keeps a window of keys, not blocks: this layer has exact_block="

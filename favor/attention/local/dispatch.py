@@ -35,9 +35,10 @@ def feature_rows(feat, x: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor]:
     return f.values, log.expand(x.shape[:-1])
 
 
-def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, log_const=0.0):
+def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, log_const=0.0, valid=None):
     """A continued causal pass, position by position (the recurrent arithmetic):
-    q, k (..., Lq, D), v (..., Lq, Dv) after ``state`` (an ExactState or None)."""
+    q, k (..., Lq, D), v (..., Lq, Dv) after ``state`` (an ExactState or None); ``valid``
+    bool broadcasting against (..., Lq): False for padding."""
     feat, a = step_features(feature_map, root, q[..., :1, :], k[..., :1, :])
     qx = q * root if qx is None else qx
     kx = k * root if kx is None else kx
@@ -47,8 +48,19 @@ def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, l
         state = ExactState.empty(lead, terms, k.shape[-1], kx.shape[-1], m, v.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
     for t in range(q.shape[-2]):
+        live = None if valid is None else valid[..., t]
         o, state = exact_step(
-            state, terms, feat, a, q[..., t, :], k[..., t, :], qx[..., t, :], kx[..., t, :], v[..., t, :], log_const
+            state,
+            terms,
+            feat,
+            a,
+            q[..., t, :],
+            k[..., t, :],
+            qx[..., t, :],
+            kx[..., t, :],
+            v[..., t, :],
+            log_const,
+            live,
         )
         outs.append(o)
     return torch.stack(outs, -2), state
@@ -125,10 +137,8 @@ def exact_attention(
         valid = ~m
     if causal:
         if initial_state is not None:
-            if mask is not None:
-                raise ValueError("key_padding_mask is not supported when continuing from an ExactState")
             out, state = exact_steps(
-                initial_state, terms, feature_map, q, k, v, root=root, qx=qx, kx=kx, log_const=log_const
+                initial_state, terms, feature_map, q, k, v, root=root, qx=qx, kx=kx, log_const=log_const, valid=valid
             )
             return (out, state) if return_state else out
         feat = row_features(feature_map, root)

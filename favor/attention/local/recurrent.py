@@ -110,11 +110,13 @@ def exact_step(
     kx: torch.Tensor,
     v: torch.Tensor,
     log_const: torch.Tensor | float = 0.0,
+    live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ExactState]:
     """One token: its query and key q, k (..., D') as the features take them
     (``feat(x, a)``), their logit inputs qx, kx (..., D) (already scaled), v (..., Dv) ->
     (out (..., Dv), new state). The keys that leave the exact set go into the far state
-    (their features made now, from ``ring_k``)."""
+    (their features made now, from ``ring_k``). ``live`` bool broadcasting against (...):
+    False where the token is padding (its key is never attended)."""
     t = int(state.length)  # host sync: positions decide which slots move (one small read per token)
     r = state.ring_pos.shape[-1]
     far = state.far
@@ -124,20 +126,20 @@ def exact_step(
         slots = torch.tensor([p % r for p in leaving], device=q.device)
         fk = feat(state.ring_k.index_select(-2, slots), a)
         lk = fk.log_scale if fk.log_scale is not None else torch.zeros_like(fk.values[..., 0])
-        live = state.ring_pos.index_select(-1, slots) >= 0  # padding never enters the far state
-        far = absorb(far, fk.values, lk.expand(fk.values.shape[:-1]), state.ring_v.index_select(-2, slots), live)
+        real = state.ring_pos.index_select(-1, slots) >= 0  # padding never enters the far state
+        far = absorb(far, fk.values, lk.expand(fk.values.shape[:-1]), state.ring_v.index_select(-2, slots), real)
     ring_k, ring_kx, ring_v, pos = state.ring_k, state.ring_kx, state.ring_v, state.ring_pos
     sink_kx, sink_v, sink_live = state.sink_kx, state.sink_v, state.sink_live
     s = terms.sinks
     if t < s:  # a sink: kept exactly for ever, never in the ring or the far state
         sink_kx, sink_v = _put(sink_kx, t, kx), _put(sink_v, t, v)
         sink_live = sink_live.clone()
-        sink_live[..., t] = True
+        sink_live[..., t] = True if live is None else live
     else:
         slot = t % r
         ring_k, ring_kx, ring_v = _put(ring_k, slot, k), _put(ring_kx, slot, kx), _put(ring_v, slot, v)
         pos = pos.clone()
-        pos[..., slot] = t
+        pos[..., slot] = t if live is None else torch.where(live, t, -1)
     pos_live = (pos >= start) & (pos >= 0)
     fq = feat(q[..., None, :], a)
     fqv = fq.values[..., 0, :]

@@ -125,10 +125,10 @@ def test_whole_sequence_block_is_softmax_and_save_load_keeps_the_block(tiny_bert
     assert torch.equal(a, b) and float((a - want)[keep].abs().max()) > 1e-3  # FAVOR estimates the rest
 
 
-def test_a_causal_layer_runs_blocks_causally_and_its_cache_refuses_them(tiny_llama):
+def test_a_causal_layer_runs_blocks_causally_and_decodes_them_with_a_cache(tiny_llama):
     import favor.hf as fh
 
-    model = fh.performerize(tiny_llama(), num_features=8, exact_window=2, exact_block=4)
+    model = fh.performerize(tiny_llama(), num_features=8, exact_window=2, exact_block=4).double()
     ids = torch.randint(1, 50, (1, 13), generator=torch.Generator().manual_seed(0))
     later = ids.clone()
     later[:, 9:] = 7
@@ -138,8 +138,11 @@ def test_a_causal_layer_runs_blocks_causally_and_its_cache_refuses_them(tiny_lla
     # 11 to query 9, so logits before position 9 are bit-for-bit unchanged
     assert torch.equal(a[:, :9], b[:, :9])
     assert not torch.equal(a[:, 9:], b[:, 9:])
-    with pytest.raises(ValueError, match="FavorCache keeps a window of keys, not blocks"):
-        with torch.no_grad():
-            model(input_ids=ids, cache=fh.FavorCache(model), use_cache=True)
+    # a FavorCache keeps an ExactState (a ring of C + W keys): prompt of 6, then one token at a time
+    cache, pieces = fh.FavorCache(model), []
+    with torch.no_grad():
+        for lo, hi in [(0, 6)] + [(i, i + 1) for i in range(6, 13)]:
+            pieces.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), a, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="exact_block must be an int >= 1"):
         fh.performerize(tiny_llama(), exact_block=0)
