@@ -6,9 +6,10 @@ per layer only what causal FAVOR needs from the past:
 
 * the recurrent state (kv, z, log scale) per (batch, query head), in float32 (float64 for
   float64 models), as ``favor.State``;
-* with exact local terms (``exact_window`` W, ``exact_sinks`` S, see local.py), the last W
-  keys and values (raw, after rotary embeddings) and the first S, each with a flag saying
-  whether the token was real or padding.
+* with exact local terms (``exact_window`` W >= 0, ``exact_sinks`` S, ``exact_block`` C): a
+  ``favor.ExactState`` instead (favor.attention.local: FAVOR's far state, a ring of the last
+  C + W keys and values per query head, the first S, each flagged real or padding);
+* with sinks but no window (W = -1): the first S keys and values (window/sinks below).
 
 Its size depends on batch, layers, heads, M, W and S only, never on the context length
 (``nbytes``). The prompt runs through the chunked causal path, each new token through the
