@@ -111,7 +111,7 @@ def test_the_step_state_does_not_grow_with_context():
         _, state = favor.step(state, q[..., t, :], k[..., t, :], v[..., t, :], fm, exact=terms)
         sizes.append(sum(x.numel() * x.element_size() for x in (*state.far, *state[1:])))
     assert len(set(sizes)) == 1
-    assert state.ring_kx.shape[-2] == terms.window + terms.block
+    assert state.keys_x.shape[-2] == terms.window + terms.block + terms.sinks
 
 
 @pytest.mark.parametrize("terms", [favor.ExactTerms(4, 2, 1), favor.ExactTerms(3, 1, 4)], ids=str)
