@@ -50,7 +50,11 @@ def step(
         raise ValueError("q and k must have a head dim D >= 1, got D=0")
     feature_map._check_dim(q, "q")
     try:
-        lead = torch.broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1])
+        # equal shapes (the usual case) skip torch.broadcast_shapes, a Python-level
+        # function that costs as much as a third of a small step
+        lead = q.shape[:-1]
+        if not lead == k.shape[:-1] == v.shape[:-1]:
+            lead = torch.broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1])
     except RuntimeError:
         raise ValueError(
             f"leading dims of q {tuple(q.shape[:-1])}, k {tuple(k.shape[:-1])}, v {tuple(v.shape[:-1])} do not broadcast"

@@ -42,28 +42,17 @@ def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, l
     feat, a = step_features(feature_map, root, q[..., :1, :], k[..., :1, :])
     qx = q * root if qx is None else qx
     kx = k * root if kx is None else kx
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     if state is None:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         m = getattr(feat, "width", None) or feat(k[..., :1, :], a).values.shape[-1]
         state = ExactState.empty(lead, terms, k.shape[-1], kx.shape[-1], m, v.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
     for t in range(q.shape[-2]):
-        live = None if valid is None else valid[..., t]
-        o, state = exact_step(
-            state,
-            terms,
-            feat,
-            a,
-            q[..., t, :],
-            k[..., t, :],
-            qx[..., t, :],
-            kx[..., t, :],
-            v[..., t, :],
-            log_const,
-            live,
-        )
+        live = None if valid is None else valid.select(-1, t)
+        row = (x.select(-2, t) for x in (q, k, qx, kx, v))  # select: cheaper than [..., t, :]
+        o, state = exact_step(state, terms, feat, a, *row, log_const, live)
         outs.append(o)
-    return torch.stack(outs, -2), state
+    return (outs[0][..., None, :] if len(outs) == 1 else torch.stack(outs, -2)), state
 
 
 def _state_after(terms, feat, a, k, kx, v, valid) -> ExactState:

@@ -21,6 +21,8 @@ from .spec import ExactTerms
 __all__ = ["ExactState", "exact_step", "exact_state_from_sequence", "absorb"]
 
 NEG_INF = float("-inf")
+#: shifts are clamped to at least this (finite in float32), so that exp(-inf - shift) = 0
+FLOOR = -1e30
 
 
 class ExactState(NamedTuple):
@@ -73,7 +75,7 @@ def absorb(far: State, f: torch.Tensor, l: torch.Tensor, v: torch.Tensor, take: 
         l = l.masked_fill(~take, NEG_INF)
     kv, z, c = far
     new_c = torch.maximum(c, l.amax(-1))
-    safe = torch.where(torch.isfinite(new_c), new_c, torch.zeros_like(new_c))
+    safe = new_c.clamp(min=FLOOR)  # finite, so that exp(-inf - safe) = 0 (isfinite is slow)
     fw = f * torch.exp(l - safe[..., None])[..., None]  # 0 for keys not taken
     decay = torch.exp(c - safe)[..., None]  # 0 for an empty far state (c = -inf, safe finite)
     return State(torch.addcmul(fw.mT @ v, kv, decay[..., None]), torch.addcmul(fw.sum(-2), z, decay), new_c)
@@ -87,7 +89,7 @@ def _put(buffer: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
     """A copy of ``buffer`` (..., n, X) with row ``slot`` replaced by ``row`` (..., X): the
     caller's state is never written."""
     out = buffer.clone()
-    out[..., slot, :] = row
+    out.select(-2, slot).copy_(row)  # select/copy_: a tenth of the cost of ``out[..., slot, :] = row``
     return out
 
 
@@ -116,8 +118,8 @@ def exact_step(
     first = max(_start(t - 1, terms) if t else start, s, 0)  # the ring's first key before this token
     if first < start:  # keys leave the ring for the far state (C = 1: one per token)
         if start - first == 1:
-            at = slice(first % r, first % r + 1)
-            k_out, v_out, real = keys[..., at, :], values[..., at, :], pos[..., at] >= 0
+            i = first % r
+            k_out, v_out, real = keys.narrow(-2, i, 1), values.narrow(-2, i, 1), pos.narrow(-1, i, 1) >= 0
         else:
             slots = torch.tensor([p % r for p in range(first, start)], device=q.device)
             k_out, v_out = keys.index_select(-2, slots), values.index_select(-2, slots)
@@ -128,19 +130,21 @@ def exact_step(
     slot = r + t if t < s else t % r  # sinks: slots R .. R + S - 1, kept for ever
     keys, keys_x, values = _put(keys, slot, k), _put(keys_x, slot, kx), _put(values, slot, v)
     pos = pos.clone()
-    pos[..., slot] = t if live is None else torch.where(live, t, -1)
-    fq = feat(q[..., None, :], a)
-    fqv = fq.values[..., 0, :]
-    lq = fq.log_scale[..., 0] if fq.log_scale is not None else torch.zeros_like(fqv[..., 0])
+    if live is None:
+        pos.select(-1, slot).fill_(t)
+    else:
+        pos.select(-1, slot).copy_(torch.where(live, t, -1))
+    fq = feat(q.unsqueeze(-2), a)
+    fqv = fq.values.squeeze(-2)
+    lq = fq.log_scale.squeeze(-1) if fq.log_scale is not None else fqv.new_zeros(fqv.shape[:-1])
     if isinstance(log_const, torch.Tensor):
         log_const = log_const[..., 0]  # (..., 1, 1) -> (..., 1)
     # every term of the row relative to the query's feature scale, then to the row's max;
     # a slot counts if it holds a real key in the query's exact set (ring) or a sink
     lo = max(start, 0)  # empty and padding slots hold -1
     exact = (pos >= lo) | ((pos < s) & (pos >= 0)) if s else pos >= lo
-    logits = ((keys_x @ qx[..., :, None])[..., 0] + (log_const - lq[..., None])).masked_fill_(~exact, NEG_INF)
-    top = torch.maximum(logits.amax(-1), far.log_scale)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    logits = (keys_x @ qx.unsqueeze(-1)).squeeze(-1).add_((log_const - lq).unsqueeze(-1)).masked_fill_(~exact, NEG_INF)
+    top = torch.maximum(logits.amax(-1), far.log_scale).clamp_(min=FLOOR)  # finite: no key at all gives 0
     w = logits.sub_(top[..., None]).exp_()
     carry = torch.exp(far.log_scale - top)  # 0 for an empty far state
     num = torch.addcmul(
