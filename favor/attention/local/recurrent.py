@@ -138,12 +138,12 @@ def exact_step(
     fqv = fq.values.squeeze(-2)
     lq = fq.log_scale.squeeze(-1) if fq.log_scale is not None else fqv.new_zeros(fqv.shape[:-1])
     if isinstance(log_const, torch.Tensor):
-        log_const = log_const[..., 0]  # (..., 1, 1) -> (..., 1)
+        log_const = log_const[..., 0, 0]  # (..., 1, 1) -> (...), as lq
     # every term of the row relative to the query's feature scale, then to the row's max;
     # a slot counts if it holds a real key in the query's exact set (ring) or a sink
     lo = max(start, 0)  # empty and padding slots hold -1
     exact = (pos >= lo) | ((pos < s) & (pos >= 0)) if s else pos >= lo
-    logits = (keys_x @ qx.unsqueeze(-1)).squeeze(-1).add_((log_const - lq).unsqueeze(-1)).masked_fill_(~exact, NEG_INF)
+    logits = (keys_x @ qx.unsqueeze(-1)).squeeze(-1).add((log_const - lq).unsqueeze(-1)).masked_fill_(~exact, NEG_INF)
     top = torch.maximum(logits.amax(-1), far.log_scale).clamp_(min=FLOOR)  # finite: no key at all gives 0
     w = logits.sub_(top[..., None]).exp_()
     carry = torch.exp(far.log_scale - top)  # 0 for an empty far state
