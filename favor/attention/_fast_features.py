@@ -6,7 +6,8 @@ the (rows x M) block. The exponential is taken as exp2 of s * log2(e), with log2
 into the (M x D) projection: on CPU torch's exp2 costs ~0.4 ns per float against ~0.9 ns
 for exp (AVX-512, measured), and the (rows x M) exponential is FAVOR's largest
 non-matmul cost. The attention scale sqrt(scale) is folded into the projection too, so no
-scaled copy of q and k (L x D each) is ever made. The represented phi(x) = values * exp(log_scale) is the same function
+scaled copy of q and k (L x D each) is ever made. Values are shifted to a largest feature of 2^HEADROOM, not 1 (see HEADROOM).
+The represented phi(x) = values * exp(log_scale) is the same function
 (maps.positive / maps.oprf are the references, tested equal in tests/attention/test_fast_paths.py),
 and gradients stay exact: keys are differentiated through values and log_scale, and for
 queries the per-row factor cancels in the output, so its gradient is zero either way.
@@ -24,6 +25,13 @@ from ..features.maps import Features
 __all__ = ["row_features"]
 
 LOG2E = 1.0 / math.log(2.0)
+#: each row's values are scaled to a largest feature of 2^HEADROOM (the log scale takes
+#: the factor back): a product phi(q).phi(k) of two rows whose dominant features differ
+#: would otherwise fall below float32's normal range (2^-126) already at ~e^-88 and make
+#: 1/normaliser overflow (tests/attention/test_subnormal_normaliser.py); with 2^32 on
+#: either side it stays normal down to ~e^-131, while sums over 2^20 keys of values up to
+#: 2^20 stay below 2^112
+HEADROOM = 32.0
 LN2 = math.log(2.0)
 
 
@@ -58,14 +66,14 @@ def _positive(w: torch.Tensor, root: float):
     ) -> Features:
         if torch.is_grad_enabled() and x.requires_grad:
             s = x @ _base2(w, x, root).T
-            shift = s.detach().amax(-1)
+            shift = s.detach().amax(-1) - HEADROOM
             return Features(torch.exp2(s - shift[..., None]), shift * LN2 - half_r2 * (x * x).sum(-1) - log_m)
         # no graph to keep: the (rows x M) block is computed in place, in ``out`` if given
         wt = w2.get(x.dtype)
         if wt is None:
             wt = w2[x.dtype] = _base2(w, x, root).T
         s = torch.matmul(x, wt, out=out)
-        shift = s.amax(-1)
+        shift = s.amax(-1).sub_(HEADROOM)
         values = s.sub_(shift[..., None]).exp2_()
         if not log_scale:  # a query's per-row factor cancels in its output
             return Features(values, None)
@@ -132,7 +140,7 @@ def _oprf(w: torch.Tensor, root: float):
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             w_a, bias, log_const = constants(x, a)
             exponent = x @ w_a.mT + bias
-            shift = exponent.detach().amax(-1)
+            shift = exponent.detach().amax(-1) - HEADROOM
             values = torch.exp2(exponent - shift[..., None])
             return Features(values, shift * LN2 - half_r2 * (x * x).sum(-1) + log_const)
         lead, rows = x.shape[:-2], x.shape[-2]
@@ -141,7 +149,7 @@ def _oprf(w: torch.Tensor, root: float):
             out = x.new_empty(*lead, rows, w_a.shape[-2])
         torch.baddbmm(bias, x.reshape(-1, rows, x.shape[-1]), w_a.mT, out=out.view(-1, rows, w_a.shape[-2]))
         exponent = out
-        shift = exponent.amax(-1)
+        shift = exponent.amax(-1).sub_(HEADROOM)
         values = exponent.sub_(shift[..., None]).exp2_()
         if not log_scale:
             return Features(values, None)

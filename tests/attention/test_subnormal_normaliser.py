@@ -1,10 +1,10 @@
-"""Known bug (found by `favor paper books`, FAVOR++ at L = 2,048): in float32 the fast paths
-return +-inf where the normaliser is subnormal, because they multiply by 1 / normaliser,
-which overflows below ~2.9e-39, instead of dividing. The query's features are shifted by
-their own row max, so a query whose dominant features are not the keys' dominant ones gets a
-normaliser like e^-95; the float32 reference (explicit L x L kernel) and float64 are finite.
-The bidirectional fast path now shifts the keys per feature and is exact here; the causal
-path still fails (strict xfail: when it is fixed the marker must go)."""
+"""A bug found by `favor paper books` (FAVOR++ at L = 2,048): in float32 the fast paths
+returned +-inf where the normaliser was subnormal, because they multiply by 1 / normaliser,
+which overflows below ~2.9e-39. The query's features are shifted by their own row max, so a
+query whose dominant features are not the keys' dominant ones gets a normaliser like e^-95;
+the float32 reference (explicit L x L kernel) and float64 are finite. The bidirectional fast
+path shifts the keys per feature; the causal paths and the step keep each row's largest
+feature at 2^HEADROOM (favor.attention._fast_features), so such products stay normal."""
 
 from __future__ import annotations
 
@@ -68,9 +68,25 @@ def test_bidirectional_oprf_gradients_are_finite_far_from_the_keys():
         torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.xfail(strict=True, reason="the causal path keeps one shift for all features: 1/normaliser overflows")
 def test_causal_fast_path_is_finite_on_a_subnormal_normaliser():
     fm, q, k, v = _case()
     out = favor.attention(q, k, v, fm, scale=1.0, causal=True)
     exact = favor.attention(q.double(), k.double(), v.double(), fm.double(), scale=1.0, causal=True)
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_step_and_exact_terms_are_finite_on_a_subnormal_normaliser():
+    # the recurrent step and the causal exact-terms path (its far products) share the fix
+    fm, q, k, v = _case()
+    exact = favor.attention(q.double(), k.double(), v.double(), fm.double(), scale=1.0, causal=True)
+    state, outs = None, []
+    for t in range(2):
+        o, state = favor.step(state, q[:, t], k[:, t], v[:, t], fm, scale=1.0)
+        outs.append(o)
+    torch.testing.assert_close(torch.stack(outs, 1).double(), exact, rtol=1e-5, atol=1e-6)
+    # window 0: key 0 is a far key of query 1 (its weight the features' product, ~e^-95)
+    terms = favor.ExactTerms(0)
+    out = favor.attention(q, k, v, fm, scale=1.0, causal=True, exact=terms)
+    want = favor.attention(q.double(), k.double(), v.double(), fm.double(), scale=1.0, causal=True, exact=terms)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
