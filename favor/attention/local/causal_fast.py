@@ -64,6 +64,10 @@ class Geometry:
         self.far = j < start
         # the chunk's own keys are all exact or in the future when T <= C + W: no products there
         self.far_cols = self.lag if t <= c + terms.window else self.span
+        # the same masks as additive biases (0 or -inf), for chunks without padding or sinks
+        zero = torch.zeros((), device=device)
+        self.exact_bias = torch.where(self.exact, zero, NEG_INF)
+        self.far_bias = torch.where(self.far[:, : self.far_cols], zero, NEG_INF)
 
     def rows(self, length: int) -> int:
         """Rows per group: BLOCK_CHUNKS chunks, fewer for a short sequence."""
@@ -100,14 +104,20 @@ class _Parts:
     hand-written backward re-reads."""
 
 
-def _parts(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c) -> _Parts:
+def _parts(
+    feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c, *, masked=True, keep=True
+) -> _Parts:
     """One group of n chunks, forward (differentiable where its inputs are: the autograd path).
 
     q, qx (..., R, .) the group's queries (rows past L are zeros); k, kx, v (..., lag + R, .)
     its keys from pos0 - lag; kvalid (..., lag + R) real keys; ``sinks`` (k, kx, v, valid)
     of the first S' positions or None; kvz (..., M', E), c (...) the far state before the
-    group in units of exp(c) (c = -inf: empty). qx, kx None: q * root, k * root."""
+    group in units of exp(c) (c = -inf: empty). qx, kx None: q * root, k * root.
+    ``masked`` False: no key of the call is padding (the span's masks are then the same for
+    every chunk past the sinks); ``keep`` False: the forward only (the exact weights are
+    not kept apart from the far ones). Without autograd the (T x span) passes run in place."""
     p = _Parts()
+    inplace = not torch.is_grad_enabled()
     t, lag, terms = geo.chunk, geo.lag, geo.terms
     rows = q.shape[-2]
     n = rows // t
@@ -146,13 +156,19 @@ def _parts(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos
 
     # the span: exact logits and far products, relative to each query's feature scale
     p.qxc = qxc = p.qx.unflatten(-2, (n, t))
-    valid = _spans(kvalid[..., None], geo)[..., 0][..., None, :]  # (..., n, 1, span)
-    sink_col = _spans(sink_key[:, None], geo)[..., 0][..., None, :]  # (n, 1, span)
-    exact = (geo.exact | (sink_col & geo.causal)) & valid
-    log_exact = (qxc @ _spans(p.kx, geo).mT + log_const - lq[..., None]).masked_fill(~exact, NEG_INF)
     fc = geo.far_cols
-    far = (geo.far[:, :fc] & ~sink_col[..., :fc]) & valid[..., :fc]
-    log_far = torch.where(far, _spans(far_lk[..., None], geo)[..., 0][..., None, :fc], NEG_INF)
+    shift = log_const - lq[..., None]  # every term relative to the query's feature scale
+    logits = qxc @ _spans(p.kx, geo).mT
+    if not masked and pos0 - lag >= terms.sinks:  # no padding, no sink in the span: static masks
+        log_exact = logits.add_(shift).add_(geo.exact_bias) if inplace else logits + shift + geo.exact_bias
+        log_far = _spans(far_lk[..., None], geo)[..., 0][..., None, :fc] + geo.far_bias
+    else:
+        valid = _spans(kvalid[..., None], geo)[..., 0][..., None, :]  # (..., n, 1, span)
+        sink_col = _spans(sink_key[:, None], geo)[..., 0][..., None, :]  # (n, 1, span)
+        exact = (geo.exact | (sink_col & geo.causal)) & valid
+        log_exact = (logits + shift).masked_fill(~exact, NEG_INF)
+        far = (geo.far[:, :fc] & ~sink_col[..., :fc]) & valid[..., :fc]
+        log_far = torch.where(far, _spans(far_lk[..., None], geo)[..., 0][..., None, :fc], NEG_INF)
     top = torch.maximum(log_exact.amax(-1), before[..., None])
     if fc:
         top = torch.maximum(top, log_far.amax(-1))
@@ -161,16 +177,19 @@ def _parts(feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos
         sk, skx, sv, svalid = sinks
         span_start = pos0 - lag + torch.arange(n, device=q.device) * t  # (n,)
         live = (torch.arange(sk.shape[-2], device=q.device) < span_start[:, None]) & svalid[..., None, :]
-        log_sink = (qxc @ skx[..., None, :, :].mT + log_const - lq[..., None]).masked_fill(~live[..., None, :], NEG_INF)
+        log_sink = (qxc @ skx[..., None, :, :].mT + shift).masked_fill(~live[..., None, :], NEG_INF)
         top = torch.maximum(top, log_sink.amax(-1))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()[..., None]  # (..., n, T, 1)
 
-    p.w_exact = weights = torch.exp(log_exact - top)
+    p.w_exact = weights = log_exact.sub_(top).exp_() if inplace else torch.exp(log_exact - top)
     if fc:
         p.kv_far = _spans(kvals, geo)[..., :fc, :]  # (..., n, fc, M')
-        p.e_far = torch.exp(log_far - top)
-        p.w_far = (qv @ p.kv_far.mT) * p.e_far
-        if fc < geo.span:
+        p.e_far = log_far.sub_(top).exp_() if inplace else torch.exp(log_far - top)
+        products = qv @ p.kv_far.mT
+        p.w_far = products.mul_(p.e_far) if inplace else products * p.e_far
+        if inplace and not keep:  # exact and far weights have disjoint supports
+            weights[..., :fc].add_(p.w_far)
+        elif fc < geo.span:
             weights = torch.cat([weights[..., :fc] + p.w_far, weights[..., fc:]], -1)
         else:
             weights = weights + p.w_far
@@ -345,7 +364,26 @@ class _CausalExact(torch.autograd.Function):
             s = g * inp.rows
             qg, qxg = inp.queries(g)
             kg, kxg, vg, vvalid = inp.keys(g)
-            o, kvz, c = _group(feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, vvalid, s, sinks, kvz, c)
+            p = _parts(
+                feat,
+                a,
+                geo,
+                log_const,
+                root,
+                qg,
+                qxg,
+                kg,
+                kxg,
+                vg,
+                vvalid,
+                s,
+                sinks,
+                kvz,
+                c,
+                masked=valid is not None,
+                keep=False,
+            )
+            o, kvz, c = p.out, p.kvz, p.c
             out[..., s : s + inp.rows, :] = o[..., : min(inp.rows, inp.length - s), :]
         ctx.feat, ctx.geo, ctx.root, ctx.starts = feat, geo, root, starts
         ctx.save_for_backward(q, k, qx, kx, v, log_const if isinstance(log_const, torch.Tensor) else None, a, valid)
@@ -372,7 +410,24 @@ class _CausalExact(torch.autograd.Function):
             kvz0, c0 = ctx.starts[g]
             qg, qxg = inp.queries(g)
             kg, kxg, vg, vvalid = inp.keys(g)
-            p = _parts(feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, vvalid, s, sinks, kvz0, c0)
+            p = _parts(
+                feat,
+                a,
+                geo,
+                log_const,
+                root,
+                qg,
+                qxg,
+                kg,
+                kxg,
+                vg,
+                vvalid,
+                s,
+                sinks,
+                kvz0,
+                c0,
+                masked=valid is not None,
+            )
             take = min(inp.rows, length - s)
             g_o = g_out.new_zeros(p.out.shape)
             g_o[..., :take, :] = g_out[..., s : s + take, :]
