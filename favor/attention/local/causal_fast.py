@@ -105,7 +105,25 @@ class _Parts:
 
 
 def _parts(
-    feat, a, geo: Geometry, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c, *, masked=True, keep=True
+    feat,
+    a,
+    geo: Geometry,
+    log_const,
+    root,
+    q,
+    qx,
+    k,
+    kx,
+    v,
+    kvalid,
+    pos0,
+    sinks,
+    kvz,
+    c,
+    *,
+    masked=True,
+    keep=True,
+    outputs=None,
 ) -> _Parts:
     """One group of n chunks, forward (differentiable where its inputs are: the autograd path).
 
@@ -115,7 +133,9 @@ def _parts(
     group in units of exp(c) (c = -inf: empty). qx, kx None: q * root, k * root.
     ``masked`` False: no key of the call is padding (the span's masks are then the same for
     every chunk past the sinks); ``keep`` False: the forward only (the exact weights are
-    not kept apart from the far ones). Without autograd the (T x span) passes run in place."""
+    not kept apart from the far ones); ``outputs`` (out (..., R, Dv), normaliser (..., R)):
+    the group's outputs as the forward computed them, not recomputed. Without autograd the
+    (T x span) passes run in place."""
     p = _Parts()
     inplace = not torch.is_grad_enabled()
     t, lag, terms = geo.chunk, geo.lag, geo.terms
@@ -195,15 +215,20 @@ def _parts(
             weights = weights + p.w_far
     p.weights = weights
     p.carry = torch.exp(before[..., None, None] - top)  # (..., n, T, 1); 0 for an empty state
-    nd = weights @ _spans(v1, geo)  # (..., n, T, E)
-    nd = nd + (qv @ p.states) * p.carry
     p.w_sink = None
     if log_sink is not None:
         p.w_sink = torch.exp(log_sink - top)
         p.sv1 = ones_column(sv)
+    if outputs is not None:  # the backward's recomputation: the forward kept them
+        p.out, p.den = outputs
+        return p
+    nd = weights @ _spans(v1, geo)  # (..., n, T, E)
+    nd = nd + (qv @ p.states) * p.carry
+    if log_sink is not None:
         nd = nd + p.w_sink @ p.sv1[..., None, :, :]
-    p.nd = nd = nd.flatten(-3, -2)
-    p.out = normalise(nd[..., :-1], nd[..., -1], None)
+    nd = nd.flatten(-3, -2)
+    p.den = nd[..., -1]
+    p.out = normalise(nd[..., :-1], p.den, None)
     return p
 
 
@@ -256,8 +281,7 @@ def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks
     n, t = p.n, geo.chunk
     rows = q.shape[-2]
     halo = k.shape[-2]
-    den = p.nd[..., -1]
-    inv = inverse(den)
+    inv = inverse(p.den)
     dnum = g_out * inv[..., None]
     dden = -(g_out * p.out).sum(-1) * inv
     dnd = torch.cat([dnum, dden[..., None]], -1).unflatten(-2, (n, t))  # (..., n, T, E)
@@ -356,6 +380,7 @@ class _CausalExact(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         kvz, c = _empty_state(feat, a, q, v)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        den = q.new_empty(q.shape[:-1])
         starts = []
         sinks = inp.sinks(root)
         for g in range(inp.groups):
@@ -384,15 +409,19 @@ class _CausalExact(torch.autograd.Function):
                 keep=False,
             )
             o, kvz, c = p.out, p.kvz, p.c
-            out[..., s : s + inp.rows, :] = o[..., : min(inp.rows, inp.length - s), :]
+            take = min(inp.rows, inp.length - s)
+            out[..., s : s + take, :] = o[..., :take, :]
+            den[..., s : s + take] = p.den[..., :take]
         ctx.feat, ctx.geo, ctx.root, ctx.starts = feat, geo, root, starts
-        ctx.save_for_backward(q, k, qx, kx, v, log_const if isinstance(log_const, torch.Tensor) else None, a, valid)
+        ctx.save_for_backward(
+            q, k, qx, kx, v, log_const if isinstance(log_const, torch.Tensor) else None, a, valid, out, den
+        )
         ctx.log_const = log_const
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        q, k, qx, kx, v, lc_t, a, valid = ctx.saved_tensors
+        q, k, qx, kx, v, lc_t, a, valid, out, den = ctx.saved_tensors
         feat, geo, root = ctx.feat, ctx.geo, ctx.root
         log_const = ctx.log_const if lc_t is None else lc_t
         inp = _Inputs(q, k, qx, kx, v, valid, geo)
