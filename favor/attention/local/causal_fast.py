@@ -121,6 +121,7 @@ def _parts(
     kvz,
     c,
     *,
+    length: int,
     masked=True,
     keep=True,
     outputs=None,
@@ -131,7 +132,7 @@ def _parts(
     its keys from pos0 - lag; kvalid (..., lag + R) real keys; ``sinks`` (k, kx, v, valid)
     of the first S' positions or None; kvz (..., M', E), c (...) the far state before the
     group in units of exp(c) (c = -inf: empty). qx, kx None: q * root, k * root.
-    ``masked`` False: no key of the call is padding (the span's masks are then the same for
+    ``length`` L of the call (rows past it hold no key); ``masked`` False: no key of the call is padding (the span's masks are then the same for
     every chunk past the sinks); ``keep`` False: the forward only (the exact weights are
     not kept apart from the far ones); ``outputs`` (out (..., R, Dv), normaliser (..., R)):
     the group's outputs as the forward computed them, not recomputed. Without autograd the
@@ -151,7 +152,10 @@ def _parts(
     lq = lq.expand(q.shape[:-1]).unflatten(-1, (n, t))
     lk = fk.log_scale if fk.log_scale is not None else k.new_zeros(k.shape[:-1])
     lk = lk.masked_fill(~kvalid, NEG_INF)
-    kvals = p.kvals = fk.values.masked_fill(~kvalid[..., None], 0.0)
+    kvals = fk.values
+    if masked or pos0 - lag < 0 or pos0 + rows > length:  # rows that hold no key: zero features
+        kvals = kvals.masked_fill_(~kvalid[..., None], 0.0) if inplace else kvals.masked_fill(~kvalid[..., None], 0.0)
+    p.kvals = kvals
     pos = torch.arange(pos0 - lag, pos0 + rows, device=q.device)
     sink_key = pos < terms.sinks
     far_lk = lk.masked_fill(sink_key, NEG_INF)  # the state and the far products skip sinks
@@ -203,7 +207,10 @@ def _parts(
 
     p.w_exact = weights = log_exact.sub_(top).exp_() if inplace else torch.exp(log_exact - top)
     if fc:
-        p.kv_far = _spans(kvals, geo)[..., :fc, :]  # (..., n, fc, M')
+        # (..., n, fc, M'): with fc = T, chunk i's far keys are the group's key rows i T ..
+        # (i + 1) T - 1, a view; else a strided view that the product copies
+        far_rows = kvals[..., : n * t, :].unflatten(-2, (n, t)) if fc == t else _spans(kvals, geo)[..., :fc, :]
+        p.kv_far = far_rows
         p.e_far = log_far.sub_(top).exp_() if inplace else torch.exp(log_far - top)
         products = qv @ p.kv_far.mT
         p.w_far = products.mul_(p.e_far) if inplace else products * p.e_far
@@ -232,9 +239,9 @@ def _parts(
     return p
 
 
-def _group(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c):
+def _group(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c, *, length: int):
     """(out (..., R, Dv), far state after the group (kvz, c)): ``_parts``' results."""
-    p = _parts(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c)
+    p = _parts(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c, length=length)
     return p.out, p.kvz, p.c
 
 
@@ -405,6 +412,7 @@ class _CausalExact(torch.autograd.Function):
                 sinks,
                 kvz,
                 c,
+                length=inp.length,
                 masked=valid is not None,
                 keep=False,
             )
@@ -455,7 +463,9 @@ class _CausalExact(torch.autograd.Function):
                 sinks,
                 kvz0,
                 c0,
+                length=length,
                 masked=valid is not None,
+                outputs=(_take(out, s, s + inp.rows), _take(den[..., None], s, s + inp.rows)[..., 0]),
             )
             take = min(inp.rows, length - s)
             g_o = g_out.new_zeros(p.out.shape)
@@ -557,6 +567,8 @@ def causal_exact_autograd(
         s = g * inp.rows
         qg, qxg = inp.queries(g)
         kg, kxg, vg, valid = inp.keys(g)
-        o, kvz, c = _group(feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, valid, s, sinks, kvz, c)
+        o, kvz, c = _group(
+            feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, valid, s, sinks, kvz, c, length=inp.length
+        )
         outs.append(o)
     return torch.cat(outs, -2)[..., : inp.length, :]
