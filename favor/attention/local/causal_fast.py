@@ -302,14 +302,14 @@ def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks
     d_kx = _overlap_add(d_log.mT @ p.qxc, geo, geo.span, halo)
     d_lq = -d_log.sum(-1)
     d_lc = None if lc_shape is None else _lc_grad(d_log, lc_shape)
-    d_kvals = torch.zeros_like(p.kvals)
+    d_far_keys = None  # (..., n, T, M') when the far span is one chunk (rows i T .. of the group), else spread
     d_lk = p.kvals.new_zeros(p.kvals.shape[:-1])
     fc = geo.far_cols
     if fc:
         d_wf = d_w[..., :fc]
         d_prod = d_wf * p.e_far
         d_qv = d_qv.add_(d_prod @ p.kv_far)
-        d_kvals = d_kvals.add_(_overlap_add(d_prod.mT @ p.qv, geo, fc, halo))
+        d_far_keys = d_prod.mT @ p.qv  # (..., n, fc, M')
         d_lk = d_lk.add_(_overlap_add((d_wf * p.w_far).sum(-2)[..., None], geo, fc, halo)[..., 0])
     out = {}
     if p.w_sink is not None:
@@ -335,7 +335,12 @@ def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks
     d_kv_lag = (v1_lag @ d_sums.mT).mul_(e)  # (..., n, T, M')
     d_v1 = d_v1.add_(F.pad(((kv_lag * e) @ d_sums).flatten(-3, -2), (0, 0, 0, halo - rows)))
     d_lk = d_lk.add_(F.pad((d_kv_lag * kv_lag).sum(-1).flatten(-2), (0, halo - rows)))
-    d_kvals = d_kvals.add_(F.pad(d_kv_lag.flatten(-3, -2), (0, 0, 0, halo - rows)))
+    if d_far_keys is not None and fc == t:  # both on the group's first R rows: no zero-filled copy
+        d_kvals = F.pad(d_kv_lag.add_(d_far_keys).flatten(-3, -2), (0, 0, 0, halo - rows))
+    else:
+        d_kvals = F.pad(d_kv_lag.flatten(-3, -2), (0, 0, 0, halo - rows))
+        if d_far_keys is not None:
+            d_kvals = d_kvals.add_(_overlap_add(d_far_keys, geo, fc, halo))
     out["q"] = _feature_vjp(feat, q, a, p.fq, d_qv.flatten(-3, -2), d_lq.flatten(-2))
     out["k"] = _feature_vjp(feat, k, a, p.kvals, d_kvals, d_lk)
     out["qx"], out["kx"], out["v"], out["lc"] = d_qx.flatten(-3, -2), d_kx, d_v1[..., :-1], d_lc
