@@ -23,6 +23,7 @@ from ._common import header, write_json
 
 
 def _decode(context: int, exact, cfg, steps: int = 40) -> float:
+    """Median seconds of one favor.step after ``context`` tokens (the state from a prefill)."""
     import torch
 
     import favor
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short lengths (1024, 2048), no 65k memory run")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests): tiny lengths, 1 repeat")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check {name}: {'ok' if ok else 'FAILED'} ({why})")
         if not ok:
             return 1
-    lengths = (1024, 2048) if args.quick else (4096, 16384)
+    if args.tiny:
+        args.quick, args.repeats = True, 1
+    lengths = (256, 512) if args.tiny else (1024, 2048) if args.quick else (4096, 16384)
     rows, results = [], {"machine": info, "causal": {}, "bidirectional": {}, "memory": {}, "decode": {}}
 
     def target(what: str, value: float, bound: float, *, at_most: bool = True, unit: str = "x") -> None:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"][65536] = mem
         print("peak MiB fwd+bwd L=65536: " + ", ".join(f"{n} {m:.0f}" for n, m in mem.items()))
         target("peak memory L=65536: exact / plain", mem["favor-exact-causal"] / mem["favor-causal"], 1.2)
-    contexts = (1024, 4096) if args.quick else (1024, 65536)
+    contexts = (128, 512) if args.tiny else (1024, 4096) if args.quick else (1024, 65536)
     exact = favor.ExactTerms(64, 4, 1)
     for c in contexts:
         plain, ex = _decode(c, None, cfg), _decode(c, exact, cfg)

@@ -20,7 +20,7 @@ TINY = BenchConfig(heads=2, dim=16, num_features=32)
 
 
 def test_checks_pass_for_favor_and_sdpa():
-    for name in ("favor", "favor-causal", "sdpa", "sdpa-causal"):
+    for name in ("favor", "favor-causal", "sdpa", "sdpa-causal", "favor-exact", "favor-exact-causal"):
         ok, detail = check_contender(name, TINY, length=64)
         assert ok, detail
 
@@ -72,3 +72,15 @@ def test_crossover_and_table():
     assert _crossover(rows, "favor", "sdpa", "fwd") == 1024
     table = _ratio_table(rows)
     assert any(r[2] == "favor" and r[5] == "2.00x" for r in table)
+
+
+def test_exact_terms_benchmark_prints_its_targets(capsys, monkeypatch, tmp_path):
+    from benchmarks import _common, exact_terms
+
+    monkeypatch.setattr(_common, "OUT", tmp_path)
+    assert exact_terms.main(["--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "check favor-exact-causal: ok" in out
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(("PASS", "FAIL"))]
+    assert len(rows) >= 6, out  # causal ratio(s), SDPA ratio, bidirectional pair, decode rows
+    assert (tmp_path / "exact_terms.json").exists()
