@@ -8,7 +8,6 @@ feature at 2^HEADROOM (favor.attention._fast_features), so such products stay no
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import favor
