@@ -10,7 +10,7 @@ tokens are put behind the kept window E = [last W tokens] + [new tokens], and:
   are not sinks (d = 1 with a window, 0 without: local.py's delay of W + 1 positions), run
   by ``causal_sums``; the state then absorbs E[0 .. Lq - 1];
 * the exact keys are E[t .. t + W] (its window) and the sinks further than W back, the
-  same sets as ``local._causal``, combined by ``local._combine``.
+  same sets as ``window._causal``, combined by ``window.combine_parts``.
 
 So the numbers are those of the teacher-forced pass over the whole sequence, to round-off.
 
@@ -28,7 +28,7 @@ from ..attention.causal import causal_sums
 from ..attention.local.dispatch import exact_attention
 from ..attention.local.recurrent import ExactState
 from ..attention.local.spec import ExactTerms
-from ..attention.local.window import _combine, pair_features, parts_sum, query_log_scale
+from ..attention.local.window import combine_parts, pair_features, parts_sum, query_log_scale
 from ..attention.state import State
 from ..attention.step_features import step_features
 from .adapter import adapter_of, repeat_kv
@@ -223,7 +223,9 @@ def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         parts.append((sinks, lambda c: c @ s_v))
 
     q_scale = query_log_scale(fq, far_den)
-    out = _combine(far_num, far_den, run, torch.cat(logits, -1), adapter.log_const(dtype), q_scale, parts_sum(parts))
+    out = combine_parts(
+        far_num, far_den, run, torch.cat(logits, -1), adapter.log_const(dtype), q_scale, parts_sum(parts)
+    )
     # keep the last W tokens of E for the next call
     # (copies: a view would keep the whole prompt's keys alive)
     layer.window = tuple(

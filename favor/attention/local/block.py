@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ...features.maps import Features
-from .window import _combine, explicit_reference, far_sums, parts_sum, query_log_scale
+from .window import combine_parts, explicit_reference, far_sums, parts_sum, query_log_scale
 
 __all__ = ["block_exact_attention", "block_exact_positions", "block_exact_reference", "check_block"]
 
@@ -122,7 +122,7 @@ def block_exact_attention(
     rf_near = torch.cat(rf_near, -1).masked_fill(~torch.isfinite(logits), 0.0)
     q_scale = query_log_scale(fq, den_rf[..., :length])
     q_scale = torch.nn.functional.pad(q_scale, (0, padded - length))
-    out = _combine(num_rf, den_rf, ref, logits, log_const, q_scale, parts_sum(parts), rf_near)
+    out = combine_parts(num_rf, den_rf, ref, logits, log_const, q_scale, parts_sum(parts), rf_near)
     return out[..., :length, :]
 
 

@@ -46,6 +46,9 @@ __all__ = [
     "local_exact_reference",
     "explicit_reference",
     "far_sums",
+    "combine_parts",
+    "parts_sum",
+    "query_log_scale",
 ]
 
 
@@ -210,7 +213,7 @@ def local_exact_attention(
     if n_sinks:
         parts.append((n_sinks, lambda c: c @ v[..., :n_sinks, :]))
     q_scale = query_log_scale(fq, den_rf)
-    return _combine(num_rf, den_rf, ref, logits, log_const, q_scale, parts_sum(parts), rf_near)
+    return combine_parts(num_rf, den_rf, ref, logits, log_const, q_scale, parts_sum(parts), rf_near)
 
 
 def far_sums(fq_values: torch.Tensor, fk: Features, v: torch.Tensor, key_padding_mask=None):
@@ -226,7 +229,7 @@ def far_sums(fq_values: torch.Tensor, fk: Features, v: torch.Tensor, key_padding
     return fq_values @ kv, (fq_values @ z[..., None])[..., 0], ref, weighted
 
 
-def _combine(far_num, far_den, log_ref, logits, log_const, q_log_scale, near_v_sum, rf_near=None):
+def combine_parts(far_num, far_den, log_ref, logits, log_const, q_log_scale, near_v_sum, rf_near=None):
     """out = (far + exact) / (far + exact) with both parts on one scale per query.
 
     far_num (..., L, Dv) and far_den (..., L) are in units of exp(q_log_scale + log_ref);
@@ -282,12 +285,12 @@ def _causal(fq, fk, q, k, v, window, sinks, log_const, key_padding_mask):
         parts.append((n_sinks, lambda c: c @ v[..., :n_sinks, :]))
 
     q_scale = query_log_scale(fq, far_den)
-    return _combine(far_num, far_den, run, torch.cat(logit, -1), log_const, q_scale, parts_sum(parts))
+    return combine_parts(far_num, far_den, run, torch.cat(logit, -1), log_const, q_scale, parts_sum(parts))
 
 
 def parts_sum(parts):
     """``parts``: (width, coeff slice -> (..., L, Dv)) in the order of the exact keys'
-    logits -> the ``near_v_sum`` of ``_combine``: each part on its slice of coeff, summed."""
+    logits -> the ``near_v_sum`` of ``combine_parts``: each part on its slice of coeff, summed."""
 
     def near_v_sum(coeff):
         out, at = 0.0, 0
