@@ -69,13 +69,22 @@ class ExactState(NamedTuple):
 def absorb(far: State, f: torch.Tensor, l: torch.Tensor, v: torch.Tensor, take: torch.Tensor | None = None) -> State:
     """far plus keys: features f (..., n, M'), log scales l (..., n), values v (..., n, Dv);
     ``take`` (..., n) bool: only those (None: all)."""
-    if l.shape[-1] == 0:
+    n = l.shape[-1]
+    if n == 0:
         return far
     if take is not None:
-        l = l.masked_fill(~take, NEG_INF)
+        l = torch.where(take, l, NEG_INF)
     kv, z, c = far
+    if n == 1:  # one key (a decoding step): an outer product, as favor.step's update
+        l1 = l.squeeze(-1)
+        new_c = torch.maximum(c, l1)
+        safe = new_c.clamp(min=FLOOR)  # finite, so that exp(-inf - safe) = 0 (isfinite is slow)
+        fw = f.squeeze(-2) * torch.exp(l1 - safe).unsqueeze(-1)
+        decay = torch.exp(c - safe).unsqueeze(-1)
+        kv = torch.addcmul(kv * decay.unsqueeze(-1), fw.unsqueeze(-1), v.squeeze(-2).unsqueeze(-2))
+        return State(kv, torch.addcmul(fw, z, decay), new_c)
     new_c = torch.maximum(c, l.amax(-1))
-    safe = new_c.clamp(min=FLOOR)  # finite, so that exp(-inf - safe) = 0 (isfinite is slow)
+    safe = new_c.clamp(min=FLOOR)
     fw = f * torch.exp(l - safe[..., None])[..., None]  # 0 for keys not taken
     decay = torch.exp(c - safe)[..., None]  # 0 for an empty far state (c = -inf, safe finite)
     return State(torch.addcmul(fw.mT @ v, kv, decay[..., None]), torch.addcmul(fw.sum(-2), z, decay), new_c)
