@@ -168,7 +168,8 @@ def _language_model(out: Path, seconds: float, context: int) -> dict:
             f"at {context} bytes the hybrid trains at {f['tokens_per_s'] / s['tokens_per_s']:.1f}x softmax's "
             f"tokens/s, so in the same wall clock it sees {f['tokens'] / max(s['tokens'], 1):.1f}x the tokens and ends "
             f"{abs(s['val_bpr'] - f['val_bpr']):.3f} bits/byte {'below' if f['val_bpr'] < s['val_bpr'] else 'above'} "
-            f"softmax and {res['unigram_bpr'] - f['val_bpr']:.2f} below the byte frequencies (lower is better); "
+            f"softmax and {abs(res['unigram_bpr'] - f['val_bpr']):.2f} "
+            f"{'below' if f['val_bpr'] < res['unigram_bpr'] else 'above'} the byte frequencies (lower is better); "
             f"peak memory of one "
             f"training step: {f['peak_mib']:.0f} vs {s['peak_mib']:.0f} MiB (torch's CPU SDPA is memory-lean)."
         ),
