@@ -55,16 +55,17 @@ def test_demo_cli_prints_tables_not_dicts(tmp_path, monkeypatch, capsys):
     argv = ["demo", "--out", str(tmp_path), "--skip-speed", "--lm-seconds", "1", "--lm-context", "32"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for part in ("(a) approximation", "(c) protein language model at context 32", "(d) decoding"):
+    for part in ("(a) approximation", "(c) English byte language model at context 32", "(d) decoding"):
         assert part in out
     assert out.count("  -> ") == 3  # one caption per table
     assert "{" not in out and "}" not in out
     report = json.loads((tmp_path / "demo.json").read_text())
     runs = report["language_model"]["runs"]
-    assert set(runs) == {"favor", "softmax"} and all(r["steps"] >= 4 for r in runs.values())
-    # the state FAVOR keeps does not grow with the context; softmax's cache does, linearly
+    assert set(runs) == {"hybrid", "softmax"} and all(r["steps"] >= 4 for r in runs.values())
+    # the state the hybrid keeps (FAVOR's and a ring) does not grow with the context;
+    # softmax's cache does, linearly
     kib = report["language_model"]["decode_state_kib"]
-    assert kib["softmax"]["128"] == 2 * kib["softmax"]["64"] and kib["favor"] < kib["softmax"]["128"]
+    assert kib["softmax"]["128"] == 2 * kib["softmax"]["64"] and kib["hybrid"] < kib["softmax"]["128"]
 
 
 def test_probe_train_step_runs_in_a_fresh_process():

@@ -140,7 +140,7 @@ def test_lm_demo_reports_everything(tmp_path):
 
     r = lm_demo(tmp_path, seconds=20, context=1024, seed=0)
     assert {"1024", "16384"} <= set(r["decode_ms_per_token"])
-    assert set(r["runs"]) == {"favor", "softmax"}
+    assert set(r["runs"]) == {"hybrid", "softmax"}
     for run in r["runs"].values():
         assert run["steps"] >= 4 and run["val_bpr"] < 6 and run["peak_mib"] > 0 and run["tokens_per_s"] > 0
     assert isinstance(r["sample"], str) and r["context"] == 1024

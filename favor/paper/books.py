@@ -7,7 +7,11 @@ to the Bible and says so in its title and table); validation: held-out books: Ps
 Acts and *Persuasion*. ``--quick`` uses the Bible only. Variants share the model, data
 order, initial weights (per seed), evaluation set and budget: exact softmax; FAVOR+ with and
 without feature redrawing; SMREG (``norm="sqrt_d"``) with redraw; trig; ReLU; FAVOR++
-(``oprf``); Linformer and Reformer when installed.
+(``oprf``); the hybrid Performer (FAVOR+ with an exact 64-key window and 4 sinks,
+``favor.ExactTerms``); Linformer and Reformer when installed.
+
+``--objective causal`` trains the same models as causal byte LMs instead (PerformerLM,
+next-byte prediction on the same corpus and schedule), scored in held-out bits per byte.
 
 Sequence-length warm-up: for the first half of training the context grows 128, 256, 512,
 1,024 bytes in equal stages (then 2,048), with the same 2,048 bytes per step (16 rows of
@@ -26,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .harness import ModelSize, Variant
+from .harness import ModelSize, Variant, hybrid
 
 NAME = "books"
 #: 3e-3, not the paper's 1e-3: at this scale the masked LM leaves the unigram plateau (0.177
@@ -36,9 +40,12 @@ LR = 3e-3
 #: step 200 (benchmarks/results/paper/plateau/books-L128-austen)
 WARMUP = 10
 MASK_ID, PAD_ID, VOCAB = 256, 257, 258
+#: objective -> the metric its table and plot report
+OBJECTIVES = {"masked": "accuracy", "causal": "bits"}
 
 VARIANTS = [
     Variant("softmax (exact)", attention="softmax"),
+    hybrid(),
     Variant("FAVOR+ redraw", kernel="positive", redraw=True),
     Variant("FAVOR+ no redraw", kernel="positive", redraw=False),
     Variant("SMREG redraw", kernel="positive", norm="sqrt_d", redraw=True),
@@ -77,6 +84,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=WARMUP, help=f"linear warm-up steps (default {WARMUP})")
     parser.add_argument("--redraw-interval", type=int, default=1, help="steps between feature redraws (default 1)")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="masked",
+        help="masked LM (bidirectional, masked accuracy; default) or causal byte LM (held-out bits per byte)",
+    )
 
 
 def add_data_arguments(parser, *, steps: str) -> None:
@@ -160,13 +173,35 @@ def corpus(
     return train, val, note
 
 
-def make_task(train: dict[str, str], val: dict[str, str], *, seq_len: int, batch: int, eval_rows: int, length_at=None):
+def make_task(
+    train: dict[str, str],
+    val: dict[str, str],
+    *,
+    seq_len: int,
+    batch: int,
+    eval_rows: int,
+    length_at=None,
+    objective: str = "masked",
+):
+    """The masked-LM task (default) or, with ``objective="causal"``, next-byte prediction on
+    windows of ``seq_len`` inputs (``length_at``'s lengths count inputs too)."""
     import torch
 
-    from .tasks import MaskedLM, StreamSource
+    from .tasks import CausalLM, MaskedLM, StreamSource
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     sep = _bytes("\n\n")
     join = lambda texts: torch.cat([t for x in texts.values() for t in (_bytes(x), sep)])  # noqa: E731
+    if objective == "causal":
+        return CausalLM(
+            StreamSource(join(train), seq_len + 1),
+            StreamSource(join(val), seq_len + 1),
+            vocab_size=VOCAB,
+            batch_size=batch,
+            eval_rows=eval_rows,
+            length_at=None if length_at is None else (lambda step: length_at(step) + 1),
+        )
     return MaskedLM(
         StreamSource(join(train), seq_len),
         StreamSource(join(val), seq_len),
@@ -192,10 +227,11 @@ def experiment(
     austen: bool = True,
     variants: list[Variant] | None = None,
     length_warmup: float | None = None,
+    objective: str = "masked",
     progress=None,
     on_result=None,
 ) -> dict[str, Any]:
-    """Train every variant; returns {"runs", "summary", "skipped", "unigram", "config"}.
+    """Train every variant (as masked LMs, or causal byte LMs with ``objective="causal"``); returns {"runs", "summary", "skipped", "unigram", "config"}.
     ``on_result(partial result)`` is called after every finished run."""
     from dataclasses import replace
 
@@ -214,14 +250,19 @@ def experiment(
     if fraction > 0 and start < seq_len:
         lengths = lambda step: length_schedule(step, steps=steps, start=start, full=seq_len, fraction=fraction)  # noqa: E731
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
-    task = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths)
+    task = make_task(
+        train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths, objective=objective
+    )
     variants = variants or VARIANTS
+    if objective == "causal":  # Linformer projects along the whole sequence: no causal mode
+        variants = [v for v in variants if v.attention != "linformer"]
     if progress is not None:
         progress.total = steps * seeds * sum(unavailable(v) is None for v in variants)
     unigram = task.unigram()
     skipped = {v.name: why for v in variants if (why := unavailable(v))}
     config = {
         "mode": "quick" if quick else "full",
+        "objective": objective,
         "corpus": note,
         "train_bytes": {k: len(v) for k, v in train.items()},
         "val_bytes": {k: len(v) for k, v in val.items()},
@@ -231,14 +272,20 @@ def experiment(
         "steps": steps,
         "seeds": seeds,
         "redraw_interval": redraw_interval,
-        "mask_rate": 0.15,
+        "mask_rate": 0.15 if objective == "masked" else None,
         "lr": lr,
         "warmup": warmup,
         "model": {"dim": size.dim, "depth": size.depth, "heads": size.heads, "num_features": "D ln D"},
     }
 
     def result(runs):
-        return {"runs": runs, "summary": compare(runs), "skipped": skipped, "unigram": unigram, "config": config}
+        return {
+            "runs": runs,
+            "summary": compare(runs, metric=OBJECTIVES[objective]),
+            "skipped": skipped,
+            "unigram": unigram,
+            "config": config,
+        }
 
     runs, _ = run_suite(
         task,
@@ -273,6 +320,7 @@ def run(args) -> int:
         warmup=args.warmup,
         variants=pick_variants(args.variants),
         length_warmup=args.warmup_lengths,
+        objective=args.objective,
         data_dir=args.data_dir,
         austen=not args.no_austen,
     )
@@ -281,23 +329,22 @@ def run(args) -> int:
 def save(args, res):
     from .suite import save_suite, suite_table
 
-    table = suite_table(
-        res["summary"], metric="accuracy", baseline=res["unigram"], skipped=res["skipped"], metric_label="masked acc"
-    )
     c = res["config"]
+    causal = c.get("objective", "masked") == "causal"
+    metric = OBJECTIVES[c.get("objective", "masked")]
+    table = suite_table(
+        res["summary"],
+        metric=metric,
+        baseline=res["unigram"],
+        skipped=res["skipped"],
+        metric_label="bits/byte" if causal else "masked acc",
+    )
     warm = c.get("length_warmup")
     grow = f" (grown from {warm['start']} over the first {warm['fraction']:.0%} of steps)" if warm else ""
     title = (
-        f"books: masked LM on bytes, L={c['seq_len']}{grow}, {c['corpus']}; {c['seeds']} seed(s), "
+        f"books: {'causal LM' if causal else 'masked LM'} on bytes, L={c['seq_len']}{grow}, {c['corpus']}; {c['seeds']} seed(s), "
         f"redraw every {c['redraw_interval']} step(s)"
     )
     table = f"{title}\n\n{table}"
-    paths = save_suite(
-        args.out,
-        NAME,
-        res,
-        table,
-        metric="accuracy",
-        title=title,
-    )
+    paths = save_suite(args.out, NAME + ("_causal" if causal else ""), res, table, metric=metric, title=title)
     return table, paths

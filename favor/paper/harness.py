@@ -19,6 +19,9 @@ from typing import Any
 __all__ = [
     "Variant",
     "ModelSize",
+    "hybrid",
+    "HYBRID_WINDOW",
+    "HYBRID_SINKS",
     "build_model",
     "train_run",
     "at_time",
@@ -33,7 +36,10 @@ class Variant:
     """One attention setting. ``attention``: "softmax" (exact), "favor", or a peer
     ("linformer", "reformer"); ``kernel`` and ``norm`` ("chi" or SMREG's "sqrt_d") pick the
     FAVOR features; ``redraw`` says whether features are redrawn during training;
-    ``depth`` overrides the model depth (the paper's 12-layer Reformer vs 6-layer Performer)."""
+    ``depth`` overrides the model depth (the paper's 12-layer Reformer vs 6-layer Performer);
+    ``window`` > 0 makes the hybrid Performer: FAVOR plus exact softmax weights for each
+    query's last ``window`` + 1 keys (its ``window`` neighbours on each side, bidirectional)
+    and the first ``sinks`` tokens (``favor.ExactTerms``), one normaliser."""
 
     name: str
     attention: str = "favor"
@@ -41,6 +47,19 @@ class Variant:
     norm: str = "chi"
     redraw: bool = True
     depth: int | None = None
+    window: int = 0
+    sinks: int = 0
+
+
+#: the hybrid Performer's exact terms in the paper's experiments: a 64-key window and 4 sinks
+#: (chosen over W=16, S=1 by the text measurement in docs/paper.md, "The hybrid Performer")
+HYBRID_WINDOW, HYBRID_SINKS = 64, 4
+
+
+def hybrid(prefix: str = "hybrid FAVOR+", *, window: int = HYBRID_WINDOW, sinks: int = HYBRID_SINKS, **kw) -> Variant:
+    """The hybrid Performer variant, named ``prefix (W=.. S=..)``: FAVOR+ (positive
+    features) with the exact window and sinks."""
+    return Variant(f"{prefix} (W={window} S={sinks})", kernel="positive", window=window, sinks=sinks, **kw)
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ def unavailable(variant: Variant) -> str | None:
 def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: bool, seed: int):
     """favor's PerformerLM / PerformerEncoder with ``variant``'s attention; initial weights
     depend on ``seed`` only, so every variant of a seed starts from the same weights."""
+    from ..attention.local.spec import ExactTerms
     from ..models import PerformerConfig, PerformerEncoder, PerformerLM
     from ..nn import feature_maps, redraw_features
 
@@ -88,6 +108,7 @@ def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: b
         num_features=size.num_features,
         max_len=size.max_len,
         seed=seed,
+        exact=ExactTerms(variant.window, sinks=variant.sinks) if variant.window else None,
     )
     model = (PerformerLM if causal else PerformerEncoder)(cfg)
     if variant.norm != "chi":

@@ -5,14 +5,16 @@ next-residue prediction. A Performer (FAVOR+, redraw every step) of ``--depth`` 
 timed; then exact Transformers of 1, 2, ... layers are timed on the same batch, and the
 deepest whose training step is no slower than the Performer's is kept (the paper: the
 deepest that fits the accelerator's memory; on a CPU memory is not the limit, time is).
-Both train for the same wall-clock time; accuracy curves on held-out proteins.
+The hybrid Performer (the same depth, FAVOR+ with an exact 64-residue window and 4 sinks) is
+timed and trained beside them. All train for the same wall-clock time; accuracy curves on
+held-out proteins.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .harness import ModelSize, Variant
+from .harness import ModelSize, Variant, hybrid
 
 NAME = "long_proteins"
 
@@ -77,8 +79,9 @@ def experiment(
         eval_rows=eval_rows,
     )
     performer = Variant(f"Performer ({p_depth} layers)", kernel="positive")
+    mixed = hybrid(f"hybrid Performer ({p_depth} layers)")
     t_perf = step_seconds(task, performer, size)
-    timings = {performer.name: t_perf}
+    timings = {performer.name: t_perf, mixed.name: step_seconds(task, mixed, size)}
     exact_depth = 1
     for d in range(1, p_depth + 1):
         t = step_seconds(task, Variant("exact", attention="softmax"), replace(size, depth=d))
@@ -90,9 +93,9 @@ def experiment(
     exact = Variant(f"Transformer (exact, {exact_depth} layers)", attention="softmax", depth=exact_depth)
     cap = 100_000
     if progress is not None:
-        progress.total = 2 * int(budget)
+        progress.total = 3 * int(budget)
     runs = []
-    for v in (performer, exact):
+    for v in (performer, mixed, exact):
         tick = None
         if progress is not None:
             progress.set_postfix_str(v.name)
@@ -169,6 +172,6 @@ def save(args, res):
     c = res["config"]
     title = (
         f"long-proteins: concatenated Swiss-Prot, L={c['length']}, {c['seconds_per_model']:.0f} s of training each; "
-        f"Performer {c['performer_depth']} layers vs the deepest exact model as fast per step"
+        f"Performer and hybrid {c['performer_depth']} layers vs the deepest exact model as fast per step"
     )
     return t, save_suite(args.out, NAME, res, t, metric="accuracy", title=title)

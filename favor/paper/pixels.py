@@ -2,7 +2,8 @@
 
 Images as sequences of 784 8-bit pixels (raster order, vocabulary 256 plus a start token),
 modelled autoregressively and scored in bits per dimension on held-out images:
-Performer-ReLU, Performer-softmax (FAVOR+), SMREG, the exact Transformer, and Reformer
+Performer-ReLU, Performer-softmax (FAVOR+), SMREG, the hybrid Performer (FAVOR+ with an
+exact 64-pixel window and 4 sinks), the exact Transformer, and Reformer
 (LSH, when installed) at twice the depth, as the paper compares a 6-layer Performer with a
 12-layer Reformer. Samples drawn after training (FAVOR and exact models decode one pixel
 per step through their recurrent state) go in the PNG. ``--quick`` uses 14 x 14 images
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .harness import ModelSize, Variant
+from .harness import ModelSize, Variant, hybrid
 
 NAME = "pixels"
 BOS, VOCAB = 256, 257
@@ -25,6 +26,7 @@ def variants(depth: int) -> list[Variant]:
         Variant("Performer-ReLU", kernel="relu"),
         Variant("Performer-softmax", kernel="positive"),
         Variant("SMREG", kernel="positive", norm="sqrt_d"),
+        hybrid("Performer-hybrid"),
         Variant("Transformer (exact)", attention="softmax"),
         Variant(f"Reformer x2 depth ({2 * depth} layers)", attention="reformer", depth=2 * depth),
     ]

@@ -1,7 +1,8 @@
 """favor paper proteins: the paper's Table 2 (TrEMBL) on Swiss-Prot, small.
 
 Proteins clipped at 1,024 residues, unidirectional (next-residue LM) and bidirectional
-(15 % masked LM): exact Transformer vs Performer-ReLU vs Performer-softmax (FAVOR+), all
+(15 % masked LM): exact Transformer vs Performer-ReLU vs Performer-softmax (FAVOR+) vs the
+hybrid Performer (FAVOR+ with an exact 64-residue window and 4 sinks), all
 redrawing features every step, scored by accuracy and perplexity on a random test split
 and on an out-of-distribution split of 20 held-out homology clusters (proteins sharing an
 exact 10-residue word; favor.paper.families; the paper held out 20 Pfam families), next to
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .harness import ModelSize, Variant
+from .harness import ModelSize, Variant, hybrid
 
 NAME = "proteins"
 
@@ -21,6 +22,7 @@ VARIANTS = [
     Variant("Transformer (exact)", attention="softmax"),
     Variant("Performer-ReLU", kernel="relu"),
     Variant("Performer-softmax", kernel="positive"),
+    hybrid("Performer-hybrid"),
 ]
 
 #: mode -> (ModelSize, clip length, batch, steps, eval_every, eval rows, seeds, proteins used, OOD families)

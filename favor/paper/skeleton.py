@@ -1,8 +1,8 @@
 """The paper's model skeletons with a pluggable attention (Fig. 3, App. E).
 
-A pre-LayerNorm Transformer over a byte vocabulary: token embedding, ``layers`` blocks of
-``x + attention(LN(x))`` and ``x + FFN(LN(x))`` (GELU, width ``d_ff``), a final LN and a
-linear head. No positional embedding: it costs nothing next to the rest and would tie the
+A pre-LayerNorm Transformer over a byte vocabulary: token embedding, ``layers`` of favor's
+own block (``favor.models.Block``: ``x + attention(LN(x))`` and ``x + MLP(LN(x))``, GELU,
+width ``d_ff``) with the attention swapped in, a final LN and a linear head. No positional embedding: it costs nothing next to the rest and would tie the
 model to a maximum length. The attention is chosen by name from ``ATTENTIONS``:
 
 - ``favor``: FAVOR+ (positive features, M=256, orthogonal), through ``favor.attention``;
@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.block import Block
+from ..models.config import PerformerConfig
+
 __all__ = [
     "SkeletonConfig",
     "REGULAR",
@@ -36,6 +39,8 @@ __all__ = [
     "ATTENTIONS",
     "available",
     "Skeleton",
+    "BlockAttention",
+    "make_block",
     "build_model",
 ]
 
@@ -208,36 +213,64 @@ def available(name: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-class _Block(nn.Module):
-    def __init__(self, cfg: SkeletonConfig, attention: nn.Module) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.attention = attention
-        self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+class BlockAttention(nn.Module):
+    """A self-attention (B, L, d) -> (B, L, d) behind favor's Block interface:
+    ``(x, *, key_padding_mask, state, return_state) -> (out, None)`` (no masks, no state: the
+    skeletons time whole sequences)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, *, key_padding_mask=None, state=None, return_state=False):
+        if key_padding_mask is not None or state is not None or return_state:
+            raise ValueError("the skeleton's attention takes no key_padding_mask and keeps no state")
+        return self.inner(x), None
+
+
+def make_block(cfg: SkeletonConfig, attention: nn.Module, *, causal: bool) -> Block:
+    """favor's pre-LN ``favor.models.Block`` (x + attn(LN(x)), x + MLP(LN(x)), GELU, width
+    d_ff) with ``attention`` in it. The MLP's weights are drawn from torch's global generator
+    exactly as an ``nn.Sequential(Linear, GELU, Linear)`` built here would draw them (the
+    Block's own attention, replaced, draws nothing from it), so a seed gives the same weights
+    as the skeleton's earlier private block did."""
+    dim = cfg.d_model
+    config = PerformerConfig(
+        vocab_size=cfg.vocab,
+        dim=dim,
+        depth=1,
+        heads=cfg.heads,
+        mlp_ratio=cfg.d_ff / dim,
+        attention="softmax",
+        position="none",
+    )
+    with torch.random.fork_rng(devices=[]):
+        block = Block(config, causal=causal)
+    if block.mlp[0].out_features != cfg.d_ff:  # pragma: no cover - round(d * (d_ff / d)) == d_ff
+        raise ValueError(f"d_ff={cfg.d_ff} is not representable as mlp_ratio over d_model={dim}")
+    block.attn = BlockAttention(attention)
+    block.mlp[0].reset_parameters()
+    block.mlp[2].reset_parameters()
+    return block
 
 
 class Skeleton(nn.Module):
     """tokens (B, L) -> logits (B, L, vocab)."""
 
-    def __init__(self, cfg: SkeletonConfig, attentions: list[nn.Module]) -> None:
+    def __init__(self, cfg: SkeletonConfig, attentions: list[nn.Module], *, causal: bool = False) -> None:
         super().__init__()
         if len(attentions) != cfg.layers:
             raise ValueError(f"need one attention per layer ({cfg.layers}), got {len(attentions)}")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(_Block(cfg, a) for a in attentions)
+        self.blocks = nn.ModuleList(make_block(cfg, a, causal=causal) for a in attentions)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x)
+            x = block(x)[0]
         return self.head(self.norm(x))
 
 
@@ -271,4 +304,4 @@ def build_model(
             spec.build(cfg, causal=causal, num_features=num_features, length=length, generator=gen)
             for _ in range(cfg.layers)
         ]
-        return Skeleton(cfg, layers)
+        return Skeleton(cfg, layers, causal=causal)

@@ -96,7 +96,7 @@ def check_attention(name: str, size: str, *, causal: bool, length: int = 64) -> 
 
     cfg = SIZES[size]
     model = build_model(cfg, name, causal=causal, length=length).double()
-    layer = model.blocks[0].attention
+    layer = model.blocks[0].attn.inner
     x = torch.randn(1, length, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = layer(x)

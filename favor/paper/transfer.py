@@ -9,7 +9,9 @@ loss at the full 2,048-byte context from the first step. Reported: the accuracy 
 the swap, the steps until the Performer comes within 1 % (relative) of the softmax model's
 accuracy, and the same for a Performer trained from scratch with the softmax model's budget
 plus the fine-tuning steps, on the softmax model's length schedule (the same warm-up over
-the first half of the pre-training steps, then 2,048 bytes for the rest).
+the first half of the pre-training steps, then 2,048 bytes for the rest). The same weights
+also go into the hybrid Performer (FAVOR+ with an exact 64-byte window and 4 sinks), which
+is fine-tuned the same way.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .books import LR, WARMUP, add_data_arguments
-from .harness import ModelSize, Variant
+from .harness import ModelSize, Variant, hybrid
 
 NAME = "transfer"
 SOFTMAX = Variant("softmax (pretrained)", attention="softmax")
 SWAPPED = Variant("FAVOR+ from softmax weights", kernel="positive")
 SCRATCH = Variant("FAVOR+ from scratch", kernel="positive")
+HYBRID = hybrid("hybrid FAVOR+ from softmax weights")
 FRESH = 1000
 
 #: mode -> (pre-training steps, fine-tuning steps, eval_every, eval rows); the model size,
@@ -61,11 +64,12 @@ def steps_within(curve: list[dict[str, Any]], target: float, *, metric: str = "a
     return next((p["step"] for p in curve if p[metric] >= target), None)
 
 
-def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int):
-    """The same architecture with FAVOR+ attention, holding the softmax model's weights."""
+def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int, variant: Variant = SWAPPED):
+    """The same architecture with ``variant``'s attention (default FAVOR+), holding the softmax
+    model's weights."""
     from .harness import build_model
 
-    model = build_model(SWAPPED, size, vocab_size=vocab_size, causal=False, seed=seed)
+    model = build_model(variant, size, vocab_size=vocab_size, causal=False, seed=seed)
     missing, unexpected = model.load_state_dict(softmax_model.state_dict(), strict=False)
     if unexpected or any(not k.endswith(("feature_map.projection", "feature_map.rho")) for k in missing):
         raise RuntimeError(f"weights do not carry over: missing {missing}, unexpected {unexpected}")
@@ -115,7 +119,7 @@ def experiment(
     grown = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths)
     full = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)  # the same evaluation set
     if progress is not None:
-        progress.total = seeds * (pre + fine + pre + fine)
+        progress.total = seeds * (pre + fine + fine + pre + fine)
     runs, rows = [], []
     tick = progress.update if progress is not None else None
     for seed in range(seeds):
@@ -123,7 +127,8 @@ def experiment(
             grown, SOFTMAX, size, seed=seed, steps=pre, eval_every=eval_every, lr=lr, warmup=warmup, progress=tick
         )
         target = 0.99 * soft["curve"][-1]["accuracy"]
-        swapped = swap_to_favor(soft.pop("model"), size, vocab_size=full.vocab_size, seed=seed)
+        soft_model = soft.pop("model")
+        swapped = swap_to_favor(soft_model, size, vocab_size=full.vocab_size, seed=seed)
         # fine-tuning starts from trained weights (no warm-up) on batches the softmax model
         # did not see (the batch stream of seed + FRESH)
         tuned = train_run(
@@ -138,6 +143,18 @@ def experiment(
             model=swapped,
             progress=tick,
         )
+        mixed = train_run(
+            full,
+            HYBRID,
+            size,
+            seed=seed + FRESH,
+            steps=fine,
+            eval_every=eval_every,
+            warmup=0,
+            lr=lr if finetune_lr is None else finetune_lr,
+            model=swap_to_favor(soft_model, size, vocab_size=full.vocab_size, seed=seed, variant=HYBRID),
+            progress=tick,
+        )
         scratch = train_run(
             grown,
             SCRATCH,
@@ -149,9 +166,9 @@ def experiment(
             warmup=warmup,
             progress=tick,
         )
-        for r in (tuned, scratch):
+        for r in (tuned, mixed, scratch):
             r.pop("model")
-        runs += [soft, tuned, scratch]
+        runs += [soft, tuned, mixed, scratch]
         rows.append(
             {
                 "seed": seed,
@@ -159,6 +176,9 @@ def experiment(
                 "swap_accuracy": tuned["curve"][0]["accuracy"],
                 "finetuned_accuracy": tuned["curve"][-1]["accuracy"],
                 "finetune_steps_to_99pct": steps_within(tuned["curve"], target),
+                "hybrid_swap_accuracy": mixed["curve"][0]["accuracy"],
+                "hybrid_finetuned_accuracy": mixed["curve"][-1]["accuracy"],
+                "hybrid_finetune_steps_to_99pct": steps_within(mixed["curve"], target),
                 "scratch_accuracy_same_steps_as_finetune": next(
                     p["accuracy"] for p in scratch["curve"] if p["step"] >= fine
                 ),
@@ -199,6 +219,9 @@ def table(res: dict[str, Any]) -> str:
         "FAVOR+ right after the swap",
         f"after {c['finetune_steps']} fine-tuning steps",
         "fine-tuning steps to 99 % of softmax",
+        "hybrid right after the swap",
+        f"hybrid after {c['finetune_steps']} fine-tuning steps",
+        "hybrid: fine-tuning steps to 99 %",
         f"FAVOR+ from scratch at {c['finetune_steps']} steps",
         f"from scratch: steps to 99 % (of {c['pretrain_steps'] + c['finetune_steps']})",
     ]
@@ -209,12 +232,21 @@ def table(res: dict[str, Any]) -> str:
             r["swap_accuracy"],
             r["finetuned_accuracy"],
             r["finetune_steps_to_99pct"] if r["finetune_steps_to_99pct"] is not None else "not reached",
+            r.get("hybrid_swap_accuracy", "-"),
+            r.get("hybrid_finetuned_accuracy", "-"),
+            "-"
+            if "hybrid_swap_accuracy" not in r
+            else (
+                r["hybrid_finetune_steps_to_99pct"]
+                if r["hybrid_finetune_steps_to_99pct"] is not None
+                else "not reached"
+            ),
             r["scratch_accuracy_same_steps_as_finetune"],
             r["scratch_steps_to_99pct"] if r["scratch_steps_to_99pct"] is not None else "not reached",
         ]
         for r in res["rows"]
     ]
-    names = [SOFTMAX.name, SWAPPED.name, SCRATCH.name]
+    names = [SOFTMAX.name, SWAPPED.name, HYBRID.name, SCRATCH.name]
     unigram = f" Unigram baseline: {res['unigram']['accuracy']:.4f}." if "unigram" in res else ""
     return (
         "Masked-token accuracy on held-out books ("

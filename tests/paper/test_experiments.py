@@ -32,3 +32,26 @@ def test_quick_mode_writes_finite_curves_for_every_variant(name, tmp_path, capsy
     names = {r["variant"]["name"]: r for r in data["runs"]}
     for must in [n for n in names if any(w in n for w in ("exact", "FAVOR+ redraw", "Performer-softmax"))]:
         assert names[must]["diverged_at"] is None, must
+
+
+def test_books_causal_mode_scores_bits_per_byte_with_the_hybrid(tmp_path):
+    # `favor paper books --objective causal`: causal byte LMs, held-out bits per byte; the
+    # hybrid Performer (exact window + sinks) is among the variants and Linformer (no causal
+    # mode) is not
+    assert main(["paper", "books", "--quick", "--objective", "causal", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "books_causal.json").read_text())
+    assert data["config"]["objective"] == "causal" and data["config"]["mask_rate"] is None
+    names = {r["variant"]["name"]: r for r in data["runs"]}
+    hybrid = next(r for n, r in names.items() if n.startswith("hybrid"))
+    assert hybrid["variant"]["window"] > 0 and hybrid["variant"]["sinks"] > 0
+    assert "Linformer" not in names
+    for r in names.values():
+        assert all(math.isfinite(p["bits"]) for p in r["curve"])
+    assert "bits/byte" in (tmp_path / "books_causal.md").read_text()
+
+
+def test_every_training_experiment_has_the_hybrid_performer():
+    from favor.paper import books, pixels, proteins, transfer
+
+    for variants in (books.VARIANTS, proteins.VARIANTS, pixels.variants(2), [transfer.HYBRID]):
+        assert any(v.window > 0 and v.attention == "favor" for v in variants)

@@ -150,6 +150,27 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
         assert a(tokens).shape == (1, 16, 256)
 
 
+#: the logits (last position, first 3) of build_model(heads 2, layers 2, d_ff 48, d_model 16;
+#: "sdpa", causal, seed 5) on the test's tokens, computed with the skeleton's earlier private
+#: block (before it became favor.models.Block)
+EARLIER_BLOCK_LOGITS = torch.tensor([-0.7214173674583435, -1.0913726091384888, -0.835946798324585])
+
+
+def test_skeleton_is_built_from_favors_block():
+    # one Performer block in the codebase: the skeletons use favor.models.Block, and the
+    # weights a seed gives are those of the skeleton's earlier private block (the MLP drawn
+    # from the seeded global generator right after the attention): pinned by a logit
+    from favor.models.block import Block
+
+    model = build_model(SMALL, "favor", seed=5)
+    assert all(isinstance(b, Block) for b in model.blocks)
+    cfg = SkeletonConfig(heads=2, layers=2, d_ff=48, d_model=16)
+    tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = build_model(cfg, "sdpa", causal=True, seed=5)(tokens)[0, -1, :3]
+    torch.testing.assert_close(got, EARLIER_BLOCK_LOGITS, rtol=1e-5, atol=1e-6)
+
+
 def test_build_model_errors():
     with pytest.raises(ValueError, match="attention must be one of"):
         build_model(SMALL, "flash")
@@ -171,4 +192,4 @@ def test_peer_in_the_skeleton(name):
     logits = model(tokens)
     assert logits.shape == (1, 128, 256) and torch.isfinite(logits).all()
     logits.sum().backward()
-    assert all(p.grad is not None for p in model.blocks[0].ffn.parameters())
+    assert all(p.grad is not None for p in model.blocks[0].mlp.parameters())

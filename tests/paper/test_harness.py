@@ -158,6 +158,20 @@ def test_compare_reads_equal_steps_and_the_largest_common_time():
     assert steps_within(slow["curve"], 0.55) == 20 and steps_within(slow["curve"], 0.9) is None
 
 
+def test_the_hybrid_variant_is_favor_with_exact_window_and_sinks_from_the_same_weights():
+    from favor import ExactTerms
+    from favor.paper.harness import hybrid
+
+    v = hybrid(window=8, sinks=2)
+    assert v.name == "hybrid FAVOR+ (W=8 S=2)" and v.kernel == "positive"
+    soft = build_model(Variant("s", attention="softmax"), TINY, vocab_size=11, causal=True, seed=4)
+    mixed = build_model(v, TINY, vocab_size=11, causal=True, seed=4)
+    assert mixed.config.exact == ExactTerms(8, sinks=2) and mixed.blocks[0].attn.exact == ExactTerms(8, sinks=2)
+    sd = mixed.state_dict()
+    assert all(torch.equal(w, sd[k]) for k, w in soft.state_dict().items())
+    assert build_model(Variant("p"), TINY, vocab_size=11, causal=True, seed=4).config.exact is None
+
+
 def test_swap_to_favor_keeps_every_softmax_weight():
     soft = build_model(Variant("s", attention="softmax"), TINY, vocab_size=11, causal=False, seed=1)
     with torch.no_grad():
@@ -186,6 +200,7 @@ def test_transfer_grows_the_context_for_pretraining_and_scratch_and_finetunes_at
     # 8 pre-training steps; the scratch run follows the same schedule, then stays at 256
     assert seen[transfer.SOFTMAX.name] == [128] * 4 + [256] * 4
     assert seen[transfer.SWAPPED.name] == [256] * 4
+    assert seen[transfer.HYBRID.name] == [256] * 4
     assert seen[transfer.SCRATCH.name] == [128] * 4 + [256] * 8
     assert res["config"]["length_warmup"]["of_steps"] == 8 and res["config"]["seq_len"] == 256
 
