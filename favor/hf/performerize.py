@@ -57,8 +57,8 @@ DENSE = "derf"
 #: by 8 either side and for the first token, FAVOR for the rest: the most faithful linear-cost
 #: setting measured on MiniLM (distilled: 0.992 / 0.992 embedding cosine at 128 / 512 tokens,
 #: the window alone 0.984 / 0.990; blocks of 64 give 0.994 / 0.993 but cost 2.15x plain FAVOR's
-#: forward at L=4096, 32 1.91x: benchmarks/results/hf_fidelity_512.md). Blocks are
-#: bidirectional: a model with causal layers gets exact_block=1 unless one is given.
+#: forward at L=4096, 32 1.91x: benchmarks/results/hf_fidelity_512.md). Blocks were measured
+#: on encoders: a model with causal layers gets exact_block=1 unless one is given.
 DEFAULTS = MappingProxyType(
     {"kernel": DENSE, "key_shift": "sequence", "exact_window": 8, "exact_sinks": 1, "exact_block": 32}
 )
