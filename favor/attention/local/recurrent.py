@@ -21,6 +21,9 @@ from .spec import ExactTerms
 __all__ = ["ExactState", "exact_step", "exact_state_from_sequence", "absorb"]
 
 NEG_INF = float("-inf")
+#: sink slots hold their position plus SINK_MARK, so that one comparison with the first
+#: exact position of the query selects every live slot (ring keys in the window, all sinks)
+SINK_MARK = 1 << 40
 #: shifts are clamped to at least this (finite in float32), so that exp(-inf - shift) = 0
 FLOOR = -1e30
 
@@ -125,6 +128,7 @@ def exact_step(
     far, keys, keys_x, values, pos = state.far, state.keys, state.keys_x, state.values, state.pos
     start = _start(t, terms)
     first = max(_start(t - 1, terms) if t else start, s, 0)  # the ring's first key before this token
+    q1 = q.unsqueeze(-2)
     if first < start:  # keys leave the ring for the far state (C = 1: one per token)
         if start - first == 1:
             i = first % r
@@ -133,26 +137,29 @@ def exact_step(
             slots = torch.tensor([p % r for p in range(first, start)], device=q.device)
             k_out, v_out = keys.index_select(-2, slots), values.index_select(-2, slots)
             real = pos.index_select(-1, slots) >= 0
-        fk = feat(k_out, a)
-        lk = fk.log_scale if fk.log_scale is not None else torch.zeros_like(fk.values[..., 0])
-        far = absorb(far, fk.values, lk.expand(real.shape), v_out, real)  # padding never enters
+        # the query's and the leaving keys' features in one call
+        f = feat(torch.cat([q1.expand(*k_out.shape[:-2], 1, q.shape[-1]), k_out], -2), a)
+        values_f, log_f = f.values, f.log_scale if f.log_scale is not None else f.values.new_zeros(f.values.shape[:-1])
+        fqv, lq = values_f[..., 0, :], log_f[..., 0]
+        far = absorb(far, values_f[..., 1:, :], log_f[..., 1:], v_out, real)  # padding never enters
+    else:
+        f = feat(q1, a)
+        fqv = f.values.squeeze(-2)
+        lq = f.log_scale.squeeze(-1) if f.log_scale is not None else fqv.new_zeros(fqv.shape[:-1])
     slot = r + t if t < s else t % r  # sinks: slots R .. R + S - 1, kept for ever
     keys, keys_x, values = _put(keys, slot, k), _put(keys_x, slot, kx), _put(values, slot, v)
     pos = pos.clone()
+    at = t + SINK_MARK if t < s else t
     if live is None:
-        pos.select(-1, slot).fill_(t)
+        pos.select(-1, slot).fill_(at)
     else:
-        pos.select(-1, slot).copy_(torch.where(live, t, -1))
-    fq = feat(q.unsqueeze(-2), a)
-    fqv = fq.values.squeeze(-2)
-    lq = fq.log_scale.squeeze(-1) if fq.log_scale is not None else fqv.new_zeros(fqv.shape[:-1])
+        pos.select(-1, slot).copy_(torch.where(live, at, -1))
     if isinstance(log_const, torch.Tensor):
         log_const = log_const[..., 0, 0]  # (..., 1, 1) -> (...), as lq
-    # every term of the row relative to the query's feature scale, then to the row's max;
-    # a slot counts if it holds a real key in the query's exact set (ring) or a sink
-    lo = max(start, 0)  # empty and padding slots hold -1
-    exact = (pos >= lo) | ((pos < s) & (pos >= 0)) if s else pos >= lo
-    logits = (keys_x @ qx.unsqueeze(-1)).squeeze(-1).add((log_const - lq).unsqueeze(-1)).masked_fill_(~exact, NEG_INF)
+    # every term of the row relative to the query's feature scale, then to the row's max; a
+    # slot counts if it holds a real key in the query's exact set or a sink (SINK_MARK)
+    logits = (keys_x @ qx.unsqueeze(-1)).squeeze(-1).add((log_const - lq).unsqueeze(-1))
+    logits = logits.masked_fill_(pos < max(start, 0), NEG_INF)  # empty and padding slots hold -1
     top = torch.maximum(logits.amax(-1), far.log_scale).clamp_(min=FLOOR)  # finite: no key at all gives 0
     w = logits.sub_(top[..., None]).exp_()
     carry = torch.exp(far.log_scale - top)  # 0 for an empty far state
@@ -188,11 +195,12 @@ def exact_state_from_sequence(
     keys, keys_x, values, pos = (x.clone() for x in state[1:5])
     idx = torch.arange(length, device=k.device)
     first = max(s, _start(length, terms), 0)
-    for rows, slots in ((idx[first:], idx[first:] % r), (idx[: min(s, length)], r + idx[: min(s, length)])):
+    sinks = idx[: min(s, length)]
+    for rows, slots, mark in ((idx[first:], idx[first:] % r, 0), (sinks, r + sinks, SINK_MARK)):
         if rows.numel():
             keys[..., slots, :] = k.expand(*lead, *k.shape[-2:])[..., rows, :]
             keys_x[..., slots, :] = kx.expand(*lead, *kx.shape[-2:])[..., rows, :]
             values[..., slots, :] = v.expand(*lead, *v.shape[-2:])[..., rows, :]
-            pos[..., slots] = torch.where(live[..., rows], rows, -1)
+            pos[..., slots] = torch.where(live[..., rows], rows + mark, -1)
     t = torch.tensor(length, dtype=torch.long, device=k.device)
     return ExactState(far, keys, keys_x, values, pos, t)
