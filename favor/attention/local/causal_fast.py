@@ -74,6 +74,13 @@ class Geometry:
         return self.chunk * min(BLOCK_CHUNKS, -(-length // self.chunk))
 
 
+def _far_log(far_lk: torch.Tensor, geo: Geometry, n: int) -> torch.Tensor:
+    """(..., n, fc): each chunk's far-span keys' log scales (sinks and padding -inf)."""
+    if far_lk.shape[-1] == n * geo.chunk:  # the short form: far span = the chunk's own lagged rows
+        return far_lk.unflatten(-1, (n, geo.chunk))
+    return _spans(far_lk[..., None], geo)[..., 0][..., : geo.far_cols]
+
+
 def _take(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows start .. stop - 1 of x (..., L, X), zero rows outside [0, L)."""
     length = x.shape[-2]
@@ -145,20 +152,27 @@ def _parts(
     p.n = n
     p.qx = q * root if qx is None else qx
     p.kx = k * root if kx is None else kx
-    fq, fk = feat(q, a), feat(k, a)
+    # with a far span of one chunk (fc = T) the far keys and the lagged keys are the group's
+    # first R key rows: their features alone are made, as one (..., R, M') block whose chunks
+    # are views (the last lag rows only enter the exact logits, through kx)
+    p.short = short = geo.far_cols == t
+    k_feat = k[..., :rows, :] if short else k
+    fq, fk = feat(q, a), feat(k_feat, a)
+    p.k_feat = k_feat
     p.fq = fq.values
     qv = p.qv = fq.values.unflatten(-2, (n, t))  # (..., n, T, M')
     lq = fq.log_scale if fq.log_scale is not None else qv.new_zeros(q.shape[:-1])
     lq = lq.expand(q.shape[:-1]).unflatten(-1, (n, t))
-    lk = fk.log_scale if fk.log_scale is not None else k.new_zeros(k.shape[:-1])
-    lk = lk.masked_fill(~kvalid, NEG_INF)
+    fvalid = kvalid[..., : k_feat.shape[-2]]
+    lk = fk.log_scale if fk.log_scale is not None else k_feat.new_zeros(k_feat.shape[:-1])
+    lk = lk.masked_fill(~fvalid, NEG_INF)
     kvals = fk.values
     if masked or pos0 - lag < 0 or pos0 + rows > length:  # rows that hold no key: zero features
-        kvals = kvals.masked_fill_(~kvalid[..., None], 0.0) if inplace else kvals.masked_fill(~kvalid[..., None], 0.0)
+        kvals = kvals.masked_fill_(~fvalid[..., None], 0.0) if inplace else kvals.masked_fill(~fvalid[..., None], 0.0)
     p.kvals = kvals
     pos = torch.arange(pos0 - lag, pos0 + rows, device=q.device)
     sink_key = pos < terms.sinks
-    far_lk = lk.masked_fill(sink_key, NEG_INF)  # the state and the far products skip sinks
+    far_lk = lk.masked_fill(sink_key[: k_feat.shape[-2]], NEG_INF)  # the state and far products skip sinks
     if isinstance(log_const, torch.Tensor):
         log_const = log_const[..., None]  # (..., 1, 1) -> (..., 1, 1, 1): one per chunk too
 
@@ -185,14 +199,14 @@ def _parts(
     logits = qxc @ _spans(p.kx, geo).mT
     if not masked and pos0 - lag >= terms.sinks:  # no padding, no sink in the span: static masks
         log_exact = logits.add_(shift).add_(geo.exact_bias) if inplace else logits + shift + geo.exact_bias
-        log_far = _spans(far_lk[..., None], geo)[..., 0][..., None, :fc] + geo.far_bias
+        log_far = _far_log(far_lk, geo, n)[..., None, :] + geo.far_bias
     else:
         valid = _spans(kvalid[..., None], geo)[..., 0][..., None, :]  # (..., n, 1, span)
         sink_col = _spans(sink_key[:, None], geo)[..., 0][..., None, :]  # (n, 1, span)
         exact = (geo.exact | (sink_col & geo.causal)) & valid
         log_exact = (logits + shift).masked_fill(~exact, NEG_INF)
         far = (geo.far[:, :fc] & ~sink_col[..., :fc]) & valid[..., :fc]
-        log_far = torch.where(far, _spans(far_lk[..., None], geo)[..., 0][..., None, :fc], NEG_INF)
+        log_far = torch.where(far, _far_log(far_lk, geo, n)[..., None, :], NEG_INF)
     top = torch.maximum(log_exact.amax(-1), before[..., None])
     if fc:
         top = torch.maximum(top, log_far.amax(-1))
@@ -209,7 +223,7 @@ def _parts(
     if fc:
         # (..., n, fc, M'): with fc = T, chunk i's far keys are the group's key rows i T ..
         # (i + 1) T - 1, a view; else a strided view that the product copies
-        far_rows = kvals[..., : n * t, :].unflatten(-2, (n, t)) if fc == t else _spans(kvals, geo)[..., :fc, :]
+        far_rows = kvals.unflatten(-2, (n, t)) if short else _spans(kvals, geo)[..., :fc, :]
         p.kv_far = far_rows
         p.e_far = log_far.sub_(top).exp_() if inplace else torch.exp(log_far - top)
         products = qv @ p.kv_far.mT
@@ -310,7 +324,11 @@ def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks
         d_prod = d_wf * p.e_far
         d_qv = d_qv.add_(d_prod @ p.kv_far)
         d_far_keys = d_prod.mT @ p.qv  # (..., n, fc, M')
-        d_lk = d_lk.add_(_overlap_add((d_wf * p.w_far).sum(-2)[..., None], geo, fc, halo)[..., 0])
+        far_log_grad = (d_wf * p.w_far).sum(-2)  # (..., n, fc)
+        if p.short:
+            d_lk = d_lk.add_(far_log_grad.flatten(-2))
+        else:
+            d_lk = d_lk.add_(_overlap_add(far_log_grad[..., None], geo, fc, halo)[..., 0])
     out = {}
     if p.w_sink is not None:
         sk, skx, sv, _ = sinks
@@ -334,15 +352,19 @@ def _group_backward(feat, a, geo: Geometry, p: _Parts, q, k, g_out, d_kvz, sinks
     e = p.e[..., None]
     d_kv_lag = (v1_lag @ d_sums.mT).mul_(e)  # (..., n, T, M')
     d_v1 = d_v1.add_(F.pad(((kv_lag * e) @ d_sums).flatten(-3, -2), (0, 0, 0, halo - rows)))
-    d_lk = d_lk.add_(F.pad((d_kv_lag * kv_lag).sum(-1).flatten(-2), (0, halo - rows)))
-    if d_far_keys is not None and fc == t:  # both on the group's first R rows: no zero-filled copy
-        d_kvals = F.pad(d_kv_lag.add_(d_far_keys).flatten(-3, -2), (0, 0, 0, halo - rows))
+    # the key features' rows: the group's first R (short form) or its whole halo
+    extra = p.kvals.shape[-2] - rows
+    d_lk = d_lk.add_(F.pad((d_kv_lag * kv_lag).sum(-1).flatten(-2), (0, extra)))
+    if p.short:  # far and lagged keys on the same R rows: no zero-filled copy
+        d_kvals = d_kv_lag if d_far_keys is None else d_kv_lag.add_(d_far_keys)
+        d_kvals = d_kvals.flatten(-3, -2)
     else:
-        d_kvals = F.pad(d_kv_lag.flatten(-3, -2), (0, 0, 0, halo - rows))
+        d_kvals = F.pad(d_kv_lag.flatten(-3, -2), (0, 0, 0, extra))
         if d_far_keys is not None:
             d_kvals = d_kvals.add_(_overlap_add(d_far_keys, geo, fc, halo))
     out["q"] = _feature_vjp(feat, q, a, p.fq, d_qv.flatten(-3, -2), d_lq.flatten(-2))
-    out["k"] = _feature_vjp(feat, k, a, p.kvals, d_kvals, d_lk)
+    d_k = _feature_vjp(feat, p.k_feat, a, p.kvals, d_kvals, d_lk)
+    out["k"] = F.pad(d_k, (0, 0, 0, halo - d_k.shape[-2]))  # rows past the features: logits only
     out["qx"], out["kx"], out["v"], out["lc"] = d_qx.flatten(-3, -2), d_kx, d_v1[..., :-1], d_lc
     return out
 
