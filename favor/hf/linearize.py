@@ -85,6 +85,8 @@ class LinearizeConfig:
             raise ValueError(f"train must be one of {TRAINABLE}, got {self.train!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.fit_steps < 0:
+            raise ValueError(f"fit_steps must be >= 0, got {self.fit_steps}")
         if not 0 <= self.transfer_share < 1:
             raise ValueError(f"transfer_share must lie in [0, 1), got {self.transfer_share}")
         if not self.eval_lengths or min(self.eval_lengths) < 3:
@@ -227,19 +229,24 @@ def linearize(
     # twice softmax's on this CPU), plus saving
     reserve = seconds["evaluate_zero_shot"] + 2.0 * seconds["passkey_softmax"] + 0.02 * clock.budget
 
-    say("attention transfer")
-    t = time.perf_counter()
-    train_left = max(clock.left() - reserve, 1.0)
-    fit = fit_adapters(
-        student,
-        train_batches(text_ids[: config.fit_passages], 1),
-        steps=config.fit_steps,
-        lr=config.adapter_lr,
-        max_seconds=max(config.transfer_share * train_left, 1e-3),
-    )
-    seconds["transfer"] = time.perf_counter() - t
-    first = config.eval_lengths[0]
-    after_transfer, seconds["evaluate_transfer"] = _evaluate(teacher, student, {first: held[first]}, teacher_ppl=False)
+    fit: list[tuple[float, float]] = []
+    after_transfer: dict = {}
+    if config.transfer_share > 0 and config.fit_steps > 0:
+        say("attention transfer")
+        t = time.perf_counter()
+        train_left = max(clock.left() - reserve, 1.0)
+        fit = fit_adapters(
+            student,
+            train_batches(text_ids[: config.fit_passages], 1),
+            steps=config.fit_steps,
+            lr=config.adapter_lr,
+            max_seconds=config.transfer_share * train_left,
+        )
+        seconds["transfer"] = time.perf_counter() - t
+        first = config.eval_lengths[0]
+        after_transfer, seconds["evaluate_transfer"] = _evaluate(
+            teacher, student, {first: held[first]}, teacher_ppl=False
+        )
 
     say("fine-tune")
     t = time.perf_counter()
@@ -304,13 +311,6 @@ def linearize(
         "torch": torch.__version__,
     }
     return student, report
-
-
-def ratios(report: dict) -> dict[str, dict[str, float]]:
-    """length -> {zero_shot, distilled}: perplexity over softmax's."""
-    return {
-        n: {k: row[k] / row["softmax"] for k in ("zero_shot", "distilled")} for n, row in report["perplexity"].items()
-    }
 
 
 def plot_report(report: dict, path, *, title: str = "") -> None:
