@@ -33,7 +33,7 @@ def add_decoder_arguments(parser) -> None:
     parser.add_argument(
         "--transfer-share",
         type=float,
-        help="decoder: share of the training time for attention transfer (default 0.2; 0: skip it)",
+        help="decoder: share of the training time for attention transfer (default 0.1; 0: skip it)",
     )
 
 

@@ -57,7 +57,7 @@ class LinearizeConfig:
     calibration_passages: int = 2
     fit_passages: int = 1
     fit_steps: int = 30
-    transfer_share: float = 0.2
+    transfer_share: float = 0.1
     train: str = "attention"
     lr: float = 1e-4
     adapter_lr: float = 1e-3
