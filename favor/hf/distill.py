@@ -2,8 +2,10 @@
 
 Student and teacher start from the same weights; the teacher keeps softmax attention. The
 loss matches every layer's hidden states (MSE over real tokens, normalised by the teacher's
-variance) plus 1 - cosine of the mean-pooled embeddings, plus, for a model with an LM head
-(masked LMs such as AntiBERTy), the KL divergence from the teacher's token distributions. The student's weights and its
+variance; ``hidden_weight``) plus 1 - cosine of the mean-pooled embeddings
+(``embedding_weight``), plus, for a model with an LM head (masked LMs such as AntiBERTy, causal
+LMs), the KL divergence from the teacher's token distributions (``logit_weight``). A decoder
+(favor.hf.linearize) trains on the KL alone: ``hidden_weight=0, embedding_weight=0``. The student's weights and its
 FAVOR adapters (query/key maps, key shift, projection) are all trained; dropout is off.
 
 ``attention_weight`` adds attention transfer (as in LoLCATs, Zhang et al. 2024): every layer's
@@ -59,6 +61,7 @@ class DistillConfig:
     train: str = "all"
     attention_weight: float = 0.0
     teacher_cache_mb: float = 2048.0
+    hidden_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -69,6 +72,8 @@ class DistillConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.embedding_weight >= 0:
             raise ValueError(f"embedding_weight must be >= 0, got {self.embedding_weight}")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         if not self.attention_weight >= 0:
             raise ValueError(f"attention_weight must be >= 0, got {self.attention_weight}")
         if not self.teacher_cache_mb >= 0:
@@ -160,17 +165,21 @@ def _logit_kl(student_logits, teacher_logits, keep) -> torch.Tensor:
     return (kl * w).sum() / w.sum().clamp_min(1.0)
 
 
-def _loss(student_out, teacher_out, keep, weight: float, logit_weight: float = 0.0) -> torch.Tensor:
+def _loss(
+    student_out, teacher_out, keep, weight: float, logit_weight: float = 0.0, hidden_weight: float = 1.0
+) -> torch.Tensor:
     student_h, teacher_h = student_out.hidden_states, teacher_out.hidden_states
     w = keep[..., None].to(teacher_h[-1].dtype)
     n = w.sum()
     total = 0.0
-    for s, t in zip(student_h[1:], teacher_h[1:], strict=True):  # [0] is the embedding layer, shared
-        var = ((t * w) ** 2).sum() / (n * t.shape[-1])
-        total = total + (((s - t) ** 2) * w).sum() / (n * t.shape[-1]) / var.clamp_min(1e-12)
-    total = total / (len(student_h) - 1)
-    cos = (mean_pool(student_h[-1], keep) * mean_pool(teacher_h[-1], keep)).sum(-1)
-    total = total + weight * (1.0 - cos).mean()
+    if hidden_weight:
+        for s, t in zip(student_h[1:], teacher_h[1:], strict=True):  # [0] is the embedding layer, shared
+            var = ((t * w) ** 2).sum() / (n * t.shape[-1])
+            total = total + (((s - t) ** 2) * w).sum() / (n * t.shape[-1]) / var.clamp_min(1e-12)
+        total = hidden_weight * total / (len(student_h) - 1)
+    if weight:
+        cos = (mean_pool(student_h[-1], keep) * mean_pool(teacher_h[-1], keep)).sum(-1)
+        total = total + weight * (1.0 - cos).mean()
     if logit_weight and getattr(teacher_out, "logits", None) is not None:
         total = total + logit_weight * _logit_kl(student_out.logits, teacher_out.logits, keep)
     return total
@@ -247,7 +256,7 @@ def distill(
             student_out, transfer = _student_with_transfer(student, batch)
         else:
             student_out, transfer = _hidden(student, batch, grad=True), 0.0
-        loss = _loss(student_out, teacher_out, keep, config.embedding_weight, config.logit_weight)
+        loss = _loss(student_out, teacher_out, keep, config.embedding_weight, config.logit_weight, config.hidden_weight)
         loss = loss + config.attention_weight * transfer
         opt.zero_grad(set_to_none=True)
         loss.backward()

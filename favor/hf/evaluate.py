@@ -33,6 +33,7 @@ __all__ = [
     "perplexity",
     "held_out_perplexity",
     "agreement",
+    "compare",
     "Passkey",
     "passkey_prompt",
     "passkey_accuracy",
@@ -121,6 +122,38 @@ def agreement(
             same += int((t.argmax(-1) == s.argmax(-1)).sum())
             n += t.shape[1]
     return {"kl": kl / n, "top1": same / n, "positions": n}
+
+
+@torch.no_grad()
+def compare(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, *, chunk: int | None = 1024) -> dict:
+    """``agreement`` and both models' perplexity in one pass over passages ``ids`` (P, L):
+    {"teacher_perplexity", "perplexity" (the student's), "kl", "top1", "positions"}; KL and
+    top-1 over every position, the perplexities over the L - 1 predicted ones per passage."""
+    kl, same, n = 0.0, 0, 0
+    nll_t, nll_s, count = 0.0, 0.0, 0
+    for row in _check_ids(ids):
+        row = row[None]
+        start = 0
+        for t, s in zip(
+            next_token_logits(teacher, row, chunk=chunk), next_token_logits(student, row, chunk=chunk), strict=True
+        ):
+            lt, ls = F.log_softmax(t, -1), F.log_softmax(s, -1)
+            kl += float((lt.exp() * (lt - ls)).sum())
+            same += int((t.argmax(-1) == s.argmax(-1)).sum())
+            n += t.shape[1]
+            targets = row[:, start + 1 : start + t.shape[1] + 1]
+            m = targets.shape[1]
+            nll_t -= float(lt[:, :m].gather(-1, targets[..., None]).sum())
+            nll_s -= float(ls[:, :m].gather(-1, targets[..., None]).sum())
+            count += m
+            start += t.shape[1]
+    return {
+        "teacher_perplexity": math.exp(nll_t / count),
+        "perplexity": math.exp(nll_s / count),
+        "kl": kl / n,
+        "top1": same / n,
+        "positions": n,
+    }
 
 
 # -- passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention") ------------------------

@@ -14,6 +14,7 @@ random (cf. Hedgehog, Zhang et al., ICLR 2024, which fits feature maps the same 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -72,13 +73,18 @@ def fit_adapters(
     lr: float = 3e-3,
     fit_projection: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
+    max_seconds: float | None = None,
 ) -> list[tuple[float, float]]:
     """Fit every FavorAdapter of a performerized ``model`` on ``batches`` (Adam, ``steps`` full
-    passes per layer). Returns [(relative error before, after)] per layer, on the fitting data.
+    passes per layer; with ``max_seconds``, each layer also stops after its equal share of that
+    time). Returns [(relative error before, after)] per layer, on the fitting data.
     ``progress(layer, step, loss)`` is called after every step (the CLI draws a bar from it)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
     calls = record_attention(model, list(batches))
+    share = None if max_seconds is None else max_seconds / max(len(calls), 1)
     results = []
     for layer, (module, recorded) in enumerate(calls.items()):
         adapter = getattr(module, ATTRIBUTE)
@@ -94,7 +100,10 @@ def fit_adapters(
         with torch.no_grad():
             before = float(sum(_loss(module, c) for c in recorded) / len(recorded)) ** 0.5
         initial = {n: p.detach().clone() for n, p in params.items()}
+        started = time.perf_counter()
         for step in range(steps):
+            if share is not None and step and time.perf_counter() - started > share:
+                break
             opt.zero_grad(set_to_none=True)
             loss = sum(_loss(module, c) for c in recorded) / len(recorded)
             loss.backward()

@@ -1,0 +1,172 @@
+"""favor distill for a causal LM: the decoder recipe (favor.hf.linearize), as flags.
+
+``favor distill --model smollm2 --out DIR`` (or ``--gguf FILE``, a local causal-LM directory,
+``--quick`` for a tiny random decoder): performerize (derf, M=256, exact window 64 + 4 sinks),
+attention transfer per layer, fine-tuning of the attention projections on the teacher's
+next-token distribution over packed 1,024-token passages of favor.data.english's training mix,
+all within --minutes (default 30, evaluations included). Writes the model
+(favor.hf.from_pretrained), its tokenizer, distill.json and distill.png into --out: held-out
+perplexity (python-docs, never trained on) at --eval-length tokens (default 512 and 2,048;
+8,192 too from --minutes 60) for softmax, zero-shot and distilled, KL and top-1 agreement with
+the teacher, passkey accuracy at --passkey-length tokens (default 1,024 and 4,096).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+#: held-out lengths reported by default, and the one added when the budget allows
+DECODER_EVAL_LENGTHS = (512, 2048)
+LONG_EVAL_LENGTH, LONG_EVAL_MINUTES = 8192, 60.0
+
+
+def add_decoder_arguments(parser) -> None:
+    parser.add_argument(
+        "--passkey-length",
+        type=int,
+        action="append",
+        help="decoder: passkey prompt tokens; repeat for several (default 1024 and 4096; 0: none)",
+    )
+    parser.add_argument("--passkey-trials", type=int, help="decoder: passkey prompts per length (default 3)")
+    parser.add_argument(
+        "--transfer-share",
+        type=float,
+        help="decoder: share of the training time for attention transfer (default 0.1; 0: skip it)",
+    )
+
+
+def is_decoder(args) -> bool:
+    """Whether ``args`` ask for the decoder recipe: --quick, --gguf, a packaged causal LM's name,
+    or a directory whose config names a causal-LM architecture (not already performerized)."""
+    from favor.data.models import CAUSAL_LMS
+
+    if args.quick or args.gguf:
+        return True
+    if args.model is None:
+        return False
+    if args.model in CAUSAL_LMS:
+        return True
+    path = Path(args.model)
+    config = path / "config.json"
+    if not config.is_file() or (path / "favor.json").is_file():
+        return False
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def _load(args):
+    """(teacher, tokenizer, name) or None after printing why not."""
+    from favor.data.models import load_causal_lm, tiny_causal_lm
+
+    if args.quick:
+        return (*tiny_causal_lm(args.seed), "tiny random Llama (--quick)")
+    spec = args.gguf or args.model
+    try:
+        model, tok = load_causal_lm(spec)
+    except (ImportError, FileNotFoundError) as e:
+        print(f"favor distill: {e}")
+        return None
+    return model, tok, str(spec)
+
+
+def _config(args):
+    from favor.hf.linearize import QUICK, LinearizeConfig
+
+    base = dict(QUICK) if args.quick else {}
+    given = {
+        "minutes": args.minutes,
+        "steps": args.steps,
+        "length": args.max_length,
+        "batch_size": args.batch_size,
+        "fit_passages": args.fit_batches,
+        "fit_steps": args.fit_steps,
+        "transfer_share": args.transfer_share,
+        "train": args.train,
+        "lr": args.lr,
+        "adapter_lr": args.adapter_lr,
+        "attention_weight": args.attention_weight,
+        "schedule": args.schedule,
+        "kernel": args.kernel,
+        "num_features": args.num_features if args.num_features != 256 or not args.quick else None,
+        "exact_window": -1 if args.plain else args.exact_window,
+        "exact_sinks": 0 if args.plain else args.exact_sinks,
+        "exact_block": args.exact_block,
+        "passkey_trials": args.passkey_trials,
+        "seed": args.seed,
+    }
+    if args.eval_length:
+        given["eval_lengths"] = tuple(args.eval_length)
+    elif not args.quick:
+        minutes = args.minutes or LinearizeConfig.minutes
+        long = (LONG_EVAL_LENGTH,) if minutes >= LONG_EVAL_MINUTES else ()
+        given["eval_lengths"] = DECODER_EVAL_LENGTHS + long
+    if args.passkey_length:
+        given["passkey_lengths"] = tuple(n for n in args.passkey_length if n)
+    return LinearizeConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
+
+
+def _text_ids(tok, path: str, length: int):
+    """Passages of ``length`` tokens of a text file, or None for the built-in mix ("train")."""
+    import torch
+
+    if path == "train":
+        return None
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // length
+    if n < 1:
+        raise ValueError(f"{path} gives {len(ids)} tokens, fewer than one passage of {length}")
+    return torch.tensor(ids[: n * length], dtype=torch.long).reshape(n, length)
+
+
+def run(args) -> int:
+    import torch
+
+    import favor.hf as fh
+    from favor.hf.linearize import linearize, plot_report, summary
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    try:
+        config = _config(args)
+    except ValueError as e:
+        print(f"favor distill: {e}")
+        return 2
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    teacher, tok, name = loaded
+    try:
+        text_ids = _text_ids(tok, args.text, config.length)
+    except (OSError, ValueError) as e:
+        print(f"favor distill: {e}")
+        return 2
+    print(f"favor distill: linearizing {name} within {config.minutes:g} minutes")
+
+    def stage(s: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {s}", flush=True)
+
+    def on_step(step: int, loss: float) -> None:
+        if step == 1 or step % 5 == 0:
+            print(f"[{time.perf_counter() - t0:6.0f} s] step {step}: KL {loss:.4f}", flush=True)
+
+    try:
+        student, report = linearize(teacher, tok, config, text_ids=text_ids, on_step=on_step, stage=stage)
+    except ValueError as e:
+        print(f"favor distill: {e}")
+        return 2
+    out = Path(args.out)
+    fh.save_pretrained(student, out)
+    tok.save_pretrained(out)
+    report = {"model": name, **report, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    (out / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, out / "distill.png", title=f"{name}: linearized with favor")
+    for line in summary(report):
+        print(line)
+    print(f"saved {out} (favor.hf.from_pretrained, favor generate --model), {out / 'distill.json'}, distill.png")
+    return 0
