@@ -53,3 +53,14 @@ def test_exact_terms_refused_by_name_where_unsupported():
         FavorAttention(8, 2, attention="softmax", exact=favor.ExactTerms(2))
     with pytest.raises(TypeError, match="exact must be"):
         PerformerConfig(vocab_size=5, exact=3)
+
+
+def test_sequence_parallelism_refuses_exact_terms_by_name():
+    from favor.distributed import sequence_parallel
+
+    model = PerformerLM(PerformerConfig(vocab_size=11, dim=16, depth=1, heads=2, exact=favor.ExactTerms(4, 1)))
+    with pytest.raises(ValueError, match="does not yet split attention with exact terms"):
+        with sequence_parallel(model):
+            pass
+    # the refusal happens before any layer is switched: the model still runs on one process
+    assert model(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 11)
