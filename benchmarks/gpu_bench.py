@@ -6,7 +6,7 @@ memory-efficient kernel) and bfloat16 (SDPA forced to FlashAttention where the b
   (the CUDA allocator's statistics), SDPA time / favor time;
 - decoding: ms per token, favor.step from the state vs SDPA over a KV cache.
 
-Every contender is checked against its reference on the device first (favor.bench's
+Every contender is checked against its reference on the device first (favor.benchmarking.timing's
 check_contender); a failing check is recorded and nothing is timed. Out-of-memory is
 recorded per row, not fatal.
 

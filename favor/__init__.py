@@ -6,7 +6,7 @@
 >>> out = favor.attention(q, k, v, fm, causal=True)
 """
 
-from . import _aliases, attention  # favor.attention is callable (see favor/attention/__init__.py)
+from . import attention  # favor.attention is callable (see favor/attention/__init__.py)
 from .attention import State, kernel_attention, kernel_matrix, softmax_attention, step
 from .attention.local.recurrent import ExactState
 from .attention.local.spec import ExactTerms
@@ -16,8 +16,6 @@ from .features import (
     default_num_features,
     projections,  # favor.projections: the random projection matrices
 )
-
-_aliases.install()  # old module paths (favor.train, favor.checkpoint, ...) stay importable
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
-"""The package layout: old module paths still import (the same module objects), the
-training modules import one way, and the fast paths share helpers through _chunking."""
+"""The package layout: the training modules import one way, the fast paths share helpers
+through _chunking, no import cycles, and the exact-terms kernels live in the core."""
 
 import ast
 import importlib
@@ -8,28 +8,16 @@ from pathlib import Path
 import pytest
 
 import favor
-from favor._aliases import MOVED
 
 ROOT = Path(favor.__file__).parent
 
 
-@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
-def test_old_module_paths_are_the_new_modules(old, new):
-    assert importlib.import_module(old) is importlib.import_module(new)
-    # the alias does not rename the module it points at
-    assert importlib.import_module(new).__spec__.name == new
-
-
-def test_old_names_still_resolve():
-    from favor.checkpoint import save_checkpoint
-    from favor.train import resolve_config, train
-
-    from favor.training import lm_demo
-
-    assert train.__module__ == "favor.training.loop"
-    assert resolve_config.__module__ == "favor.training.loop"
-    assert save_checkpoint.__module__ == "favor.training.checkpoint"
-    assert lm_demo.__module__ == "favor.training.demo"
+def test_old_module_paths_are_gone():
+    """The 0.2 layout's aliases (favor.train, favor.checkpoint, ...) were removed: a package
+    never released needs none (CHANGELOG)."""
+    for old in ("favor.train", "favor.train_demo", "favor.checkpoint", "favor.bench", "favor.approximation"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
     assert favor.projections is importlib.import_module("favor.features.projections")
 
 
@@ -69,7 +57,7 @@ def test_no_private_helpers_imported_across_fast_paths():
 
 def test_no_loose_modules_at_the_top_level():
     loose = {p.name for p in ROOT.glob("*.py")}
-    assert loose == {"__init__.py", "_aliases.py", "cli.py"}, (
+    assert loose == {"__init__.py", "cli.py"}, (
         f"top-level modules belong in packages (DESIGN.md 2): {loose}"
     )
 
