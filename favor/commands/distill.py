@@ -133,8 +133,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", default="cosine", help="learning rate: cosine (to 10%%, default) or constant")
     parser.add_argument(
         "--train",
-        help="student weights to train besides the adapters: query-key (encoder default), attention (query, key, "
-        "value and output projections; the decoder default) or all",
+        help="student weights to train besides the adapters: query-key (the default), attention (query, key, "
+        "value and output projections) or all",
     )
     parser.add_argument(
         "--fit-batches", type=int, help="training batches the adapters are fitted on (encoder default 2, decoder 1)"

@@ -2,7 +2,7 @@
 
 ``favor distill --model smollm2 --out DIR`` (or ``--gguf FILE``, a local causal-LM directory,
 ``--quick`` for a tiny random decoder): performerize (derf, M=256, exact window 64 + 4 sinks),
-attention transfer per layer, fine-tuning of the attention projections on the teacher's
+attention transfer per layer, fine-tuning of the query/key projections on the teacher's
 next-token distribution over packed 1,024-token passages of favor.data.english's training mix,
 all within --minutes (default 30, evaluations included). Writes the model
 (favor.hf.from_pretrained), its tokenizer, distill.json and distill.png into --out: held-out
@@ -163,7 +163,10 @@ def run(args) -> int:
     out = Path(args.out)
     fh.save_pretrained(student, out)
     tok.save_pretrained(out)
-    report = {"model": name, **report, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    report = {"model": name, **report, "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak)}
     (out / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_report(report, out / "distill.png", title=f"{name}: linearized with favor")
     for line in summary(report):

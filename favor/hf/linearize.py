@@ -10,8 +10,9 @@ In the spirit of LoLCATs (Zhang et al. 2024), sized for a CPU and a time budget:
    shift, projection, far keys' gain) fitted so that its FAVOR + exact-terms output matches
    its softmax output on the teacher's own queries, keys and values (no errors compounding);
 2. fine-tuning (favor.hf.distill.distill, the encoder recipe's loop): the attention layers'
-   query/key/value/output projections and the adapters, on packed passages of the training
-   text, with the teacher's next-token distribution as the only target (KL).
+   query/key projections and the adapters (``train="attention"`` adds value and output), on
+   packed passages of the training text, with the teacher's next-token distribution as the
+   only target (KL).
 
 ``linearize`` evaluates before and after on held-out text of a domain never trained on
 (favor.data.english's python-docs): perplexity at several lengths for the softmax model, the
@@ -58,7 +59,7 @@ class LinearizeConfig:
     fit_passages: int = 1
     fit_steps: int = 30
     transfer_share: float = 0.1
-    train: str = "attention"
+    train: str = "query-key"
     lr: float = 1e-4
     adapter_lr: float = 1e-3
     attention_weight: float = 0.0
@@ -266,6 +267,9 @@ def linearize(
             hidden_weight=0.0,
             embedding_weight=0.0,
             logit_weight=1.0,
+            # within the budget a passage is rarely seen twice: keeping the teacher's outputs
+            # (logits are 200 MB per 1,024 tokens of a 49k vocabulary) would only cost memory
+            teacher_cache_mb=0.0,
         )
         losses = distill(student, teacher, batches, distill_config, on_step=on_step)
     else:
