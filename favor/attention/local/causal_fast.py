@@ -145,6 +145,7 @@ def _parts(
     the group's outputs as the forward computed them, not recomputed. Without autograd the
     (T x span) passes run in place."""
     p = _Parts()
+    p.q, p.k = q, k
     inplace = not torch.is_grad_enabled()
     t, lag, terms = geo.chunk, geo.lag, geo.terms
     rows = q.shape[-2]
@@ -251,12 +252,6 @@ def _parts(
     p.den = nd[..., -1]
     p.out = normalise(nd[..., :-1], p.den, None)
     return p
-
-
-def _group(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c, *, length: int):
-    """(out (..., R, Dv), far state after the group (kvz, c)): ``_parts``' results."""
-    p = _parts(feat, a, geo, log_const, root, q, qx, k, kx, v, kvalid, pos0, sinks, kvz, c, length=length)
-    return p.out, p.kvz, p.c
 
 
 def _overlap_add(x: torch.Tensor, geo: Geometry, width: int, rows: int) -> torch.Tensor:
@@ -392,6 +387,33 @@ class _Inputs:
         valid = _take_valid(self.valid, self.length, lo, hi, self.q.device)
         return _take(self.k, lo, hi), kx, _take(self.v, lo, hi), valid
 
+    def parts(self, g: int, feat, a, log_const, root, sinks, kvz, c, **kw) -> _Parts:
+        """``_parts`` of group g: its queries and keys sliced here, the far state (kvz, c)
+        before it given."""
+        qg, qxg = self.queries(g)
+        kg, kxg, vg, valid = self.keys(g)
+        masked = self.valid is not None
+        return _parts(
+            feat,
+            a,
+            self.geo,
+            log_const,
+            root,
+            qg,
+            qxg,
+            kg,
+            kxg,
+            vg,
+            valid,
+            g * self.rows,
+            sinks,
+            kvz,
+            c,
+            length=self.length,
+            masked=masked,
+            **kw,
+        )
+
     def sinks(self, root):
         s = self.n_sinks
         if not s:
@@ -421,28 +443,7 @@ class _CausalExact(torch.autograd.Function):
             if keep:
                 starts.append((kvz, c))
             s = g * inp.rows
-            qg, qxg = inp.queries(g)
-            kg, kxg, vg, vvalid = inp.keys(g)
-            p = _parts(
-                feat,
-                a,
-                geo,
-                log_const,
-                root,
-                qg,
-                qxg,
-                kg,
-                kxg,
-                vg,
-                vvalid,
-                s,
-                sinks,
-                kvz,
-                c,
-                length=inp.length,
-                masked=valid is not None,
-                keep=False,
-            )
+            p = inp.parts(g, feat, a, log_const, root, sinks, kvz, c, keep=False)
             o, kvz, c = p.out, p.kvz, p.c
             take = min(inp.rows, inp.length - s)
             out[..., s : s + take, :] = o[..., :take, :]
@@ -472,32 +473,12 @@ class _CausalExact(torch.autograd.Function):
         for g in reversed(range(inp.groups)):
             s = g * inp.rows
             kvz0, c0 = ctx.starts[g]
-            qg, qxg = inp.queries(g)
-            kg, kxg, vg, vvalid = inp.keys(g)
-            p = _parts(
-                feat,
-                a,
-                geo,
-                log_const,
-                root,
-                qg,
-                qxg,
-                kg,
-                kxg,
-                vg,
-                vvalid,
-                s,
-                sinks,
-                kvz0,
-                c0,
-                length=length,
-                masked=valid is not None,
-                outputs=(_take(out, s, s + inp.rows), _take(den[..., None], s, s + inp.rows)[..., 0]),
-            )
+            kept = (_take(out, s, s + inp.rows), _take(den[..., None], s, s + inp.rows)[..., 0])
+            p = inp.parts(g, feat, a, log_const, root, sinks, kvz0, c0, outputs=kept)
             take = min(inp.rows, length - s)
             g_o = g_out.new_zeros(p.out.shape)
             g_o[..., :take, :] = g_out[..., s : s + take, :]
-            got = _group_backward(feat, a, geo, p, qg, kg, g_o, d_kvz, sinks, lc_t.shape if need_lc else None)
+            got = _group_backward(feat, a, geo, p, p.q, p.k, g_o, d_kvz, sinks, lc_t.shape if need_lc else None)
             d_kvz = got["state"]
             lo, hi = max(s - lag, 0), min(s + inp.rows, length)
             off = lo - (s - lag)
@@ -591,11 +572,7 @@ def causal_exact_autograd(
     sinks = inp.sinks(root)
     outs = []
     for g in range(inp.groups):
-        s = g * inp.rows
-        qg, qxg = inp.queries(g)
-        kg, kxg, vg, valid = inp.keys(g)
-        o, kvz, c = _group(
-            feat, a, geo, log_const, root, qg, qxg, kg, kxg, vg, valid, s, sinks, kvz, c, length=inp.length
-        )
-        outs.append(o)
+        p = inp.parts(g, feat, a, log_const, root, sinks, kvz, c)
+        kvz, c = p.kvz, p.c
+        outs.append(p.out)
     return torch.cat(outs, -2)[..., : inp.length, :]
