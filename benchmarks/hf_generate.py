@@ -142,7 +142,7 @@ def measure(softmax, performer, contexts: list[int], tokens: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], info: dict, command: str, local: dict | None = None) -> str:
+def markdown(rows: list[dict], info: dict, command: str, local: dict | None = None, model: str | None = None) -> str:
     base = rows[0]["favor_token_s"]
     lines = [
         "# favor.hf generation: FavorCache vs sdpa + KV cache",
@@ -153,15 +153,19 @@ def markdown(rows: list[dict], info: dict, command: str, local: dict | None = No
         f"load average at start {', '.join(f'{x:.1f}' for x in info['load_avg'])} (a machine shared with other jobs: absolute times are noisy, "
         "the ratios come from one run, new tokens taken round-robin over every context and model).",
         "",
-        f"Model: random-weight Llama, hidden {MODEL['hidden_size']}, {MODEL['num_attention_heads']} heads, "
-        f"{MODEL['num_hidden_layers']} layers, intermediate {MODEL['intermediate_size']}, vocab {MODEL['vocab_size']}, "
-        f"float32; favor: performerize(num_features={NUM_FEATURES}"
+        (
+            f"Model: {model} (favor.data.models), float32; favor: performerize(<defaults>"
+            if model
+            else f"Model: random-weight Llama, hidden {MODEL['hidden_size']}, {MODEL['num_attention_heads']} heads, "
+            f"{MODEL['num_hidden_layers']} layers, intermediate {MODEL['intermediate_size']}, vocab {MODEL['vocab_size']}, "
+            f"float32; favor: performerize(num_features={NUM_FEATURES}"
+        )
         + (
             "".join(f", {k}={v}" for k, v in local.items())
             if local and local["exact_window"] + local["exact_sinks"] > -1
             else ""
         )
-        + ") (FAVOR++), batch 1.",
+        + (") zero-shot, batch 1." if model else ") (FAVOR++), batch 1."),
         "",
         "| context | favor ms/token | vs favor@first | sdpa+KV ms/token | sdpa/favor | favor prefill s | sdpa prefill s "
         "| favor cache bytes | sdpa cache bytes |",
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     data.update(local)
     path = args.out / f"{name}.json"
     path.write_text(json.dumps({**data, "rows": rows}, indent=2, default=str))
-    (args.out / f"{name}.md").write_text(markdown(rows, info, command, local))
+    (args.out / f"{name}.md").write_text(markdown(rows, info, command, local, args.model))
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     ctx = [r["context"] for r in rows]
