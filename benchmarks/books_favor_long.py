@@ -23,40 +23,27 @@ import time
 from pathlib import Path
 
 from ._common import header
+from .books_plateau import per_layer
 
 
 def attention_entropy(model, task) -> list[dict]:
     """Per layer: FAVOR's and softmax's row entropy (mean over rows), per head, and the logit std."""
-    import torch
-
     from favor.attention.reference import kernel_matrix
-    from favor.nn.rotary import apply_rotary
 
-    batch, stats = task.eval_set[0], []
+    def ent(p):
+        return (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean((0, 2)).tolist()
 
-    def hook(mod, args, kwargs, out):
-        x = args[0][:1]
-        q, k = apply_rotary(mod._heads(mod.q_proj(x)), 0), apply_rotary(mod._heads(mod.k_proj(x)), 0)
-        d = q.shape[-1]
-        logits = q @ k.transpose(-1, -2) / math.sqrt(d)
-        ent = lambda p: (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean((0, 2)).tolist()  # noqa: E731
+    def measure(mod, q, k, logits):
         fav = kernel_matrix(q.double(), k.double(), mod.feature_map.double())
         mod.feature_map.float()
-        stats.append(
-            {
-                "favor_entropy": ent(fav),
-                "softmax_entropy_same_qk": ent(logits.softmax(-1)),
-                "softmax_max_weight_same_qk": logits.softmax(-1).max(-1).values.mean((0, 2)).tolist(),
-                "logit_std": logits.std((0, 2, 3)).tolist(),
-            }
-        )
+        return {
+            "favor_entropy": ent(fav),
+            "softmax_entropy_same_qk": ent(logits.softmax(-1)),
+            "softmax_max_weight_same_qk": logits.softmax(-1).max(-1).values.mean((0, 2)).tolist(),
+            "logit_std": logits.std((0, 2, 3)).tolist(),
+        }
 
-    hooks = [blk.attn.register_forward_hook(hook, with_kwargs=True) for blk in model.blocks]
-    with torch.no_grad():
-        task.logits(model, batch)
-    for h in hooks:
-        h.remove()
-    return stats
+    return per_layer(model, task, measure, rows=1)
 
 
 def main(argv: list[str] | None = None) -> int:

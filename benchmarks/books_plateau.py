@@ -62,7 +62,9 @@ def grad_check(task) -> float:
     return reference_grad_error(_model(task).double(), task, task.batch(1, 0))
 
 
-def attention_stats(model, task) -> list[dict]:
+def per_layer(model, task, measure, *, rows: int | None = None) -> list[dict]:
+    """One eval batch through ``model``; for every attention layer, ``measure(module, q, k,
+    logits)`` of its rotated queries and keys (the first ``rows`` sequences) -> a dict."""
     import torch
 
     from favor.nn.rotary import apply_rotary
@@ -70,20 +72,9 @@ def attention_stats(model, task) -> list[dict]:
     batch, stats = task.eval_set[0], []
 
     def hook(mod, args, kwargs, out):
-        x = args[0]
+        x = args[0] if rows is None else args[0][:rows]
         q, k = apply_rotary(mod._heads(mod.q_proj(x)), 0), apply_rotary(mod._heads(mod.k_proj(x)), 0)
-        d = q.shape[-1]
-        logits = q @ k.transpose(-1, -2) / math.sqrt(d)
-        p = logits.softmax(-1)
-        stats.append(
-            {
-                "entropy": (-(p * p.clamp_min(1e-12).log()).sum(-1)).mean((0, 2)).tolist(),
-                "max_weight": p.max(-1).values.mean((0, 2)).tolist(),
-                "logit_std": logits.std((0, 2, 3)).tolist(),
-                "q_norm": (q * d**-0.25).norm(dim=-1).mean((0, 2)).tolist(),
-                "k_norm": (k * d**-0.25).norm(dim=-1).mean((0, 2)).tolist(),
-            }
-        )
+        stats.append(measure(mod, q, k, q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])))
 
     hooks = [blk.attn.register_forward_hook(hook, with_kwargs=True) for blk in model.blocks]
     with torch.no_grad():
@@ -91,6 +82,21 @@ def attention_stats(model, task) -> list[dict]:
     for h in hooks:
         h.remove()
     return stats
+
+
+def attention_stats(model, task) -> list[dict]:
+    def measure(mod, q, k, logits):
+        d = q.shape[-1]
+        p = logits.softmax(-1)
+        return {
+            "entropy": (-(p * p.clamp_min(1e-12).log()).sum(-1)).mean((0, 2)).tolist(),
+            "max_weight": p.max(-1).values.mean((0, 2)).tolist(),
+            "logit_std": logits.std((0, 2, 3)).tolist(),
+            "q_norm": (q * d**-0.25).norm(dim=-1).mean((0, 2)).tolist(),
+            "k_norm": (k * d**-0.25).norm(dim=-1).mean((0, 2)).tolist(),
+        }
+
+    return per_layer(model, task, measure)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,9 +57,7 @@ def test_no_private_helpers_imported_across_fast_paths():
 
 def test_no_loose_modules_at_the_top_level():
     loose = {p.name for p in ROOT.glob("*.py")}
-    assert loose == {"__init__.py", "cli.py"}, (
-        f"top-level modules belong in packages (DESIGN.md 2): {loose}"
-    )
+    assert loose == {"__init__.py", "cli.py"}, f"top-level modules belong in packages (DESIGN.md 2): {loose}"
 
 
 def test_py_typed_marker_ships():

@@ -111,17 +111,8 @@ def agreement(
     """How closely ``student``'s next-token distributions follow ``teacher``'s on passages
     ``ids`` (P, L), over every position: ``kl`` the mean KL(teacher || student) in nats,
     ``top1`` the fraction of positions where both rank the same token first, ``positions``."""
-    kl, same, n = 0.0, 0, 0
-    for row in _check_ids(ids):
-        row = row[None]
-        for t, s in zip(
-            next_token_logits(teacher, row, chunk=chunk), next_token_logits(student, row, chunk=chunk), strict=True
-        ):
-            lt, ls = F.log_softmax(t, -1), F.log_softmax(s, -1)
-            kl += float((lt.exp() * (lt - ls)).sum())
-            same += int((t.argmax(-1) == s.argmax(-1)).sum())
-            n += t.shape[1]
-    return {"kl": kl / n, "top1": same / n, "positions": n}
+    got = compare(teacher, student, ids, chunk=chunk)
+    return {key: got[key] for key in ("kl", "top1", "positions")}
 
 
 @torch.no_grad()

@@ -128,32 +128,22 @@ def experiment(
         )
         target = 0.99 * soft["curve"][-1]["accuracy"]
         soft_model = soft.pop("model")
-        swapped = swap_to_favor(soft_model, size, vocab_size=full.vocab_size, seed=seed)
         # fine-tuning starts from trained weights (no warm-up) on batches the softmax model
-        # did not see (the batch stream of seed + FRESH)
-        tuned = train_run(
-            full,
-            SWAPPED,
-            size,
-            seed=seed + FRESH,
-            steps=fine,
-            eval_every=eval_every,
-            warmup=0,
-            lr=lr if finetune_lr is None else finetune_lr,
-            model=swapped,
-            progress=tick,
-        )
-        mixed = train_run(
-            full,
-            HYBRID,
-            size,
-            seed=seed + FRESH,
-            steps=fine,
-            eval_every=eval_every,
-            warmup=0,
-            lr=lr if finetune_lr is None else finetune_lr,
-            model=swap_to_favor(soft_model, size, vocab_size=full.vocab_size, seed=seed, variant=HYBRID),
-            progress=tick,
+        # did not see (the batch stream of seed + FRESH): FAVOR+ alone, and the hybrid
+        tuned, mixed = (
+            train_run(
+                full,
+                name,
+                size,
+                seed=seed + FRESH,
+                steps=fine,
+                eval_every=eval_every,
+                warmup=0,
+                lr=lr if finetune_lr is None else finetune_lr,
+                model=swap_to_favor(soft_model, size, vocab_size=full.vocab_size, seed=seed, **kw),
+                progress=tick,
+            )
+            for name, kw in ((SWAPPED, {}), (HYBRID, {"variant": HYBRID}))
         )
         scratch = train_run(
             grown,

@@ -125,7 +125,7 @@ def test_compare_matches_perplexity_and_agreement():
     got = compare(teacher, student, ids, chunk=32)  # chunks that do not divide L
     assert got["teacher_perplexity"] == pytest.approx(perplexity(teacher, ids), rel=1e-5)
     assert got["perplexity"] == pytest.approx(perplexity(student, ids), rel=1e-5)
-    agree = agreement(teacher, student, ids)
+    agree = agreement(teacher, student, ids)  # compare's KL and top-1, at another chunk size
     assert got["kl"] == pytest.approx(agree["kl"], rel=1e-5)
     assert got["top1"] == agree["top1"] and got["positions"] == agree["positions"] == 140
 
