@@ -51,13 +51,15 @@ def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, l
 
 def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:
     """Tokenized held-out batches at ``length`` tokens: for a sentence encoder ``count``
-    passages packed to exactly ``length`` tokens (fidelity.packed_texts), for a masked LM the
+    passages packed to exactly ``length`` tokens (fidelity.packed_documents: a passage is one
+    domain's text), for a masked LM the
     first ``count`` sequences cut at ``length``."""
-    from favor.hf.fidelity import packed_texts, tokenize_batches
+    from favor.hf.fidelity import packed_documents, tokenize_batches
+    from favor.hf.models import builtin_documents
 
     if kind == "masked-lm":
         return tokenize_batches(tok, texts(split, kind, count), batch_size=batch_size, max_length=length)
-    packed = packed_texts(tok, texts(split, kind), length=length, count=count)
+    packed = packed_documents(tok, builtin_documents(split, kind), length=length, count=count)
     if not packed:
         raise ValueError(f"the {split!r} text is too short for one passage of {length} tokens")
     return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)

@@ -66,8 +66,26 @@ def add_arguments(parser) -> None:
         "--quick", action="store_true", help="the decoder recipe on a tiny random decoder in seconds (tests)"
     )
     parser.add_argument("--out", required=True, help="directory for the distilled model (favor.hf.from_pretrained)")
-    parser.add_argument("--text", default="train", help="training text: 'train' (built in KJV passages) or a file")
-    parser.add_argument("--heldout", default="heldout", help="held-out text for the cosine curve: 'heldout' or a file")
+    parser.add_argument(
+        "--corpus",
+        choices=("english", "kjv"),
+        default="english",
+        help="a sentence encoder's built-in texts: english (default: trains on favor.data.english's mix of KJV, "
+        "Austen and GCIDE; held out on the Python docs, a domain it never sees, and on KJV's held-out books) or "
+        "kjv (trains on KJV's train split, held out on its held-out split and on the Python docs; the default "
+        "before)",
+    )
+    parser.add_argument(
+        "--text",
+        help="training text instead of --corpus's: 'english' (the mix), 'train' (KJV passages), a domain of "
+        "favor.data.english (austen, dictionary, ...) or a file",
+    )
+    parser.add_argument(
+        "--heldout",
+        action="append",
+        help="held-out text instead of --corpus's: 'python-docs', 'heldout' (KJV), a domain or a file; repeat for "
+        "several (the first gives the cosine curve, the others are measured before and after training)",
+    )
     parser.add_argument("--steps", type=int, help="training steps (encoder default 3000, or until --minutes)")
     parser.add_argument(
         "--minutes",
@@ -239,7 +257,8 @@ def run(args) -> int:
     import favor.hf as fh
     from favor.hf.antibodies import masked_accuracy, masked_batches
     from favor.hf.distill import DistillConfig, distill
-    from favor.hf.fidelity import embeddings, packed_texts, tokenize_batches
+    from favor.hf.fidelity import embedding_cosines, embeddings, packed_documents, tokenize_batches
+    from favor.hf.models import CORPORA, builtin_documents, model_texts
 
     from .distill_lm import is_decoder
     from .distill_lm import run as run_decoder
@@ -258,10 +277,12 @@ def run(args) -> int:
         return 2
     teacher, tok, kind = loaded
     mlm = kind == "masked-lm"
+    text, heldouts = ("train", ("heldout",)) if mlm else CORPORA[args.corpus]
+    text, heldouts = args.text or text, args.heldout or list(heldouts)
     length = max_length(args.max_length, kind, 64)
-    train = texts(args.text, kind)
+    train = texts(text, kind)
     samples = args.samples or (64 if mlm else 32)
-    held = texts(args.heldout, kind, samples)
+    held = texts(heldouts[0], kind, samples)
     if mlm:
         raw = [s.replace(" ", "") for s in train]
         batches = [
@@ -283,13 +304,16 @@ def run(args) -> int:
         tokens = args.long_batch_size * max(long_lengths, default=0)  # per packed batch, every length
         groups = [batches]
         for n in long_lengths:
-            long = packed_texts(tok, train, length=n)
+            long = packed_documents(tok, [model_texts(d, kind) for d in builtin_documents(text, kind)], length=n)
             groups.append(tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n))
         batches = [b for group in groups for b in group]
         fitting = fit_set(groups if args.fit_on == "mixed" else groups[:1], args.fit_batches)
         given = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
         lengths = eval_lengths(given, kind, max_length(None, kind, 128), limit=positions)
-        evs = {n: held_out_batches(tok, args.heldout, kind, length=n, count=samples, batch_size=8) for n in lengths}
+        evs, *others = [
+            {n: held_out_batches(tok, h, kind, length=n, count=samples, batch_size=8) for n in lengths}
+            for h in heldouts
+        ]
     except ValueError as e:
         print(f"favor distill: {e}")
         return 2
@@ -307,6 +331,8 @@ def run(args) -> int:
 
         fit_adapters(student, fitting, steps=args.fit_steps)
     refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
+    other_refs = [{n: embeddings(teacher, ev, attn="sdpa") for n, ev in o.items()} for o in others]
+    other_zero_shot = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
     keys = [str(n) for n in lengths]
     curve = {
         "loss": [],
@@ -354,10 +380,14 @@ def run(args) -> int:
         return 2
     distill(student, teacher, batches, config, on_step=on_step, evaluate=evaluate, eval_every=args.eval_every)
     bar.close()
+    other_final = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
     out = Path(args.out)
     fh.save_pretrained(student, out)
     result = {
         "model": str(args.model),
+        "corpus": None if mlm else args.corpus,
+        "text": text,
+        "held_out": heldouts[0],
         "kernel": args.kernel,
         "num_features": args.num_features,
         "steps": len(curve["loss"]),
@@ -384,6 +414,14 @@ def run(args) -> int:
         "zero_shot_cosine": {n: c[0] for n, c in curve["eval_cosine"].items()},
         "final_cosine": {n: c[-1] for n, c in curve["eval_cosine"].items()},
         "final_cosine_min": {n: c[-1] for n, c in curve["eval_cosine_min"].items()},
+        "other_held_out": {
+            h: {
+                "zero_shot_cosine": {n: c[0] for n, c in z.items()},
+                "final_cosine": {n: c[0] for n, c in f.items()},
+                "final_cosine_min": {n: c[1] for n, c in f.items()},
+            }
+            for h, z, f in zip(heldouts[1:], other_zero_shot, other_final, strict=True)
+        },
         **(
             {
                 "masked_residues": n_masked,
@@ -402,10 +440,16 @@ def run(args) -> int:
     _plot(curve, out / "distill.png")
     for n in keys:
         print(
-            f"held-out embedding cosine to softmax at {n} tokens: {result['zero_shot_cosine'][n]:.4f} (zero-shot: "
-            f"calibrated{', fitted' if args.fit_steps else ''}) -> {result['final_cosine'][n]:.4f} after "
+            f"held-out ({heldouts[0]}) embedding cosine to softmax at {n} tokens: {result['zero_shot_cosine'][n]:.4f} "
+            f"(zero-shot: calibrated{', fitted' if args.fit_steps else ''}) -> {result['final_cosine'][n]:.4f} after "
             f"{result['steps']} steps ({result['seconds']:.0f} s); min {result['final_cosine_min'][n]:.4f}"
         )
+    for h, r in result["other_held_out"].items():
+        for n in keys:
+            print(
+                f"held-out ({h}) at {n} tokens: {r['zero_shot_cosine'][n]:.4f} (zero-shot) -> "
+                f"{r['final_cosine'][n]:.4f}; min {r['final_cosine_min'][n]:.4f}"
+            )
     if mlm:
         print(
             f"held-out masked-residue accuracy ({n_masked} residues): softmax {softmax_acc:.4f}, zero-shot "

@@ -15,7 +15,16 @@ from torch import nn
 from .attention import favor_attention_forward
 from .registry import NAME, probing
 
-__all__ = ["mean_pool", "embeddings", "embedding_cosine", "layer_errors", "tokenize_batches", "packed_texts"]
+__all__ = [
+    "mean_pool",
+    "embeddings",
+    "embedding_cosine",
+    "layer_errors",
+    "tokenize_batches",
+    "packed_texts",
+    "packed_documents",
+    "embedding_cosines",
+]
 
 
 def tokenize_batches(tokenizer, texts: list[str], *, batch_size: int = 16, max_length: int = 128) -> list[dict]:
@@ -55,6 +64,16 @@ def packed_texts(tokenizer, texts: list[str], *, length: int, count: int | None 
     return out
 
 
+def packed_documents(tokenizer, documents: list[list[str]], *, length: int, count: int | None = None) -> list[str]:
+    """``packed_texts`` of each document (lines of one domain), one passage of each in turn
+    while every document has one left, then the rest: no passage joins two documents' text.
+    At most ``count`` passages."""
+    from .models import interleave
+
+    out = interleave([packed_texts(tokenizer, d, length=length, count=count) for d in documents])
+    return out[:count] if count is not None else out
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings (B, C): mean over non-padding tokens, L2-normalised (sentence-transformers)."""
     m = attention_mask[..., None].to(hidden.dtype)
@@ -74,6 +93,18 @@ def embeddings(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
         return torch.cat(out)
     finally:
         model.set_attn_implementation(previous)
+
+
+def embedding_cosines(
+    model: nn.Module, batches: Mapping[int, list[Mapping[str, torch.Tensor]]], refs: Mapping[int, torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """Per length (as a string): (mean, min) cosine of the FAVOR embeddings of ``batches[n]``
+    to the softmax ones given in ``refs[n]`` (``embeddings(model, batches[n], attn="sdpa")``)."""
+    out = {}
+    for n, b in batches.items():
+        cos = (embeddings(model, b, attn=NAME) * refs[n]).sum(-1)
+        out[str(n)] = (float(cos.mean()), float(cos.min()))
+    return out
 
 
 def embedding_cosine(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
