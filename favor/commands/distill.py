@@ -11,7 +11,10 @@ under 10 minutes in all on this CPU (the held-out evaluations, every --eval-ever
 against the budget). Writes distill.json and distill.png (loss, and the
 held-out embedding cosine per step at 128 and at 512 tokens: --eval-length, the held-out
 passages packed to exactly that length). --long-length N adds the training text packed to
-N-token passages (--long-batch-size per batch) to the short training passages.
+N-token passages (--long-batch-size per batch) to the short training passages. A sentence
+encoder trains on favor.data.english's mix (KJV, Austen, GCIDE; --corpus english, the default)
+and is held out on the Python docs, a domain it never sees (the curve), and on KJV's held-out
+books (before and after); --corpus kjv trains on KJV passages alone (favor.hf.models.CORPORA).
 A protein masked LM (``--model antiberty``) trains on the antibody V regions' training split
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
