@@ -158,7 +158,10 @@ def add_arguments(parser) -> None:
         "value and output projections) or all",
     )
     parser.add_argument(
-        "--fit-batches", type=int, help="training batches the adapters are fitted on (encoder default 2, decoder 1)"
+        "--fit-batches",
+        type=int,
+        help="training batches the adapters are fitted on (encoder default: one of each passage length, at least 2 "
+        "(3: short, 128 and 512 tokens); decoder 1)",
     )
     parser.add_argument(
         "--fit-on",
@@ -202,7 +205,6 @@ ENCODER_DEFAULTS = dict(
     train="query-key",
     adapter_lr=3e-3,
     attention_weight=1.0,
-    fit_batches=2,
 )
 
 
@@ -310,6 +312,8 @@ def run(args) -> int:
             long = packed_documents(tok, [model_texts(d, kind) for d in builtin_documents(text, kind)], length=n)
             groups.append(tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n))
         batches = [b for group in groups for b in group]
+        if args.fit_batches is None:  # one batch of each length: the 512-token one lifts 512's zero-shot
+            args.fit_batches = max(2, len(groups))  # (benchmarks/results/hf_fidelity_512.md, stop 22)
         fitting = fit_set(groups if args.fit_on == "mixed" else groups[:1], args.fit_batches)
         given = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
         lengths = eval_lengths(given, kind, max_length(None, kind, 128), limit=positions)

@@ -184,6 +184,7 @@ def test_distill_command_takes_the_kjv_corpus_and_files(tiny_bert, tmp_path):
     res = json.loads((out / "distill.json").read_text())
     assert (res["corpus"], res["text"], res["held_out"]) == ("kjv", "train", "heldout")
     assert set(res["other_held_out"]) == {"python-docs"}
+    assert res["fit_batches"] == 2  # one batch of each passage length, at least 2 (here short passages only)
     out = tmp_path / "file"  # the flags of before: --text train, one --heldout (here a file)
     assert main([*common, "--text", "train", "--heldout", str(heldout), "--out", str(out)]) == 0
     res = json.loads((out / "distill.json").read_text())
