@@ -176,7 +176,7 @@ def test_distill_command_takes_the_kjv_corpus_and_files(tiny_bert, tmp_path):
     d = _save_tiny(tiny_bert, tmp_path / "tiny")
     heldout = tmp_path / "held.txt"
     heldout.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
-    common = ["distill", "--model", str(d), "--steps", "1", "--samples", "2", "--num-features", "8"]
+    common = ["distill", "--model", str(d), "--steps", "2", "--samples", "2", "--num-features", "8"]
     common += ["--batch-size", "4", "--max-length", "16", "--eval-length", "16", "--long-length", "0"]
     common += ["--fit-steps", "0"]
     out = tmp_path / "kjv"
