@@ -28,9 +28,9 @@ import torch
 
 
 def _measure(model, batches, window, sinks):
-    from favor.attention.local.window import exact_positions
     from favor.hf.attention import favor_attention_forward
     from favor.hf.fit import record_attention
+    from favor.ops.local.window import exact_positions
 
     rows = []
     for layer, (module, calls) in enumerate(record_attention(model, batches).items()):

@@ -6,7 +6,7 @@ run per call (attention, features, modules, models, the Hugging Face attention f
 sequence parallelism) may have such a sync only where it is needed, and then say so with a
 ``host sync`` comment on the line or the line above. This test reads their source (ast) and
 lists every unmarked candidate; a Python-number conversion (``float(scale)``,
-``float("-inf")``) is not a candidate. On a GPU, tests/attention/test_device.py checks the
+``float("-inf")``) is not a candidate. On a GPU, tests/ops/test_device.py checks the
 same at run time with torch.cuda.set_sync_debug_mode("error").
 """
 
@@ -21,8 +21,8 @@ from favor.hf.adapter import FavorAdapter
 
 ROOT = Path(favor.__file__).parent
 HOT = [
-    *sorted((ROOT / "attention").glob("*.py")),
-    *sorted((ROOT / "attention" / "local").glob("*.py")),
+    *sorted((ROOT / "ops").glob("*.py")),
+    *sorted((ROOT / "ops" / "local").glob("*.py")),
     *(ROOT / "features" / n for n in ("maps.py", "feature_map.py", "official.py", "_host.py")),
     *(ROOT / "nn" / n for n in ("attention.py", "rotary.py")),
     *(ROOT / "models" / n for n in ("performer.py", "block.py")),

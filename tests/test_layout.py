@@ -1,8 +1,10 @@
 """The package layout: the training modules import one way, the fast paths share helpers
-through _chunking, no import cycles, and the exact-terms kernels live in the core."""
+through chunking, no import cycles, and the exact-terms kernels live in the core."""
 
 import ast
 import importlib
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,17 @@ def test_old_module_paths_are_gone():
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(old)
     assert favor.projections is importlib.import_module("favor.features.projections")
+
+
+def test_attention_is_a_plain_function():
+    """favor.attention is the function favor.ops.api.attention, not a module whose class was
+    swapped to make it callable; the subpackage it came from is favor.ops."""
+    assert isinstance(favor.attention, types.FunctionType)
+    assert favor.attention is importlib.import_module("favor.ops.api").attention
+    assert favor.step is importlib.import_module("favor.ops.recurrent").step
+    assert not (ROOT / "attention").exists() and (ROOT / "ops" / "api.py").exists()
+    tricks = [n for n, m in list(sys.modules.items()) if n.startswith("favor") and type(m) is not types.ModuleType]
+    assert not tricks, f"modules whose class was swapped: {tricks}"
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -46,10 +59,10 @@ def test_training_loop_does_not_import_the_demo():
 
 
 def test_no_private_helpers_imported_across_fast_paths():
-    """causal_fast and recurrent take the shared helpers from _chunking, not from
+    """causal_fast and recurrent take the shared helpers from chunking, not from
     bidirectional_fast's private names."""
     for name in ("causal_fast.py", "recurrent.py"):
-        tree = ast.parse((ROOT / "attention" / name).read_text())
+        tree = ast.parse((ROOT / "ops" / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "bidirectional_fast":
                 assert not [a.name for a in node.names if a.name.startswith("_")], name
@@ -100,13 +113,13 @@ def test_no_import_cycles_between_modules():
                 visit(dep, path + [dep], seen)
 
     for start in sorted(graph):
-        if start.startswith(("favor.attention", "favor.hf", "favor.features", "favor.nn", "favor.models")):
+        if start.startswith(("favor.ops", "favor.hf", "favor.features", "favor.nn", "favor.models")):
             visit(start, [start], {start})
     assert not cycles, cycles[:5]
 
 
 def test_exact_local_terms_live_in_the_core():
-    """No attention kernel stays in favor/hf: the exact terms are favor.attention.local's."""
+    """No attention kernel stays in favor/hf: the exact terms are favor.ops.local's."""
     assert not list((ROOT / "hf").glob("local*.py"))
-    assert (ROOT / "attention" / "local" / "causal_fast.py").exists()
+    assert (ROOT / "ops" / "local" / "causal_fast.py").exists()
     assert not (ROOT / "hf" / "cross.py").exists()

@@ -254,7 +254,7 @@ def check_contender(name: str, cfg: BenchConfig, *, length: int = 256) -> tuple[
         if not torch.isfinite(out).all():
             return False, "non-finite output"
         if name.startswith("favor-exact"):
-            from ..attention.local.reference import exact_terms_reference
+            from ..ops.local.reference import exact_terms_reference
 
             fm = bench_feature_map(cfg).double()
             terms = favor.ExactTerms(64, 4, 1) if contender.causal else favor.ExactTerms(8, 1, 32)

@@ -16,7 +16,7 @@ A protein masked LM (``--model antiberty``) trains on the antibody V regions' tr
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
 By default the student computes each query's block of C=32 positions widened by W=8 either
-side, and the first S=1 token, exactly, FAVOR the rest (favor.attention.local.block), with the
+side, and the first S=1 token, exactly, FAVOR the rest (favor.ops.local.block), with the
 per-sequence key shift (--exact-block, --exact-window, --exact-sinks, --key-shift); --plain is
 FAVOR alone with the calibrated constant shift.
 

@@ -8,12 +8,12 @@
 By default (favor.hf.performerize.DEFAULTS, the command-line tools' too) the features are
 dense-exponential ("derf"), and ``exact_window=8, exact_sinks=1, exact_block=32`` computes
 each query's block of 32 positions widened by 8, and the first token, exactly and FAVOR the
-rest (favor.attention.local), still linear in length (a model with causal layers: the window and sinks only).
+rest (favor.ops.local), still linear in length (a model with causal layers: the window and sinks only).
 ``plain=True`` is the paper's estimator, FAVOR alone (``kernel="positive"``: FAVOR+).
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature
-(favor.hf.support); cross-attention runs plain FAVOR (favor.attention.cross).
+(favor.hf.support); cross-attention runs plain FAVOR (favor.ops.cross).
 
 ``model.generate`` of a performerized decoder keeps a constant-size ``FavorCache`` (FAVOR's
 recurrent state per layer, plus the exact terms' last tokens): O(1) work and memory per token.

@@ -12,14 +12,14 @@ import logging
 
 import torch
 
-from ..attention import attention as favor_attention
-from ..attention._checks import check_scale, compute_dtype
-from ..attention.cross import cross_attention
-from ..attention.local.bidirectional_fast import fast_eligible, local_fast
-from ..attention.local.block import block_exact_attention
-from ..attention.local.dispatch import exact_attention
-from ..attention.local.spec import ExactTerms
-from ..attention.local.window import local_exact_attention, pair_features
+from ..ops import attention as favor_attention
+from ..ops.checks import check_scale, compute_dtype
+from ..ops.cross import cross_attention
+from ..ops.local.bidirectional_fast import fast_eligible, local_fast
+from ..ops.local.block import block_exact_attention
+from ..ops.local.dispatch import exact_attention
+from ..ops.local.spec import ExactTerms
+from ..ops.local.window import local_exact_attention, pair_features
 from .adapter import ATTRIBUTE, adapter_of, repeat_kv
 from .cache import claim
 from .decode import cached_attention
@@ -72,7 +72,7 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
         key_padding_mask=pad,
     )
     if causal and fm.stabilizer == "exact" and adapter.exact_window >= 0:
-        # the core causal path (favor.attention.local): chunks, far state, hand-written backward
+        # the core causal path (favor.ops.local): chunks, far state, hand-written backward
         terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
         out = exact_attention(
             q, k, v, fm, terms, causal=True, root=root, key_padding_mask=pad, qx=qx, kx=kx, log_const=exact["log_const"]

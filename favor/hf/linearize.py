@@ -5,7 +5,7 @@ In the spirit of LoLCATs (Zhang et al. 2024), sized for a CPU and a time budget:
 0. ``performerize`` a copy of the softmax model (the teacher): dense-exponential features
    (M=256) calibrated on two training passages, exact weights for each query's last
    ``exact_window`` keys and the first ``exact_sinks`` tokens, FAVOR for the rest (the causal
-   fast path of favor.attention.local);
+   fast path of favor.ops.local);
 1. attention transfer (favor.hf.fit.fit_adapters): each layer's adapter (query/key maps, key
    shift, projection, far keys' gain) fitted so that its FAVOR + exact-terms output matches
    its softmax output on the teacher's own queries, keys and values (no errors compounding);

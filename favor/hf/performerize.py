@@ -16,12 +16,12 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from ..attention.local.block import check_block
-from ..attention.local.window import check_exact_set
 from ..features.feature_map import KERNELS, FeatureMap
 from ..features.headwise import HeadwiseFeatureMap
 from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
+from ..ops.local.block import check_block
+from ..ops.local.window import check_exact_set
 from .adapter import ATTRIBUTE, FavorAdapter, balancing_map, dense_projection, sequence_pair_mean
 from .generation import use_favor_cache
 from .masks import plan_from_mask

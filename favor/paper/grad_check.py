@@ -11,8 +11,8 @@ def reference_grad_error(model, task, batch) -> float:
     for the second backward (restored after)."""
     import torch
 
-    from favor.attention.reference import kernel_attention
     from favor.nn import attention as A
+    from favor.ops.reference import kernel_attention
 
     def grads():
         model.zero_grad()

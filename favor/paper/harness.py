@@ -89,9 +89,9 @@ def unavailable(variant: Variant) -> str | None:
 def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: bool, seed: int):
     """favor's PerformerLM / PerformerEncoder with ``variant``'s attention; initial weights
     depend on ``seed`` only, so every variant of a seed starts from the same weights."""
-    from ..attention.local.spec import ExactTerms
     from ..models import PerformerConfig, PerformerEncoder, PerformerLM
     from ..nn import feature_maps, redraw_features
+    from ..ops.local.spec import ExactTerms
 
     if variant.attention in PEERS:
         from .peers import build_peer_model

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attention.local.spec import ExactTerms
 from ..data.text import load_tokenizer
 from ..models import PerformerConfig, PerformerLM
 from ..nn import feature_maps
 from ..nn.attention import AttentionState
+from ..ops.local.spec import ExactTerms
 from .loop import LN2, _read_log, load_data, resolve_config, train
 
 __all__ = [

@@ -239,7 +239,7 @@ def test_calibrated_dense_features_decode_exactly(local):
 
 
 def test_the_prompt_takes_the_chunked_path_and_each_token_the_step(monkeypatch):
-    from favor.attention import api
+    from favor.ops import api
 
     model = _model("llama", "plain")
     ids, mask, _ = _batch(8, seed=11)

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 import favor
 from favor.hf.adapter import FavorAdapter
 from favor.hf.attention import favor_attention_forward
-from tests.attention.test_properties import TOL, ULP, rel
+from tests.ops.test_properties import TOL, ULP, rel
 
 pytest.importorskip("transformers")
 
 #: trig is left out: its sign-indefinite normaliser is covered (with a conditioning guard)
-#: in tests/attention/test_properties.py; here the subject is the mask and head handling
+#: in tests/ops/test_properties.py; here the subject is the mask and head handling
 HF_KERNELS = ["positive", "hyperbolic", "oprf", "relu", "elu"]
 
 
