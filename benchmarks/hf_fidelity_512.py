@@ -28,8 +28,8 @@ import torch
 
 
 def _measure(model, batches, window, sinks):
-    from favor.hf.attention import favor_attention_forward
     from favor.hf.fit import record_attention
+    from favor.hf.interface import favor_attention_forward
     from favor.ops.local.window import exact_positions
 
     rows = []

@@ -23,10 +23,10 @@ ROOT = Path(favor.__file__).parent
 HOT = [
     *sorted((ROOT / "ops").glob("*.py")),
     *sorted((ROOT / "ops" / "local").glob("*.py")),
-    *(ROOT / "features" / n for n in ("maps.py", "feature_map.py", "official.py", "_host.py")),
+    *(ROOT / "features" / n for n in ("maps.py", "feature_map.py", "official.py", "buffer_flags.py")),
     *(ROOT / "nn" / n for n in ("attention.py", "rotary.py")),
     *(ROOT / "models" / n for n in ("performer.py", "block.py")),
-    *(ROOT / "hf" / n for n in ("attention.py", "masks.py", "adapter.py")),
+    *(ROOT / "hf" / n for n in ("interface.py", "masks.py", "adapter.py")),
     *(ROOT / "distributed" / n for n in ("sequence.py", "rank_state.py", "collectives.py")),
 ]
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import maps
-from ._host import buffer_flag
+from .buffer_flags import buffer_flag
 from .official import positive_official, trig_official
 from .projections import NORMS, PROJECTIONS
 

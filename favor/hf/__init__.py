@@ -13,7 +13,7 @@ rest (favor.ops.local), still linear in length (a model with causal layers: the 
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature
-(favor.hf.support); cross-attention runs plain FAVOR (favor.ops.cross).
+(favor.hf.refusals); cross-attention runs plain FAVOR (favor.ops.cross).
 
 ``model.generate`` of a performerized decoder keeps a constant-size ``FavorCache`` (FAVOR's
 recurrent state per layer, plus the exact terms' last tokens): O(1) work and memory per token.
@@ -23,14 +23,14 @@ Importing this package registers ``attn_implementation="favor"`` with transforme
 
 from ..features.headwise import HeadwiseFeatureMap
 from .adapter import FavorAdapter, balancing_map
-from .attention import favor_attention_forward
 from .cache import FavorCache, FavorLayer
 from .generation import use_favor_cache
+from .interface import favor_attention_forward
 from .io import from_pretrained, save_pretrained
 from .masks import MaskPlan, plan_from_mask
 from .performerize import PerformerConfig, performerize
+from .refusals import UnsupportedAttentionError
 from .registry import NAME, register
-from .support import UnsupportedAttentionError
 
 register()
 

@@ -44,7 +44,7 @@ import logging
 import torch
 from torch import nn
 
-from ..features._host import buffer_flag
+from ..features.buffer_flags import buffer_flag
 from ..features.feature_map import FeatureMap
 from ..features.headwise import HeadwiseFeatureMap
 from ..ops.local.block import check_block

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import favor_attention_forward
+from .interface import favor_attention_forward
 from .registry import NAME, probing
 
 __all__ = ["mean_pool", "embeddings", "embedding_cosine", "layer_errors", "tokenize_batches", "packed_texts"]

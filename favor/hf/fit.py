@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .adapter import ATTRIBUTE
-from .attention import favor_attention_forward
+from .interface import favor_attention_forward
 from .registry import probing
 
 __all__ = ["record_attention", "fit_adapters"]

@@ -1,5 +1,5 @@
 """Property tests (hypothesis) of the attention function registered with transformers
-(favor.hf.attention.favor_attention_forward) over random B, H, key/value heads (GQA), Lq,
+(favor.hf.interface.favor_attention_forward) over random B, H, key/value heads (GQA), Lq,
 Lk (0 and 1 included), D, masks (None, padding, causal with padding and a cache offset;
 bool or additive), scaling and dtypes:
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import favor
 from favor.hf.adapter import FavorAdapter
-from favor.hf.attention import favor_attention_forward
+from favor.hf.interface import favor_attention_forward
 from tests.ops.test_properties import TOL, ULP, rel
 
 pytest.importorskip("transformers")

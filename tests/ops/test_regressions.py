@@ -6,7 +6,7 @@ import torch
 
 import favor
 from favor.hf.adapter import FavorAdapter
-from favor.hf.attention import favor_attention_forward
+from favor.hf.interface import favor_attention_forward
 from tests.ops.test_paths_agree import make_fm, qkv, rel
 
 

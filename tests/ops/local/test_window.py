@@ -11,8 +11,8 @@ import torch
 
 import favor.hf as fh
 from favor.features.feature_map import FeatureMap
-from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
+from favor.hf.interface import favor_attention_forward
 from favor.ops.local.block import block_exact_reference
 from favor.ops.local.window import exact_positions, local_exact_attention, local_exact_reference
 from tests.hf._batches import decoded_logits, padded_batch

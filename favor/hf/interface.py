@@ -24,7 +24,7 @@ from .adapter import ATTRIBUTE, adapter_of, repeat_kv
 from .cache import claim
 from .decode import cached_attention
 from .masks import plan_from_mask
-from .support import check_keywords
+from .refusals import check_keywords
 
 __all__ = ["favor_attention_forward", "ATTRIBUTE"]
 
@@ -101,7 +101,7 @@ def favor_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    **kwargs,  # model-specific extras: support.check_keywords passes those that leave the weights alone
+    **kwargs,  # model-specific extras: refusals.check_keywords passes those that leave the weights alone
 ) -> tuple[torch.Tensor, None]:
     global _warned_dropout
     _check_inputs(query, key, value)
