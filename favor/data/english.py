@@ -22,10 +22,14 @@ is contiguous text of one domain; training passages take the domains in turn.
 from __future__ import annotations
 
 import gzip
+import subprocess
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from ..paper.corpora import read_austen
 
 __all__ = ["DOMAINS", "TRAIN_DOMAINS", "HELDOUT_DOMAIN", "domain_text", "passages", "build_extracts"]
 
@@ -118,9 +122,6 @@ GCIDE_CHARS = 250_000
 
 
 def _unpack(package: str, root: Path) -> Path:
-    import subprocess
-    import tempfile
-
     dest = root / package
     if not dest.is_dir():
         with tempfile.TemporaryDirectory(dir=root) as tmp:
@@ -150,7 +151,6 @@ def build_extracts(out: str | Path, *, root: str | Path) -> dict[str, int]:
     """Write ``austen.txt.gz``, ``gcide.txt.gz`` and ``python_docs.txt.gz`` to ``out`` from
     Debian's r-cran-janeaustenr, dict-gcide and python3.11-doc (downloaded into ``root`` once);
     returns characters per file."""
-    from ..paper.corpora import read_austen
 
     out, root = Path(out), Path(root)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from ..data.blastdb import read_blastdb
+from ..data.fasta import read_fasta, write_fasta
+from ..data.swissprot import DATASET_DIR, download_package
 
 __all__ = [
     "EXTRACT",
@@ -89,9 +94,6 @@ def ig_v_regions(records: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _metastudent_records(root: Path) -> Iterable[tuple[str, str]]:
-    from ..data.blastdb import read_blastdb
-    from ..data.swissprot import DATASET_DIR
-
     for onto in ("MFO", "BPO", "CCO"):
         base = root / DATASET_DIR / onto / "goasp.fasta"
         if not Path(f"{base}.pin").is_file():
@@ -105,10 +107,6 @@ def build_extract(out: str | Path, *, root: str | Path | None = None) -> tuple[P
     """Write the V-region extract to ``out`` (a .fasta.gz path) from an unpacked
     ``metastudent-data`` package ``root`` (downloaded with apt-get when None); returns
     (path, number of sequences). The shipped file is ``build_extract(...)`` of package 2.0.1-8."""
-    import tempfile
-
-    from ..data.fasta import write_fasta
-    from ..data.swissprot import download_package
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +119,6 @@ def build_extract(out: str | Path, *, root: str | Path | None = None) -> tuple[P
 
 
 def _read_extract(path: str | Path | None) -> list[tuple[str, str]]:
-    from ..data.fasta import read_fasta
-
     if path is not None:
         return list(read_fasta(path))
     with resources.as_file(resources.files("favor.hf.corpus").joinpath(EXTRACT)) as p:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .adapter import ATTRIBUTE
 from .interface import favor_attention_forward
@@ -35,7 +36,6 @@ _PARAMS = ("query_map", "key_map", "key_shift")
 def record_attention(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
     """Run the softmax model and keep every attention call's inputs and output:
     {module: [(q, k, v, mask, scaling, is_causal, softmax_out, query_keep)]} in layer order."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     calls: dict[nn.Module, list] = {}
     keep_mask = None

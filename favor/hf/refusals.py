@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 __all__ = [
     "UnsupportedAttentionError",
@@ -120,7 +121,6 @@ def check_keywords(module: torch.nn.Module, kwargs: Mapping[str, Any], *, model:
 
 def _configs(config) -> list[tuple[str, Any]]:
     """The config and its sub-configs (text_config, encoder, decoder, ...), with a prefix each."""
-    from transformers import PretrainedConfig
 
     found, stack, seen = [], [("config", config)], set()
     while stack:

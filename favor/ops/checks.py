@@ -7,6 +7,9 @@ import math
 
 import torch
 
+from ..features.feature_map import FeatureMap
+from .state import State
+
 __all__ = [
     "check_qkv",
     "check_scale",
@@ -53,8 +56,6 @@ def check_qkv(q, k, v, *, causal: bool) -> None:
 
 
 def check_feature_map(feature_map) -> None:
-    from ..features.feature_map import FeatureMap
-
     if not isinstance(feature_map, FeatureMap):
         raise TypeError(f"feature_map must be a favor.FeatureMap, got {type(feature_map).__name__}")
 
@@ -106,7 +107,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_state(state, name: str, lead, m: int, dv: int, device: torch.device) -> None:
     """A favor.State continuing attention over (..., M', Dv) with leading shape ``lead``:
     kv (*lead, M', Dv), z (*lead, M'), log_scale (*lead), on ``device``."""
-    from .state import State
 
     if not isinstance(state, State):
         raise TypeError(f"{name} must be a favor.State, got {type(state).__name__}")

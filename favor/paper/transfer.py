@@ -16,11 +16,19 @@ is fine-tuned the same way.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .books import LR, WARMUP, add_data_arguments
-from .harness import ModelSize, Variant, hybrid
+import torch
+
+from .antiberty_transfer import antiberty_available, antiberty_transfer
+from .books import CURRICULUM, LR, WARMUP, add_data_arguments, corpus, length_schedule, make_task
+from .books import MODES as BOOKS
+from .harness import ModelSize, Variant, build_model, hybrid, train_run
+from .report import markdown_table, write_outputs
+from .suite import progress_bar, run_command, save_suite
 
 NAME = "transfer"
 SOFTMAX = Variant("softmax (pretrained)", attention="softmax")
@@ -67,7 +75,6 @@ def steps_within(curve: list[dict[str, Any]], target: float, *, metric: str = "a
 def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int, variant: Variant = SWAPPED):
     """The same architecture with ``variant``'s attention (default FAVOR+), holding the softmax
     model's weights."""
-    from .harness import build_model
 
     model = build_model(variant, size, vocab_size=vocab_size, causal=False, seed=seed)
     missing, unexpected = model.load_state_dict(softmax_model.state_dict(), strict=False)
@@ -92,13 +99,6 @@ def experiment(
     austen: bool = True,
     progress=None,
 ) -> dict[str, Any]:
-    from dataclasses import replace
-    from functools import partial
-
-    from .books import CURRICULUM, corpus, length_schedule, make_task
-    from .books import MODES as BOOKS
-    from .harness import train_run
-
     mode = "quick" if quick else "full"
     size, n_len, n_batch = BOOKS[mode][:3]
     n_pre, n_fine, eval_every, eval_rows = MODES[mode]
@@ -200,8 +200,6 @@ def experiment(
 
 
 def table(res: dict[str, Any]) -> str:
-    from .report import markdown_table
-
     c = res["config"]
     header = [
         "seed",
@@ -249,8 +247,6 @@ def table(res: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.part in ("all", "books"):
@@ -261,8 +257,6 @@ def run(args) -> int:
 
 
 def run_books(args) -> None:
-    from .suite import run_command
-
     run_command(
         args,
         NAME,
@@ -284,8 +278,6 @@ def run_books(args) -> None:
 
 
 def save(args, res):
-    from .suite import save_suite
-
     t = table(res)
     c = res["config"]
     warm = c.get("length_warmup")
@@ -300,9 +292,6 @@ def save(args, res):
 def run_antiberty(args) -> None:
     """AntiBERTy performerized (plain FAVOR+) and fine-tuned; skipped when antiberty is
     missing or with 0 steps (the default of --quick)."""
-    from .antiberty_transfer import antiberty_available, antiberty_transfer
-    from .report import markdown_table, write_outputs
-    from .suite import progress_bar
 
     steps = args.antiberty_steps if args.antiberty_steps is not None else (0 if args.quick else 60)
     if steps <= 0:

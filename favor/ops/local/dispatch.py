@@ -15,6 +15,7 @@ from .block import block_exact_attention
 from .causal_fast import DEFAULT_CHUNK, causal_exact_autograd, causal_exact_fast
 from .recurrent import ExactState, absorb, exact_state_from_sequence, exact_step
 from .spec import ExactTerms
+from .window import pair_features
 
 __all__ = ["exact_attention", "exact_steps", "feature_rows"]
 
@@ -182,8 +183,6 @@ def exact_attention(
             exact_block=terms.block,
         )
     else:
-        from .window import pair_features
-
         fq, fk = pair_features(feature_map, q, k, root, pm)
         out = block_exact_attention(
             fq,
