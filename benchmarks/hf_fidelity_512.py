@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import favor.hf as fh
-    from favor.hf.corpus import load_text
+    from favor.data.kjv import load_text
     from favor.hf.fidelity import embedding_cosine, packed_texts, tokenize_batches
     from favor.hf.fit import fit_adapters
     from favor.hf.models import load_softmax

@@ -2,7 +2,7 @@
 
 Domains (favor/data/NOTICE gives the sources and licences; ``build_extracts`` rebuilds them):
 
-- ``bible``: King James Bible, Genesis, Proverbs and Matthew (favor.hf.corpus's "train"
+- ``bible``: King James Bible, Genesis, Proverbs and Matthew (favor.data.kjv's "train"
   split, shipped there; its Psalms, Luke and Acts are never used here);
 - ``austen``: Jane Austen, the opening chapters of *Pride and Prejudice* (``austen.txt.gz``);
 - ``dictionary``: GCIDE entries (the 1913 Webster and its additions), an evenly spaced
@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from ..paper.corpora import read_austen
+from .kjv import load_text
 
 __all__ = ["DOMAINS", "TRAIN_DOMAINS", "HELDOUT_DOMAIN", "domain_text", "passages", "build_extracts"]
 
-#: domain -> shipped file in favor.data (bible: favor.hf.corpus's "train" split)
+#: domain -> shipped file in favor.data (bible: favor.data.kjv's "train" split)
 DOMAINS = {
     "bible": None,
     "austen": "austen.txt.gz",
@@ -49,8 +50,6 @@ def domain_text(domain: str) -> str:
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
     if DOMAINS[domain] is None:
-        from ..hf.corpus import load_text  # the KJV passages favor.hf already ships
-
         return "\n".join(load_text("train")) + "\n"
     data = resources.files("favor.data").joinpath(DOMAINS[domain]).read_bytes()
     return gzip.decompress(data).decode("utf-8")

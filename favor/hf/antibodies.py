@@ -1,6 +1,6 @@
 """Antibody variable regions from Swiss-Prot, and AntiBERTy's masked-residue accuracy on them.
 
-The extract shipped in ``favor/hf/corpus/swissprot_ig_v.fasta.gz`` (see the NOTICE there) holds
+The extract shipped in ``favor/data/swissprot_ig_v.fasta.gz`` (see the NOTICE there) holds
 the immunoglobulin heavy and light chain variable (V) regions of UniProtKB/Swiss-Prot (January
 2014) as packaged in Debian's ``metastudent-data``. That package's FASTA headers carry an
 accession and GO terms but no protein names, so V regions are recognised by their sequence:
@@ -45,7 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: the shipped extract (package favor.hf.corpus)
+#: the shipped extract (in package favor.data)
 EXTRACT = "swissprot_ig_v.fasta.gz"
 SPLITS = ("train", "heldout", "all")
 #: fraction of sequences held out (seeded by HELDOUT_SEED, over the extract's sorted records)
@@ -121,7 +121,7 @@ def build_extract(out: str | Path, *, root: str | Path | None = None) -> tuple[P
 def _read_extract(path: str | Path | None) -> list[tuple[str, str]]:
     if path is not None:
         return list(read_fasta(path))
-    with resources.as_file(resources.files("favor.hf.corpus").joinpath(EXTRACT)) as p:
+    with resources.as_file(resources.files("favor.data").joinpath(EXTRACT)) as p:
         return list(read_fasta(p))
 
 

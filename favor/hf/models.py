@@ -14,9 +14,9 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertTokenizer
 
+from ..data.kjv import load_text
 from ..data.models import package_dir
 from .antibodies import load_antibodies
-from .corpus import load_text
 from .io import from_pretrained
 
 __all__ = ["load", "load_softmax", "model_texts", "builtin_texts", "NAMED"]

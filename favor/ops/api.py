@@ -56,8 +56,8 @@ def _attention_fast(
 ):
     """``qs``, ``ks`` are q and k in the compute dtype, not yet scaled: the fast paths scale
     them chunk by chunk (``root`` = sqrt(scale)), so no scaled L x D copies are held."""
-    feature_map._check_dim(qs, "q")
-    feature_map._check_dim(ks, "k")
+    feature_map.check_dim(qs, "q")
+    feature_map.check_dim(ks, "k")
     a = None
     if feature_map.kernel == "oprf":
         if not causal and not feature_map.has_fixed_rho():

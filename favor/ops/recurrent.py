@@ -47,7 +47,7 @@ def step(
         raise ValueError(f"q and k must share the head dim D, got {q.shape[-1]} and {k.shape[-1]}")
     if q.shape[-1] == 0:
         raise ValueError("q and k must have a head dim D >= 1, got D=0")
-    feature_map._check_dim(q, "q")
+    feature_map.check_dim(q, "q")
     try:
         # equal shapes (the usual case) skip torch.broadcast_shapes, a Python-level
         # function that costs as much as a third of a small step

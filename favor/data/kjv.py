@@ -1,4 +1,4 @@
-"""Default text for calibration, distillation and fidelity: King James Bible passages
+"""The King James Bible extracts favor ships (favor/data/kjv_*.txt.gz). Default text for calibration, distillation and fidelity: King James Bible passages
 (public domain), from Debian's ``bible-kjv-text``, three consecutive verses per line.
 
 ``train``: Genesis, Proverbs, Matthew. ``heldout``: Psalms, Luke, Acts (no overlap).
@@ -19,7 +19,7 @@ def load_text(split: str | Path) -> list[str]:
     """Lines of the built-in split ("train" / "heldout") or of a text file (one passage per
     non-empty line; ``.gz`` is decompressed)."""
     if isinstance(split, str) and split in SPLITS:
-        data = resources.files(__name__).joinpath(f"kjv_{split}.txt.gz").read_bytes()
+        data = resources.files(__package__).joinpath(f"kjv_{split}.txt.gz").read_bytes()
         text = gzip.decompress(data).decode("utf-8")
     else:
         path = Path(split)
