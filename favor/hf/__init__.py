@@ -5,10 +5,12 @@
     >>> favor.hf.save_pretrained(model, "out/")
     >>> model = favor.hf.from_pretrained("out/")
 
-By default (favor.hf.performerize.DEFAULTS, the command-line tools' too) the features are
-dense-exponential ("derf"), and ``exact_window=8, exact_sinks=1, exact_block=32`` computes
-each query's block of 32 positions widened by 8, and the first token, exactly and FAVOR the
-rest (favor.ops.local), still linear in length (a model with causal layers: the window and sinks only).
+By default (``from favor.hf.performerize import DEFAULTS``, the command-line tools' too; the
+attribute ``favor.hf.performerize`` is the function) the features are dense-exponential
+("derf"), and ``exact_window=8, exact_sinks=1, exact_block=32`` computes each query's block
+of 32 positions widened by 8, and the first token, exactly and FAVOR the rest
+(favor.ops.local), still linear in length (a model with causal layers: the window and sinks
+only).
 ``plain=True`` is the paper's estimator, FAVOR alone (``kernel="positive"``: FAVOR+).
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
