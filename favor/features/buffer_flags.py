@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["buffer_flag"]
+__all__ = ["buffer_flag", "buffer_derived"]
 
 
 def buffer_flag(
@@ -32,4 +32,30 @@ def buffer_flag(
         return hit[2]
     value = bool(predicate(buffer))  # host sync: once per change of the buffer
     cache[name] = (buffer, version, value)
+    return value
+
+
+def buffer_derived(
+    owner: object, name: str, buffers: tuple[torch.Tensor, ...], compute: Callable[[], object]
+) -> object:
+    """``compute()``, a value made from ``buffers`` only, cached on ``owner`` under ``name``
+    until one of them changes (version or object) or needs a gradient. A decoding step runs
+    a few dozen tiny ops per layer, and remaking such constants was a tenth of them."""
+    if torch.is_inference_mode_enabled() or any(b.requires_grad for b in buffers):
+        return compute()  # a cached inference tensor could not enter autograd later; a gradient needs the graph
+    try:
+        versions = tuple(b._version for b in buffers)
+    except RuntimeError:  # inference-mode buffers keep no version counter
+        return compute()
+    cache = owner.__dict__.setdefault("_buffer_derived", {})
+    hit = cache.get(name)
+    if (
+        hit is not None
+        and len(hit[0]) == len(buffers)
+        and all(a is b for a, b in zip(hit[0], buffers, strict=True))
+        and hit[1] == versions
+    ):
+        return hit[2]
+    value = compute()
+    cache[name] = (buffers, versions, value)
     return value

@@ -100,13 +100,10 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks)."""
     h = query.shape[1]
     k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
-    q, k, scale = adapter.inputs(query, k_r, scaling, keep=None, sequence=False)
+    q, k, scale, qx, kx = adapter.inputs_and_logits(query, k_r, scaling, keep=None, sequence=False)
     dtype = compute_dtype(q.dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v_r.to(dtype)
+    q, k, v, qx, kx = q.to(dtype), k.to(dtype), v_r.to(dtype), qx.to(dtype), kx.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
-    qx, kx = adapter.logit_inputs(query, k_r, scaling, keep=None, sequence=False) if adapter.dense else (None, None)
-    if qx is not None:
-        qx, kx = qx.to(dtype), kx.to(dtype)
     terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
     if layer.state is not None and not isinstance(layer.state, ExactState):
         raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
@@ -124,6 +121,8 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         qx=qx,
         kx=kx,
         log_const=adapter.log_const(dtype),
+        # the cache owns its state and replaces it by the result (the prompt's state is new)
+        inplace=not torch.is_grad_enabled(),
     )
     return out
 

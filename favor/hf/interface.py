@@ -31,6 +31,7 @@ __all__ = ["favor_attention_forward", "ATTRIBUTE"]
 log = logging.getLogger(__name__)
 
 _warned_dropout = False
+_warned_kv_cache = False
 
 
 def _check_inputs(query, key, value) -> None:
@@ -103,7 +104,7 @@ def favor_attention_forward(
     is_causal: bool | None = None,
     **kwargs,  # model-specific extras: refusals.check_keywords passes those that leave the weights alone
 ) -> tuple[torch.Tensor, None]:
-    global _warned_dropout
+    global _warned_dropout, _warned_kv_cache
     _check_inputs(query, key, value)
     check_keywords(module, kwargs)
     layer = claim(key)  # the keys came from a FavorCache: continue its state (decode.py)
@@ -117,6 +118,15 @@ def favor_attention_forward(
     lk = key.shape[-2]
     causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
     plan = plan_from_mask(attention_mask, batch=b, q_length=lq, kv_length=lk, is_causal=causal_module)
+    if plan.causal and plan.offset > 0 and not _warned_kv_cache:
+        log.warning(
+            "%s decodes with a key/value cache that is not a FavorCache (e.g. transformers' DynamicCache): "
+            "FAVOR is recomputed over all %d cached keys for every new token (O(L) time and memory per "
+            "token, same numbers). Pass cache=favor.hf.FavorCache(model) (model.generate does) for O(1)",
+            type(module).__name__,
+            lk,
+        )
+        _warned_kv_cache = True
     key, value = repeat_kv(key, h)[..., : plan.kv_length, :], repeat_kv(value, h)[..., : plan.kv_length, :]
     pad = plan.key_padding_mask
     if pad is not None:

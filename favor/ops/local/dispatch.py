@@ -36,10 +36,13 @@ def feature_rows(feat, x: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor]:
     return f.values, log.expand(x.shape[:-1])
 
 
-def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, log_const=0.0, valid=None):
+def exact_steps(
+    state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, log_const=0.0, valid=None, inplace=False
+):
     """A continued causal pass, position by position (the recurrent arithmetic):
     q, k (..., Lq, D), v (..., Lq, Dv) after ``state`` (an ExactState or None); ``valid``
-    bool broadcasting against (..., Lq): False for padding."""
+    bool broadcasting against (..., Lq): False for padding. ``inplace``: the caller owns
+    ``state`` and replaces it by the result, so its tensors are updated where they are."""
     feat, a = step_features(feature_map, root, q[..., :1, :], k[..., :1, :])
     qx = q * root if qx is None else qx
     kx = k * root if kx is None else kx
@@ -51,7 +54,7 @@ def exact_steps(state, terms, feature_map, q, k, v, *, root, qx=None, kx=None, l
     for t in range(q.shape[-2]):
         live = None if valid is None else valid.select(-1, t)
         row = (x.select(-2, t) for x in (q, k, qx, kx, v))  # select: cheaper than [..., t, :]
-        o, state = exact_step(state, terms, feat, a, *row, log_const, live)
+        o, state = exact_step(state, terms, feat, a, *row, log_const, live, inplace=inplace)
         outs.append(o)
     return (outs[0][..., None, :] if len(outs) == 1 else torch.stack(outs, -2)), state
 
@@ -96,11 +99,14 @@ def exact_attention(
     qx: torch.Tensor | None = None,
     kx: torch.Tensor | None = None,
     log_const: torch.Tensor | float = 0.0,
+    inplace: bool = False,
 ):
     """FAVOR with exact terms; q, k (..., L, D) in the compute dtype, not yet scaled
     (``root`` = sqrt(scale)), v (..., L, Dv); ``key_padding_mask`` bool (B, L) or broadcasting
     against (..., L), True for padding; qx, kx: the inputs whose dot products the features
-    estimate, already scaled (default q root, k root); ``log_const`` log E[phi.phi] - q.k."""
+    estimate, already scaled (default q root, k root); ``log_const`` log E[phi.phi] - q.k.
+    ``inplace``: the caller owns ``initial_state`` and replaces it by the returned state
+    (a cache), so a continued pass updates its tensors instead of copying them."""
     if not isinstance(terms, ExactTerms):
         raise TypeError(f"exact must be a favor.ExactTerms, got {type(terms).__name__}")
     if feature_map.stabilizer != "exact":
@@ -128,7 +134,18 @@ def exact_attention(
     if causal:
         if initial_state is not None:
             out, state = exact_steps(
-                initial_state, terms, feature_map, q, k, v, root=root, qx=qx, kx=kx, log_const=log_const, valid=valid
+                initial_state,
+                terms,
+                feature_map,
+                q,
+                k,
+                v,
+                root=root,
+                qx=qx,
+                kx=kx,
+                log_const=log_const,
+                valid=valid,
+                inplace=inplace,
             )
             return (out, state) if return_state else out
         feat = row_features(feature_map, root)

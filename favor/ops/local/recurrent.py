@@ -69,9 +69,18 @@ class ExactState(NamedTuple):
         return ExactState(*moved)
 
 
-def absorb(far: State, f: torch.Tensor, l: torch.Tensor, v: torch.Tensor, take: torch.Tensor | None = None) -> State:
+def absorb(
+    far: State,
+    f: torch.Tensor,
+    l: torch.Tensor,
+    v: torch.Tensor,
+    take: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> State:
     """far plus keys: features f (..., n, M'), log scales l (..., n), values v (..., n, Dv);
-    ``take`` (..., n) bool: only those (None: all)."""
+    ``take`` (..., n) bool: only those (None: all). ``inplace``: far's tensors are
+    updated where they are (the caller owns them), sparing a copy of kv (M' x Dv per head)."""
     n = l.shape[-1]
     if n == 0:
         return far
@@ -84,12 +93,18 @@ def absorb(far: State, f: torch.Tensor, l: torch.Tensor, v: torch.Tensor, take: 
         safe = new_c.clamp(min=FLOOR)  # finite, so that exp(-inf - safe) = 0 (isfinite is slow)
         fw = f.squeeze(-2) * torch.exp(l1 - safe).unsqueeze(-1)
         decay = torch.exp(c - safe).unsqueeze(-1)
+        if inplace:
+            kv.mul_(decay.unsqueeze(-1)).addcmul_(fw.unsqueeze(-1), v.squeeze(-2).unsqueeze(-2))
+            return State(kv, torch.addcmul(fw, z, decay, out=z), c.copy_(new_c))
         kv = torch.addcmul(kv * decay.unsqueeze(-1), fw.unsqueeze(-1), v.squeeze(-2).unsqueeze(-2))
         return State(kv, torch.addcmul(fw, z, decay), new_c)
     new_c = torch.maximum(c, l.amax(-1))
     safe = new_c.clamp(min=FLOOR)
     fw = f * torch.exp(l - safe[..., None])[..., None]  # 0 for keys not taken
     decay = torch.exp(c - safe)[..., None]  # 0 for an empty far state (c = -inf, safe finite)
+    if inplace:
+        kv = torch.addcmul(fw.mT @ v, kv, decay[..., None], out=kv)
+        return State(kv, torch.addcmul(fw.sum(-2), z, decay, out=z), c.copy_(new_c))
     return State(torch.addcmul(fw.mT @ v, kv, decay[..., None]), torch.addcmul(fw.sum(-2), z, decay), new_c)
 
 
@@ -97,10 +112,10 @@ def _start(t: int, terms: ExactTerms) -> int:
     return (t // terms.block) * terms.block - terms.window
 
 
-def _put(buffer: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
-    """A copy of ``buffer`` (..., n, X) with row ``slot`` replaced by ``row`` (..., X): the
-    caller's state is never written."""
-    out = buffer.clone()
+def _put(buffer: torch.Tensor, slot: int, row: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``buffer`` (..., n, X) with row ``slot`` replaced by ``row`` (..., X): a copy, so that
+    the caller's state is never written, unless ``inplace``."""
+    out = buffer if inplace else buffer.clone()
     out.select(-2, slot).copy_(row)  # select/copy_: a tenth of the cost of ``out[..., slot, :] = row``
     return out
 
@@ -117,12 +132,15 @@ def exact_step(
     v: torch.Tensor,
     log_const: torch.Tensor | float = 0.0,
     live: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, ExactState]:
     """One token: its query and key q, k (..., D') as the features take them
     (``feat(x, a)``), their logit inputs qx, kx (..., D) (already scaled), v (..., Dv) ->
     (out (..., Dv), new state). The keys that leave the exact set go into the far state
     (their features made now). ``live`` bool broadcasting against (...): False where the
-    token is padding (its key is never attended)."""
+    token is padding (its key is never attended). ``inplace``: the caller owns ``state``
+    (a cache that replaces it by the result): its tensors are updated, not copied."""
     t = int(state.length)  # host sync: positions decide which slots move (one small read per token)
     r, s = terms.ring(), terms.sinks
     far, keys, keys_x, values, pos = state.far, state.keys, state.keys_x, state.values, state.pos
@@ -141,14 +159,14 @@ def exact_step(
         f = feat(torch.cat([q1.expand(*k_out.shape[:-2], 1, q.shape[-1]), k_out], -2), a)
         values_f, log_f = f.values, f.log_scale if f.log_scale is not None else f.values.new_zeros(f.values.shape[:-1])
         fqv, lq = values_f[..., 0, :], log_f[..., 0]
-        far = absorb(far, values_f[..., 1:, :], log_f[..., 1:], v_out, real)  # padding never enters
+        far = absorb(far, values_f[..., 1:, :], log_f[..., 1:], v_out, real, inplace=inplace)  # padding never enters
     else:
         f = feat(q1, a)
         fqv = f.values.squeeze(-2)
         lq = f.log_scale.squeeze(-1) if f.log_scale is not None else fqv.new_zeros(fqv.shape[:-1])
     slot = r + t if t < s else t % r  # sinks: slots R .. R + S - 1, kept for ever
-    keys, keys_x, values = _put(keys, slot, k), _put(keys_x, slot, kx), _put(values, slot, v)
-    pos = pos.clone()
+    keys, keys_x, values = _put(keys, slot, k, inplace), _put(keys_x, slot, kx, inplace), _put(values, slot, v, inplace)
+    pos = pos if inplace else pos.clone()
     at = t + SINK_MARK if t < s else t
     if live is None:
         pos.select(-1, slot).fill_(at)

@@ -11,6 +11,7 @@ import torch
 
 import favor
 from favor.ops.local.causal_fast import causal_exact_autograd, causal_exact_fast
+from favor.ops.local.dispatch import exact_attention
 from favor.ops.local.reference import exact_terms_reference
 from favor.ops.local.spec import exact_mask
 from favor.ops.row_features import row_features
@@ -112,6 +113,33 @@ def test_the_step_state_does_not_grow_with_context():
         sizes.append(sum(x.numel() * x.element_size() for x in (*state.far, *state[1:])))
     assert len(set(sizes)) == 1
     assert state.keys_x.shape[-2] == terms.window + terms.block + terms.sinks
+
+
+@pytest.mark.parametrize("terms", [favor.ExactTerms(4, 2, 1), favor.ExactTerms(3, 1, 4)], ids=str)
+def test_in_place_steps_equal_copying_steps_and_reuse_the_state(terms):
+    """A cache that owns its state (favor.hf's FavorCache) steps in place: the same numbers
+    as the copying step, with the far state's and the slots' storage kept."""
+    fm = _map("oprf")
+    q, k, v = _qkv(5)
+    root = D**-0.25
+    pad = _pad()
+    prompt = dict(causal=True, root=root, return_state=True)
+    _, s0 = exact_attention(
+        q[..., :9, :], k[..., :9, :], v[..., :9, :], fm, terms, key_padding_mask=pad[:, :9], **prompt
+    )
+    _, s1 = exact_attention(
+        q[..., :9, :], k[..., :9, :], v[..., :9, :], fm, terms, key_padding_mask=pad[:, :9], **prompt
+    )
+    ptrs = [x.data_ptr() for x in (*s1.far, *s1[1:5])]
+    for t in range(9, L):
+        step = dict(causal=True, root=root, return_state=True, key_padding_mask=pad[:, t : t + 1])
+        qkv = [x[..., t : t + 1, :] for x in (q, k, v)]
+        o0, s0 = exact_attention(*qkv, fm, terms, initial_state=s0, **step)
+        o1, s1 = exact_attention(*qkv, fm, terms, initial_state=s1, inplace=True, **step)
+        torch.testing.assert_close(o1, o0, rtol=0, atol=0)
+    for a, b in zip((*s0.far, *s0[1:]), (*s1.far, *s1[1:]), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [x.data_ptr() for x in (*s1.far, *s1[1:5])] == ptrs
 
 
 @pytest.mark.parametrize("terms", [favor.ExactTerms(4, 2, 1), favor.ExactTerms(3, 1, 4)], ids=str)
