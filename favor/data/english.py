@@ -150,7 +150,6 @@ def build_extracts(out: str | Path, *, root: str | Path) -> dict[str, int]:
     """Write ``austen.txt.gz``, ``gcide.txt.gz`` and ``python_docs.txt.gz`` to ``out`` from
     Debian's r-cran-janeaustenr, dict-gcide and python3.11-doc (downloaded into ``root`` once);
     returns characters per file."""
-
     out, root = Path(out), Path(root)
     out.mkdir(parents=True, exist_ok=True)
     texts = {}

@@ -107,7 +107,6 @@ def build_extract(out: str | Path, *, root: str | Path | None = None) -> tuple[P
     """Write the V-region extract to ``out`` (a .fasta.gz path) from an unpacked
     ``metastudent-data`` package ``root`` (downloaded with apt-get when None); returns
     (path, number of sequences). The shipped file is ``build_extract(...)`` of package 2.0.1-8."""
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

@@ -101,7 +101,6 @@ def held_out_perplexity(
 ) -> dict[int, float]:
     """length -> perplexity over the first ``count`` passages of that many tokens of
     favor.data.english's held-out domain (python-docs: not in its training mix)."""
-
     return {n: perplexity(model, passages(tokenizer, "heldout", length=n, count=count), chunk=chunk) for n in lengths}
 
 

@@ -88,7 +88,6 @@ def embedding_cosine(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]
 def layer_errors(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
     """Per attention layer: |favor - softmax| / |softmax| of its output on the softmax model's
     own queries, keys and values (so errors do not compound), over non-padding queries."""
-
     num: dict[int, float] = {}
     den: dict[int, float] = {}
     order: list[int] = []

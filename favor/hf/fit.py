@@ -36,7 +36,6 @@ _PARAMS = ("query_map", "key_map", "key_shift")
 def record_attention(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
     """Run the softmax model and keep every attention call's inputs and output:
     {module: [(q, k, v, mask, scaling, is_causal, softmax_out, query_keep)]} in layer order."""
-
     calls: dict[nn.Module, list] = {}
     keep_mask = None
 

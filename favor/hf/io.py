@@ -38,7 +38,6 @@ def _is_favor_key(key: str) -> bool:
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write a performerized ``model`` to ``directory`` (created); returns the path."""
-
     meta = getattr(model.config, CONFIG_KEY, None)
     if not meta:
         raise ValueError("model is not performerized (no config.favor_performer); call favor.hf.performerize first")
@@ -118,7 +117,6 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
     ``kwargs`` go to its ``from_pretrained`` (``torch_dtype``, ``device_map``...). Only
     safetensors files are read; a directory that does not match what save_pretrained
     writes raises ValueError naming the file."""
-
     register()
     directory = Path(directory)
     cfg_path = directory / FAVOR_CONFIG

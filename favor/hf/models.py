@@ -48,7 +48,6 @@ NAMED = {"minilm": _minilm_path, "antiberty": _antiberty_path}
 
 def load(spec: str | Path):
     """(model in eval mode, tokenizer, kind) with kind "encoder" or "masked-lm"."""
-
     if str(spec) == "antiberty":
         path = _antiberty_path()
         model = BertForMaskedLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")

@@ -121,7 +121,6 @@ def check_keywords(module: torch.nn.Module, kwargs: Mapping[str, Any], *, model:
 
 def _configs(config) -> list[tuple[str, Any]]:
     """The config and its sub-configs (text_config, encoder, decoder, ...), with a prefix each."""
-
     found, stack, seen = [], [("config", config)], set()
     while stack:
         prefix, cfg = stack.pop()

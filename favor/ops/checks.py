@@ -107,7 +107,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_state(state, name: str, lead, m: int, dv: int, device: torch.device) -> None:
     """A favor.State continuing attention over (..., M', Dv) with leading shape ``lead``:
     kv (*lead, M', Dv), z (*lead, M'), log_scale (*lead), on ``device``."""
-
     if not isinstance(state, State):
         raise TypeError(f"{name} must be a favor.State, got {type(state).__name__}")
     want = (tuple(lead) + (m, dv), tuple(lead) + (m,), tuple(lead))

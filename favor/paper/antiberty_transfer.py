@@ -34,7 +34,6 @@ def antiberty_transfer(
     progress=None,
 ) -> dict[str, Any]:
     """{"softmax_accuracy", "curve": [{step, time, accuracy}], "steps_to_99pct", config}."""
-
     from ..hf import performerize
     from ..hf.antibodies import load_antibodies, masked_accuracy, masked_batches
     from ..hf.models import load

@@ -156,7 +156,6 @@ def corpus(
     *, quick: bool, data_dir: str | Path | None, austen: bool = True
 ) -> tuple[dict[str, str], dict[str, str], str]:
     """(train texts, validation texts, note): name -> text."""
-
     train, val = (
         {"kjv: Genesis, Proverbs, Matthew": kjv_text("train")},
         {"kjv: Psalms, Luke, Acts": kjv_text("heldout")},
@@ -186,7 +185,6 @@ def make_task(
 ):
     """The masked-LM task (default) or, with ``objective="causal"``, next-byte prediction on
     windows of ``seq_len`` inputs (``length_at``'s lengths count inputs too)."""
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     sep = _bytes("\n\n")
@@ -231,7 +229,6 @@ def experiment(
 ) -> dict[str, Any]:
     """Train every variant (as masked LMs, or causal byte LMs with ``objective="causal"``); returns {"runs", "summary", "skipped", "unigram", "config"}.
     ``on_result(partial result)`` is called after every finished run."""
-
     mode = "quick" if quick else "full"
     size, n_len, n_batch, n_steps, eval_every, eval_rows, n_seeds = MODES[mode]
     steps, seeds, seq_len, batch = steps or n_steps, seeds or n_seeds, seq_len or n_len, batch or n_batch

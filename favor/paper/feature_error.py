@@ -48,7 +48,6 @@ def feature_error(
 ) -> dict:
     """Rows {projection, kernel, M, mse (mean over inputs), std, per_input} of
     mean((favor.attention - softmax_attention)^2) per input."""
-
     for name, values, allowed in (("projections", projections, PROJECTIONS), ("kernels", kernels, FEATURE_MAPS)):
         bad = [v for v in values if v not in allowed]
         if bad:

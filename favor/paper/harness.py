@@ -86,7 +86,6 @@ PEERS = {"linformer": "linformer", "reformer": "reformer_pytorch"}
 
 def unavailable(variant: Variant) -> str | None:
     """Why ``variant`` cannot run here (a peer library that is not installed), else None."""
-
     mod = PEERS.get(variant.attention)
     if mod is not None and importlib.util.find_spec(mod) is None:
         return f"{mod} is not installed (pip install --no-deps {mod.replace('_', '-')})"
@@ -96,7 +95,6 @@ def unavailable(variant: Variant) -> str | None:
 def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: bool, seed: int):
     """favor's PerformerLM / PerformerEncoder with ``variant``'s attention; initial weights
     depend on ``seed`` only, so every variant of a seed starts from the same weights."""
-
     if variant.attention in PEERS:
         return build_peer_model(variant, size, vocab_size=vocab_size, causal=causal, seed=seed)
     cfg = PerformerConfig(
@@ -146,7 +144,6 @@ def train_run(
     ``model`` continues from given weights instead of building one (transfer).
     ``time_limit`` (training seconds) stops the run early, with a final evaluation.
     """
-
     torch.manual_seed(seed)
     if model is None:
         model = build_model(variant, size, vocab_size=task.vocab_size, causal=task.causal, seed=seed)

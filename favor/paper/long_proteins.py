@@ -44,7 +44,6 @@ def add_arguments(parser) -> None:
 
 def step_seconds(task, variant: Variant, size: ModelSize, *, repeats: int = 2) -> float:
     """Median seconds of a forward+backward+Adam step (after one warm-up step)."""
-
     model = build_model(variant, size, vocab_size=task.vocab_size, causal=True, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []

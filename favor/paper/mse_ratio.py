@@ -98,7 +98,6 @@ def mse_monte_carlo(length: float, angle: float, *, m: int, draws: int, dim: int
     m (iid rows: each group is an independent m-feature map); the sums are rescaled by
     sqrt(M/m) twice, from the map's 1/sqrt(M) to 1/sqrt(m). Also returns the predicted
     standard errors of both MSEs and of the ratio (delta method, independent draws)."""
-
     if dim < 2:
         raise ValueError(f"dim must be >= 2 (x and y span a plane), got {dim}")
     x = torch.zeros(dim, dtype=torch.float64)
@@ -212,7 +211,6 @@ def _plot(res: dict, path: Path) -> None:
 
 def table_of(res: dict) -> str:
     """The Monte Carlo points as a markdown table (z: deviation in predicted s.e.)."""
-
     rows = [
         [
             f"{p['phi']:.3f}",

@@ -57,7 +57,6 @@ def add_arguments(parser) -> None:
 
 def images(*, quick: bool, data_dir: str | None, shipped: bool) -> tuple[Any, str]:
     """(images (N, side*side) uint8, note)."""
-
     note = "shipped 500 MNIST images"
     path = None
     if not (quick or shipped) and data_dir is not None:
@@ -81,7 +80,6 @@ def make_task(x, *, batch: int, eval_images: int):
 
 def samples(model, *, n: int, length: int, seed: int):
     """(n, length) pixel samples from a trained FAVOR or exact model (None for peers)."""
-
     if not hasattr(model, "generate") or any(type(b.attn).__name__ == "PeerAttention" for b in model.blocks):
         return None
     model.eval()

@@ -45,7 +45,6 @@ def add_arguments(parser) -> None:
 
 def tasks(records: list[tuple[str, str]], *, length: int, batch: int, eval_rows: int, ood_families: int):
     """{"U": causal task, "B": masked task} (each also scoring the OOD split) and the split info."""
-
     tok = ProteinTokenizer()
     seqs = [s for _, s in records]
     train, test, ood, info = family_split(seqs, ood_families=ood_families, min_family=3 if ood_families >= 20 else 2)
@@ -136,7 +135,6 @@ def experiment(
 def table(res: dict[str, Any]) -> str:
     """Table 2's layout: per direction and model, test and OOD accuracy (%) and perplexity at
     the last common step, test accuracy at equal wall time, seconds per step."""
-
     s = res["summary"]
     rows = []
     for direction in ("U", "B"):

@@ -13,7 +13,6 @@ import torch
 
 def environment() -> dict[str, Any]:
     """Machine, threads and versions, recorded beside every result."""
-
     return {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

@@ -95,7 +95,6 @@ def check_attention(name: str, size: str, *, causal: bool, length: int = 64) -> 
     """Check one layer's attention before timing it. favor: the skeleton's output equals the
     explicit kernelised attention with the same feature map (float64, 1e-8: the same sums
     in another order); SDPA: exact softmax (float64, 1e-8); X: returns V; peers: finite."""
-
     cfg = SIZES[size]
     model = build_model(cfg, name, causal=causal, length=length).double()
     layer = model.blocks[0].attn.inner
@@ -157,7 +156,6 @@ def sweep(
     the checks and skips. One warm-up round (which measures memory), then ``repeats``
     timed rounds (``long_repeats`` from ``long_from`` on). ``only_beyond`` = {L: names}: from that L on, only these run (to
     reach long L for favor and X without the peers)."""
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     wanted = names or (CAUSAL if causal else BIDIRECTIONAL)

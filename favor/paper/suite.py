@@ -143,7 +143,6 @@ def run_command(args, name: str, experiment, save, *, incremental: bool = True, 
     progress=, **options)`` (in full mode with ``incremental``, ``save(args, result)`` after
     every finished run, so a run cut short still leaves its results), then ``save`` once more,
     the table printed and the files listed."""
-
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, name)

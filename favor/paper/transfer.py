@@ -75,7 +75,6 @@ def steps_within(curve: list[dict[str, Any]], target: float, *, metric: str = "a
 def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int, variant: Variant = SWAPPED):
     """The same architecture with ``variant``'s attention (default FAVOR+), holding the softmax
     model's weights."""
-
     model = build_model(variant, size, vocab_size=vocab_size, causal=False, seed=seed)
     missing, unexpected = model.load_state_dict(softmax_model.state_dict(), strict=False)
     if unexpected or any(not k.endswith(("feature_map.projection", "feature_map.rho")) for k in missing):
@@ -292,7 +291,6 @@ def save(args, res):
 def run_antiberty(args) -> None:
     """AntiBERTy performerized (plain FAVOR+) and fine-tuned; skipped when antiberty is
     missing or with 0 steps (the default of --quick)."""
-
     steps = args.antiberty_steps if args.antiberty_steps is not None else (0 if args.quick else 60)
     if steps <= 0:
         return
