@@ -23,15 +23,7 @@ import platform
 import time
 from pathlib import Path
 
-from ._hf import (
-    add_feature_arguments,
-    eval_lengths,
-    feature_options,
-    held_out_batches,
-    load_softmax_or_report,
-    max_length,
-    texts,
-)
+from ._hf import add_feature_arguments, feature_options, load_softmax_or_report
 
 DEFAULT_KERNELS = ("positive", "oprf", "derf")
 DEFAULT_M = (64, 256, 1024)
@@ -127,11 +119,18 @@ def run(args) -> int:
 
     import favor.hf as fh
     from favor.hf.antibodies import masked_accuracy, masked_batches
-    from favor.hf.fidelity import embedding_cosine, layer_errors, tokenize_batches
+    from favor.hf.fidelity import (
+        embedding_cosine,
+        eval_lengths,
+        held_out_batches,
+        layer_errors,
+        max_length,
+        split_texts,
+        tokenize_batches,
+    )
     from favor.hf.fit import fit_adapters
 
-    torch.manual_seed(args.seed)
-    loaded = load_softmax_or_report(args.model)
+    loaded = load_softmax_or_report(args.model, seed=args.seed)
     if loaded is None:
         return 2
     base, tok, kind = loaded
@@ -145,8 +144,8 @@ def run(args) -> int:
     except ValueError as e:
         print(f"favor performerize: {e}")
         return 2
-    held = texts(args.text, kind, samples)
-    cal = texts(args.calibration_text, kind, args.calibration_samples)
+    held = split_texts(args.text, kind, samples)
+    cal = split_texts(args.calibration_text, kind, args.calibration_samples)
     cb = tokenize_batches(tok, cal, max_length=length)
     if mlm:
         mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=args.mask_seed)
