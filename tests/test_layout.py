@@ -110,3 +110,17 @@ def test_exact_local_terms_live_in_the_core():
     assert not list((ROOT / "hf").glob("local*.py"))
     assert (ROOT / "attention" / "local" / "causal_fast.py").exists()
     assert not (ROOT / "hf" / "cross.py").exists()
+
+
+def test_library_does_not_import_the_commands():
+    """A command parses arguments and calls the library; nothing in the library reaches back
+    into favor.commands (its logic would then live in a command)."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "commands" or rel == Path("cli.py"):
+            continue
+        found = sorted(n for n in _imported_modules(path) if n == "favor.commands" or n.startswith("favor.commands."))
+        if found:
+            offenders.append(f"{rel}: {found}")
+    assert not offenders, offenders
