@@ -124,3 +124,13 @@ def test_library_does_not_import_the_commands():
         if found:
             offenders.append(f"{rel}: {found}")
     assert not offenders, offenders
+
+
+def test_one_training_loop():
+    """Distributed training is favor.training.train with a split strategy, not a second loop:
+    favor.distributed.train takes none of the loop's parts (checkpoint writes, the schedule,
+    the batches, evaluation)."""
+    names = _imported_modules(ROOT / "distributed" / "train.py")
+    assert "favor.training.loop.train" in names and "favor.training.loop.Split" in names
+    parts = ("save_checkpoint", "set_learning_rate", "step_batch", "evaluate_bits", "restore_run", "finish_run")
+    assert not [n for n in names if n.rpartition(".")[2] in parts]
