@@ -21,6 +21,24 @@ def load_softmax_or_report(spec: str, *, seed: int):
         return None
 
 
+def run_on_softmax(args, command: str, recipe, config_cls, given: dict, **hooks) -> tuple[int, object]:
+    """What `favor performerize` and `favor distill --model` do around their library call:
+    load --model (seeded by --seed), build ``config_cls`` from ``given`` (None: its default)
+    and the feature options, and run ``recipe(model, tokenizer, kind, config, out=args.out,
+    name=args.model, echo=print, **hooks)``. Returns (exit code, the recipe's result); a
+    ValueError is printed as ``favor COMMAND: ...`` with exit code 2."""
+    loaded = load_softmax_or_report(args.model, seed=args.seed)
+    if loaded is None:
+        return 2, None
+    model, tok, kind = loaded
+    try:
+        config = config_cls(**{k: v for k, v in given.items() if v is not None}, features=feature_options(args))
+        return 0, recipe(model, tok, kind, config, out=args.out, name=str(args.model), echo=print, **hooks)
+    except ValueError as e:
+        print(f"favor {command}: {e}")
+        return 2, None
+
+
 def _defaults():
     """favor.hf's defaults (favor.hf.performerize.DEFAULTS): the commands use the library's."""
     from favor.hf.performerize import DEFAULTS

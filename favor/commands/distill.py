@@ -31,7 +31,7 @@ the sentence-encoder / masked-LM ones; distill_lm.py lists the decoder's.
 
 from __future__ import annotations
 
-from ._hf import _defaults, add_feature_arguments, feature_options, load_softmax_or_report
+from ._hf import _defaults, add_feature_arguments, run_on_softmax
 
 
 def add_arguments(parser) -> None:
@@ -165,40 +165,32 @@ def run(args) -> int:
     if args.model is None:
         print("favor distill: give --model (or --gguf FILE, or --quick)")
         return 2
-    loaded = load_softmax_or_report(args.model, seed=args.seed)
-    if loaded is None:
-        return 2
-    teacher, tok, kind = loaded
     given = {name: getattr(args, name) for name in ENCODER_OPTIONS}
     given["long_lengths"] = args.long_length
     given["eval_lengths"] = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
-    bar = tqdm(total=args.steps or EncoderDistillConfig.steps, desc="distill", unit="step")
+    bars = []  # made at the first evaluation (step 0), as training starts
+
+    def bar():
+        if not bars:
+            bars.append(tqdm(total=args.steps or EncoderDistillConfig.steps, desc="distill", unit="step"))
+        return bars[0]
 
     def on_step(step: int, loss: float, cos: str) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", cos=cos)
+        bar().update(1)
+        bar().set_postfix(loss=f"{loss:.4f}", cos=cos)
 
-    try:
-        config = EncoderDistillConfig(
-            **{k: v for k, v in given.items() if v is not None}, features=feature_options(args)
-        )
-        distill_encoder(
-            teacher,
-            tok,
-            kind,
-            config,
-            out=args.out,
-            name=str(args.model),
-            echo=print,
-            on_step=on_step,
-            on_eval=lambda cos: bar.set_postfix(cos=cos),
-        )
-    except ValueError as e:
-        bar.close()
-        print(f"favor distill: {e}")
-        return 2
-    bar.close()
-    return 0
+    code, _ = run_on_softmax(
+        args,
+        "distill",
+        distill_encoder,
+        EncoderDistillConfig,
+        given,
+        on_step=on_step,
+        on_eval=lambda cos: bar().set_postfix(cos=cos),
+    )
+    for b in bars:
+        b.close()
+    return code
 
 
 #: the options that go to favor.hf.distill_encoder.EncoderDistillConfig under their own names

@@ -18,7 +18,7 @@ estimator (no exact terms; --kernel positive: FAVOR+).
 
 from __future__ import annotations
 
-from ._hf import add_feature_arguments, feature_options, load_softmax_or_report
+from ._hf import add_feature_arguments, run_on_softmax
 
 
 def add_arguments(parser) -> None:
@@ -61,10 +61,6 @@ def run(args) -> int:
     import favor.hf as fh
     from favor.hf.fidelity_sweep import SweepConfig, performerize_sweep
 
-    loaded = load_softmax_or_report(args.model, seed=args.seed)
-    if loaded is None:
-        return 2
-    base, tok, kind = loaded
     given = {
         "kernels": tuple(args.kernel) if args.kernel else None,
         "num_features": tuple(args.num_features) if args.num_features else None,
@@ -84,21 +80,17 @@ def run(args) -> int:
             )
         },
     }
-    config = SweepConfig(**{k: v for k, v in given.items() if v is not None}, features=feature_options(args))
-    try:
-        _, model = performerize_sweep(
-            base,
-            tok,
-            kind,
-            config,
-            out=args.out,
-            name=str(args.model),
-            echo=print,
-            progress=lambda jobs: tqdm(jobs, desc="performerize", unit="config"),
-        )
-    except ValueError as e:
-        print(f"favor performerize: {e}")
-        return 2
+    code, result = run_on_softmax(
+        args,
+        "performerize",
+        performerize_sweep,
+        SweepConfig,
+        given,
+        progress=lambda jobs: tqdm(jobs, desc="performerize", unit="config"),
+    )
+    if code:
+        return code
+    _, model = result
     if args.save and model is not None:
         fh.save_pretrained(model, args.save)
         print(f"saved the last model to {args.save}")
