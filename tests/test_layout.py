@@ -110,3 +110,27 @@ def test_exact_local_terms_live_in_the_core():
     assert not list((ROOT / "hf").glob("local*.py"))
     assert (ROOT / "attention" / "local" / "causal_fast.py").exists()
     assert not (ROOT / "hf" / "cross.py").exists()
+
+
+def test_library_does_not_import_the_commands():
+    """A command parses arguments and calls the library; nothing in the library reaches back
+    into favor.commands (its logic would then live in a command)."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "commands" or rel == Path("cli.py"):
+            continue
+        found = sorted(n for n in _imported_modules(path) if n == "favor.commands" or n.startswith("favor.commands."))
+        if found:
+            offenders.append(f"{rel}: {found}")
+    assert not offenders, offenders
+
+
+def test_one_training_loop():
+    """Distributed training is favor.training.train with a split strategy, not a second loop:
+    favor.distributed.train takes none of the loop's parts (checkpoint writes, the schedule,
+    the batches, evaluation)."""
+    names = _imported_modules(ROOT / "distributed" / "train.py")
+    assert "favor.training.loop.train" in names and "favor.training.loop.Split" in names
+    parts = ("save_checkpoint", "set_learning_rate", "step_batch", "evaluate_bits", "restore_run", "finish_run")
+    assert not [n for n in names if n.rpartition(".")[2] in parts]
