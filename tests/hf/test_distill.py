@@ -150,7 +150,7 @@ def test_distill_rejects_bad_eval_every(tiny_bert, eval_every):
 
 
 def test_fit_set_takes_batches_in_turn_from_each_length():
-    from favor.commands.distill import fit_set
+    from favor.hf.distill_encoder import fit_set
 
     short, long = [{"s": i} for i in range(3)], [{"l": i} for i in range(1)]
     assert fit_set([short, long], 2) == [short[0], long[0]]

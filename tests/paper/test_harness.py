@@ -48,6 +48,22 @@ def test_length_warmup_doubles_in_equal_stages_then_holds_the_full_length():
         length_schedule(1, steps=10, start=128, full=2048, fraction=1.5)
 
 
+def test_context_plan_is_books_and_transfers_one_length_setup():
+    """books and transfer share context_plan: at the mode's context nothing changes; at another
+    the positions follow it and the evaluated rows keep the evaluated tokens."""
+    from favor.paper.books import CURRICULUM, MODES, context_plan
+
+    size, n_len, _, _, _, rows = MODES["quick"][:6]
+    same = context_plan("quick", size, seq_len=n_len, eval_rows=rows, steps=20, length_warmup=0.0)
+    assert same == (size, rows, None, (CURRICULUM["quick"][0], 0.0))
+    got, got_rows, lengths, (start, fraction) = context_plan(
+        "quick", size, seq_len=4 * n_len, eval_rows=rows, steps=20, length_warmup=None
+    )
+    assert got.max_len == 4 * n_len and got_rows == max(1, rows // 4) and fraction == CURRICULUM["quick"][1]
+    want = [length_schedule(s, steps=20, start=start, full=4 * n_len, fraction=fraction) for s in range(1, 21)]
+    assert [lengths(s) for s in range(1, 21)] == want and want[0] == start < want[-1]
+
+
 def test_a_length_curriculum_keeps_the_tokens_per_step_and_evaluates_at_full_length():
     src = StreamSource(torch.arange(5000) % 20, 64)  # a window's tokens count up mod 20
     task = MaskedLM(
