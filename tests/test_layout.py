@@ -130,23 +130,6 @@ OPTIONAL = {
 }
 #: favor.hf needs transformers: a module outside it may import it where it is used
 OPTIONAL_FAVOR = ("favor.hf",)
-#: files another change of issue 25 restructures at the same time; the rules apply to them
-#: once it is merged (remove them from here then)
-NOT_YET = {
-    *(
-        f"favor/commands/{n}.py"
-        for n in ("_hf", "bench", "data", "demo", "distill", "distill_lm", "generate", "performerize", "train")
-    ),
-    "favor/training/loop.py",
-    "favor/training/demo.py",
-    "favor/distributed/train.py",
-    "favor/distributed/cli.py",
-    "favor/benchmarking/timing.py",
-    "favor/data/swissprot.py",
-    "favor/paper/corpora.py",
-    "favor/hf/distill.py",
-    "favor/hf/linearize.py",
-}
 
 
 def _module_name(path: Path) -> tuple[str, str]:
@@ -193,8 +176,7 @@ def test_imports_at_the_top_except_optional_dependencies():
                     continue
                 if any(mod == o or mod.startswith(o + ".") for o in OPTIONAL_FAVOR) and not me.startswith("favor.hf"):
                     continue
-                if rel not in NOT_YET:
-                    hidden.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+                hidden.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
     assert not hidden, "\n".join(sorted(hidden))
 
 
@@ -228,7 +210,7 @@ def test_no_private_names_imported_across_modules():
                         is_module = (ROOT.parent / Path(*parts[: i + 1])).with_suffix(".py").exists() or (
                             ROOT.parent / Path(*parts[: i + 1])
                         ).is_dir()
-                        if (owner != pkg if is_module else owner != me) and rel not in NOT_YET:
+                        if owner != pkg if is_module else owner != me:
                             crossing.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
     assert not crossing, "\n".join(sorted(set(crossing)))
 

@@ -18,6 +18,8 @@ estimator (no exact terms; --kernel positive: FAVOR+).
 
 from __future__ import annotations
 
+from tqdm import tqdm
+
 from ._hf import add_feature_arguments, run_on_softmax
 
 
@@ -56,8 +58,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     import favor.hf as fh
     from favor.hf.fidelity_sweep import SweepConfig, performerize_sweep
 

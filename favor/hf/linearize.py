@@ -30,8 +30,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
+
+from ..data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, passages
+from .distill import SCHEDULES, TRAINABLE, DistillConfig, distill
+from .evaluate import compare, passkey_accuracy, perplexity
+from .fit import fit_adapters
+from .performerize import performerize
 
 __all__ = ["LinearizeConfig", "QUICK", "linearize", "train_batches"]
 
@@ -76,8 +84,6 @@ class LinearizeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .distill import SCHEDULES, TRAINABLE
-
         if not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if self.length < 16:
@@ -144,8 +150,6 @@ class _Clock:
 
 def _evaluate(teacher, student, held: dict, *, teacher_ppl: bool) -> tuple[dict, float]:
     """{length: compare(...)} and the seconds it took."""
-    from .evaluate import compare, perplexity
-
     t = time.perf_counter()
     rows = {}
     for n, ids in held.items():
@@ -158,8 +162,6 @@ def _evaluate(teacher, student, held: dict, *, teacher_ppl: bool) -> tuple[dict,
 
 
 def _passkey(model, tokenizer, config: LinearizeConfig) -> tuple[dict, float]:
-    from .evaluate import passkey_accuracy
-
     t = time.perf_counter()
     out = {
         n: passkey_accuracy(model, tokenizer, length=n, trials=config.passkey_trials, seed=config.seed)
@@ -186,11 +188,6 @@ def linearize(
     length for softmax / zero-shot / after transfer (first length only) / distilled, KL and
     top-1 agreement, passkey accuracy for softmax and distilled, the fine-tuning losses and
     the transfer's per-layer relative attention errors."""
-    from ..data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, passages
-    from .distill import DistillConfig, distill
-    from .fit import fit_adapters
-    from .performerize import performerize
-
     say = stage or (lambda name: None)
     clock = _Clock(60.0 * config.minutes)
     teacher.eval()
@@ -320,10 +317,7 @@ def linearize(
 def plot_report(report: dict, path, *, title: str = "") -> None:
     """Three panels: held-out perplexity per length (softmax / zero-shot / distilled), the
     fine-tuning loss (KL to the teacher) per step, passkey accuracy per length."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
     lengths = list(report["perplexity"])

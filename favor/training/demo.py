@@ -51,7 +51,7 @@ from ..models import PerformerConfig, PerformerLM
 from ..nn import feature_maps
 from ..nn.attention import AttentionState
 from ..ops.local.spec import ExactTerms
-from .loop import LN2, _read_log, load_data, resolve_config, train
+from .loop import LN2, load_data, read_log, resolve_config, train
 
 __all__ = [
     "run_demo",
@@ -172,7 +172,7 @@ def _plot(out: Path, results: dict[str, Any]) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ("hybrid", "softmax"):
-        rows = _read_log(out / name / "log.jsonl")
+        rows = read_log(out / name / "log.jsonl")
         ax.plot([r["time"] for r in rows], [r["loss"] / LN2 for r in rows], alpha=0.7, label=f"{name}: train")
     for name, marker in (("hybrid", "o"), ("softmax", "s")):
         r = results["runs"][name]
