@@ -237,3 +237,12 @@ def test_one_training_loop():
     assert "favor.training.loop.train" in names and "favor.training.loop.Split" in names
     parts = ("save_checkpoint", "set_learning_rate", "step_batch", "evaluate_bits", "restore_run", "finish_run")
     assert not [n for n in names if n.rpartition(".")[2] in parts]
+
+
+def test_the_data_layer_imports_nothing_above_it():
+    """favor.data (corpora, tokenizers, model loaders) sits beside the core: it imports no
+    other part of favor (the KJV extract and Jane Austen's reader live in it, not in favor.hf
+    or favor.paper)."""
+    graph = _module_graph()
+    up = {m: sorted(d for d in deps if not d.startswith("favor.data")) for m, deps in graph.items()}
+    assert not {m: d for m, d in up.items() if m.startswith("favor.data") and d}

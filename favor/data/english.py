@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..paper.corpora import read_austen
+from .austen import read_austen
 from .kjv import load_text
 
 __all__ = ["DOMAINS", "TRAIN_DOMAINS", "HELDOUT_DOMAIN", "domain_text", "passages", "build_extracts"]

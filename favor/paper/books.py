@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .corpora import fetch_austen, kjv_text
+from ..data.austen import fetch_austen
+from .corpora import kjv_text
 from .harness import ModelSize, Variant, compare, hybrid, unavailable
 from .suite import add_common_arguments, run_command, run_suite, save_suite, suite_table
 from .tasks import CausalLM, MaskedLM, StreamSource

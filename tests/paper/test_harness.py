@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from favor.data.austen import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, read_austen
 from favor.nn import feature_maps
 from favor.paper.books import length_schedule
-from favor.paper.corpora import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, load_mnist, read_austen
+from favor.paper.corpora import load_mnist
 from favor.paper.families import family_split, homology_clusters
 from favor.paper.harness import ModelSize, Variant, at_time, build_model, compare, train_run
 from favor.paper.peers import bucket_size
@@ -263,7 +264,7 @@ def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
     rdata = pytest.importorskip("rdata")
     data = Path.home() / ".cache" / "favor" / "paper" / "janeaustenr" / AUSTEN_DATA
     if not data.is_file():
-        pytest.skip("Jane Austen's package is not downloaded (favor.paper.corpora.fetch_austen)")
+        pytest.skip("Jane Austen's package is not downloaded (favor.data.austen.fetch_austen)")
     index_blob = gzip.decompress(data.with_suffix(".rdx").read_bytes())
     raw = data.read_bytes()
     with warnings.catch_warnings():
