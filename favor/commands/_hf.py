@@ -5,12 +5,12 @@ The text splits and held-out lengths both use are favor.hf.fidelity's.
 
 from __future__ import annotations
 
+import torch
+
 
 def load_softmax_or_report(spec: str, *, seed: int):
     """(model, tokenizer, kind) after seeding torch's global RNG with ``seed`` (what each
     command does first), or None after printing why ``spec`` cannot be used."""
-    import torch
-
     from favor.hf.models import load_softmax
 
     torch.manual_seed(seed)
@@ -39,7 +39,7 @@ def run_on_softmax(args, command: str, recipe, config_cls, given: dict, **hooks)
         return 2, None
 
 
-def _defaults():
+def hf_defaults():
     """favor.hf's defaults (favor.hf.performerize.DEFAULTS): the commands use the library's."""
     from favor.hf.performerize import DEFAULTS
 
@@ -49,7 +49,7 @@ def _defaults():
 def add_feature_arguments(parser) -> None:
     """Options for how performerize draws and places the features (both commands); what is
     not given takes favor.hf.performerize's defaults (``--plain``: its ``plain=True``)."""
-    d = _defaults()
+    d = hf_defaults()
     parser.add_argument("--projection", default="orthogonal", help="orthogonal (default), simplex or iid")
     parser.add_argument(
         "--key-shift",

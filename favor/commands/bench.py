@@ -13,6 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
+from ..benchmarking.speed import MODES, bench_report
+from ..benchmarking.timing import BenchConfig
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -29,11 +34,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from ..benchmarking.speed import MODES, bench_report
-    from ..benchmarking.timing import BenchConfig
-
     cfg = BenchConfig(kernel=args.kernel, device=args.device)
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",")]

@@ -7,6 +7,8 @@ JSON and PNG go to --out (default runs/demo/). This module parses the options an
 
 from __future__ import annotations
 
+from ..training.demo import run_demo
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -17,8 +19,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..training.demo import run_demo
-
     run_demo(
         args.out,
         lengths=[int(x) for x in args.lengths.split(",")],

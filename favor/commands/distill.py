@@ -16,7 +16,7 @@ A protein masked LM (``--model antiberty``) trains on the antibody V regions' tr
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
 By default the student computes each query's block of C=32 positions widened by W=8 either
-side, and the first S=1 token, exactly, FAVOR the rest (favor.attention.local.block), with the
+side, and the first S=1 token, exactly, FAVOR the rest (favor.ops.local.block), with the
 per-sequence key shift (--exact-block, --exact-window, --exact-sinks, --key-shift); --plain is
 FAVOR alone with the calibrated constant shift.
 
@@ -31,7 +31,11 @@ the sentence-encoder / masked-LM ones; distill_lm.py lists the decoder's.
 
 from __future__ import annotations
 
-from ._hf import _defaults, add_feature_arguments, run_on_softmax
+from tqdm import tqdm
+
+from ._hf import add_feature_arguments, hf_defaults, run_on_softmax
+from .distill_lm import add_decoder_arguments, is_decoder
+from .distill_lm import run as run_decoder
 
 
 def add_arguments(parser) -> None:
@@ -57,8 +61,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--kernel",
-        default=_defaults()["kernel"],
-        help=f"{_defaults()['kernel']} (default: dense-exponential), oprf, positive, ...",
+        default=hf_defaults()["kernel"],
+        help=f"{hf_defaults()['kernel']} (default: dense-exponential), oprf, positive, ...",
     )
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument("--batch-size", type=int, help="passages per training batch (encoder 8, decoder 1)")
@@ -147,18 +151,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     add_feature_arguments(parser)
-    from .distill_lm import add_decoder_arguments
 
     add_decoder_arguments(parser)
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     from favor.hf.distill_encoder import EncoderDistillConfig, distill_encoder
-
-    from .distill_lm import is_decoder
-    from .distill_lm import run as run_decoder
 
     if is_decoder(args):
         return run_decoder(args)

@@ -10,13 +10,15 @@ This module parses the options and calls ``favor.hf.fidelity_sweep.performerize_
 A protein masked LM (``--model antiberty``) is calibrated on and evaluated with Swiss-Prot
 antibody V regions (favor.hf.antibodies) and also reports masked-residue accuracy (15 % of the
 held-out residues masked, fixed seed) next to the softmax model's. --exact-window W and
---exact-sinks S make each query's neighbours and the first S tokens exact (favor.attention.local),
---exact-block C each query's whole block of C positions widened by W (favor.attention.local.block);
+--exact-sinks S make each query's neighbours and the first S tokens exact (favor.ops.local),
+--exact-block C each query's whole block of C positions widened by W (favor.ops.local.block);
 the default is C=32, W=8, S=1 with the per-sequence key shift, and --plain gives the paper's
 estimator (no exact terms; --kernel positive: FAVOR+).
 """
 
 from __future__ import annotations
+
+from tqdm import tqdm
 
 from ._hf import add_feature_arguments, run_on_softmax
 
@@ -56,8 +58,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     import favor.hf as fh
     from favor.hf.fidelity_sweep import SweepConfig, performerize_sweep
 

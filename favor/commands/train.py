@@ -17,8 +17,14 @@ import json
 import os
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from ..distributed.train import init_from_env, leave_process_group, train_distributed
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
+from ..training.checkpoint import CheckpointError, has_checkpoint
+from ..training.loop import PRESETS, resolve_config, train
 
 #: option dest -> PerformerConfig field: each option given overrides the preset's model
 #: config (resolve_config's ``model`` dict); a new model option is one add_argument and one entry
@@ -39,8 +45,6 @@ TRAIN_OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.loop import PRESETS
-
     parser.add_argument("--out", required=True, help="run directory (log.jsonl, loss.png, checkpoints/)")
     parser.add_argument("--config", help="TOML file with [model] and [train] tables, applied over the preset")
     parser.add_argument(
@@ -105,11 +109,6 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..training.checkpoint import CheckpointError
-    from ..training.loop import resolve_config, train
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.context is not None and args.context < 2:
@@ -166,8 +165,6 @@ def run(args: argparse.Namespace) -> int:
 def _progress(total: int, desc: str, *, disable: bool):
     """A progress bar and the ``on_step(row)`` that advances it (from the resumed step on),
     showing the loss, tokens/s and the last held-out bits."""
-    from tqdm import tqdm
-
     bar = tqdm(total=total, desc=desc, unit="step", disable=disable, dynamic_ncols=True)
     val = {"bpr": None}
 
@@ -229,9 +226,6 @@ def elastic_restart() -> int:
 
 def run_parallel(args: argparse.Namespace, model_cfg, train_cfg) -> int:
     """Train with ``train_distributed``; returns the exit code."""
-    from ..distributed.train import init_from_env, leave_process_group, train_distributed
-    from ..training.checkpoint import CheckpointError, has_checkpoint
-
     name, n = parallel_option(args)
     flag = "--" + name.replace("_", "-")
     if n < 1:

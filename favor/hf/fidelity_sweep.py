@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
@@ -69,10 +71,7 @@ class SweepConfig:
 
 
 def _plot(rows: list[dict], path: Path, softmax_accuracy: float | None = None) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     panels = 3 if softmax_accuracy is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))

@@ -12,7 +12,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertTokenizer
+
+from ..data.kjv import load_text
 from ..data.models import package_dir
+from .antibodies import load_antibodies
+from .io import from_pretrained
 
 __all__ = ["load", "load_softmax", "model_texts", "builtin_texts", "NAMED"]
 
@@ -32,7 +37,6 @@ def _antiberty_path() -> Path:
 
 
 def _antiberty_tokenizer(path: Path):
-    from transformers import BertTokenizer
 
     # transformers 5 ignores vocab_file= here (every residue would become [UNK]); pass the dict
     vocab = (path.parent / "vocab.txt").read_text().split()
@@ -44,8 +48,6 @@ NAMED = {"minilm": _minilm_path, "antiberty": _antiberty_path}
 
 def load(spec: str | Path):
     """(model in eval mode, tokenizer, kind) with kind "encoder" or "masked-lm"."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
-
     if str(spec) == "antiberty":
         path = _antiberty_path()
         model = BertForMaskedLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
@@ -54,8 +56,6 @@ def load(spec: str | Path):
     if not path.is_dir():
         raise FileNotFoundError(f"--model must be a model directory or one of {sorted(NAMED)}, got {str(spec)!r}")
     if (path / "favor.json").is_file():
-        from .io import from_pretrained
-
         model = from_pretrained(path)
     else:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -78,10 +78,7 @@ def builtin_texts(split: str | Path, kind: str) -> list[str]:
     """The built-in "train"/"heldout" split for a model kind (KJV passages for a sentence
     encoder, Swiss-Prot antibody V regions for a protein masked LM), or a text file's lines."""
     if kind == "masked-lm" and str(split) in ("train", "heldout"):
-        from .antibodies import load_antibodies
-
         return load_antibodies(str(split))
-    from .corpus import load_text
 
     return load_text(split)
 

@@ -32,7 +32,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .harness import ModelSize, Variant, hybrid
+import torch
+
+from ..data.austen import fetch_austen
+from .corpora import kjv_text
+from .harness import ModelSize, Variant, compare, hybrid, unavailable
+from .suite import add_common_arguments, run_command, run_suite, save_suite, suite_table
+from .tasks import CausalLM, MaskedLM, StreamSource
 
 NAME = "books"
 #: 3e-3, not the paper's 1e-3: at this scale the masked LM leaves the unigram plateau (0.177
@@ -74,8 +80,6 @@ CURRICULUM = {"quick": (128, 0.5), "full": (128, 0.5)}
 
 
 def add_arguments(parser) -> None:
-    from .suite import add_common_arguments
-
     add_common_arguments(parser, seeds=MODES["full"][6])
     add_data_arguments(parser, steps="the steps")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR})")
@@ -167,8 +171,6 @@ def pick_variants(names: str | None) -> list[Variant] | None:
 
 
 def _bytes(text: str):
-    import torch
-
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
@@ -176,8 +178,6 @@ def corpus(
     *, quick: bool, data_dir: str | Path | None, austen: bool = True
 ) -> tuple[dict[str, str], dict[str, str], str]:
     """(train texts, validation texts, note): name -> text."""
-    from .corpora import fetch_austen, kjv_text
-
     train, val = (
         {"kjv: Genesis, Proverbs, Matthew": kjv_text("train")},
         {"kjv: Psalms, Luke, Acts": kjv_text("heldout")},
@@ -207,10 +207,6 @@ def make_task(
 ):
     """The masked-LM task (default) or, with ``objective="causal"``, next-byte prediction on
     windows of ``seq_len`` inputs (``length_at``'s lengths count inputs too)."""
-    import torch
-
-    from .tasks import CausalLM, MaskedLM, StreamSource
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     sep = _bytes("\n\n")
@@ -255,9 +251,6 @@ def experiment(
 ) -> dict[str, Any]:
     """Train every variant (as masked LMs, or causal byte LMs with ``objective="causal"``); returns {"runs", "summary", "skipped", "unigram", "config"}.
     ``on_result(partial result)`` is called after every finished run."""
-    from .harness import compare, unavailable
-    from .suite import run_suite
-
     mode = "quick" if quick else "full"
     size, n_len, n_batch, n_steps, eval_every, eval_rows, n_seeds = MODES[mode]
     steps, seeds, seq_len, batch = steps or n_steps, seeds or n_seeds, seq_len or n_len, batch or n_batch
@@ -319,8 +312,6 @@ def experiment(
 
 
 def run(args) -> int:
-    from .suite import run_command
-
     return run_command(
         args,
         NAME,
@@ -342,8 +333,6 @@ def run(args) -> int:
 
 
 def save(args, res):
-    from .suite import save_suite, suite_table
-
     c = res["config"]
     causal = c.get("objective", "masked") == "causal"
     metric = OBJECTIVES[c.get("objective", "masked")]

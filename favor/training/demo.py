@@ -12,7 +12,7 @@ on 2 cores); ``run_demo`` is the whole demo, ``lm_demo`` its language-model part
 
 The language-model part (``lm_demo``): two causal byte-level LMs with identical parameters (same seed, same initial weights) train
 on English text (the King James Bible's Genesis, Proverbs and Matthew, shipped in
-favor.hf.corpus) with sequences of ``context`` bytes (default 8192), each for the same share
+favor.data.kjv) with sequences of ``context`` bytes (default 8192), each for the same share
 of ``seconds`` of wall-clock time, on the same batches in the same order, each with a full
 warm-up + cosine schedule sized to the steps it can take in that time. The Performer is the
 hybrid one: FAVOR+ plus exact softmax weights for each byte's last 64 + 1 bytes and the first
@@ -36,13 +36,13 @@ import multiprocessing
 import resource
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..attention.local.spec import ExactTerms
 from ..benchmarking import approximation
 from ..benchmarking.tables import format_table
 from ..benchmarking.timing import speed_table
@@ -50,7 +50,8 @@ from ..data.text import load_tokenizer
 from ..models import PerformerConfig, PerformerLM
 from ..nn import feature_maps
 from ..nn.attention import AttentionState
-from .loop import LN2, _read_log, load_data, resolve_config, train
+from ..ops.local.spec import ExactTerms
+from .loop import LN2, load_data, read_log, resolve_config, train
 
 __all__ = [
     "run_demo",
@@ -80,10 +81,9 @@ PROMPT = "And the LORD said unto"
 
 
 def demo_text() -> tuple[str, str]:
-    """(training file, held-out file): the King James Bible extracts favor.hf.corpus ships."""
-    from importlib import resources
+    """(training file, held-out file): the King James Bible extracts favor.data.kjv ships."""
 
-    root = resources.files("favor.hf.corpus")
+    root = resources.files("favor.data")
     return str(root.joinpath("kjv_train.txt.gz")), str(root.joinpath("kjv_heldout.txt.gz"))
 
 
@@ -172,7 +172,7 @@ def _plot(out: Path, results: dict[str, Any]) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ("hybrid", "softmax"):
-        rows = _read_log(out / name / "log.jsonl")
+        rows = read_log(out / name / "log.jsonl")
         ax.plot([r["time"] for r in rows], [r["loss"] / LN2 for r in rows], alpha=0.7, label=f"{name}: train")
     for name, marker in (("hybrid", "o"), ("softmax", "s")):
         r = results["runs"][name]

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 __all__ = [
     "TrainConfig",
     "PRESETS",
@@ -49,6 +55,7 @@ __all__ = [
     "load_lm",
     "load_data",
     "Split",
+    "read_log",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,10 +174,6 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, "rb") as f:
@@ -305,7 +308,8 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``log.jsonl`` (none if the file does not exist)."""
     if not path.is_file():
         return []
     rows = []
@@ -362,7 +366,7 @@ def restore_run(
 
 def truncate_log(log_path: str | Path, step: int) -> None:
     """Keep the log rows up to ``step`` (the checkpoint resumed from), atomically."""
-    kept = [r for r in _read_log(Path(log_path)) if r.get("step", 0) <= step]
+    kept = [r for r in read_log(Path(log_path)) if r.get("step", 0) <= step]
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -626,7 +630,7 @@ def plot_log(
     runs = {"": Path(log_path)} if not others else {"favor": Path(log_path), **{k: Path(v) for k, v in others.items()}}
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, path in runs.items():
-        rows = _read_log(path)
+        rows = read_log(path)
         steps = [r["step"] for r in rows]
         line = ax.plot(steps, [r["loss"] / LN2 for r in rows], alpha=0.5, label=f"{label} train (bits/token)".strip())
         val = [(r["step"], r["val_bpr"]) for r in rows if "val_bpr" in r]

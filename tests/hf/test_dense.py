@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import favor.hf as fh
-from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
+from favor.hf.interface import favor_attention_forward
 from tests.hf._batches import padded_batch
 
 

@@ -101,8 +101,8 @@ def test_logit_kl_is_zero_for_the_teacher_and_counts_real_tokens_only():
 def test_attention_transfer_loss_is_the_mean_relative_error_of_each_call(tiny_bert):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from favor.hf.attention import favor_attention_forward
     from favor.hf.distill import _student_with_transfer
+    from favor.hf.interface import favor_attention_forward
     from favor.hf.registry import observing
 
     batch = {"input_ids": _batches()[0]["input_ids"], "attention_mask": torch.ones(2, 10, dtype=torch.long)}

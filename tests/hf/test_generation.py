@@ -239,7 +239,7 @@ def test_calibrated_dense_features_decode_exactly(local):
 
 
 def test_the_prompt_takes_the_chunked_path_and_each_token_the_step(monkeypatch):
-    from favor.attention import api
+    from favor.ops import api
 
     model = _model("llama", "plain")
     ids, mask, _ = _batch(8, seed=11)
@@ -264,12 +264,12 @@ def test_the_prompt_takes_the_chunked_path_and_each_token_the_step(monkeypatch):
 def test_decoding_with_a_non_favor_cache_warns_once(caplog, monkeypatch):
     """A hand-written decoding loop gets transformers' DynamicCache by default: the numbers
     are right but every token recomputes FAVOR over the whole prefix, so say how to get O(1)."""
-    import favor.hf.attention as fa
+    import favor.hf.interface as fa
 
     monkeypatch.setattr(fa, "_warned_kv_cache", False)
     model = _model("llama", "plain")
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), caplog.at_level("WARNING", logger="favor.hf.attention"):
+    with torch.no_grad(), caplog.at_level("WARNING", logger="favor.hf.interface"):
         out = model(input_ids=ids[:, :10], cache=DynamicCache(config=model.config), use_cache=True)
         assert "FavorCache" not in caplog.text  # a prompt alone is not a decoding step
         for t in (10, 11):

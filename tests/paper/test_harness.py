@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from favor.data.austen import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, read_austen
 from favor.nn import feature_maps
 from favor.paper.books import length_schedule
-from favor.paper.corpora import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, load_mnist, read_austen
+from favor.paper.corpora import load_mnist
 from favor.paper.families import family_split, homology_clusters
 from favor.paper.harness import ModelSize, Variant, at_time, build_model, compare, train_run
 from favor.paper.peers import bucket_size
@@ -200,7 +201,7 @@ def test_swap_to_favor_keeps_every_softmax_weight():
 
 
 def test_transfer_grows_the_context_for_pretraining_and_scratch_and_finetunes_at_full_length(monkeypatch):
-    from favor.paper import harness, transfer
+    from favor.paper import transfer
 
     seen = {}
 
@@ -210,7 +211,7 @@ def test_transfer_grows_the_context_for_pretraining_and_scratch_and_finetunes_at
             model = build_model(variant, size, vocab_size=task.vocab_size, causal=False, seed=seed)
         return {"curve": [{"step": s, "accuracy": 0.1} for s in range(0, steps + 1, 2)], "model": model}
 
-    monkeypatch.setattr(harness, "train_run", fake_train_run)
+    monkeypatch.setattr(transfer, "train_run", fake_train_run)
     res = transfer.experiment(quick=True, steps=8, finetune=4)
     # quick mode is books' quick setting: L = 256, grown from 128 over the first half of the
     # 8 pre-training steps; the scratch run follows the same schedule, then stays at 256
@@ -263,7 +264,7 @@ def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
     rdata = pytest.importorskip("rdata")
     data = Path.home() / ".cache" / "favor" / "paper" / "janeaustenr" / AUSTEN_DATA
     if not data.is_file():
-        pytest.skip("Jane Austen's package is not downloaded (favor.paper.corpora.fetch_austen)")
+        pytest.skip("Jane Austen's package is not downloaded (favor.data.austen.fetch_austen)")
     index_blob = gzip.decompress(data.with_suffix(".rdx").read_bytes())
     raw = data.read_bytes()
     with warnings.catch_warnings():
@@ -280,11 +281,11 @@ def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
 
 
 def test_books_full_mode_uses_austen_and_falls_back_to_the_bible_with_a_note(monkeypatch, tmp_path):
-    import favor.paper.corpora as corpora
+    import favor.paper.books as books
     from favor.paper.books import corpus
 
     fake = {name: f"{name} text\n" for name in AUSTEN_NOVELS.values()}
-    monkeypatch.setattr(corpora, "fetch_austen", lambda cache: dict(fake))
+    monkeypatch.setattr(books, "fetch_austen", lambda cache: dict(fake))
     train, val, note = corpus(quick=False, data_dir=tmp_path)
     assert "austen: persuasion" in val and "austen: persuasion" not in train
     assert sum(k.startswith("austen: ") for k in train) == 5 and "Jane Austen" in note
@@ -292,7 +293,7 @@ def test_books_full_mode_uses_austen_and_falls_back_to_the_bible_with_a_note(mon
     def missing(cache):
         raise RuntimeError("apt-get not found")
 
-    monkeypatch.setattr(corpora, "fetch_austen", missing)
+    monkeypatch.setattr(books, "fetch_austen", missing)
     train, val, note = corpus(quick=False, data_dir=tmp_path)
     assert not any(k.startswith("austen") for k in (*train, *val))
     assert "Jane Austen unavailable: apt-get not found" in note
