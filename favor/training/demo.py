@@ -501,7 +501,11 @@ def _language_model(out: Path, seconds: float, context: int, echo: Callable[[str
     return res
 
 
-def demo_speed_table(lengths, *, out: Path | None = None, echo: Callable[[str], None] = print) -> list[dict]:
+def _silent(_: str) -> None:
+    """The default ``echo``: library code never prints; the command passes ``print``."""
+
+
+def demo_speed_table(lengths, *, out: Path | None = None, echo: Callable[[str], None] = _silent) -> list[dict]:
     """The speed section of ``favor demo``: favor vs SDPA at a few lengths (~40 s)."""
     rows = speed_table(tuple(lengths), quick=True)
 
@@ -570,7 +574,7 @@ def run_demo(
     lm_seconds: float,
     lm_context: int,
     skip_speed: bool = False,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = _silent,
 ) -> dict[str, Any]:
     """``favor demo``: (a) the approximation table, (b) the speed table (unless
     ``skip_speed``), (c)-(d) the language models (unless ``lm_seconds`` is 0), each printed
