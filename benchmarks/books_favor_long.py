@@ -28,7 +28,7 @@ from .books_plateau import per_layer
 
 def attention_entropy(model, task) -> list[dict]:
     """Per layer: FAVOR's and softmax's row entropy (mean over rows), per head, and the logit std."""
-    from favor.attention.reference import kernel_matrix
+    from favor.ops.reference import kernel_matrix
 
     def ent(p):
         return (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean((0, 2)).tolist()

@@ -4,7 +4,7 @@ Four measurements on the books task (King James Bible, L = 128, batch 16, lr 3e-
 dim 64, 2 layers, 2 heads of 32, rotary positions), one torch thread:
 
 1. gradients: one float64 step of the FAVOR+ model through the fast bidirectional path and
-   through the explicit L x L kernelised reference (favor.attention.reference), same features;
+   through the explicit L x L kernelised reference (favor.ops.reference), same features;
 2. the exact softmax model after ``--steps`` steps: per layer and head, the entropy of its
    attention rows (nats; uniform = ln L), the std of its logits q.k/sqrt(D) and the mean norm
    of q and k after FAVOR's D^-1/4 scaling (positive features' variance grows like

@@ -11,6 +11,11 @@ import argparse
 import statistics
 import time
 
+import torch
+
+import favor
+from favor.benchmarking.timing import BenchConfig, bench_feature_map, bench_inputs
+
 from ._common import header, write_json
 
 
@@ -19,9 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    import torch
-
-    from favor.benchmarking.timing import BenchConfig, bench_feature_map, bench_inputs
 
     info = header(f"compile: L={args.length} B=1 H=8 D=64 M=256 float32")
     cfg = BenchConfig()  # B=1, H=8, D=64, M=256, positive, float32
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         out = fn(q, k, v, fm, causal=True)
         out.backward(torch.ones_like(out))
 
-    from favor.attention.api import attention as eager  # the function (favor.attention is a callable module)
+    eager = favor.attention
 
     compiled = torch.compile(eager, dynamic=False)
     result = {"machine": info, "length": args.length}

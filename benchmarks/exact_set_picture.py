@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import favor
-    from favor.attention.local.spec import exact_mask
+    from favor.ops.local.spec import exact_mask
 
     out = (argv if argv is not None else sys.argv[1:]) or ["docs/img/exact_terms.png"]
     plt = pyplot()

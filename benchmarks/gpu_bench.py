@@ -43,18 +43,18 @@ def _sdpa_context(device: str, dtype):
 
 def _time(fns: dict, inputs, *, backward: bool, repeats: int, device: str) -> dict[str, float]:
     """Median seconds per call, contenders interleaved round by round, 1 warm-up each."""
-    from favor.benchmarking.timing import _run_once, _sync
+    from favor.benchmarking.timing import run_once, sync
 
     q, k, v = inputs
     for f in fns.values():
-        _run_once(f, q, k, v, backward)
+        run_once(f, q, k, v, backward)
     times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(repeats):
         for n, f in fns.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
-            _run_once(f, q, k, v, backward)
-            _sync(device)
+            run_once(f, q, k, v, backward)
+            sync(device)
             times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -62,15 +62,15 @@ def _time(fns: dict, inputs, *, backward: bool, repeats: int, device: str) -> di
 def _peak_mib(f, inputs, *, backward: bool, device: str) -> float | None:
     import torch
 
-    from favor.benchmarking.timing import _run_once, _sync
+    from favor.benchmarking.timing import run_once, sync
 
     if torch.device(device).type != "cuda":
         return None  # CPU peak memory needs a fresh process: benchmarks.speed measures it
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    _run_once(f, *inputs, backward)
-    _sync(device)
+    run_once(f, *inputs, backward)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 

@@ -25,8 +25,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import favor.hf as fh
-    from favor.commands._hf import texts
-    from favor.hf.fidelity import mean_pool, packed_texts, tokenize_batches
+    from favor.hf.fidelity import mean_pool, packed_texts, split_texts, tokenize_batches
     from favor.hf.models import load_softmax
 
     teacher, tok, kind = load_softmax(args.model)
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     student.set_attn_implementation(fh.NAME)
     for split in ("heldout", "train"):
         for length in args.length or [128, 512]:
-            packed = packed_texts(tok, texts(split, kind), length=length)
+            packed = packed_texts(tok, split_texts(split, kind), length=length)
             packed = packed[: args.passages] if split == "heldout" else packed[-args.passages :]
             errs, cos = 0.0, []
             batches = tokenize_batches(tok, packed, batch_size=8, max_length=length)

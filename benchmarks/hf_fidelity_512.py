@@ -28,9 +28,9 @@ import torch
 
 
 def _measure(model, batches, window, sinks):
-    from favor.attention.local.window import exact_positions
-    from favor.hf.attention import favor_attention_forward
     from favor.hf.fit import record_attention
+    from favor.hf.interface import favor_attention_forward
+    from favor.ops.local.window import exact_positions
 
     rows = []
     for layer, (module, calls) in enumerate(record_attention(model, batches).items()):
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import favor.hf as fh
-    from favor.hf.corpus import load_text
+    from favor.data.kjv import load_text
     from favor.hf.fidelity import embedding_cosine, packed_texts, tokenize_batches
     from favor.hf.fit import fit_adapters
     from favor.hf.models import load_softmax

@@ -59,6 +59,28 @@ def _models(max_len: int, *, exact_window: int = -1, exact_sinks: int = 0, model
     return softmax, performer
 
 
+def _value_only(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The no-attention floor: each query position's own value (attention that costs nothing)."""
+    heads = query.shape[1]
+    v = (
+        value[:, :, None]
+        .expand(-1, -1, heads // value.shape[1], -1, -1)
+        .reshape(value.shape[0], heads, *value.shape[2:])
+    )
+    return v[:, :, -query.shape[2] :].transpose(1, 2).contiguous(), None
+
+
+def floor_model(softmax):
+    """The same model with attention returning V, run without a cache: what a token costs
+    when attention costs nothing (the issue's floor)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("value_only", _value_only)
+    floor = copy.deepcopy(softmax)
+    floor.set_attn_implementation("value_only")
+    return floor
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -91,8 +113,11 @@ def check(performer, length: int = 96, tokens: int = 4) -> float:
 @torch.no_grad()
 def measure(softmax, performer, contexts: list[int], tokens: int) -> list[dict]:
     """Prefill every context (timed), then new tokens round-robin over contexts and models,
-    so that every (context, model) pair sees the same machine load."""
+    so that every (context, model) pair sees the same machine load; the floor (attention
+    returning V, no cache: ``floor_model``) is timed beside each context's tokens."""
     import favor.hf as fh
+
+    floor = floor_model(softmax)
 
     runs = []
     for context in contexts:
@@ -117,14 +142,19 @@ def measure(softmax, performer, contexts: list[int], tokens: int) -> list[dict]:
                 "favor_cache_bytes_after_prompt": fcache.nbytes,
                 "favor_token_all_s": [],
                 "sdpa_token_all_s": [],
+                "floor_token_all_s": [],
             }
         )
     for t in range(tokens):
         # odd rounds run backwards, so that no (context, model) always follows the largest
         # sdpa step (which allocates and frees its whole K/V cache)
-        order = [(r, m) for r in runs for m in ("favor", "sdpa")]
+        order = [(r, m) for r in runs for m in ("favor", "sdpa", "floor")]
         for r, m in order if t % 2 == 0 else order[::-1]:
             tok = r["next"][:, t : t + 1]
+            if m == "floor":
+                _, dt = _timed(lambda tok=tok: floor(input_ids=tok, use_cache=False))
+                r["floor_token_all_s"].append(dt)
+                continue
             model, cache = (performer, r["fcache"]) if m == "favor" else (softmax, r["scache"])
             _, dt = _timed(lambda tok=tok, model=model, c=cache: model(input_ids=tok, cache=c, use_cache=True))
             r[f"{m}_token_all_s"].append(dt)
@@ -135,7 +165,9 @@ def measure(softmax, performer, contexts: list[int], tokens: int) -> list[dict]:
         r.pop("next")
         r["favor_token_s"] = statistics.median(r["favor_token_all_s"][warm:])
         r["sdpa_token_s"] = statistics.median(r["sdpa_token_all_s"][warm:])
+        r["floor_token_s"] = statistics.median(r["floor_token_all_s"][warm:])
         r["sdpa_over_favor"] = r["sdpa_token_s"] / r["favor_token_s"]
+        r["favor_over_floor"] = r["favor_token_s"] / r["floor_token_s"]
         r["favor_cache_bytes"] = fcache.nbytes
         r["sdpa_cache_bytes"] = _kv_bytes(scache)
         rows.append(r)
@@ -167,13 +199,14 @@ def markdown(rows: list[dict], info: dict, command: str, local: dict | None = No
         )
         + (") zero-shot, batch 1." if model else ") (FAVOR++), batch 1."),
         "",
-        "| context | favor ms/token | vs favor@first | sdpa+KV ms/token | sdpa/favor | favor prefill s | sdpa prefill s "
-        "| favor cache bytes | sdpa cache bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| context | favor ms/token | vs favor@first | floor ms/token | favor/floor | sdpa+KV ms/token | sdpa/favor "
+        "| favor prefill s | sdpa prefill s | favor cache bytes | sdpa cache bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['context']} | {1e3 * r['favor_token_s']:.2f} | {r['favor_token_s'] / base:.2f}x "
+            f"| {1e3 * r['floor_token_s']:.2f} | {r['favor_over_floor']:.2f}x "
             f"| {1e3 * r['sdpa_token_s']:.2f} | {r['sdpa_over_favor']:.1f}x | {r['favor_prefill_s']:.2f} "
             f"| {r['sdpa_prefill_s']:.2f} | {r['favor_cache_bytes']:,} | {r['sdpa_cache_bytes']:,} |"
         )
@@ -207,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(softmax, performer, contexts, tokens)
     for r in rows:
         print(
-            f"context {r['context']:>6}: favor {1e3 * r['favor_token_s']:8.2f} ms/token, sdpa+KV "
+            f"context {r['context']:>6}: favor {1e3 * r['favor_token_s']:8.2f} ms/token "
+            f"({r['favor_over_floor']:.2f}x the floor, {1e3 * r['floor_token_s']:.2f} ms), sdpa+KV "
             f"{1e3 * r['sdpa_token_s']:8.2f} ms/token ({r['sdpa_over_favor']:.1f}x); cache bytes favor "
             f"{r['favor_cache_bytes']:,}, sdpa {r['sdpa_cache_bytes']:,}"
         )

@@ -20,6 +20,9 @@ from pathlib import Path
 from ._common import header
 
 EXACT = {"W=64 S=4": (64, 4), "W=16 S=1": (16, 1)}
+#: fewer random features beside the window: the exact terms carry the sharp attention, the
+#: features only the far keys (M = 2D and 4D for the text preset's heads of D = 32)
+FEATURES = {"W=64 S=4 M=64": (64, 4, 64), "W=64 S=4 M=128": (64, 4, 128)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         base = PerformerConfig(vocab_size=256, dim=128, depth=3, heads=4, max_len=length)
         cfgs = {"softmax": base.replace(attention="softmax"), "FAVOR+": base}
         cfgs.update({f"hybrid {k}": base.replace(exact=ExactTerms(w, sinks=s)) for k, (w, s) in EXACT.items()})
+        cfgs.update(
+            {
+                f"hybrid {k}": base.replace(exact=ExactTerms(w, sinks=s), num_features=m)
+                for k, (w, s, m) in FEATURES.items()
+            }
+        )
         models = {n: PerformerLM(c) for n, c in cfgs.items()}
         x = torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {n: [] for n in models}

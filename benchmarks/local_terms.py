@@ -1,13 +1,13 @@
-"""What exact local terms (favor.attention.local) cost: bidirectional attention with the weights of
+"""What exact local terms (favor.ops.local) cost: bidirectional attention with the weights of
 each query's 2W+1 neighbours and S sink tokens exact, against plain FAVOR (the fast path) and
 SDPA, in the same run; contenders interleaved, median of --repeats.
 
 With --block C > 1 (the CLI's default, 32) each query's whole block of C positions widened
-by W either side is exact (favor.attention.local.block): local_fast with ``exact_block``, checked
+by W either side is exact (favor.ops.local.block): local_fast with ``exact_block``, checked
 against local_block's autograd path.
 
-"favor+local" is the path favor.hf runs: favor.attention.local.bidirectional_fast (hand-written backward) for
-bidirectional attention, the autograd path of favor.attention.local for --causal; --autograd adds
+"favor+local" is the path favor.hf runs: favor.ops.local.bidirectional_fast (hand-written backward) for
+bidirectional attention, the autograd path of favor.ops.local for --causal; --autograd adds
 the autograd path for bidirectional attention too ("favor+local autograd", its reference).
 Before timing, the fast path is checked against the autograd path (float64, outputs and
 gradients); the script refuses to time it if they differ.
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     import favor
-    from favor.attention.local.bidirectional_fast import local_fast
-    from favor.attention.local.block import block_exact_attention
-    from favor.attention.local.window import local_exact_attention, pair_features
+    from favor.ops.local.bidirectional_fast import local_fast
+    from favor.ops.local.block import block_exact_attention
+    from favor.ops.local.window import local_exact_attention, pair_features
 
     if args.threads:
         torch.set_num_threads(args.threads)

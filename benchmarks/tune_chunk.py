@@ -1,5 +1,5 @@
 """Chunk-size sweep for the fast paths (how the defaults were chosen): causal forward +
-backward vs chunk size C and chunks per block (favor.attention.causal_fast.BLOCK_CHUNKS),
+backward vs chunk size C and chunks per block (favor.ops.causal_fast.BLOCK_CHUNKS),
 bidirectional forward vs chunk size; interleaved, median of 5. With ``--heads``:
 bidirectional forward+backward vs chunk size for each number of heads (B=1), the sweep
 behind ``bidirectional_fast.default_chunk``, which is marked in the output.
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     fm = bench_feature_map(cfg)
     q, k, v = bench_inputs(args.length, cfg, grad=True)
 
-    from favor.attention import causal_fast
+    from favor.ops import causal_fast
 
     default_blocks = causal_fast.BLOCK_CHUNKS
 
@@ -72,7 +72,7 @@ def _heads_sweep(length: int, heads: list[int], repeats: int) -> int:
     import torch
 
     import favor
-    from favor.attention.bidirectional_fast import default_chunk
+    from favor.ops.bidirectional_fast import default_chunk
 
     info = header(f"tune_chunk --heads: bidirectional fwd+bwd, L={length} B=1 D=64 M=256 float32")
     fm = favor.FeatureMap("positive", dim=64, num_features=256, generator=torch.Generator().manual_seed(0))

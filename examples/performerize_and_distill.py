@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import favor.hf
-from favor.hf.corpus import load_text
+from favor.data.kjv import load_text
 from favor.hf.distill import DistillConfig, distill
 from favor.hf.fidelity import embeddings, tokenize_batches
 

@@ -6,16 +6,15 @@
 >>> out = favor.attention(q, k, v, fm, causal=True)
 """
 
-from . import attention  # favor.attention is callable (see favor/attention/__init__.py)
-from .attention import State, kernel_attention, kernel_matrix, softmax_attention, step
-from .attention.local.recurrent import ExactState
-from .attention.local.spec import ExactTerms
 from .features import (
     KERNELS,
     FeatureMap,
     default_num_features,
     projections,  # favor.projections: the random projection matrices
 )
+from .ops import State, attention, kernel_attention, kernel_matrix, softmax_attention, step
+from .ops.local.recurrent import ExactState
+from .ops.local.spec import ExactTerms
 
 __version__ = "0.1.0"
 

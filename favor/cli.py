@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from . import __version__
+
 #: subcommand -> (module under favor.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": (
@@ -30,8 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the ``chosen`` subcommand's module is imported to add its options."""
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="favor", description="Performer (FAVOR+) attention for PyTorch")
     parser.add_argument("--version", action="version", version=f"favor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

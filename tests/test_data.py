@@ -175,3 +175,15 @@ def test_blastdb_reader_and_data_command(tmp_path, capsys):
     assert len(list(read_fasta(out / "swissprot_2.fasta.gz"))) == 2
     assert main(["data", "swissprot", "--root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_debian_run_command_says_what_is_missing_and_what_failed(tmp_path):
+    import sys
+
+    from favor.data.debian import run_command
+
+    with pytest.raises(RuntimeError, match="^no-such-tool-favor not found: fetching X needs it$"):
+        run_command(["no-such-tool-favor"], tmp_path, needs="fetching X needs it")
+    with pytest.raises(RuntimeError, match=r"failed \(3\): boom"):
+        run_command([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], tmp_path)
+    run_command([sys.executable, "-c", "pass"], tmp_path)  # success: no error

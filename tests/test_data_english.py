@@ -6,7 +6,8 @@ from importlib import resources
 import pytest
 import torch
 
-from favor.data.english import DOMAINS, HELDOUT_DOMAIN, TRAIN_DOMAINS, domain_text, passages
+from favor.data.english import DOMAINS, HELDOUT_DOMAIN, LINE_CHARS, TRAIN_DOMAINS, domain_text, lines, passages
+from favor.data.kjv import load_text
 
 
 class Bytes:
@@ -77,9 +78,6 @@ def test_passages_refuse_bad_requests():
 
 
 def test_lines_are_a_domains_paragraphs_in_order():
-    from favor.data.english import LINE_CHARS, lines
-    from favor.hf.corpus import load_text
-
     assert lines("bible") == load_text("train")  # the KJV's shipped three-verse lines
     for domain in ("austen", "dictionary", "python-docs"):
         got = lines(domain)

@@ -2,7 +2,7 @@ import json
 
 from favor.benchmarking.approximation import approximation_table
 from favor.cli import main
-from favor.commands.demo import _plot_approximation, _plot_speed
+from favor.training.demo import _plot_approximation, _plot_speed
 
 
 def test_approximation_table_falls_with_m_and_carries_the_baseline(tmp_path):

@@ -3,7 +3,7 @@
 - The meta device has shapes and dtypes but no data: a hot path that runs there creates
   every tensor on its input's device (a CPU tensor mixed in raises) and never reads device
   data on the host (``bool(t)``, ``.item()`` raise). FAVOR++ (oprf) reads "is rho fixed?"
-  from its buffer once per change (favor/features/_host.py), which meta cannot answer, so it
+  from its buffer once per change (favor/features/buffer_flags.py), which meta cannot answer, so it
   is left out here and covered by the CUDA test below.
 - With FAVOR_TEST_DEVICE=cuda, torch.cuda.set_sync_debug_mode("error") turns every
   synchronizing call into an error: after one warm-up call (which may read the cached

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from favor.benchmarking.speed import crossover, ratio_table
 from favor.benchmarking.timing import (
     BenchConfig,
     check_contender,
@@ -14,7 +15,6 @@ from favor.benchmarking.timing import (
     speed_table,
     time_contenders,
 )
-from favor.commands.bench import _crossover, _ratio_table
 
 TINY = BenchConfig(heads=2, dim=16, num_features=32)
 
@@ -69,8 +69,8 @@ def test_crossover_and_table():
             ("sdpa", 4096, 9.0),
         ]
     ]
-    assert _crossover(rows, "favor", "sdpa", "fwd") == 1024
-    table = _ratio_table(rows)
+    assert crossover(rows, "favor", "sdpa", "fwd") == 1024
+    table = ratio_table(rows)
     assert any(r[2] == "favor" and r[5] == "2.00x" for r in table)
 
 

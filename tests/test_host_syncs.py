@@ -6,7 +6,7 @@ run per call (attention, features, modules, models, the Hugging Face attention f
 sequence parallelism) may have such a sync only where it is needed, and then say so with a
 ``host sync`` comment on the line or the line above. This test reads their source (ast) and
 lists every unmarked candidate; a Python-number conversion (``float(scale)``,
-``float("-inf")``) is not a candidate. On a GPU, tests/attention/test_device.py checks the
+``float("-inf")``) is not a candidate. On a GPU, tests/ops/test_device.py checks the
 same at run time with torch.cuda.set_sync_debug_mode("error").
 """
 
@@ -21,12 +21,12 @@ from favor.hf.adapter import FavorAdapter
 
 ROOT = Path(favor.__file__).parent
 HOT = [
-    *sorted((ROOT / "attention").glob("*.py")),
-    *sorted((ROOT / "attention" / "local").glob("*.py")),
-    *(ROOT / "features" / n for n in ("maps.py", "feature_map.py", "official.py", "_host.py")),
+    *sorted((ROOT / "ops").glob("*.py")),
+    *sorted((ROOT / "ops" / "local").glob("*.py")),
+    *(ROOT / "features" / n for n in ("maps.py", "feature_map.py", "official.py", "buffer_flags.py")),
     *(ROOT / "nn" / n for n in ("attention.py", "rotary.py")),
     *(ROOT / "models" / n for n in ("performer.py", "block.py")),
-    *(ROOT / "hf" / n for n in ("attention.py", "masks.py", "adapter.py")),
+    *(ROOT / "hf" / n for n in ("interface.py", "masks.py", "adapter.py")),
     *(ROOT / "distributed" / n for n in ("sequence.py", "rank_state.py", "collectives.py")),
 ]
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}

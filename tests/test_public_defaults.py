@@ -10,9 +10,9 @@ import inspect
 import torch
 
 import favor
-from favor.attention.api import attention as attention_fn
 from favor.features import projections
 from favor.models import PerformerConfig
+from favor.ops.api import attention as attention_fn
 
 
 def _defaults(fn) -> dict:

@@ -1,7 +1,10 @@
-"""Measuring favor: timing and peak memory against exact attention (``timing``) and the
-approximation error of each kernel against exact softmax attention (``approximation``).
+"""Measuring favor: timing and peak memory against exact attention (``timing``), the
+approximation error of each kernel against exact softmax attention (``approximation``),
+``favor bench``'s grid, crossovers, report and plot (``speed``) and its tables as text
+(``tables``).
 
 Used by ``favor bench``, ``favor demo`` and the scripts in ``benchmarks/``. Library code:
-results are lists of dicts, nothing is printed. Submodules are imported on use, so that
-``import favor.benchmarking.approximation`` does not start the timing machinery.
+results are lists of dicts; text goes to the ``echo`` a caller passes. Submodules are
+imported on use, so that ``import favor.benchmarking.approximation`` does not start the
+timing machinery.
 """

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import attention, softmax_attention
 from ..features import FeatureMap
+from ..ops import attention, softmax_attention
 
 __all__ = ["approximation_table", "DEMO_KERNELS"]
 

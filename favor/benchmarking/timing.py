@@ -13,6 +13,9 @@ warm-up call, so that library workspaces are not counted).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import logging
 import math
 import multiprocessing
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 
 import favor
 
+from ..ops.local.reference import exact_terms_reference
+
 __all__ = [
     "BenchConfig",
     "bench_inputs",
@@ -44,6 +49,8 @@ __all__ = [
     "decode_latency",
     "decode_flatness",
     "flops",
+    "sync",
+    "run_once",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,7 @@ class BenchConfig:
     device: str = "cpu"
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     """Wait for the device's queued kernels (a GPU call returns before its work is done)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -100,10 +107,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, *, device: str = "cpu") -> fl
     a @ b
     ts = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(ts) / 1e9
 
@@ -123,10 +130,10 @@ def matmul_fraction(length: int, cfg: BenchConfig, *, repeats: int = 7, n: int =
             f()
         for _ in range(repeats):
             for name, f in runs.items():
-                _sync(cfg.device)
+                sync(cfg.device)
                 t0 = time.perf_counter()
                 f()
-                _sync(cfg.device)
+                sync(cfg.device)
                 times[name].append(time.perf_counter() - t0)
     fav = flops("favor", length, cfg) / statistics.median(times["favor"]) / 1e9
     mm = 2 * n**3 / statistics.median(times["matmul"]) / 1e9
@@ -189,9 +196,6 @@ def _performer(causal: bool, *, kernel: bool = False):
     the CPU build (benchmarks/fast_transformers_cpu.py installs it), as the issue measured."""
 
     def build(cfg: BenchConfig):
-        import contextlib
-        import io
-
         from performer_pytorch import FastAttention
         from performer_pytorch.performer_pytorch import causal_linear_attention
 
@@ -205,8 +209,6 @@ def _performer(causal: bool, *, kernel: bool = False):
 
 
 def _peer_available(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
@@ -254,8 +256,6 @@ def check_contender(name: str, cfg: BenchConfig, *, length: int = 256) -> tuple[
         if not torch.isfinite(out).all():
             return False, "non-finite output"
         if name.startswith("favor-exact"):
-            from ..attention.local.reference import exact_terms_reference
-
             fm = bench_feature_map(cfg).double()
             terms = favor.ExactTerms(64, 4, 1) if contender.causal else favor.ExactTerms(8, 1, 32)
             want = exact_terms_reference(q.double(), k.double(), v.double(), fm, terms, causal=contender.causal)
@@ -275,7 +275,9 @@ def check_contender(name: str, cfg: BenchConfig, *, length: int = 256) -> tuple[
 
 
 # -- timing -------------------------------------------------------------------------------
-def _run_once(f, q, k, v, backward: bool):
+def run_once(f, q, k, v, backward: bool):
+    """One call of contender ``f`` (forward, plus backward of a ones upstream gradient when
+    ``backward``), gradients cleared."""
     if backward:
         out = f(q, k, v)
         out.backward(torch.ones_like(out))
@@ -293,14 +295,14 @@ def time_contenders(
     fns = {n: CONTENDERS[n].build(cfg) for n in names}
     for _ in range(warmup):
         for f in fns.values():
-            _run_once(f, q, k, v, backward)
+            run_once(f, q, k, v, backward)
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repeats):
         for n, f in fns.items():
-            _sync(cfg.device)
+            sync(cfg.device)
             t0 = time.perf_counter()
-            _run_once(f, q, k, v, backward)
-            _sync(cfg.device)
+            run_once(f, q, k, v, backward)
+            sync(cfg.device)
             times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -315,11 +317,11 @@ def _memory_child(name: str, length: int, cfg: BenchConfig, backward: bool, thre
     f = CONTENDERS[name].build(cfg)
     # one tiny call first: one-time library workspaces (BLAS, thread pools) are not the
     # contender's memory and would otherwise dominate short sequences
-    _run_once(f, *bench_inputs(min(length, 64), cfg, grad=backward), backward)
+    run_once(f, *bench_inputs(min(length, 64), cfg, grad=backward), backward)
     q, k, v = bench_inputs(length, cfg, grad=backward)
     base = _maxrss_bytes()
     t0 = time.perf_counter()
-    _run_once(f, q, k, v, backward)
+    run_once(f, q, k, v, backward)
     return (_maxrss_bytes() - base) / 2**20, time.perf_counter() - t0
 
 
@@ -340,14 +342,14 @@ def _context():
 def _cuda_peak_mib(name: str, length: int, cfg: BenchConfig, backward: bool) -> tuple[float, float]:
     """On a GPU: the caching allocator's peak above what the inputs hold, in this process."""
     f = CONTENDERS[name].build(cfg)
-    _run_once(f, *bench_inputs(min(length, 64), cfg, grad=backward), backward)
+    run_once(f, *bench_inputs(min(length, 64), cfg, grad=backward), backward)
     q, k, v = bench_inputs(length, cfg, grad=backward)
-    _sync(cfg.device)
+    sync(cfg.device)
     torch.cuda.reset_peak_memory_stats(cfg.device)
     base = torch.cuda.memory_allocated(cfg.device)
     t0 = time.perf_counter()
-    _run_once(f, q, k, v, backward)
-    _sync(cfg.device)
+    run_once(f, q, k, v, backward)
+    sync(cfg.device)
     return (torch.cuda.max_memory_allocated(cfg.device) - base) / 2**20, time.perf_counter() - t0
 
 
@@ -439,16 +441,16 @@ def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int =
         half = steps // 2
         for block in (range(half), range(half, steps)):
             for i in block:
-                _sync(cfg.device)
+                sync(cfg.device)
                 t0 = time.perf_counter()
                 state = favor_step(i, state)
-                _sync(cfg.device)
+                sync(cfg.device)
                 tf.append(time.perf_counter() - t0)
             for i in block:
-                _sync(cfg.device)
+                sync(cfg.device)
                 t0 = time.perf_counter()
                 n = sdpa_step(i, n)
-                _sync(cfg.device)
+                sync(cfg.device)
                 ts.append(time.perf_counter() - t0)
     return {"context": context, "favor_step_s": statistics.median(tf), "sdpa_kv_cache_s": statistics.median(ts)}
 
@@ -475,9 +477,9 @@ def decode_flatness(
             for c in contexts:
                 st = states[c]  # every round restarts from the context's state
                 for i in range(steps):
-                    _sync(cfg.device)
+                    sync(cfg.device)
                     t0 = time.perf_counter()
                     _, st = favor.step(st, new[i, 0], new[i, 1], new[i, 2], fm)
-                    _sync(cfg.device)
+                    sync(cfg.device)
                     times[c].append(time.perf_counter() - t0)
     return {c: statistics.median(t) for c, t in times.items()}

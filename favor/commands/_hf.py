@@ -1,15 +1,19 @@
-"""What `favor performerize` and `favor distill` share: loading the softmax model, text splits, lengths."""
+"""What `favor performerize` and `favor distill` share: loading the softmax model, the feature options.
+
+The text splits and held-out lengths both use are favor.hf.fidelity's.
+"""
 
 from __future__ import annotations
 
-#: tokens per sequence for a protein masked LM: a whole antibody V region (~110-130 residues)
-MASKED_LM_LENGTH = 160
+import torch
 
 
-def load_softmax_or_report(spec: str):
-    """(model, tokenizer, kind), or None after printing why ``spec`` cannot be used."""
+def load_softmax_or_report(spec: str, *, seed: int):
+    """(model, tokenizer, kind) after seeding torch's global RNG with ``seed`` (what each
+    command does first), or None after printing why ``spec`` cannot be used."""
     from favor.hf.models import load_softmax
 
+    torch.manual_seed(seed)
     try:
         return load_softmax(spec)
     except ValueError as e:
@@ -17,55 +21,25 @@ def load_softmax_or_report(spec: str):
         return None
 
 
-def max_length(given: int | None, kind: str, default: int) -> int:
-    """``given``, else a whole V region for a masked LM, else ``default``."""
-    if given is not None:
-        return given
-    return MASKED_LM_LENGTH if kind == "masked-lm" else default
+def run_on_softmax(args, command: str, recipe, config_cls, given: dict, **hooks) -> tuple[int, object]:
+    """What `favor performerize` and `favor distill --model` do around their library call:
+    load --model (seeded by --seed), build ``config_cls`` from ``given`` (None: its default)
+    and the feature options, and run ``recipe(model, tokenizer, kind, config, out=args.out,
+    name=args.model, echo=print, **hooks)``. Returns (exit code, the recipe's result); a
+    ValueError is printed as ``favor COMMAND: ...`` with exit code 2."""
+    loaded = load_softmax_or_report(args.model, seed=args.seed)
+    if loaded is None:
+        return 2, None
+    model, tok, kind = loaded
+    try:
+        config = config_cls(**{k: v for k, v in given.items() if v is not None}, features=feature_options(args))
+        return 0, recipe(model, tok, kind, config, out=args.out, name=str(args.model), echo=print, **hooks)
+    except ValueError as e:
+        print(f"favor {command}: {e}")
+        return 2, None
 
 
-def texts(split: str, kind: str, limit: int | None = None) -> list[str]:
-    """The first ``limit`` texts of a built-in split or file, as the model reads them."""
-    from favor.hf.models import builtin_texts, model_texts
-
-    return model_texts(builtin_texts(split, kind)[:limit], kind)
-
-
-#: held-out lengths that both commands report for a sentence encoder: the built-in held-out
-#: split packed (consecutive passages joined) to exactly this many tokens
-EVAL_LENGTHS = (128, 512)
-
-
-def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, limit: int = 1 << 30) -> list[int]:
-    """The held-out lengths to report: ``given``, else ``EVAL_LENGTHS`` capped at ``limit``
-    (the model's positions; a masked LM: its own whole sequences, ``masked_lm_length``, not packed)."""
-    if given:
-        bad = [n for n in given if n < 3]
-        if bad:
-            raise ValueError(f"--eval-length must be >= 3 tokens, got {bad}")
-        return list(given)
-    if kind == "masked-lm":
-        return [masked_lm_length]
-    return list(dict.fromkeys(min(n, limit) for n in EVAL_LENGTHS))
-
-
-def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:
-    """Tokenized held-out batches at ``length`` tokens: for a sentence encoder ``count``
-    passages packed to exactly ``length`` tokens (fidelity.packed_documents: a passage is one
-    domain's text), for a masked LM the
-    first ``count`` sequences cut at ``length``."""
-    from favor.hf.fidelity import packed_documents, tokenize_batches
-    from favor.hf.models import builtin_documents
-
-    if kind == "masked-lm":
-        return tokenize_batches(tok, texts(split, kind, count), batch_size=batch_size, max_length=length)
-    packed = packed_documents(tok, builtin_documents(split, kind), length=length, count=count)
-    if not packed:
-        raise ValueError(f"the {split!r} text is too short for one passage of {length} tokens")
-    return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)
-
-
-def _defaults():
+def hf_defaults():
     """favor.hf's defaults (favor.hf.performerize.DEFAULTS): the commands use the library's."""
     from favor.hf.performerize import DEFAULTS
 
@@ -75,7 +49,7 @@ def _defaults():
 def add_feature_arguments(parser) -> None:
     """Options for how performerize draws and places the features (both commands); what is
     not given takes favor.hf.performerize's defaults (``--plain``: its ``plain=True``)."""
-    d = _defaults()
+    d = hf_defaults()
     parser.add_argument("--projection", default="orthogonal", help="orthogonal (default), simplex or iid")
     parser.add_argument(
         "--key-shift",

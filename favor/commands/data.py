@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+
+from ..data.fasta import write_fasta
+from ..data.swissprot import download_package, extract, fetch_swissprot, read_metastudent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,12 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
-    from ..data.fasta import write_fasta
-    from ..data.swissprot import download_package, extract, fetch_swissprot, read_metastudent
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

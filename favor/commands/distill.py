@@ -19,7 +19,7 @@ A protein masked LM (``--model antiberty``) trains on the antibody V regions' tr
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
 By default the student computes each query's block of C=32 positions widened by W=8 either
-side, and the first S=1 token, exactly, FAVOR the rest (favor.attention.local.block), with the
+side, and the first S=1 token, exactly, FAVOR the rest (favor.ops.local.block), with the
 per-sequence key shift (--exact-block, --exact-window, --exact-sinks, --key-shift); --plain is
 FAVOR alone with the calibrated constant shift.
 
@@ -34,31 +34,16 @@ the sentence-encoder / masked-LM ones; distill_lm.py lists the decoder's.
 
 from __future__ import annotations
 
-import copy
-import json
-import time
-from pathlib import Path
+from tqdm import tqdm
 
-from ._hf import (
-    _defaults,
-    add_feature_arguments,
-    eval_lengths,
-    feature_options,
-    held_out_batches,
-    load_softmax_or_report,
-    max_length,
-    texts,
-)
-
-#: packed training passages that `favor distill` adds for a sentence encoder (at most the
-#: model's positions): on 64-token passages alone the 512-token fidelity falls while the
-#: 128-token one rises; with exact blocks the 64-token lines are nearly all exact, and
-#: 128-token passages lift the 128-token cosine from 0.990 to 0.994 (blocks of 64;
-#: benchmarks/results/hf_fidelity_512.md)
-LONG_LENGTHS = (128, 512)
+from ._hf import add_feature_arguments, hf_defaults, run_on_softmax
+from .distill_lm import add_decoder_arguments, is_decoder
+from .distill_lm import run as run_decoder
 
 
 def add_arguments(parser) -> None:
+    from favor.hf.distill_encoder import LONG_LENGTHS
+
     parser.add_argument(
         "--model",
         help="model directory (an encoder, a masked LM or a causal LM), or 'minilm' / 'antiberty' / 'smollm2' "
@@ -97,8 +82,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--kernel",
-        default=_defaults()["kernel"],
-        help=f"{_defaults()['kernel']} (default: dense-exponential), oprf, positive, ...",
+        default=hf_defaults()["kernel"],
+        help=f"{hf_defaults()['kernel']} (default: dense-exponential), oprf, positive, ...",
     )
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument("--batch-size", type=int, help="passages per training batch (encoder 8, decoder 1)")
@@ -190,277 +175,72 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     add_feature_arguments(parser)
-    from .distill_lm import add_decoder_arguments
 
     add_decoder_arguments(parser)
 
 
-#: the sentence-encoder / masked-LM defaults of the options a decoder defaults differently
-ENCODER_DEFAULTS = dict(
-    steps=3000,
-    minutes=8.0,
-    batch_size=8,
-    lr=2.5e-4,
-    fit_steps=40,
-    train="query-key",
-    adapter_lr=3e-3,
-    attention_weight=1.0,
-)
-
-
-def _plot(curve: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.semilogy(range(1, len(curve["loss"]) + 1), curve["loss"])
-    a1.set_xlabel("step")
-    a1.set_ylabel("distillation loss")
-    for n, cos in curve["eval_cosine"].items():
-        a2.plot(curve["eval_steps"], cos, marker="o", label=f"{n} tokens")
-    a2.legend(fontsize=8)
-    a2.axhline(0.99, color="gray", ls=":")
-    a2.set_xlabel("step")
-    a2.set_ylabel("held-out embedding cosine to softmax")
-    if curve.get("eval_masked_accuracy"):
-        a3 = a2.twinx()
-        a3.plot(curve["eval_steps"], curve["eval_masked_accuracy"], marker="s", color="tab:red", label="accuracy")
-        if curve.get("softmax_masked_accuracy") is not None:
-            a3.axhline(curve["softmax_masked_accuracy"], color="tab:red", ls="--")
-        a3.set_ylabel("masked-residue accuracy (dashed: softmax)", color="tab:red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _positions(model) -> int:
-    """How many positions the model embeds (a large number if its config does not say)."""
-    n = getattr(model.config, "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else 1 << 30
-
-
-def fit_set(groups: list[list[dict]], count: int) -> list[dict]:
-    """The first ``count`` batches taken in turn from each group (the short passages, then each
-    packed length): adapters fitted on short passages only lose at 512 tokens and the reverse
-    (benchmarks/results/hf_fidelity_512.md)."""
-    out: list[dict] = []
-    for i in range(max((len(g) for g in groups), default=0)):
-        out += [g[i] for g in groups if i < len(g)]
-    return out[:count]
-
-
-def _last(curve: dict) -> str:
-    return " ".join(f"{c[-1]:.4f}" for c in curve["eval_cosine"].values() if c)
-
-
 def run(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    import favor.hf as fh
-    from favor.hf.antibodies import masked_accuracy, masked_batches
-    from favor.hf.distill import DistillConfig, distill
-    from favor.hf.fidelity import embedding_cosines, embeddings, packed_documents, tokenize_batches
-    from favor.hf.models import CORPORA, builtin_documents, model_texts
-
-    from .distill_lm import is_decoder
-    from .distill_lm import run as run_decoder
+    from favor.hf.distill_encoder import EncoderDistillConfig, distill_encoder
 
     if is_decoder(args):
         return run_decoder(args)
     if args.model is None:
         print("favor distill: give --model (or --gguf FILE, or --quick)")
         return 2
-    for name, value in ENCODER_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    torch.manual_seed(args.seed)
-    loaded = load_softmax_or_report(args.model)
-    if loaded is None:
-        return 2
-    teacher, tok, kind = loaded
-    mlm = kind == "masked-lm"
-    text, heldouts = ("train", ("heldout",)) if mlm else CORPORA[args.corpus]
-    text, heldouts = args.text or text, args.heldout or list(heldouts)
-    length = max_length(args.max_length, kind, 64)
-    train = texts(text, kind)
-    samples = args.samples or (64 if mlm else 32)
-    held = texts(heldouts[0], kind, samples)
-    if mlm:
-        raw = [s.replace(" ", "") for s in train]
-        batches = [
-            {k: v[:, :length] for k, v in b.items() if k != "labels"}
-            for seed in range(args.maskings)
-            for b in masked_batches(tok, raw, seed=1000 + seed, batch_size=args.batch_size)
-        ]
-        mb = masked_batches(tok, [s.replace(" ", "") for s in held], seed=0)
-    else:
-        batches = tokenize_batches(tok, train, batch_size=args.batch_size, max_length=length)
-    try:
-        positions = _positions(teacher)
-        long_lengths = args.long_length
-        if long_lengths is None:
-            long_lengths = [] if mlm else sorted({min(n, positions) for n in LONG_LENGTHS})
-        long_lengths = [n for n in long_lengths if n]
-        if long_lengths and mlm:
-            raise ValueError("--long-length packs passages of a sentence encoder's text, not a masked LM's")
-        tokens = args.long_batch_size * max(long_lengths, default=0)  # per packed batch, every length
-        groups = [batches]
-        for n in long_lengths:
-            long = packed_documents(tok, [model_texts(d, kind) for d in builtin_documents(text, kind)], length=n)
-            groups.append(tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n))
-        batches = [b for group in groups for b in group]
-        if args.fit_batches is None:  # one batch of each length: the 512-token one lifts 512's zero-shot
-            args.fit_batches = max(2, len(groups))  # (benchmarks/results/hf_fidelity_512.md, stop 22)
-        fitting = fit_set(groups if args.fit_on == "mixed" else groups[:1], args.fit_batches)
-        given = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
-        lengths = eval_lengths(given, kind, max_length(None, kind, 128), limit=positions)
-        evs, *others = [
-            {n: held_out_batches(tok, h, kind, length=n, count=samples, batch_size=8) for n in lengths}
-            for h in heldouts
-        ]
-    except ValueError as e:
-        print(f"favor distill: {e}")
-        return 2
-    t0 = time.perf_counter()
-    student = fh.performerize(
-        copy.deepcopy(teacher),
-        kernel=args.kernel,
-        num_features=args.num_features,
-        seed=args.seed,
-        calibration=batches[:2],
-        **feature_options(args),
+    given = {name: getattr(args, name) for name in ENCODER_OPTIONS}
+    given["long_lengths"] = args.long_length
+    given["heldout"] = tuple(args.heldout) if args.heldout else None
+    given["eval_lengths"] = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
+    bars = []  # made at the first evaluation (step 0), as training starts
+
+    def bar():
+        if not bars:
+            bars.append(tqdm(total=args.steps or EncoderDistillConfig.steps, desc="distill", unit="step"))
+        return bars[0]
+
+    def on_step(step: int, loss: float, cos: str) -> None:
+        bar().update(1)
+        bar().set_postfix(loss=f"{loss:.4f}", cos=cos)
+
+    code, _ = run_on_softmax(
+        args,
+        "distill",
+        distill_encoder,
+        EncoderDistillConfig,
+        given,
+        on_step=on_step,
+        on_eval=lambda cos: bar().set_postfix(cos=cos),
     )
-    if args.fit_steps:
-        from favor.hf.fit import fit_adapters
+    for b in bars:
+        b.close()
+    return code
 
-        fit_adapters(student, fitting, steps=args.fit_steps)
-    refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
-    other_refs = [{n: embeddings(teacher, ev, attn="sdpa") for n, ev in o.items()} for o in others]
-    other_zero_shot = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
-    keys = [str(n) for n in lengths]
-    curve = {
-        "loss": [],
-        "eval_steps": [],
-        "eval_lengths": lengths,
-        "eval_cosine": {n: [] for n in keys},
-        "eval_cosine_min": {n: [] for n in keys},
-    }
-    if mlm:
-        curve["eval_masked_accuracy"] = []
-        softmax_acc, n_masked = masked_accuracy(teacher, mb)
-        curve["softmax_masked_accuracy"] = softmax_acc
-    bar = tqdm(total=args.steps, desc="distill", unit="step")
 
-    def evaluate(step: int) -> None:
-        curve["eval_steps"].append(step)
-        for n, ev in evs.items():
-            cos = (embeddings(student, ev, attn=fh.NAME) * refs[n]).sum(-1)
-            curve["eval_cosine"][str(n)].append(float(cos.mean()))
-            curve["eval_cosine_min"][str(n)].append(float(cos.min()))
-        if mlm:
-            curve["eval_masked_accuracy"].append(masked_accuracy(student, mb)[0])
-        bar.set_postfix(cos=_last(curve))
-
-    def on_step(step: int, loss: float) -> None:
-        curve["loss"].append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", cos=_last(curve))
-
-    try:
-        config = DistillConfig(
-            steps=args.steps,
-            max_seconds=60.0 * args.minutes,
-            lr=args.lr,
-            adapter_lr=args.adapter_lr,
-            logit_weight=args.logit_weight,
-            embedding_weight=args.embedding_weight,
-            seed=args.seed,
-            schedule=args.schedule,
-            train=args.train,
-            attention_weight=args.attention_weight,
-        )
-    except ValueError as e:
-        print(f"favor distill: {e}")
-        return 2
-    distill(student, teacher, batches, config, on_step=on_step, evaluate=evaluate, eval_every=args.eval_every)
-    bar.close()
-    other_final = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
-    out = Path(args.out)
-    fh.save_pretrained(student, out)
-    result = {
-        "model": str(args.model),
-        "corpus": None if mlm else args.corpus,
-        "text": text,
-        "held_out": heldouts[0],
-        "kernel": args.kernel,
-        "num_features": args.num_features,
-        "steps": len(curve["loss"]),
-        "fit_steps": args.fit_steps,
-        "fit_batches": args.fit_batches,
-        "fit_on": args.fit_on,
-        "schedule": args.schedule,
-        "train": args.train,
-        "lr": args.lr,
-        "adapter_lr": args.adapter_lr,
-        "logit_weight": args.logit_weight,
-        "attention_weight": args.attention_weight,
-        "embedding_weight": args.embedding_weight,
-        **feature_options(args),
-        "max_length": length,
-        "training_texts": len(train),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "batch_size": args.batch_size,
-        "long_length": max(long_lengths, default=0),
-        "long_lengths": long_lengths,
-        "long_batch_size": args.long_batch_size,
-        "training_batches": len(batches),
-        "held_out_passages": {n: sum(len(b["input_ids"]) for b in evs[int(n)]) for n in keys},
-        "zero_shot_cosine": {n: c[0] for n, c in curve["eval_cosine"].items()},
-        "final_cosine": {n: c[-1] for n, c in curve["eval_cosine"].items()},
-        "final_cosine_min": {n: c[-1] for n, c in curve["eval_cosine_min"].items()},
-        "other_held_out": {
-            h: {
-                "zero_shot_cosine": {n: c[0] for n, c in z.items()},
-                "final_cosine": {n: c[0] for n, c in f.items()},
-                "final_cosine_min": {n: c[1] for n, c in f.items()},
-            }
-            for h, z, f in zip(heldouts[1:], other_zero_shot, other_final, strict=True)
-        },
-        **(
-            {
-                "masked_residues": n_masked,
-                "softmax_masked_accuracy": softmax_acc,
-                "zero_shot_masked_accuracy": curve["eval_masked_accuracy"][0],
-                "final_masked_accuracy": curve["eval_masked_accuracy"][-1],
-            }
-            if mlm
-            else {}
-        ),
-        "curve": curve,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    (out / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(curve, out / "distill.png")
-    for n in keys:
-        print(
-            f"held-out ({heldouts[0]}) embedding cosine to softmax at {n} tokens: {result['zero_shot_cosine'][n]:.4f} "
-            f"(zero-shot: calibrated{', fitted' if args.fit_steps else ''}) -> {result['final_cosine'][n]:.4f} after "
-            f"{result['steps']} steps ({result['seconds']:.0f} s); min {result['final_cosine_min'][n]:.4f}"
-        )
-    for h, r in result["other_held_out"].items():
-        for n in keys:
-            print(
-                f"held-out ({h}) at {n} tokens: {r['zero_shot_cosine'][n]:.4f} (zero-shot) -> "
-                f"{r['final_cosine'][n]:.4f}; min {r['final_cosine_min'][n]:.4f}"
-            )
-    if mlm:
-        print(
-            f"held-out masked-residue accuracy ({n_masked} residues): softmax {softmax_acc:.4f}, zero-shot "
-            f"{result['zero_shot_masked_accuracy']:.4f}, distilled {result['final_masked_accuracy']:.4f}"
-        )
-    print(f"saved {out} (favor.hf.from_pretrained), {out / 'distill.json'}, {out / 'distill.png'}")
-    return 0
+#: the options that go to favor.hf.distill_encoder.EncoderDistillConfig under their own names
+#: (what is not given takes its encoder defaults)
+ENCODER_OPTIONS = (
+    "kernel",
+    "num_features",
+    "steps",
+    "minutes",
+    "batch_size",
+    "max_length",
+    "maskings",
+    "long_batch_size",
+    "lr",
+    "samples",
+    "eval_every",
+    "fit_steps",
+    "schedule",
+    "train",
+    "fit_batches",
+    "fit_on",
+    "adapter_lr",
+    "logit_weight",
+    "embedding_weight",
+    "attention_weight",
+    "seed",
+    "corpus",
+    "text",
+    "heldout",
+)

@@ -14,8 +14,13 @@ the teacher, passkey accuracy at --passkey-length tokens (default 1,024 and 4,09
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
+
+import torch
+
+from favor.data.models import CAUSAL_LMS, load_causal_lm, tiny_causal_lm
 
 #: held-out lengths reported by default, and the one added when the budget allows
 DECODER_EVAL_LENGTHS = (512, 2048)
@@ -40,8 +45,6 @@ def add_decoder_arguments(parser) -> None:
 def is_decoder(args) -> bool:
     """Whether ``args`` ask for the decoder recipe: --quick, --gguf, a packaged causal LM's name,
     or a directory whose config names a causal-LM architecture (not already performerized)."""
-    from favor.data.models import CAUSAL_LMS
-
     if args.quick or args.gguf:
         return True
     if args.model is None:
@@ -61,8 +64,6 @@ def is_decoder(args) -> bool:
 
 def _load(args):
     """(teacher, tokenizer, name) or None after printing why not."""
-    from favor.data.models import load_causal_lm, tiny_causal_lm
-
     if args.quick:
         return (*tiny_causal_lm(args.seed), "tiny random Llama (--quick)")
     spec = args.gguf or args.model
@@ -113,8 +114,6 @@ def _config(args):
 def _text_ids(tok, path: str, length: int):
     """Passages of ``length`` tokens of a text file, or None for the built-in mix (no --text,
     "english", or "train" as before)."""
-    import torch
-
     if path in (None, "train", "english"):
         return None
     text = Path(path).read_text(encoding="utf-8")
@@ -126,8 +125,6 @@ def _text_ids(tok, path: str, length: int):
 
 
 def run(args) -> int:
-    import torch
-
     import favor.hf as fh
     from favor.hf.linearize import linearize, plot_report, summary
 
@@ -167,7 +164,6 @@ def run(args) -> int:
     out = Path(args.out)
     fh.save_pretrained(student, out)
     tok.save_pretrained(out)
-    import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     report = {"model": name, **report, "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak)}

@@ -8,6 +8,15 @@ FavorCache."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import torch
+
+from ..data import ProteinTokenizer, load_tokenizer
+from ..data.models import load_causal_lm
+from ..models import PerformerLM
+from ..training.checkpoint import CheckpointError, load_checkpoint
+from ..training.loop import load_lm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +45,11 @@ def prompt_ids(tok, prompt: str, *, raw: bool = False):
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     else:
         ids = tok(prompt)["input_ids"]
-    import torch
 
     return torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
 
 
 def _run_hf(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
     from transformers import AutoTokenizer
 
     directory = Path(args.model)
@@ -55,8 +60,6 @@ def _run_hf(args: argparse.Namespace) -> int:
             model = fh.from_pretrained(directory)
             tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         else:
-            from ..data.models import load_causal_lm
-
             model, tok = load_causal_lm(args.model)
     except (OSError, ValueError, ImportError) as e:
         print(f"favor generate: {e}")
@@ -82,19 +85,12 @@ def _run_hf(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     if args.model is not None:
         return _run_hf(args)
     if args.raw:
         print("favor generate: --raw is for --model (a chat template); a checkpoint takes its prompt as it is")
         return 2
     temperature = 1.0 if args.temperature is None else args.temperature
-
-    from ..data import ProteinTokenizer, load_tokenizer
-    from ..models import PerformerLM
-    from ..training.checkpoint import CheckpointError, load_checkpoint
-    from ..training.loop import load_lm
 
     try:
         model, config = load_lm(args.checkpoint)

@@ -1,7 +1,13 @@
 """favor train: train a Performer LM on text or proteins, with checkpoints and exact resume.
 
-This module only parses and calls ``favor.training.train``: data reading lives in
-``favor.data``, the loop in ``favor.training.loop``.
+This module only parses and calls ``favor.training.train`` (one process) or
+``favor.distributed.train.train_distributed`` (``--sequence-parallel N`` /
+``--data-parallel N`` under torchrun): data reading lives in ``favor.data``, the loop in
+``favor.training.loop``. Under torchrun this joins the process group, checks it has N
+processes, shows the progress bar and prints the summary on rank 0 only. When torchrun
+restarts a failed job (``--max-restarts``), the restarted processes resume from the run's
+LATEST checkpoint (or start afresh if the failed attempt wrote none), so the job ends where
+an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -11,8 +17,14 @@ import json
 import os
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from ..distributed.train import init_from_env, leave_process_group, train_distributed
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
+from ..training.checkpoint import CheckpointError, has_checkpoint
+from ..training.loop import PRESETS, resolve_config, train
 
 #: option dest -> PerformerConfig field: each option given overrides the preset's model
 #: config (resolve_config's ``model`` dict); a new model option is one add_argument and one entry
@@ -33,8 +45,6 @@ TRAIN_OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.loop import PRESETS
-
     parser.add_argument("--out", required=True, help="run directory (log.jsonl, loss.png, checkpoints/)")
     parser.add_argument("--config", help="TOML file with [model] and [train] tables, applied over the preset")
     parser.add_argument(
@@ -80,8 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from ..distributed.cli import add_parallel_arguments
-
     add_parallel_arguments(parser)
     # tests kill a run mid-way; a per-step sleep makes "mid-way" reliable
     parser.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -101,12 +109,6 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from ..training.checkpoint import CheckpointError
-    from ..training.loop import resolve_config, train
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.context is not None and args.context < 2:
@@ -125,30 +127,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"favor train: {e}")
         return 2
-    from ..distributed.cli import parallel_option
-
     parallel = parallel_option(args)
     if parallel is not None and (parallel[1] != 1 or "WORLD_SIZE" in os.environ):  # 1 without torchrun: plain
-        from ..distributed.cli import run_parallel
-
         if args.minutes is not None:
             print("favor train: --minutes is for one process; give --steps to a distributed run")
             return 2
         return run_parallel(args, model_cfg, train_cfg)
-    bar = tqdm(total=train_cfg.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
-    val = {"bpr": None}
-
-    def on_step(row):
-        if bar.n == 0 and row["step"] > 1:
-            bar.update(row["step"] - 1)
-        if "val_bpr" in row:
-            val["bpr"] = row["val_bpr"]
-        post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-        if val["bpr"] is not None:
-            post["val_bits"] = f"{val['bpr']:.3f}"
-        bar.set_postfix(post)
-        bar.update(1)
-
+    bar, on_step = _progress(train_cfg.steps, "train", disable=args.no_progress)
     try:
         result = train(
             args.out,
@@ -169,9 +154,129 @@ def run(args: argparse.Namespace) -> int:
         return 1
     bar.close()
     result.pop("model")
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
+    _print_summary(result)
     print(
         f"log: {args.out}/log.jsonl  plot: {args.out}/loss.png  summary: {args.out}/summary.json  "
         f"checkpoint: {args.out}/checkpoints/"
     )
+    return 0
+
+
+def _progress(total: int, desc: str, *, disable: bool):
+    """A progress bar and the ``on_step(row)`` that advances it (from the resumed step on),
+    showing the loss, tokens/s and the last held-out bits."""
+    bar = tqdm(total=total, desc=desc, unit="step", disable=disable, dynamic_ncols=True)
+    val = {"bpr": None}
+
+    def on_step(row):
+        if bar.n == 0 and row["step"] > 1:
+            bar.update(row["step"] - 1)
+        if "val_bpr" in row:
+            val["bpr"] = row["val_bpr"]
+        post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if val["bpr"] is not None:
+            post["val_bits"] = f"{val['bpr']:.3f}"
+        bar.set_postfix(post)
+        bar.update(1)
+
+    return bar, on_step
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
+
+
+#: parallel option name -> split of favor.distributed.train.train_distributed
+_SPLIT = {"sequence_parallel": "sequence", "data_parallel": "batch"}
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sequence-parallel N and --data-parallel N (one of them)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--sequence-parallel",
+        type=int,
+        metavar="N",
+        help="split every sequence across N processes (launch with torchrun --nproc-per-node N)",
+    )
+    group.add_argument(
+        "--data-parallel",
+        type=int,
+        metavar="N",
+        help="split every batch's rows across N processes (launch with torchrun --nproc-per-node N)",
+    )
+
+
+def parallel_option(args: argparse.Namespace) -> tuple[str, int] | None:
+    """(option name, N) of the parallel option given, if any."""
+    for name in _SPLIT:
+        n = getattr(args, name, None)
+        if n is not None:
+            return name, n
+    return None
+
+
+def elastic_restart() -> int:
+    """How many times torchrun has restarted this job (0 on the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def run_parallel(args: argparse.Namespace, model_cfg, train_cfg) -> int:
+    """Train with ``train_distributed``; returns the exit code."""
+    name, n = parallel_option(args)
+    flag = "--" + name.replace("_", "-")
+    if n < 1:
+        print(f"favor train: {flag} must be >= 1, got {n}")
+        return 2
+    resume = bool(getattr(args, "resume", False))
+    restarts = elastic_restart()
+    if not resume and restarts and has_checkpoint(args.out):
+        resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
+    joined = False
+    if n > 1 or "WORLD_SIZE" in os.environ:
+        try:
+            rank, world = init_from_env()
+        except RuntimeError as e:
+            print(f"favor train: {e}")
+            return 2
+        joined = True
+        if world != n:
+            if rank == 0:
+                print(f"favor train: {flag} {n} but torchrun started {world} processes")
+            leave_process_group(synchronize=False)
+            return 2
+    else:
+        rank = 0
+    finished = False
+    try:
+        bar, on_step = _progress(train_cfg.steps, f"train x{n}", disable=rank != 0 or args.no_progress)
+
+        try:
+            result = train_distributed(
+                args.out,
+                model_cfg,
+                train_cfg,
+                split=_SPLIT[name],
+                on_step=on_step,
+                resume=resume,
+                throttle=getattr(args, "throttle", 0.0),
+            )
+        except (CheckpointError, OSError, ValueError) as e:
+            bar.close()
+            print(f"favor train: {e}")
+            return 2 if isinstance(e, ValueError) else 1
+        bar.close()
+        finished = True
+    finally:
+        if joined:
+            leave_process_group(synchronize=finished)
+    if rank == 0:
+        result.pop("model")
+        if restarts:
+            result["restarts"] = restarts
+        _print_summary(result)
+        print(f"log: {args.out}/log.jsonl  plot: {args.out}/loss.png  checkpoint: {args.out}/checkpoints/")
     return 0

@@ -2,7 +2,7 @@
 
 Domains (favor/data/NOTICE gives the sources and licences; ``build_extracts`` rebuilds them):
 
-- ``bible``: King James Bible, Genesis, Proverbs and Matthew (favor.hf.corpus's "train"
+- ``bible``: King James Bible, Genesis, Proverbs and Matthew (favor.data.kjv's "train"
   split, shipped there; its Psalms, Luke and Acts are never used here);
 - ``austen``: Jane Austen, the opening chapters of *Pride and Prejudice* (``austen.txt.gz``);
 - ``dictionary``: GCIDE entries (the 1913 Webster and its additions), an evenly spaced
@@ -27,10 +27,15 @@ each line holds at least ``LINE_CHARS`` characters (about KJV's lines: 342 chara
 from __future__ import annotations
 
 import gzip
+import subprocess
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from .austen import read_austen
+from .kjv import load_text
 
 __all__ = [
     "DOMAINS",
@@ -43,7 +48,7 @@ __all__ = [
     "build_extracts",
 ]
 
-#: domain -> shipped file in favor.data (bible: favor.hf.corpus's "train" split)
+#: domain -> shipped file in favor.data (bible: favor.data.kjv's "train" split)
 DOMAINS = {
     "bible": None,
     "austen": "austen.txt.gz",
@@ -59,8 +64,6 @@ def domain_text(domain: str) -> str:
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
     if DOMAINS[domain] is None:
-        from ..hf.corpus import load_text  # the KJV passages favor.hf already ships
-
         return "\n".join(load_text("train")) + "\n"
     data = resources.files("favor.data").joinpath(DOMAINS[domain]).read_bytes()
     return gzip.decompress(data).decode("utf-8")
@@ -79,8 +82,6 @@ def lines(domain: str) -> list[str]:
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
     if DOMAINS[domain] is None:
-        from ..hf.corpus import load_text
-
         return load_text("train")
     out, parts, chars = [], [], 0
     for block in domain_text(domain).split("\n\n"):
@@ -163,9 +164,6 @@ GCIDE_CHARS = 250_000
 
 
 def _unpack(package: str, root: Path) -> Path:
-    import subprocess
-    import tempfile
-
     dest = root / package
     if not dest.is_dir():
         with tempfile.TemporaryDirectory(dir=root) as tmp:
@@ -195,8 +193,6 @@ def build_extracts(out: str | Path, *, root: str | Path) -> dict[str, int]:
     """Write ``austen.txt.gz``, ``gcide.txt.gz`` and ``python_docs.txt.gz`` to ``out`` from
     Debian's r-cran-janeaustenr, dict-gcide and python3.11-doc (downloaded into ``root`` once);
     returns characters per file."""
-    from ..paper.corpora import read_austen
-
     out, root = Path(out), Path(root)
     out.mkdir(parents=True, exist_ok=True)
     texts = {}

@@ -24,6 +24,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 __all__ = [
     "PackagedModel",
     "CAUSAL_LMS",
@@ -111,7 +113,6 @@ def load_causal_lm(spec: str | Path = "smollm2", *, dtype=None):
     transformers causal-LM directory (config, safetensors weights, tokenizer). GGUF weights
     are dequantized to ``dtype`` (default float32); the quantizer is cleared
     (``clear_quantizer``), so ``save_pretrained`` works. Attention runs through "sdpa"."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if str(spec) not in CAUSAL_LMS and Path(spec).is_dir():
@@ -163,7 +164,6 @@ def tiny_causal_lm(seed: int = 0):
     """(model, tokenizer): a random-weight ``LlamaForCausalLM`` (2 layers, hidden 32, 4 query /
     2 key-value heads of 8, RoPE, 8192 positions, float32, eval mode, "sdpa") drawn from
     ``seed``, and ``byte_tokenizer()``. For ``favor distill --quick`` and tests: seconds, offline."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer()

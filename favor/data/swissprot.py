@@ -10,8 +10,6 @@ seeded subset shipped as favor's embedded corpus.
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .blastdb import read_blastdb
+from .debian import unpack_package
 from .fasta import write_fasta
 
 __all__ = ["fetch_swissprot", "read_metastudent", "extract", "metastudent_databases", "DEB_PACKAGE", "DATASET_DIR"]
@@ -57,23 +56,10 @@ def read_metastudent(root: str | Path) -> dict[str, str]:
     return seqs
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{cmd[0]} not found: fetching Swiss-Prot needs a Debian/Ubuntu system with {cmd[0]}")
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-
-
 def download_package(work: Path) -> Path:
     """apt-get download + dpkg -x into ``work``; returns the unpacked root."""
-    _run(["apt-get", "download", DEB_PACKAGE], work)
-    debs = sorted(work.glob(f"{DEB_PACKAGE}_*.deb"))
-    if not debs:
-        raise RuntimeError(f"apt-get download {DEB_PACKAGE} produced no .deb in {work}")
-    root = work / "root"
-    _run(["dpkg", "-x", str(debs[-1]), str(root)], work)
-    return root
+    needs = "fetching Swiss-Prot needs a Debian/Ubuntu system with apt-get and dpkg"
+    return unpack_package(DEB_PACKAGE, work / "root", work, needs=needs)
 
 
 def fetch_swissprot(

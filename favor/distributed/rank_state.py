@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..attention._normalise import exp_diff, masked_keys
-from ..attention.state import State
 from ..features.maps import Features
+from ..ops.normalise import exp_diff, masked_keys
+from ..ops.state import State
 
 __all__ = ["rank_state", "rank_state_reference", "DEFAULT_STATE_CHUNK"]
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..attention._checks import check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
-from ..attention._normalise import exp_diff
-from ..attention.api import attention
-from ..attention.state import State
 from ..features.feature_map import FeatureMap
+from ..ops.api import attention
+from ..ops.checks import check_feature_map, check_qkv, check_scale, compute_dtype, key_mask
+from ..ops.normalise import exp_diff
+from ..ops.state import State
 from .collectives import all_gather_rows, group_rank_size
 from .rank_state import DEFAULT_STATE_CHUNK, rank_state
 

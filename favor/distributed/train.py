@@ -1,8 +1,8 @@
 """Distributed training of a PerformerLM: ``favor train --sequence-parallel N`` and
 ``favor train --data-parallel N`` (under torchrun).
 
-The loop is ``favor.training.train`` with each sequence split across the N ranks of a group:
-every rank draws the same batch (seeded by (seed, step), no communication), keeps its
+The loop is ``favor.training.train`` (one loop for every run) with a ``RankSplit``, which
+splits each sequence across the N ranks of a group: every rank draws the same batch (seeded by (seed, step), no communication), keeps its
 contiguous slice of positions, runs the model with its attention layers sequence-parallel
 (one all-gather of O(M' Dv) states per layer), and takes as loss its slice's summed
 cross-entropy over the global token count, so the ranks' losses add up to the global mean.
@@ -23,7 +23,6 @@ resumes by itself when torchrun restarts a failed job (``--max-restarts``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -36,22 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..models import PerformerConfig, PerformerLM
-from ..nn import FeatureRedrawer, mix_seed
-from ..training.checkpoint import save_checkpoint
-from ..training.loop import (
-    TrainConfig,
-    _config_dict,
-    _make_optimizer,
-    evaluate_bits,
-    finish_run,
-    load_data,
-    restore_run,
-    run_summary,
-    set_learning_rate,
-    step_batch,
-    truncate_log,
-)
+from ..models import PerformerConfig
+from ..training.loop import Split, TrainConfig, train
 from .collectives import group_rank_size
 from .modules import sequence_parallel_forward
 from .sharding import shard_bounds
@@ -60,6 +45,7 @@ __all__ = [
     "train_sequence_parallel",
     "train_data_parallel",
     "train_distributed",
+    "RankSplit",
     "init_from_env",
     "leave_process_group",
     "all_reduce_gradients",
@@ -181,6 +167,63 @@ def train_data_parallel(
     return train_distributed(out_dir, model_cfg, train_cfg, split="batch", **options)
 
 
+class RankSplit(Split):
+    """``favor.training.train``'s split across the ranks of ``group``: each rank keeps its
+    contiguous slice of the step's batch (positions for ``split="sequence"``, run with the
+    attention layers sequence-parallel; rows for ``split="batch"``, the ordinary forward),
+    takes as loss its slice's summed cross-entropy over the global token count, and the
+    gradients and losses are summed over the ranks. Rank 0 evaluates and writes; every
+    checkpoint keeps every rank's torch RNG state."""
+
+    def __init__(
+        self,
+        split: str,
+        *,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int,
+        seq_len: int,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.split, self.group = split, group
+        self.rank, self.world = group_rank_size(group)
+        if device is None:
+            nccl = self.world > 1 and str(dist.get_backend(group)).lower() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.device = torch.device(device)
+        self.writes = self.rank == 0
+        # every rank restores its own RNG state; a checkpoint of a single-process run has only "rng.torch"
+        self.rng_key = f"rng.torch.rank{self.rank}"
+        self.title = f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {self.world} processes"
+        self.lo, self.hi = shard_bounds(seq_len if split == "sequence" else batch_size, self.world, self.rank)
+        self.total_tokens = batch_size * seq_len
+
+    def tags(self) -> dict[str, Any]:
+        return {_SUMMARY_KEY[self.split]: self.world}
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo, self.hi
+        if self.split == "sequence":
+            x, y = x[:, lo:hi].to(self.device), y[:, lo:hi].to(self.device)
+            logits = sequence_parallel_forward(model, x, offset=lo, group=self.group)
+        else:
+            x, y = x[lo:hi].to(self.device), y[lo:hi].to(self.device)
+            logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / self.total_tokens
+
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
+        all_reduce_gradients(model, group=self.group)
+
+    def global_loss(self, loss: torch.Tensor) -> float:
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return float(total)
+
+    def rng_tensors(self) -> dict[str, torch.Tensor]:
+        return _rng_states(self.group, self.world)
+
+
 def train_distributed(
     out_dir: str | Path,
     model_cfg: PerformerConfig,
@@ -195,18 +238,15 @@ def train_distributed(
     throttle: float = 0.0,
 ) -> dict[str, Any]:
     """Train a PerformerLM with each step's batch split across the ranks of ``group`` by
-    ``split`` ("sequence": positions, "batch": rows). Writes, on rank 0, DIR/log.jsonl,
-    DIR/checkpoints/ and DIR/loss.png. ``resume`` continues from DIR's LATEST checkpoint.
+    ``split`` ("sequence": positions, "batch": rows): ``favor.training.train`` with a
+    ``RankSplit``. Writes, on rank 0, DIR/log.jsonl, DIR/checkpoints/ and DIR/loss.png.
+    ``resume`` continues from DIR's LATEST checkpoint.
     Returns the summary dict of ``favor.training.train`` (``loss`` is the global mean loss of
     the last step). ``device`` defaults to this rank's GPU under NCCL, else the CPU.
     ``throttle`` sleeps that long per step (tests use it to kill a rank mid-run)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rank, world = group_rank_size(group)
-    if device is None:
-        nccl = world > 1 and str(dist.get_backend(group)).lower() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    device = torch.device(device)
+    _, world = group_rank_size(group)
     if split == "sequence":
         if model_cfg.attention != "favor":
             raise ValueError(f"sequence parallelism needs attention='favor', got {model_cfg.attention!r}")
@@ -216,102 +256,8 @@ def train_distributed(
         raise ValueError(f"batch_size={train_cfg.batch_size} is smaller than the {world} ranks it is split across")
     if train_cfg.objective != "causal":
         raise ValueError(f"distributed training trains causal LMs, got objective={train_cfg.objective!r}")
-    out = Path(out_dir)
-    log_path = out / "log.jsonl"
-    lead = rank == 0
-    config = _config_dict(model_cfg, train_cfg)
-    model = PerformerLM(model_cfg).to(device)
-    optimizer = _make_optimizer(model, train_cfg)
-    start = 0
-    if resume:
-        # every rank restores its own RNG state; a checkpoint of a single-process run has only "rng.torch"
-        start = restore_run(out, model, optimizer, config, rng_key=f"rng.torch.rank{rank}")
-        if lead:
-            truncate_log(log_path, start)
-    else:
-        if lead:
-            out.mkdir(parents=True, exist_ok=True)
-            if log_path.exists():
-                log_path.unlink()
-        torch.manual_seed(mix_seed(train_cfg.seed, 2))
-    data = load_data(train_cfg)
-    val_x = val_y = None
-    if lead:
-        val_x, val_y = (t.to(device) for t in data.heldout_windows(train_cfg.seq_len, train_cfg.eval_windows))
-    redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
-    if split == "sequence":
-        lo, hi = shard_bounds(train_cfg.seq_len, world, rank)
-    else:
-        lo, hi = shard_bounds(train_cfg.batch_size, world, rank)
-    total_tokens = train_cfg.batch_size * train_cfg.seq_len
-    model.train()
-    t0 = time.perf_counter()
-    last: dict[str, Any] = {}
-    val_bpr = None
-    step = start
-    logf = open(log_path, "a", encoding="utf-8") if lead else None  # noqa: SIM115 (closed below)
-    try:
-        for step in range(start + 1, train_cfg.steps + 1):
-            ts = time.perf_counter()
-            lr = set_learning_rate(optimizer, step, train_cfg)
-            x, y = step_batch(data, step, train_cfg)
-            if split == "sequence":
-                x, y = x[:, lo:hi].to(device), y[:, lo:hi].to(device)
-                logits = sequence_parallel_forward(model, x, offset=lo, group=group)
-            else:
-                x, y = x[lo:hi].to(device), y[lo:hi].to(device)
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_gradients(model, group=group)
-            if train_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            redrawer.step(step)
-            global_loss = loss.detach().clone()
-            dist.all_reduce(global_loss, group=group)
-            elapsed = time.perf_counter() - t0
-            row: dict[str, Any] = {
-                "step": step,
-                "loss": float(global_loss),
-                "lr": lr,
-                "tokens_per_s": total_tokens / max(1e-9, time.perf_counter() - ts),
-                "time": elapsed,
-                _SUMMARY_KEY[split]: world,
-            }
-            final = step == train_cfg.steps
-            checkpoint = step % train_cfg.checkpoint_every == 0 or final
-            rng = _rng_states(group, world) if checkpoint else None
-            if lead:
-                if step % train_cfg.eval_every == 0 or final:
-                    val_bpr = evaluate_bits(model, val_x, val_y, counted=data.counted)
-                    row["val_bpr"] = val_bpr
-                if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
-                    logf.write(json.dumps(row) + "\n")
-                    logf.flush()
-                if checkpoint:
-                    save_checkpoint(
-                        out,
-                        step=step,
-                        model=model,
-                        config=config,
-                        optimizer=optimizer,
-                        extra={"val_bpr": val_bpr, "data_format": data.format},
-                        extra_tensors=rng,
-                    )
-            last = row
-            if on_step is not None:
-                on_step(row)
-            if throttle:
-                time.sleep(throttle)
-    finally:
-        if logf is not None:
-            logf.close()
-    wall = time.perf_counter() - t0
-    return finish_run(
-        out, log_path, model, write_plot=lead and write_plot, step=step, start=start, last=last, val_bpr=val_bpr,
-        tokens=(step - start) * total_tokens, wall=wall, extra={_SUMMARY_KEY[split]: world},
-        title=f"Performer LM, {_SUMMARY_KEY[split].replace('_', '-')} over {world} processes", unit=data.unit,
-        summary=run_summary(model_cfg, train_cfg, unit=data.unit, stopped="steps", time_limit=None),
+    strategy = RankSplit(split, group=group, device=device, batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len)
+    return train(
+        out_dir, model_cfg, train_cfg, resume=resume, on_step=on_step, throttle=throttle, write_plot=write_plot,
+        split=strategy,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import maps
-from ._host import buffer_flag
+from .buffer_flags import buffer_flag
 from .official import positive_official, trig_official
 from .projections import NORMS, PROJECTIONS
 
@@ -163,7 +163,8 @@ class FeatureMap(nn.Module):
     def _w(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection.to(device=x.device, dtype=x.dtype)
 
-    def _check_dim(self, x: torch.Tensor, name: str) -> None:
+    def check_dim(self, x: torch.Tensor, name: str) -> None:
+        """Raise ValueError, naming ``name``, if ``x``'s head dim is not the map's ``dim``."""
         if self.dim is not None and x.shape[-1] != self.dim:
             raise ValueError(f"{name} has head dim {x.shape[-1]} but the feature map was built for dim={self.dim}")
 
@@ -215,8 +216,8 @@ class FeatureMap(nn.Module):
         over the sequence (FAVOR++'s rho, the official key max). Padded rows are removed
         by the attention paths, not here.
         """
-        self._check_dim(q, "q")
-        self._check_dim(k, "k")
+        self.check_dim(q, "q")
+        self.check_dim(k, "k")
         if self.stabilizer == "official" and self.kernel != "relu":
             w = self._w(q)
             if self.kernel == "trig":
@@ -231,15 +232,15 @@ class FeatureMap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) explicitly (..., L, M'), on x as given. FAVOR++ takes rho from the buffer
         or else from x itself. Large inputs can overflow: attention never calls this."""
-        self._check_dim(x, "x")
+        self.check_dim(x, "x")
         a = self.oprf_a(x, x) if self.kernel == "oprf" else None
         return self.exact_features(x, a).explicit()
 
     def estimate_kernel(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """phi(x_i).phi(y_j) for every pair, (..., Lx, Ly), on x and y as given (no scaling,
         no stabiliser): for the softmax kernels an unbiased estimate of exp(x_i.y_j)."""
-        self._check_dim(x, "x")
-        self._check_dim(y, "y")
+        self.check_dim(x, "x")
+        self.check_dim(y, "y")
         a = self.oprf_a(x, y) if self.kernel == "oprf" else None
         fx, fy = self.exact_features(x, a), self.exact_features(y, a)
         out = fx.values @ fy.values.transpose(-1, -2)

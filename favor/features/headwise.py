@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import maps
-from ._host import buffer_flag
+from .buffer_flags import buffer_flag
 from .feature_map import FeatureMap
 
 __all__ = ["HeadwiseFeatureMap"]

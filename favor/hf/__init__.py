@@ -5,15 +5,17 @@
     >>> favor.hf.save_pretrained(model, "out/")
     >>> model = favor.hf.from_pretrained("out/")
 
-By default (favor.hf.performerize.DEFAULTS, the command-line tools' too) the features are
-dense-exponential ("derf"), and ``exact_window=8, exact_sinks=1, exact_block=32`` computes
-each query's block of 32 positions widened by 8, and the first token, exactly and FAVOR the
-rest (favor.attention.local), still linear in length (a model with causal layers: the window and sinks only).
+By default (``from favor.hf.performerize import DEFAULTS``, the command-line tools' too; the
+attribute ``favor.hf.performerize`` is the function) the features are dense-exponential
+("derf"), and ``exact_window=8, exact_sinks=1, exact_block=32`` computes each query's block
+of 32 positions widened by 8, and the first token, exactly and FAVOR the rest
+(favor.ops.local), still linear in length (a model with causal layers: the window and sinks
+only).
 ``plain=True`` is the paper's estimator, FAVOR alone (``kernel="positive"``: FAVOR+).
 
 A model whose attention FAVOR cannot reproduce (a position bias, soft-capping, attention
 sinks, a sliding window, ...) raises ``UnsupportedAttentionError`` naming the feature
-(favor.hf.support); cross-attention runs plain FAVOR (favor.attention.cross).
+(favor.hf.refusals); cross-attention runs plain FAVOR (favor.ops.cross).
 
 ``model.generate`` of a performerized decoder keeps a constant-size ``FavorCache`` (FAVOR's
 recurrent state per layer, plus the exact terms' last tokens): O(1) work and memory per token.
@@ -23,14 +25,14 @@ Importing this package registers ``attn_implementation="favor"`` with transforme
 
 from ..features.headwise import HeadwiseFeatureMap
 from .adapter import FavorAdapter, balancing_map
-from .attention import favor_attention_forward
 from .cache import FavorCache, FavorLayer
 from .generation import use_favor_cache
+from .interface import favor_attention_forward
 from .io import from_pretrained, save_pretrained
 from .masks import MaskPlan, plan_from_mask
 from .performerize import PerformerConfig, performerize
+from .refusals import UnsupportedAttentionError
 from .registry import NAME, register
-from .support import UnsupportedAttentionError
 
 register()
 

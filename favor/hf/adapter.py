@@ -44,11 +44,11 @@ import logging
 import torch
 from torch import nn
 
-from ..attention.local.block import check_block
-from ..attention.local.window import check_exact_set
-from ..features._host import buffer_flag
+from ..features.buffer_flags import buffer_derived, buffer_flag
 from ..features.feature_map import FeatureMap
 from ..features.headwise import HeadwiseFeatureMap
+from ..ops.local.block import check_block
+from ..ops.local.window import check_exact_set
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class FavorAdapter(nn.Module):
         return f"heads={self.heads}, dim={self.dim}{extra}"
 
     def log_const(self, dtype: torch.dtype) -> torch.Tensor | float:
-        """The ``log_const`` of favor.attention.local: log E[phi(q).phi(k)] - q.k, that is 0, or for
+        """The ``log_const`` of favor.ops.local: log E[phi(q).phi(k)] - q.k, that is 0, or for
         dense features the per-head constant -|a|^2 - sum_i log(1 - 4 a_i) / 2, minus
         ``far_log_gain`` (so exp(far_log_gain) weighs the far keys' estimate against the
         exact terms; 0 unless fitted, and with no far keys it changes nothing); (H, 1, 1) or 0."""
@@ -173,9 +173,13 @@ class FavorAdapter(nn.Module):
             if not gain.requires_grad and not buffer_flag(self, "far_log_gain", gain, lambda g: (g != 0).any()):
                 return 0.0  # the plain float keeps the cheaper scalar path
             return -gain.to(dtype)[:, None, None]
-        a = self.dense_a.double()
-        c = -(a * a).sum(-1) - 0.5 * torch.log1p(-4.0 * a).sum(-1)
-        return c.to(dtype)[:, None, None] - gain.to(dtype)[:, None, None]
+
+        def compute():
+            a = self.dense_a.double()
+            c = -(a * a).sum(-1) - 0.5 * torch.log1p(-4.0 * a).sum(-1)
+            return c.to(dtype)[:, None, None] - gain.to(dtype)[:, None, None]
+
+        return buffer_derived(self, f"log_const {dtype}", (self.dense_a, gain), compute)
 
     def logit_inputs(
         self,
@@ -188,10 +192,7 @@ class FavorAdapter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(q*, k*) whose dot products are the logits that the features of ``inputs`` estimate
         (up to ``log_const``): the reparametrised q and k times sqrt(scaling)."""
-        qa, kb = self.transform(q, k, keep=keep, sequence=sequence)
-        root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
-        dt = torch.float64 if qa.dtype == torch.float64 else torch.float32
-        return qa.to(dt) * root, kb.to(dt) * root
+        return self.inputs_and_logits(q, k, scaling, keep=keep, sequence=sequence)[3:]
 
     def inputs(
         self,
@@ -210,16 +211,53 @@ class FavorAdapter(nn.Module):
         if not self.dense:
             return qa, kb, scaling
         root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
-        a = self.dense_a.to(qa.dtype)  # (H, D)
-        b = torch.sqrt(1.0 - 4.0 * a) * self.dense_kappa.to(qa.dtype)  # kappa b <= 1
+        return (*self._augment(qa * root, kb * root), 1.0)
+
+    def inputs_and_logits(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scaling: float | None,
+        *,
+        keep: torch.Tensor | None = None,
+        sequence: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor, torch.Tensor]:
+        """``inputs`` and ``logit_inputs`` from one reparametrisation: (q', k', scale, q*, k*)."""
+        qa, kb = self.transform(q, k, keep=keep, sequence=sequence)
+        root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
+        dt = torch.float64 if qa.dtype == torch.float64 else torch.float32
+        qx, kx = qa.to(dt) * root, kb.to(dt) * root
+        if not self.dense:
+            return qa, kb, scaling, qx, kx
+        if qa.dtype != dt:  # augment in the inputs' own dtype, as ``inputs`` does
+            return (*self._augment(qa * root, kb * root), 1.0, qx, kx)
+        return (*self._augment(qx, kx), 1.0, qx, kx)
+
+    def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""
+        a, b, rest = self._dense_constants(qx.dtype)
+        one = qx.shape[-2] == kx.shape[-2] and qx.shape[:-2] == kx.shape[:-2]
+        x = torch.cat([qx, kx], -2) if one else None  # a decoding step: both rows in one pass
 
         def augment(x):
-            x = x * root
-            xb = x * b[:, None, :]
-            e = ((x * x).sum(-1) - (xb * xb).sum(-1)).clamp_min(1e-20).sqrt()  # >= 0 as kappa b <= 1
-            return torch.cat([xb, a[:, None, :].expand(x.shape[:-1] + (self.dim,)), e[..., None]], dim=-1)
+            e = (x * x * rest).sum(-1, keepdim=True).clamp_min(1e-20).sqrt()  # |x|^2 - |b x|^2 >= 0 as kappa b <= 1
+            return torch.cat([x * b, a.expand(x.shape[:-1] + (self.dim,)), e], dim=-1)
 
-        return augment(qa), augment(kb), 1.0
+        if one:
+            both = augment(x)
+            n = qx.shape[-2]
+            return both.narrow(-2, 0, n), both.narrow(-2, n, n)
+        return augment(qx), augment(kx)
+
+    def _dense_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """a (H, 1, D), kappa b (H, 1, D) and 1 - (kappa b)^2 (H, 1, D) in ``dtype``."""
+
+        def compute():
+            a = self.dense_a.to(dtype)
+            b = torch.sqrt(1.0 - 4.0 * a) * self.dense_kappa.to(dtype)  # kappa b <= 1
+            return a[:, None, :], b[:, None, :], (1.0 - b * b)[:, None, :]
+
+        return buffer_derived(self, f"dense {dtype}", (self.dense_a, self.dense_kappa), compute)
 
     @torch.no_grad()
     def set_dense(self, a: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Antibody variable regions from Swiss-Prot, and AntiBERTy's masked-residue accuracy on them.
 
-The extract shipped in ``favor/hf/corpus/swissprot_ig_v.fasta.gz`` (see the NOTICE there) holds
+The extract shipped in ``favor/data/swissprot_ig_v.fasta.gz`` (see the NOTICE there) holds
 the immunoglobulin heavy and light chain variable (V) regions of UniProtKB/Swiss-Prot (January
 2014) as packaged in Debian's ``metastudent-data``. That package's FASTA headers carry an
 accession and GO terms but no protein names, so V regions are recognised by their sequence:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from ..data.blastdb import read_blastdb
+from ..data.fasta import read_fasta, write_fasta
+from ..data.swissprot import DATASET_DIR, download_package
 
 __all__ = [
     "EXTRACT",
@@ -40,7 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: the shipped extract (package favor.hf.corpus)
+#: the shipped extract (in package favor.data)
 EXTRACT = "swissprot_ig_v.fasta.gz"
 SPLITS = ("train", "heldout", "all")
 #: fraction of sequences held out (seeded by HELDOUT_SEED, over the extract's sorted records)
@@ -89,9 +94,6 @@ def ig_v_regions(records: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _metastudent_records(root: Path) -> Iterable[tuple[str, str]]:
-    from ..data.blastdb import read_blastdb
-    from ..data.swissprot import DATASET_DIR
-
     for onto in ("MFO", "BPO", "CCO"):
         base = root / DATASET_DIR / onto / "goasp.fasta"
         if not Path(f"{base}.pin").is_file():
@@ -105,11 +107,6 @@ def build_extract(out: str | Path, *, root: str | Path | None = None) -> tuple[P
     """Write the V-region extract to ``out`` (a .fasta.gz path) from an unpacked
     ``metastudent-data`` package ``root`` (downloaded with apt-get when None); returns
     (path, number of sequences). The shipped file is ``build_extract(...)`` of package 2.0.1-8."""
-    import tempfile
-
-    from ..data.fasta import write_fasta
-    from ..data.swissprot import download_package
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -121,11 +118,9 @@ def build_extract(out: str | Path, *, root: str | Path | None = None) -> tuple[P
 
 
 def _read_extract(path: str | Path | None) -> list[tuple[str, str]]:
-    from ..data.fasta import read_fasta
-
     if path is not None:
         return list(read_fasta(path))
-    with resources.as_file(resources.files("favor.hf.corpus").joinpath(EXTRACT)) as p:
+    with resources.as_file(resources.files("favor.data").joinpath(EXTRACT)) as p:
         return list(read_fasta(p))
 
 

@@ -7,7 +7,7 @@ per layer only what causal FAVOR needs from the past:
 * the recurrent state (kv, z, log scale) per (batch, query head), in float32 (float64 for
   float64 models), as ``favor.State``;
 * with exact local terms (``exact_window`` W >= 0, ``exact_sinks`` S, ``exact_block`` C): a
-  ``favor.ExactState`` instead (favor.attention.local: FAVOR's far state, a ring of the last
+  ``favor.ExactState`` instead (favor.ops.local: FAVOR's far state, a ring of the last
   C + W keys and values per query head, the first S, each flagged real or padding);
 * with sinks but no window (W = -1): the first S keys and values (window/sinks below).
 
@@ -36,8 +36,8 @@ import threading
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..attention.local.recurrent import ExactState
-from ..attention.state import State
+from ..ops.local.recurrent import ExactState
+from ..ops.state import State
 from .names import NAME, OBSERVE
 
 __all__ = ["FavorCache", "FavorLayer", "claim", "FAVOR_IMPLEMENTATIONS"]

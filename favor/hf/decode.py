@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import attention as favor_attention
-from ..attention._checks import check_scale, compute_dtype
-from ..attention._normalise import masked_keys
-from ..attention.causal import causal_sums
-from ..attention.local.dispatch import exact_attention
-from ..attention.local.recurrent import ExactState
-from ..attention.local.spec import ExactTerms
-from ..attention.local.window import combine_parts, pair_features, parts_sum, query_log_scale
-from ..attention.state import State
-from ..attention.step_features import step_features
+from ..ops import attention as favor_attention
+from ..ops.causal import causal_sums
+from ..ops.checks import check_scale, compute_dtype
+from ..ops.local.dispatch import exact_attention
+from ..ops.local.recurrent import ExactState
+from ..ops.local.spec import ExactTerms
+from ..ops.local.window import combine_parts, pair_features, parts_sum, query_log_scale
+from ..ops.normalise import masked_keys
+from ..ops.state import State
+from ..ops.step_features import step_features
 from .adapter import adapter_of, repeat_kv
 from .cache import FavorLayer
 from .masks import plan_from_mask
@@ -100,13 +100,10 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks)."""
     h = query.shape[1]
     k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
-    q, k, scale = adapter.inputs(query, k_r, scaling, keep=None, sequence=False)
+    q, k, scale, qx, kx = adapter.inputs_and_logits(query, k_r, scaling, keep=None, sequence=False)
     dtype = compute_dtype(q.dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v_r.to(dtype)
+    q, k, v, qx, kx = q.to(dtype), k.to(dtype), v_r.to(dtype), qx.to(dtype), kx.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
-    qx, kx = adapter.logit_inputs(query, k_r, scaling, keep=None, sequence=False) if adapter.dense else (None, None)
-    if qx is not None:
-        qx, kx = qx.to(dtype), kx.to(dtype)
     terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
     if layer.state is not None and not isinstance(layer.state, ExactState):
         raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
@@ -124,6 +121,8 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         qx=qx,
         kx=kx,
         log_const=adapter.log_const(dtype),
+        # the cache owns its state and replaces it by the result (the prompt's state is new)
+        inplace=not torch.is_grad_enabled(),
     )
     return out
 
@@ -136,7 +135,7 @@ def _empty(b: int, heads: int, n: int, like: torch.Tensor):
 
 def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     """Exact sinks without a window (exact_window = -1) or the official stabiliser: the
-    window-and-sinks arithmetic of favor.attention.local.window, step by step."""
+    window-and-sinks arithmetic of favor.ops.local.window, step by step."""
     if adapter.exact_block > 1:
         raise ValueError(
             f"decoding with a FavorCache keeps a window of keys, not blocks: this layer has exact_block="

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .adapter import ATTRIBUTE
 from .fidelity import mean_pool
@@ -128,8 +129,6 @@ def _nbytes(out) -> int:
 def _student_with_transfer(student, batch):
     """Student forward that also returns the attention-transfer loss: mean over attention calls
     of |favor - softmax|^2 / |softmax|^2 on the call's own q, k, v (real query tokens only)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     keep_tokens = batch["attention_mask"].bool()
     terms = []
 

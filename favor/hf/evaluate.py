@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.english import passages
+
 __all__ = [
     "next_token_logits",
     "negative_log_likelihood",
@@ -99,8 +101,6 @@ def held_out_perplexity(
 ) -> dict[int, float]:
     """length -> perplexity over the first ``count`` passages of that many tokens of
     favor.data.english's held-out domain (python-docs: not in its training mix)."""
-    from ..data.english import passages
-
     return {n: perplexity(model, passages(tokenizer, "heldout", length=n, count=count), chunk=chunk) for n in lengths}
 
 

@@ -11,8 +11,10 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import favor_attention_forward
+from .interface import favor_attention_forward
+from .models import builtin_documents, builtin_texts, interleave, model_texts
 from .registry import NAME, probing
 
 __all__ = [
@@ -24,6 +26,12 @@ __all__ = [
     "packed_texts",
     "packed_documents",
     "embedding_cosines",
+    "split_texts",
+    "max_length",
+    "eval_lengths",
+    "held_out_batches",
+    "EVAL_LENGTHS",
+    "MASKED_LM_LENGTH",
 ]
 
 
@@ -68,8 +76,6 @@ def packed_documents(tokenizer, documents: list[list[str]], *, length: int, coun
     """``packed_texts`` of each document (lines of one domain), one passage of each in turn
     while every document has one left, then the rest: no passage joins two documents' text.
     At most ``count`` passages."""
-    from .models import interleave
-
     out = interleave([packed_texts(tokenizer, d, length=length, count=count) for d in documents])
     return out[:count] if count is not None else out
 
@@ -118,8 +124,6 @@ def embedding_cosine(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]
 def layer_errors(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
     """Per attention layer: |favor - softmax| / |softmax| of its output on the softmax model's
     own queries, keys and values (so errors do not compound), over non-padding queries."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     num: dict[int, float] = {}
     den: dict[int, float] = {}
     order: list[int] = []
@@ -146,3 +150,50 @@ def layer_errors(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
             current_mask = b.get("attention_mask")
             model(**b)
     return [(num[i] / max(den[i], 1e-300)) ** 0.5 for i in order]
+
+
+#: tokens per sequence for a protein masked LM: a whole antibody V region (~110-130 residues)
+MASKED_LM_LENGTH = 160
+
+
+def max_length(given: int | None, kind: str, default: int) -> int:
+    """``given``, else a whole V region for a masked LM, else ``default``."""
+    if given is not None:
+        return given
+    return MASKED_LM_LENGTH if kind == "masked-lm" else default
+
+
+def split_texts(split: str, kind: str, limit: int | None = None) -> list[str]:
+    """The first ``limit`` texts of a built-in split or file, as the model reads them."""
+    return model_texts(builtin_texts(split, kind)[:limit], kind)
+
+
+#: held-out lengths that `favor performerize` and `favor distill` report for a sentence encoder: the built-in held-out
+#: split packed (consecutive passages joined) to exactly this many tokens
+EVAL_LENGTHS = (128, 512)
+
+
+def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, limit: int = 1 << 30) -> list[int]:
+    """The held-out lengths to report: ``given``, else ``EVAL_LENGTHS`` capped at ``limit``
+    (the model's positions; a masked LM: its own whole sequences, ``masked_lm_length``, not packed)."""
+    if given:
+        bad = [n for n in given if n < 3]
+        if bad:
+            raise ValueError(f"--eval-length must be >= 3 tokens, got {bad}")
+        return list(given)
+    if kind == "masked-lm":
+        return [masked_lm_length]
+    return list(dict.fromkeys(min(n, limit) for n in EVAL_LENGTHS))
+
+
+def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:
+    """Tokenized held-out batches at ``length`` tokens: for a sentence encoder ``count``
+    passages packed to exactly ``length`` tokens (packed_documents: a passage is one domain's
+    text), for a masked LM the
+    first ``count`` sequences cut at ``length``."""
+    if kind == "masked-lm":
+        return tokenize_batches(tok, split_texts(split, kind, count), batch_size=batch_size, max_length=length)
+    packed = packed_documents(tok, builtin_documents(split, kind), length=length, count=count)
+    if not packed:
+        raise ValueError(f"the {split!r} text is too short for one passage of {length} tokens")
+    return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)

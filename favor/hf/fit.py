@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .adapter import ATTRIBUTE
-from .attention import favor_attention_forward
+from .interface import favor_attention_forward
 from .registry import probing
 
 __all__ = ["record_attention", "fit_adapters"]
@@ -35,8 +36,6 @@ _PARAMS = ("query_map", "key_map", "key_shift")
 def record_attention(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
     """Run the softmax model and keep every attention call's inputs and output:
     {module: [(q, k, v, mask, scaling, is_causal, softmax_out, query_keep)]} in layer order."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     calls: dict[nn.Module, list] = {}
     keep_mask = None
 

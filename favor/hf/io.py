@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import ATTRIBUTE
@@ -35,8 +38,6 @@ def _is_favor_key(key: str) -> bool:
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write a performerized ``model`` to ``directory`` (created); returns the path."""
-    from safetensors.torch import save_file
-
     meta = getattr(model.config, CONFIG_KEY, None)
     if not meta:
         raise ValueError("model is not performerized (no config.favor_performer); call favor.hf.performerize first")
@@ -74,8 +75,6 @@ def _read_favor_json(path: Path) -> dict:
 
 
 def _model_class(name: str, path: Path):
-    import transformers
-
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or name.startswith("Auto"):
         raise ValueError(f"{path}: model_class {name!r} is not a transformers model class (e.g. 'BertModel')")
@@ -118,9 +117,6 @@ def from_pretrained(directory: str | Path, *, model_class=None, **kwargs) -> nn.
     ``kwargs`` go to its ``from_pretrained`` (``torch_dtype``, ``device_map``...). Only
     safetensors files are read; a directory that does not match what save_pretrained
     writes raises ValueError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     register()
     directory = Path(directory)
     cfg_path = directory / FAVOR_CONFIG

@@ -5,7 +5,7 @@ In the spirit of LoLCATs (Zhang et al. 2024), sized for a CPU and a time budget:
 0. ``performerize`` a copy of the softmax model (the teacher): dense-exponential features
    (M=256) calibrated on two training passages, exact weights for each query's last
    ``exact_window`` keys and the first ``exact_sinks`` tokens, FAVOR for the rest (the causal
-   fast path of favor.attention.local);
+   fast path of favor.ops.local);
 1. attention transfer (favor.hf.fit.fit_adapters): each layer's adapter (query/key maps, key
    shift, projection, far keys' gain) fitted so that its FAVOR + exact-terms output matches
    its softmax output on the teacher's own queries, keys and values (no errors compounding);
@@ -30,8 +30,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
+
+from ..data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, passages
+from .distill import SCHEDULES, TRAINABLE, DistillConfig, distill
+from .evaluate import compare, passkey_accuracy, perplexity
+from .fit import fit_adapters
+from .performerize import performerize
 
 __all__ = ["LinearizeConfig", "QUICK", "linearize", "train_batches"]
 
@@ -76,8 +84,6 @@ class LinearizeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .distill import SCHEDULES, TRAINABLE
-
         if not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if self.length < 16:
@@ -144,8 +150,6 @@ class _Clock:
 
 def _evaluate(teacher, student, held: dict, *, teacher_ppl: bool) -> tuple[dict, float]:
     """{length: compare(...)} and the seconds it took."""
-    from .evaluate import compare, perplexity
-
     t = time.perf_counter()
     rows = {}
     for n, ids in held.items():
@@ -158,8 +162,6 @@ def _evaluate(teacher, student, held: dict, *, teacher_ppl: bool) -> tuple[dict,
 
 
 def _passkey(model, tokenizer, config: LinearizeConfig) -> tuple[dict, float]:
-    from .evaluate import passkey_accuracy
-
     t = time.perf_counter()
     out = {
         n: passkey_accuracy(model, tokenizer, length=n, trials=config.passkey_trials, seed=config.seed)
@@ -186,11 +188,6 @@ def linearize(
     length for softmax / zero-shot / after transfer (first length only) / distilled, KL and
     top-1 agreement, passkey accuracy for softmax and distilled, the fine-tuning losses and
     the transfer's per-layer relative attention errors."""
-    from ..data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, passages
-    from .distill import DistillConfig, distill
-    from .fit import fit_adapters
-    from .performerize import performerize
-
     say = stage or (lambda name: None)
     clock = _Clock(60.0 * config.minutes)
     teacher.eval()
@@ -320,10 +317,7 @@ def linearize(
 def plot_report(report: dict, path, *, title: str = "") -> None:
     """Three panels: held-out perplexity per length (softmax / zero-shot / distilled), the
     fine-tuning loss (KL to the teacher) per step, passkey accuracy per length."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
     lengths = list(report["perplexity"])

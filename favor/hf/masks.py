@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .support import UnsupportedAttentionError
+from .refusals import UnsupportedAttentionError
 
 __all__ = ["MaskPlan", "plan_from_mask", "keep_from_mask"]
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertTokenizer
+
+from ..data import english
+from ..data.kjv import load_text
 from ..data.models import package_dir
+from .antibodies import load_antibodies
+from .io import from_pretrained
 
 __all__ = [
     "load",
@@ -41,7 +47,6 @@ def _antiberty_path() -> Path:
 
 
 def _antiberty_tokenizer(path: Path):
-    from transformers import BertTokenizer
 
     # transformers 5 ignores vocab_file= here (every residue would become [UNK]); pass the dict
     vocab = (path.parent / "vocab.txt").read_text().split()
@@ -53,8 +58,6 @@ NAMED = {"minilm": _minilm_path, "antiberty": _antiberty_path}
 
 def load(spec: str | Path):
     """(model in eval mode, tokenizer, kind) with kind "encoder" or "masked-lm"."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
-
     if str(spec) == "antiberty":
         path = _antiberty_path()
         model = BertForMaskedLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
@@ -63,8 +66,6 @@ def load(spec: str | Path):
     if not path.is_dir():
         raise FileNotFoundError(f"--model must be a model directory or one of {sorted(NAMED)}, got {str(spec)!r}")
     if (path / "favor.json").is_file():
-        from .io import from_pretrained
-
         model = from_pretrained(path)
     else:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -101,18 +102,12 @@ CORPORA = {
 def builtin_documents(split: str | Path, kind: str) -> list[list[str]]:
     """``builtin_texts`` as documents: lists of consecutive lines that may be packed together
     into one passage (one per domain of the "english" mix, else one), in order."""
-    from ..data import english
-
     if kind != "masked-lm" and str(split) == ENGLISH:
         return [english.lines(d) for d in english.TRAIN_DOMAINS]
     if kind != "masked-lm" and str(split) in english.DOMAINS:
         return [english.lines(str(split))]
     if kind == "masked-lm" and str(split) in ("train", "heldout"):
-        from .antibodies import load_antibodies
-
         return [load_antibodies(str(split))]
-    from .corpus import load_text
-
     return [load_text(split)]
 
 

@@ -16,17 +16,17 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from ..attention.local.block import check_block
-from ..attention.local.window import check_exact_set
 from ..features.feature_map import KERNELS, FeatureMap
 from ..features.headwise import HeadwiseFeatureMap
 from ..features.maps import oprf_a
 from ..features.projections import NORMS, PROJECTIONS
+from ..ops.local.block import check_block
+from ..ops.local.window import check_exact_set
 from .adapter import ATTRIBUTE, FavorAdapter, balancing_map, dense_projection, sequence_pair_mean
 from .generation import use_favor_cache
 from .masks import plan_from_mask
+from .refusals import UnsupportedAttentionError, check_config, watching_cross_attention
 from .registry import NAME, probing, register
-from .support import UnsupportedAttentionError, check_config, watching_cross_attention
 
 __all__ = [
     "PerformerConfig",
@@ -126,7 +126,7 @@ class _Stats:
         self.sum_q = self.sum_k = self.sq_q = self.sq_k = None
         self.heads = self.dim = None
         self.scaling = None
-        self.cross = False  # cross-attention: keys from another sequence (support.watching_cross_attention)
+        self.cross = False  # cross-attention: keys from another sequence (refusals.watching_cross_attention)
         self.causal = False  # a causal mask (decoder self-attention)
 
     @staticmethod

@@ -10,9 +10,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import favor_attention_forward
+from .interface import favor_attention_forward
 from .names import NAME, OBSERVE, PROBE
-from .support import check_keywords
+from .refusals import check_keywords
 
 __all__ = ["NAME", "PROBE", "OBSERVE", "register", "probing", "observing"]
 

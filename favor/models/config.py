@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..attention.local.spec import ExactTerms
 from ..features.feature_map import KERNELS
 from ..nn.attention import ATTENTIONS
+from ..ops.local.spec import ExactTerms
 
 __all__ = ["PerformerConfig", "POSITIONS"]
 

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention.api import attention as favor_attention
-from ..attention.local.recurrent import ExactState
-from ..attention.local.spec import ExactTerms
-from ..attention.recurrent import step as favor_step
-from ..attention.reference import softmax_attention
-from ..attention.state import State
 from ..features.feature_map import FeatureMap
+from ..ops.api import attention as favor_attention
+from ..ops.local.recurrent import ExactState
+from ..ops.local.spec import ExactTerms
+from ..ops.recurrent import step as favor_step
+from ..ops.reference import softmax_attention
+from ..ops.state import State
 from .rotary import apply_rotary
 
 __all__ = ["FavorAttention", "AttentionState", "ATTENTIONS"]

@@ -9,14 +9,17 @@ tracked against the softmax model's. ``favor distill`` is the distillation route
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import time
 from typing import Any
+
+import torch
 
 __all__ = ["antiberty_available", "antiberty_transfer"]
 
 
 def antiberty_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("antiberty") is not None
 
 
@@ -31,11 +34,6 @@ def antiberty_transfer(
     progress=None,
 ) -> dict[str, Any]:
     """{"softmax_accuracy", "curve": [{step, time, accuracy}], "steps_to_99pct", config}."""
-    import copy
-    import time
-
-    import torch
-
     from ..hf import performerize
     from ..hf.antibodies import load_antibodies, masked_accuracy, masked_batches
     from ..hf.models import load

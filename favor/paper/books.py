@@ -27,10 +27,18 @@ draws new features at every call; our runs are a few hundred steps, so performer
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .harness import ModelSize, Variant, hybrid
+import torch
+
+from ..data.austen import fetch_austen
+from .corpora import kjv_text
+from .harness import ModelSize, Variant, compare, hybrid, unavailable
+from .suite import add_common_arguments, run_command, run_suite, save_suite, suite_table
+from .tasks import CausalLM, MaskedLM, StreamSource
 
 NAME = "books"
 #: 3e-3, not the paper's 1e-3: at this scale the masked LM leaves the unigram plateau (0.177
@@ -72,8 +80,6 @@ CURRICULUM = {"quick": (128, 0.5), "full": (128, 0.5)}
 
 
 def add_arguments(parser) -> None:
-    from .suite import add_common_arguments
-
     add_common_arguments(parser, seeds=MODES["full"][6])
     add_data_arguments(parser, steps="the steps")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default {LR})")
@@ -113,6 +119,26 @@ def add_data_arguments(parser, *, steps: str) -> None:
     parser.add_argument("--no-austen", action="store_true", help="train on the Bible only (no download)")
 
 
+def context_plan(
+    mode: str, size: ModelSize, *, seq_len: int, eval_rows: int, steps: int, length_warmup: float | None
+) -> tuple[ModelSize, int, Any, tuple[int, float]]:
+    """(model size, evaluated rows, length schedule or None, (start, fraction)) of a run at
+    context ``seq_len`` in ``mode``: away from the mode's own context the model's positions
+    follow ``seq_len`` and the rows shrink to keep the evaluated tokens; the context grows
+    from ``CURRICULUM[mode]``'s start over the first fraction (``length_warmup`` if given)
+    of ``steps`` (``length_schedule``)."""
+    n_len = MODES[mode][1]
+    start, fraction = CURRICULUM[mode]
+    fraction = fraction if length_warmup is None else length_warmup
+    if seq_len != n_len:  # the same number of evaluated tokens at any length
+        size = replace(size, max_len=seq_len)
+        eval_rows = max(1, eval_rows * n_len // seq_len)
+    lengths = None
+    if fraction > 0 and start < seq_len:
+        lengths = partial(length_schedule, steps=steps, start=start, full=seq_len, fraction=fraction)
+    return size, eval_rows, lengths, (start, fraction)
+
+
 def length_schedule(step: int, *, steps: int, start: int, full: int, fraction: float) -> int:
     """The training context at ``step`` (1-based) of a sequence-length warm-up: ``start``,
     doubled in equal stages over the first ``fraction`` of ``steps`` up to ``full``, then
@@ -145,8 +171,6 @@ def pick_variants(names: str | None) -> list[Variant] | None:
 
 
 def _bytes(text: str):
-    import torch
-
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
@@ -154,8 +178,6 @@ def corpus(
     *, quick: bool, data_dir: str | Path | None, austen: bool = True
 ) -> tuple[dict[str, str], dict[str, str], str]:
     """(train texts, validation texts, note): name -> text."""
-    from .corpora import fetch_austen, kjv_text
-
     train, val = (
         {"kjv: Genesis, Proverbs, Matthew": kjv_text("train")},
         {"kjv: Psalms, Luke, Acts": kjv_text("heldout")},
@@ -185,10 +207,6 @@ def make_task(
 ):
     """The masked-LM task (default) or, with ``objective="causal"``, next-byte prediction on
     windows of ``seq_len`` inputs (``length_at``'s lengths count inputs too)."""
-    import torch
-
-    from .tasks import CausalLM, MaskedLM, StreamSource
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     sep = _bytes("\n\n")
@@ -233,22 +251,12 @@ def experiment(
 ) -> dict[str, Any]:
     """Train every variant (as masked LMs, or causal byte LMs with ``objective="causal"``); returns {"runs", "summary", "skipped", "unigram", "config"}.
     ``on_result(partial result)`` is called after every finished run."""
-    from dataclasses import replace
-
-    from .harness import compare, unavailable
-    from .suite import run_suite
-
     mode = "quick" if quick else "full"
     size, n_len, n_batch, n_steps, eval_every, eval_rows, n_seeds = MODES[mode]
     steps, seeds, seq_len, batch = steps or n_steps, seeds or n_seeds, seq_len or n_len, batch or n_batch
-    start, fraction = CURRICULUM[mode]
-    fraction = fraction if length_warmup is None else length_warmup
-    if seq_len != n_len:  # the same number of evaluated tokens at any length
-        size = replace(size, max_len=seq_len)
-        eval_rows = max(1, eval_rows * n_len // seq_len)
-    lengths = None
-    if fraction > 0 and start < seq_len:
-        lengths = lambda step: length_schedule(step, steps=steps, start=start, full=seq_len, fraction=fraction)  # noqa: E731
+    size, eval_rows, lengths, (start, fraction) = context_plan(
+        mode, size, seq_len=seq_len, eval_rows=eval_rows, steps=steps, length_warmup=length_warmup
+    )
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
     task = make_task(
         train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths, objective=objective
@@ -304,8 +312,6 @@ def experiment(
 
 
 def run(args) -> int:
-    from .suite import run_command
-
     return run_command(
         args,
         NAME,
@@ -327,8 +333,6 @@ def run(args) -> int:
 
 
 def save(args, res):
-    from .suite import save_suite, suite_table
-
     c = res["config"]
     causal = c.get("objective", "masked") == "causal"
     metric = OBJECTIVES[c.get("objective", "masked")]

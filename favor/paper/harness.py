@@ -10,11 +10,19 @@ reads the curves at the last common step and at the largest wall time every run 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
+
+from ..models import PerformerConfig, PerformerEncoder, PerformerLM
+from ..nn import FeatureRedrawer, feature_maps, redraw_features
+from ..ops.local.spec import ExactTerms
+from .peers import build_peer_model
 
 __all__ = [
     "Variant",
@@ -78,8 +86,6 @@ PEERS = {"linformer": "linformer", "reformer": "reformer_pytorch"}
 
 def unavailable(variant: Variant) -> str | None:
     """Why ``variant`` cannot run here (a peer library that is not installed), else None."""
-    import importlib.util
-
     mod = PEERS.get(variant.attention)
     if mod is not None and importlib.util.find_spec(mod) is None:
         return f"{mod} is not installed (pip install --no-deps {mod.replace('_', '-')})"
@@ -89,13 +95,7 @@ def unavailable(variant: Variant) -> str | None:
 def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: bool, seed: int):
     """favor's PerformerLM / PerformerEncoder with ``variant``'s attention; initial weights
     depend on ``seed`` only, so every variant of a seed starts from the same weights."""
-    from ..attention.local.spec import ExactTerms
-    from ..models import PerformerConfig, PerformerEncoder, PerformerLM
-    from ..nn import feature_maps, redraw_features
-
     if variant.attention in PEERS:
-        from .peers import build_peer_model
-
         return build_peer_model(variant, size, vocab_size=vocab_size, causal=causal, seed=seed)
     cfg = PerformerConfig(
         vocab_size=vocab_size,
@@ -144,10 +144,6 @@ def train_run(
     ``model`` continues from given weights instead of building one (transfer).
     ``time_limit`` (training seconds) stops the run early, with a final evaluation.
     """
-    import torch
-
-    from ..nn import FeatureRedrawer
-
     torch.manual_seed(seed)
     if model is None:
         model = build_model(variant, size, vocab_size=task.vocab_size, causal=task.causal, seed=seed)

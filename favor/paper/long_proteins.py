@@ -12,9 +12,18 @@ held-out proteins.
 
 from __future__ import annotations
 
+import statistics
+import time
+from dataclasses import replace
 from typing import Any
 
-from .harness import ModelSize, Variant, hybrid
+import torch
+
+from ..data import ProteinTokenizer, TokenStream, load_proteins, split
+from .harness import ModelSize, Variant, at_time, build_model, hybrid, train_run
+from .report import markdown_table
+from .suite import run_command, save_suite
+from .tasks import CausalLM, StreamSource
 
 NAME = "long_proteins"
 
@@ -35,13 +44,6 @@ def add_arguments(parser) -> None:
 
 def step_seconds(task, variant: Variant, size: ModelSize, *, repeats: int = 2) -> float:
     """Median seconds of a forward+backward+Adam step (after one warm-up step)."""
-    import statistics
-    import time
-
-    import torch
-
-    from .harness import build_model
-
     model = build_model(variant, size, vocab_size=task.vocab_size, causal=True, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
@@ -59,12 +61,6 @@ def step_seconds(task, variant: Variant, size: ModelSize, *, repeats: int = 2) -
 def experiment(
     *, quick: bool, seconds: float | None = None, depth: int | None = None, data: str | None = None, progress=None
 ) -> dict[str, Any]:
-    from dataclasses import replace
-
-    from ..data import ProteinTokenizer, TokenStream, load_proteins, split
-    from .harness import at_time, train_run
-    from .tasks import CausalLM, StreamSource
-
     size, length, p_depth, budget, eval_every, eval_rows = MODES["quick" if quick else "full"]
     budget, p_depth = seconds or budget, depth or p_depth
     size = replace(size, depth=p_depth)
@@ -134,8 +130,6 @@ def experiment(
 
 
 def table(res: dict[str, Any]) -> str:
-    from .report import markdown_table
-
     header = [
         "model",
         "s/step (timed before training)",
@@ -150,8 +144,6 @@ def table(res: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
-    from .suite import run_command
-
     return run_command(
         args,
         "long-proteins",
@@ -166,8 +158,6 @@ def run(args) -> int:
 
 
 def save(args, res):
-    from .suite import save_suite
-
     t = table(res)
     c = res["config"]
     title = (

@@ -24,6 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from ..features.feature_map import FeatureMap
+from .report import markdown_table, write_outputs
+
 __all__ = ["mse_closed_form", "mse_monte_carlo", "mse_ratio_figure", "add_arguments", "run"]
 
 NAME = "mse-ratio"
@@ -92,10 +98,6 @@ def mse_monte_carlo(length: float, angle: float, *, m: int, draws: int, dim: int
     m (iid rows: each group is an independent m-feature map); the sums are rescaled by
     sqrt(M/m) twice, from the map's 1/sqrt(M) to 1/sqrt(m). Also returns the predicted
     standard errors of both MSEs and of the ratio (delta method, independent draws)."""
-    import torch
-
-    from ..features.feature_map import FeatureMap
-
     if dim < 2:
         raise ValueError(f"dim must be >= 2 (x and y span a plane), got {dim}")
     x = torch.zeros(dim, dtype=torch.float64)
@@ -173,7 +175,6 @@ def _plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     phi, ls = np.array(res["phi"]), np.array(res["l"])
     # r is infinite at phi = +-pi (x = -y: the positive estimator is exact) and 0 at phi = 0
@@ -210,8 +211,6 @@ def _plot(res: dict, path: Path) -> None:
 
 def table_of(res: dict) -> str:
     """The Monte Carlo points as a markdown table (z: deviation in predicted s.e.)."""
-    from .report import markdown_table
-
     rows = [
         [
             f"{p['phi']:.3f}",
@@ -242,8 +241,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .report import write_outputs
-
     t0 = time.perf_counter()
     if args.quick:
         kw = dict(angles=41, lengths=21, mc_angles=(math.pi / 4, math.pi / 2, 3 * math.pi / 4), mc_lengths=(0.5, 1.0))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models import PerformerConfig, PerformerEncoder, PerformerLM
+
 __all__ = ["build_peer_model", "PeerAttention"]
 
 
@@ -46,8 +48,6 @@ def bucket_size(length: int) -> int:
 
 
 def build_peer_model(variant, size, *, vocab_size: int, causal: bool, seed: int):
-    from ..models import PerformerConfig, PerformerEncoder, PerformerLM
-
     cfg = PerformerConfig(
         vocab_size=vocab_size,
         dim=size.dim,

@@ -15,7 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .harness import ModelSize, Variant, hybrid
+import numpy as np
+import torch
+
+from .corpora import fetch_mnist, load_mnist
+from .harness import ModelSize, Variant, compare, hybrid, unavailable
+from .suite import add_common_arguments, run_command, run_suite, save_suite, suite_table
+from .tasks import CausalLM, SequenceSource
 
 NAME = "pixels"
 BOS, VOCAB = 256, 257
@@ -40,8 +46,6 @@ MODES = {
 
 
 def add_arguments(parser) -> None:
-    from .suite import add_common_arguments
-
     add_common_arguments(parser, seeds=MODES["full"][6])
     parser.add_argument(
         "--data-dir",
@@ -53,10 +57,6 @@ def add_arguments(parser) -> None:
 
 def images(*, quick: bool, data_dir: str | None, shipped: bool) -> tuple[Any, str]:
     """(images (N, side*side) uint8, note)."""
-    import numpy as np
-
-    from .corpora import fetch_mnist, load_mnist
-
     note = "shipped 500 MNIST images"
     path = None
     if not (quick or shipped) and data_dir is not None:
@@ -71,10 +71,6 @@ def images(*, quick: bool, data_dir: str | None, shipped: bool) -> tuple[Any, st
 
 
 def make_task(x, *, batch: int, eval_images: int):
-    import torch
-
-    from .tasks import CausalLM, SequenceSource
-
     seqs = [torch.cat([torch.tensor([BOS]), torch.from_numpy(row.astype("int64"))]) for row in x]
     n_test = max(eval_images, len(seqs) // 10)
     length = x.shape[1] + 1
@@ -84,8 +80,6 @@ def make_task(x, *, batch: int, eval_images: int):
 
 def samples(model, *, n: int, length: int, seed: int):
     """(n, length) pixel samples from a trained FAVOR or exact model (None for peers)."""
-    import torch
-
     if not hasattr(model, "generate") or any(type(b.attn).__name__ == "PeerAttention" for b in model.blocks):
         return None
     model.eval()
@@ -105,9 +99,6 @@ def experiment(
     progress=None,
     on_result=None,
 ) -> dict[str, Any]:
-    from .harness import compare, unavailable
-    from .suite import run_suite
-
     size, side, batch, n_steps, eval_every, eval_images, n_seeds, n_samples = MODES["quick" if quick else "full"]
     steps, seeds = steps or n_steps, seeds or n_seeds
     x, note = images(quick=quick, data_dir=data_dir, shipped=shipped)
@@ -168,10 +159,6 @@ def _light(r):
 
 
 def save(args, res):
-    import numpy as np
-
-    from .suite import save_suite, suite_table
-
     t = suite_table(
         res["summary"], metric="bits", baseline=res["unigram"], skipped=res["skipped"], metric_label="bits/dim"
     )
@@ -210,8 +197,6 @@ def save(args, res):
 
 
 def run(args) -> int:
-    from .suite import run_command
-
     return run_command(
         args, NAME, experiment, save, seeds=args.seeds, steps=args.steps, data_dir=args.data_dir, shipped=args.shipped
     )

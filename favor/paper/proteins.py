@@ -12,9 +12,15 @@ FASTA via ``--data`` (e.g. the full set from ``favor data swissprot``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from .harness import ModelSize, Variant, hybrid
+from ..data import ProteinTokenizer, load_proteins
+from .families import family_split
+from .harness import ModelSize, Variant, at_time, compare, hybrid
+from .report import markdown_table
+from .suite import add_common_arguments, run_command, run_suite, save_suite
+from .tasks import CausalLM, MaskedLM, SequenceSource, WithEval
 
 NAME = "proteins"
 
@@ -33,18 +39,12 @@ MODES = {
 
 
 def add_arguments(parser) -> None:
-    from .suite import add_common_arguments
-
     add_common_arguments(parser, seeds=MODES["full"][6])
     parser.add_argument("--data", default=None, help="protein FASTA (default: the embedded 8,000 Swiss-Prot proteins)")
 
 
 def tasks(records: list[tuple[str, str]], *, length: int, batch: int, eval_rows: int, ood_families: int):
     """{"U": causal task, "B": masked task} (each also scoring the OOD split) and the split info."""
-    from ..data import ProteinTokenizer
-    from .families import family_split
-    from .tasks import CausalLM, MaskedLM, SequenceSource, WithEval
-
     tok = ProteinTokenizer()
     seqs = [s for _, s in records]
     train, test, ood, info = family_split(seqs, ood_families=ood_families, min_family=3 if ood_families >= 20 else 2)
@@ -88,12 +88,6 @@ def experiment(
     progress=None,
     on_result=None,
 ) -> dict[str, Any]:
-    from dataclasses import replace
-
-    from ..data import load_proteins
-    from .harness import compare
-    from .suite import run_suite
-
     size, length, batch, n_steps, eval_every, eval_rows, n_seeds, n_prot, n_ood = MODES["quick" if quick else "full"]
     steps, seeds = steps or n_steps, seeds or n_seeds
     records = load_proteins(data)
@@ -141,9 +135,6 @@ def experiment(
 def table(res: dict[str, Any]) -> str:
     """Table 2's layout: per direction and model, test and OOD accuracy (%) and perplexity at
     the last common step, test accuracy at equal wall time, seconds per step."""
-    from .harness import at_time
-    from .report import markdown_table
-
     s = res["summary"]
     rows = []
     for direction in ("U", "B"):
@@ -196,8 +187,6 @@ def table(res: dict[str, Any]) -> str:
 
 
 def save(args, res):
-    from .suite import save_suite
-
     t = table(res)
     c = res["config"]
     title = (
@@ -216,6 +205,4 @@ def save(args, res):
 
 
 def run(args) -> int:
-    from .suite import run_command
-
     return run_command(args, NAME, experiment, save, seeds=args.seeds, steps=args.steps, data=args.data)

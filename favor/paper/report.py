@@ -8,11 +8,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def environment() -> dict[str, Any]:
     """Machine, threads and versions, recorded beside every result."""
-    import torch
-
     return {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

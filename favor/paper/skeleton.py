@@ -20,13 +20,17 @@ Legend: B batch, H heads, L length, D head dim (d_model / H), M features.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import favor
 
 from ..models.block import Block
 from ..models.config import PerformerConfig
@@ -76,8 +80,6 @@ SIZES = {"regular": REGULAR, "small": SMALL}
 
 # -- attention cores over q, k, v views of one fused projection ---------------------------
 def _favor_core(cfg: SkeletonConfig, *, causal: bool, num_features: int, generator: torch.Generator) -> nn.Module:
-    import favor
-
     class FavorCore(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -131,8 +133,6 @@ class _PeerAttention(nn.Module):
 
     def __init__(self, make: Callable[[], nn.Module]) -> None:
         super().__init__()
-        import contextlib
-        import io
 
         with contextlib.redirect_stdout(io.StringIO()):  # performer-pytorch prints without CUDA kernels
             self.inner = make()

@@ -28,6 +28,15 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import favor
+
+from .report import markdown_table, write_outputs
+from .skeleton import ATTENTIONS, SIZES, FusedSelfAttention, available, build_model
+
 __all__ = ["sweep", "check_attention", "peak_rss_mib", "add_arguments", "run"]
 
 NAME = "speed"
@@ -75,8 +84,6 @@ def peak_rss_mib(fn) -> tuple[float | None, float]:
 
 # -- one model step -----------------------------------------------------------------------
 def _step(model, tokens):
-    import torch.nn.functional as F
-
     logits = model(tokens)
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tokens.view(-1))
     loss.backward()
@@ -88,12 +95,6 @@ def check_attention(name: str, size: str, *, causal: bool, length: int = 64) -> 
     """Check one layer's attention before timing it. favor: the skeleton's output equals the
     explicit kernelised attention with the same feature map (float64, 1e-8: the same sums
     in another order); SDPA: exact softmax (float64, 1e-8); X: returns V; peers: finite."""
-    import torch
-
-    import favor
-
-    from .skeleton import SIZES, FusedSelfAttention, build_model
-
     cfg = SIZES[size]
     model = build_model(cfg, name, causal=causal, length=length).double()
     layer = model.blocks[0].attn.inner
@@ -117,8 +118,6 @@ def check_attention(name: str, size: str, *, causal: bool, length: int = 64) -> 
 
 
 def _tokens(length: int):
-    import torch
-
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
 
 
@@ -157,8 +156,6 @@ def sweep(
     the checks and skips. One warm-up round (which measures memory), then ``repeats``
     timed rounds (``long_repeats`` from ``long_from`` on). ``only_beyond`` = {L: names}: from that L on, only these run (to
     reach long L for favor and X without the peers)."""
-    from .skeleton import ATTENTIONS, SIZES, available, build_model
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     wanted = names or (CAUSAL if causal else BIDIRECTIONAL)
@@ -274,8 +271,6 @@ def _plot(sweeps: list[dict], path: Path) -> None:
 
 
 def _table(sweeps: list[dict]) -> str:
-    from .report import markdown_table
-
     text = ""
     for s in sweeps:
         text += f"### {_label(s)} (M={s['num_features']})\n\n"
@@ -309,11 +304,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .report import write_outputs
-
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     if args.only:

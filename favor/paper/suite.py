@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
 from .harness import ModelSize, Variant, plot_curves, train_run, unavailable
 from .report import markdown_table, write_outputs
 
@@ -24,8 +27,6 @@ def add_common_arguments(parser, *, seeds: int) -> None:
 
 
 def progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
 
@@ -142,8 +143,6 @@ def run_command(args, name: str, experiment, save, *, incremental: bool = True, 
     progress=, **options)`` (in full mode with ``incremental``, ``save(args, result)`` after
     every finished run, so a run cut short still leaves its results), then ``save`` once more,
     the table printed and the files listed."""
-    import torch
-
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     bar = progress_bar(0, name)

@@ -19,8 +19,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .books import LR, WARMUP, add_data_arguments
-from .harness import ModelSize, Variant, hybrid
+import torch
+
+from .antiberty_transfer import antiberty_available, antiberty_transfer
+from .books import LR, WARMUP, add_data_arguments, context_plan, corpus, make_task
+from .books import MODES as BOOKS
+from .harness import ModelSize, Variant, build_model, hybrid, train_run
+from .report import markdown_table, write_outputs
+from .suite import progress_bar, run_command, save_suite
 
 NAME = "transfer"
 SOFTMAX = Variant("softmax (pretrained)", attention="softmax")
@@ -67,8 +73,6 @@ def steps_within(curve: list[dict[str, Any]], target: float, *, metric: str = "a
 def swap_to_favor(softmax_model, size: ModelSize, *, vocab_size: int, seed: int, variant: Variant = SWAPPED):
     """The same architecture with ``variant``'s attention (default FAVOR+), holding the softmax
     model's weights."""
-    from .harness import build_model
-
     model = build_model(variant, size, vocab_size=vocab_size, causal=False, seed=seed)
     missing, unexpected = model.load_state_dict(softmax_model.state_dict(), strict=False)
     if unexpected or any(not k.endswith(("feature_map.projection", "feature_map.rho")) for k in missing):
@@ -92,29 +96,17 @@ def experiment(
     austen: bool = True,
     progress=None,
 ) -> dict[str, Any]:
-    from dataclasses import replace
-    from functools import partial
-
-    from .books import CURRICULUM, corpus, length_schedule, make_task
-    from .books import MODES as BOOKS
-    from .harness import train_run
-
     mode = "quick" if quick else "full"
     size, n_len, n_batch = BOOKS[mode][:3]
     n_pre, n_fine, eval_every, eval_rows = MODES[mode]
     pre, fine, seeds = steps or n_pre, finetune or n_fine, seeds or 1
     seq_len, batch = seq_len or n_len, batch or n_batch
-    start, fraction = CURRICULUM[mode]
-    fraction = fraction if length_warmup is None else length_warmup
-    if seq_len != n_len:  # the same number of evaluated tokens at any length
-        size = replace(size, max_len=seq_len)
-        eval_rows = max(1, eval_rows * n_len // seq_len)
     # the softmax model and the from-scratch Performer grow the context over the first
     # ``fraction`` of the pre-training steps (the scratch run then continues at full length);
     # fine-tuning is at full length throughout
-    lengths = None
-    if fraction > 0 and start < seq_len:
-        lengths = partial(length_schedule, steps=pre, start=start, full=seq_len, fraction=fraction)
+    size, eval_rows, lengths, (start, fraction) = context_plan(
+        mode, size, seq_len=seq_len, eval_rows=eval_rows, steps=pre, length_warmup=length_warmup
+    )
     train, val, note = corpus(quick=quick, data_dir=data_dir, austen=austen)
     grown = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows, length_at=lengths)
     full = make_task(train, val, seq_len=seq_len, batch=batch, eval_rows=eval_rows)  # the same evaluation set
@@ -200,8 +192,6 @@ def experiment(
 
 
 def table(res: dict[str, Any]) -> str:
-    from .report import markdown_table
-
     c = res["config"]
     header = [
         "seed",
@@ -249,8 +239,6 @@ def table(res: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.part in ("all", "books"):
@@ -261,8 +249,6 @@ def run(args) -> int:
 
 
 def run_books(args) -> None:
-    from .suite import run_command
-
     run_command(
         args,
         NAME,
@@ -284,8 +270,6 @@ def run_books(args) -> None:
 
 
 def save(args, res):
-    from .suite import save_suite
-
     t = table(res)
     c = res["config"]
     warm = c.get("length_warmup")
@@ -300,10 +284,6 @@ def save(args, res):
 def run_antiberty(args) -> None:
     """AntiBERTy performerized (plain FAVOR+) and fine-tuned; skipped when antiberty is
     missing or with 0 steps (the default of --quick)."""
-    from .antiberty_transfer import antiberty_available, antiberty_transfer
-    from .report import markdown_table, write_outputs
-    from .suite import progress_bar
-
     steps = args.antiberty_steps if args.antiberty_steps is not None else (0 if args.quick else 60)
     if steps <= 0:
         return

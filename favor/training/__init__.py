@@ -4,7 +4,8 @@
   masked), ``TrainConfig``, ``PRESETS``, ``resolve_config``, ``evaluate_bits``,
   ``evaluate_bpr``, ``load_lm``, ``plot_log``.
 - ``checkpoint``: safetensors + JSON checkpoints written atomically (no pickle).
-- ``demo``: ``lm_demo``, FAVOR vs softmax LMs trained side by side (``make demo``'s part c).
+- ``demo``: ``run_demo``, the whole ``favor demo`` (approximation, speed, language models),
+  and ``lm_demo``, FAVOR vs softmax LMs trained side by side (its parts c and d).
 
 The dependency runs one way: demo -> loop -> checkpoint.
 """

@@ -1,9 +1,18 @@
-"""The demo's language-model part: the hybrid Performer vs exact softmax at a long context,
-same wall clock.
+"""favor demo: what favor is, as tables with units and a one-line caption each (2-3 minutes
+on 2 cores); ``run_demo`` is the whole demo, ``lm_demo`` its language-model part.
 
-Two causal byte-level LMs with identical parameters (same seed, same initial weights) train
+(a) approximation: each kernel vs exact softmax attention, M in {64, 256, 1024}, two logit
+    scales, next to the uniform-attention baseline (favor.benchmarking.approximation);
+(b) speed and memory: favor bidirectional and causal vs scaled_dot_product_attention
+    (favor.benchmarking.timing);
+(c) a byte-level English language model at a long context: the hybrid Performer (FAVOR+
+    with an exact 64-byte window and 4 sinks) vs softmax of the same size, the same
+    wall-clock budget each (quality per second against the byte-frequency baseline, memory);
+(d) decoding cost per token after 1k-16k tokens of context, from the models of (c).
+
+The language-model part (``lm_demo``): two causal byte-level LMs with identical parameters (same seed, same initial weights) train
 on English text (the King James Bible's Genesis, Proverbs and Matthew, shipped in
-favor.hf.corpus) with sequences of ``context`` bytes (default 8192), each for the same share
+favor.data.kjv) with sequences of ``context`` bytes (default 8192), each for the same share
 of ``seconds`` of wall-clock time, on the same batches in the same order, each with a full
 warm-up + cosine schedule sized to the steps it can take in that time. The Performer is the
 hybrid one: FAVOR+ plus exact softmax weights for each byte's last 64 + 1 bytes and the first
@@ -26,20 +35,27 @@ import math
 import multiprocessing
 import resource
 import time
+from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..attention.local.spec import ExactTerms
+from ..benchmarking import approximation
+from ..benchmarking.tables import format_table
+from ..benchmarking.timing import speed_table
 from ..data.text import load_tokenizer
 from ..models import PerformerConfig, PerformerLM
 from ..nn import feature_maps
 from ..nn.attention import AttentionState
-from .loop import LN2, _read_log, load_data, resolve_config, train
+from ..ops.local.spec import ExactTerms
+from .loop import LN2, load_data, read_log, resolve_config, train
 
 __all__ = [
+    "run_demo",
+    "demo_speed_table",
     "lm_demo",
     "decode_ms_per_token",
     "probe_train_step",
@@ -65,10 +81,9 @@ PROMPT = "And the LORD said unto"
 
 
 def demo_text() -> tuple[str, str]:
-    """(training file, held-out file): the King James Bible extracts favor.hf.corpus ships."""
-    from importlib import resources
+    """(training file, held-out file): the King James Bible extracts favor.data.kjv ships."""
 
-    root = resources.files("favor.hf.corpus")
+    root = resources.files("favor.data")
     return str(root.joinpath("kjv_train.txt.gz")), str(root.joinpath("kjv_heldout.txt.gz"))
 
 
@@ -157,7 +172,7 @@ def _plot(out: Path, results: dict[str, Any]) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ("hybrid", "softmax"):
-        rows = _read_log(out / name / "log.jsonl")
+        rows = read_log(out / name / "log.jsonl")
         ax.plot([r["time"] for r in rows], [r["loss"] / LN2 for r in rows], alpha=0.7, label=f"{name}: train")
     for name, marker in (("hybrid", "o"), ("softmax", "s")):
         r = results["runs"][name]
@@ -317,3 +332,262 @@ def _unigram_bpr(cfg) -> float:
     _, y = data.heldout_windows(cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
     y = y[data.counted(y)]
     return float(-p.log2()[y].mean())
+
+
+def _sig(x: float | None, digits: int = 3) -> str:
+    """``digits`` significant digits, no exponent for the magnitudes the demo prints."""
+    if x is None:
+        return "-"
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{decimals}f}"
+
+
+def _plot_approximation(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted({r["logit_std"] for r in rows})
+    fig, axes = plt.subplots(1, len(scales), figsize=(5 * len(scales), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, s in zip(axes, scales, strict=True):
+        sub = [r for r in rows if r["logit_std"] == s]
+        for kernel in dict.fromkeys(r["kernel"] for r in sub):
+            pts = [(r["num_features"], r["rel_error"]) for r in sub if r["kernel"] == kernel and r["num_features"]]
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), marker="o", label=kernel)
+        ax.axhline(sub[0]["uniform_baseline"], color="gray", ls="--", label="uniform attention")
+        ms = sorted({r["num_features"] for r in sub if r["num_features"]})
+        ref = [sub[0]["rel_error"] * (ms[0] / m) ** 0.5 for m in ms]
+        ax.loglog(ms, ref, color="black", ls=":", label="M^-1/2")
+        ax.set_title(f"logit std {s}")
+        ax.set_xlabel("random features M")
+    axes[0].set_ylabel("|out - exact| / |exact|")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _approximation(out: Path, echo: Callable[[str], None]) -> list[dict]:
+    rows = approximation.approximation_table()
+    trig = [r for r in rows if r["kernel"] == "trig"]
+    worst_trig = max(trig, key=lambda r: r["rel_error"]) if trig else None
+    _table(
+        echo,
+        "(a) approximation of exact softmax attention (L=1024, D=64, H=4, float32, seed 0)",
+        ["logit std", "kernel", "M", "rel. error", "uniform attention"],
+        [
+            [r["logit_std"], r["kernel"], r["num_features"] or "-", _sig(r["rel_error"]), _sig(r["uniform_baseline"])]
+            for r in rows
+        ],
+        caption=(
+            "|out - exact| / |exact| next to uniform attention's error: the softmax estimators' error falls as "
+            "M^-1/2 and grows with the logit scale"
+            + (
+                f"; trig (not positive) reaches {_sig(worst_trig['rel_error'])} at logit std {worst_trig['logit_std']}, "
+                f"M={worst_trig['num_features']}"
+                if worst_trig
+                else ""
+            )
+            + ". relu and elu are other kernels, not estimates of softmax."
+        ),
+    )
+    _plot_approximation(rows, out / "approximation.png")
+    return rows
+
+
+def _plot_speed(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    series = [
+        ("favor_fwd", "favor bidirectional fwd", "C0", "-"),
+        ("sdpa_fwd", "SDPA fwd", "C0", "--"),
+        ("favor_causal_fwdbwd", "favor causal fwd+bwd", "C3", "-"),
+        ("sdpa_causal_fwdbwd", "SDPA causal fwd+bwd", "C3", "--"),
+    ]
+    for key, label, color, ls in series:
+        for ax, unit in ((ax_t, "ms"), (ax_m, "mib")):
+            pts = [(r["L"], r.get(f"{key}_{unit}")) for r in rows if r.get(f"{key}_{unit}") is not None]
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), marker="o", color=color, ls=ls, label=label)
+    ax_t.set(xlabel="sequence length L", ylabel="time (ms)", title="time (B=1, H=8, D=64, M=256)")
+    ax_m.set(xlabel="sequence length L", ylabel="peak memory above baseline (MiB)", title="peak memory")
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _speed(out: Path, lengths: list[int], echo: Callable[[str], None]) -> list[dict]:
+    rows = demo_speed_table(lengths, out=out, echo=echo)
+    _plot_speed(rows, out / "speed.png")
+    return rows
+
+
+def _language_model(out: Path, seconds: float, context: int, echo: Callable[[str], None]) -> dict:
+    res = lm_demo(out / "lm", seconds=seconds, context=context)
+    f, s = res["runs"]["hybrid"], res["runs"]["softmax"]
+    _table(
+        echo,
+        f"(c) English byte language model at context {context}: hybrid Performer (FAVOR+, exact window 64, "
+        f"4 sinks) vs exact softmax, same size, a {TRAIN_SHARE * seconds:.0f} s training budget each "
+        f"({res['threads']} threads)",
+        ["attention", "train s", "steps", "tokens seen", "train tokens/s", "held-out bits/byte", "peak step MiB"],
+        [
+            [
+                name,
+                f"{r['seconds']:.1f}",
+                r["steps"],
+                f"{r['tokens'] / 1e3:.0f}k",
+                f"{r['tokens_per_s'] / 1e3:.1f}k",
+                f"{r['val_bpr']:.3f}",
+                f"{r['peak_mib']:.0f}",
+            ]
+            for name, r in (("hybrid", f), ("softmax", s))
+        ]
+        + [["byte frequencies", "-", "-", "-", "-", f"{res['unigram_bpr']:.3f}", "-"]],
+        caption=(
+            f"at {context} bytes the hybrid trains at {f['tokens_per_s'] / s['tokens_per_s']:.1f}x softmax's "
+            f"tokens/s, so in the same wall clock it sees {f['tokens'] / max(s['tokens'], 1):.1f}x the tokens and ends "
+            f"{abs(s['val_bpr'] - f['val_bpr']):.3f} bits/byte {'below' if f['val_bpr'] < s['val_bpr'] else 'above'} "
+            f"softmax and {abs(res['unigram_bpr'] - f['val_bpr']):.2f} "
+            f"{'below' if f['val_bpr'] < res['unigram_bpr'] else 'above'} the byte frequencies (lower is better); "
+            f"peak memory of one "
+            f"training step: {f['peak_mib']:.0f} vs {s['peak_mib']:.0f} MiB (torch's CPU SDPA is memory-lean)."
+        ),
+    )
+    ctx = list(res["decode_ms_per_token"])
+    fav, soft = res["decode_ms_per_token"], res["softmax_decode_ms_per_token"]
+    kib = res["decode_state_kib"]
+    _table(
+        echo,
+        "(d) decoding after a context of n tokens: time per generated token and the state kept (models of (c))",
+        [
+            "context n",
+            "hybrid ms/token",
+            "softmax ms/token",
+            "softmax / hybrid",
+            "hybrid state KiB",
+            "softmax KV cache KiB",
+        ],
+        [
+            [
+                n,
+                f"{fav[n]:.2f}",
+                f"{soft[n]:.2f}",
+                f"{soft[n] / fav[n]:.1f}x",
+                f"{kib['hybrid']:.0f}",
+                f"{kib['softmax'][n]:.0f}",
+            ]
+            for n in ctx
+        ],
+        caption=(
+            f"the hybrid's state (FAVOR's and a ring of 65 keys) is constant-size: {fav[ctx[-1]] / fav[ctx[0]]:.2f}x the cost at n={ctx[-1]} vs n={ctx[0]}; "
+            f"softmax's key/value cache grows with n ({soft[ctx[-1]] / soft[ctx[0]]:.1f}x; its {ctx[-1]} cache is "
+            "random keys/values of the right size)."
+        ),
+    )
+    # a model's bytes may be anything: printed as one line of letters, digits and prose punctuation
+    text = " ".join("".join(ch if ch.isalnum() or ch in " .,;:!?'-()" else " " for ch in res["sample"]).split())
+    echo(f"  sampled text (hybrid model, seed 0): {text[:100]}{'...' if len(text) > 100 else ''}")
+    return res
+
+
+def _silent(_: str) -> None:
+    """The default ``echo``: library code never prints; the command passes ``print``."""
+
+
+def demo_speed_table(lengths, *, out: Path | None = None, echo: Callable[[str], None] = _silent) -> list[dict]:
+    """The speed section of ``favor demo``: favor vs SDPA at a few lengths (~40 s)."""
+    rows = speed_table(tuple(lengths), quick=True)
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    last = rows[-1] if rows else {}
+    both = [r for r in rows if r.get("favor_causal_fwdbwd_mib") is not None and r.get("sdpa_causal_fwdbwd_mib")]
+    mem = (
+        f"; peak MiB of causal forward+backward at L={both[-1]['L']}: favor {both[-1]['favor_causal_fwdbwd_mib']:.0f}, "
+        f"SDPA {both[-1]['sdpa_causal_fwdbwd_mib']:.0f}"
+        if both
+        else ""
+    )
+    _table(
+        echo,
+        "(b) speed and peak memory vs exact attention (scaled_dot_product_attention), B=1 H=8 D=64 M=256 float32",
+        [
+            "L",
+            "favor fwd ms",
+            "SDPA fwd ms",
+            "speed-up",
+            "favor causal f+b ms",
+            "SDPA causal f+b ms",
+            "speed-up",
+            "favor causal f+b MiB",
+            "SDPA causal f+b MiB",
+        ],
+        [
+            [
+                r["L"],
+                fmt(r["favor_fwd_ms"], ".1f"),
+                fmt(r["sdpa_fwd_ms"], ".1f"),
+                fmt(r["fwd_speedup"], ".1f") + "x",
+                fmt(r["favor_causal_fwdbwd_ms"], ".1f"),
+                fmt(r["sdpa_causal_fwdbwd_ms"], ".1f"),
+                fmt(r["causal_fwdbwd_speedup"], ".1f") + "x",
+                fmt(r.get("favor_causal_fwdbwd_mib"), ".0f"),
+                fmt(r.get("sdpa_causal_fwdbwd_mib"), ".0f"),
+            ]
+            for r in rows
+        ],
+        caption=(
+            "milliseconds per call (median, interleaved), peak MiB of a fresh process; favor's time is linear in L, "
+            f"SDPA's quadratic: at L={last.get('L')} favor runs at {fmt(last.get('fwd_speedup'), '.1f')}x SDPA's "
+            f"speed forward and {fmt(last.get('causal_fwdbwd_speedup'), '.1f')}x causal forward+backward" + mem
+            if rows
+            else None
+        ),
+    )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "speed.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def _table(echo: Callable[[str], None], title: str, header: list[str], rows: list[list], caption: str | None = None):
+    """A demo table: right-aligned columns under a rule, and a one-line caption."""
+    echo(format_table(title, header, rows, caption, indent="  ", rule=True))
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    lengths: list[int],
+    lm_seconds: float,
+    lm_context: int,
+    skip_speed: bool = False,
+    echo: Callable[[str], None] = _silent,
+) -> dict[str, Any]:
+    """``favor demo``: (a) the approximation table, (b) the speed table (unless
+    ``skip_speed``), (c)-(d) the language models (unless ``lm_seconds`` is 0), each printed
+    through ``echo`` as a table with a caption; writes OUT/demo.json and the PNG plots and
+    returns the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report: dict = {"approximation": _approximation(out, echo)}
+    if not skip_speed:
+        report["speed"] = _speed(out, lengths, echo)
+    if lm_seconds > 0:
+        report["language_model"] = _language_model(out, lm_seconds, lm_context, echo)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    echo(f"\nwrote {out}/demo.json and PNG plots in {time.perf_counter() - t0:.0f} s")
+    return report

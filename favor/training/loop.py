@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 __all__ = [
     "TrainConfig",
     "PRESETS",
@@ -48,6 +54,8 @@ __all__ = [
     "plot_log",
     "load_lm",
     "load_data",
+    "Split",
+    "read_log",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,10 +174,6 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, "rb") as f:
@@ -304,7 +308,8 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``log.jsonl`` (none if the file does not exist)."""
     if not path.is_file():
         return []
     rows = []
@@ -361,7 +366,7 @@ def restore_run(
 
 def truncate_log(log_path: str | Path, step: int) -> None:
     """Keep the log rows up to ``step`` (the checkpoint resumed from), atomically."""
-    kept = [r for r in _read_log(Path(log_path)) if r.get("step", 0) <= step]
+    kept = [r for r in read_log(Path(log_path)) if r.get("step", 0) <= step]
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -379,6 +384,48 @@ def load_lm(path: str | Path) -> tuple[PerformerLM | PerformerEncoder, dict[str,
     return model, ckpt.config
 
 
+class Split:
+    """How ``train`` splits a step's work across processes: this base class is one process
+    (the whole batch, the plain forward and mean loss, nothing to reduce; this process
+    evaluates and writes the log, checkpoints, plot and summary).
+
+    ``favor.distributed.train.RankSplit`` splits each batch's positions or rows across the
+    ranks of a process group, sums the gradients and losses over them, and lets rank 0 write.
+    The loop itself (schedule, batches, redraws, evaluation, log, checkpoints, resume) is the
+    same for every split."""
+
+    #: whether this process evaluates and writes the log, checkpoints, plot and summary
+    writes: bool = True
+    #: where the model and its batches live
+    device: torch.device = torch.device("cpu")
+    #: the checkpoint tensor this process restores its torch RNG state from on resume
+    rng_key: str = "rng.torch"
+    #: the loss plot's title (None: ``plot_log``'s default)
+    title: str | None = None
+
+    def tags(self) -> dict[str, Any]:
+        """Entries added to every log row and to the summary (e.g. the number of processes)."""
+        return {}
+
+    def loss(self, model: PerformerLM | PerformerEncoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This process's loss for the step's full batch ``(x, y)``; the processes' losses
+        (and gradients) add up to the batch's mean cross-entropy."""
+        logits = model_logits(model, x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # masked LM: targets -100 are ignored
+
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
+        """Sum the parameters' gradients over the processes (nothing to do for one)."""
+
+    def global_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss over the whole batch (every process calls this)."""
+        return float(loss.detach())
+
+    def rng_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Extra tensors a checkpoint keeps besides this process's RNG state (every process
+        calls this at a checkpoint step)."""
+        return None
+
+
 def train(
     out_dir: str | Path,
     model_cfg: PerformerConfig,
@@ -390,6 +437,7 @@ def train(
     throttle: float = 0.0,
     stop_at: int | None = None,
     write_plot: bool = True,
+    split: Split | None = None,
 ) -> dict[str, Any]:
     """Train a PerformerLM; writes DIR/log.jsonl, DIR/checkpoints/, DIR/loss.png.
 
@@ -398,22 +446,30 @@ def train(
     progress bar. ``time_limit`` (seconds) stops early, with an evaluation and a
     checkpoint, after the step that crosses it; ``stop_at``
     stops (with a checkpoint) after that step, as if interrupted. ``throttle`` sleeps that long per step
-    (tests use it to kill a run mid-way). Returns a summary dict.
+    (tests use it to kill a run mid-way). ``split`` says how a step's work is shared by
+    processes (default ``Split()``: one process; see ``favor.distributed.train``).
+    Returns a summary dict.
     """
+    split = Split() if split is None else split
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if split.writes:
+        out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     config = _config_dict(model_cfg, train_cfg)
     data = load_data(train_cfg)  # first: a missing or empty file fails before anything is written
-    val_x, val_y = data.heldout_windows(train_cfg.seq_len, train_cfg.eval_windows, seed=train_cfg.seed)
-    model = make_model(model_cfg, train_cfg)
+    val_x = val_y = None
+    if split.writes:
+        heldout = data.heldout_windows(train_cfg.seq_len, train_cfg.eval_windows, seed=train_cfg.seed)
+        val_x, val_y = (t.to(split.device) for t in heldout)
+    model = make_model(model_cfg, train_cfg).to(split.device)
     optimizer = _make_optimizer(model, train_cfg)
     start = 0
     if resume:
-        start = restore_run(out, model, optimizer, config)
-        truncate_log(log_path, start)
+        start = restore_run(out, model, optimizer, config, rng_key=split.rng_key)
+        if split.writes:
+            truncate_log(log_path, start)
     else:
-        if log_path.exists():
+        if split.writes and log_path.exists():
             log_path.unlink()
         torch.manual_seed(mix_seed(train_cfg.seed, 2))
     redrawer = FeatureRedrawer(model, train_cfg.redraw_interval, model_cfg.seed)
@@ -422,45 +478,51 @@ def train(
     tokens_done, last = 0, {}
     val_bpr = None
     step = start
-    with open(log_path, "a", encoding="utf-8") as logf:
+    logf = open(log_path, "a", encoding="utf-8") if split.writes else None  # noqa: SIM115 (closed below)
+    try:
         for step in range(start + 1, train_cfg.steps + 1):
             ts = time.perf_counter()
             lr = set_learning_rate(optimizer, step, train_cfg)
             x, y = step_batch(data, step, train_cfg)
-            logits = model_logits(model, x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # masked LM: targets -100 are ignored
+            loss = split.loss(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            split.reduce_gradients(model)
             if train_cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
             redrawer.step(step)
             tokens_done += x.numel()
+            loss_value = split.global_loss(loss)
             elapsed = time.perf_counter() - t0
             row: dict[str, Any] = {
                 "step": step,
-                "loss": float(loss.detach()),
+                "loss": loss_value,
                 "lr": lr,
                 "tokens_per_s": x.numel() / max(1e-9, time.perf_counter() - ts),
                 "time": elapsed,
+                **split.tags(),
             }
             final = step == train_cfg.steps or step == stop_at or (time_limit is not None and elapsed >= time_limit)
-            if step % train_cfg.eval_every == 0 or final:
-                val_bpr = evaluate_bits(model, val_x, val_y, counted=data.counted)
-                row["val_bpr"] = val_bpr
-            if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
-                logf.write(json.dumps(row) + "\n")
-                logf.flush()
-            if step % train_cfg.checkpoint_every == 0 or final:
-                logf.flush()
-                save_checkpoint(
-                    out,
-                    step=step,
-                    model=model,
-                    config=config,
-                    optimizer=optimizer,
-                    extra={"val_bpr": val_bpr, "data_format": data.format},
-                )
+            checkpoint = step % train_cfg.checkpoint_every == 0 or final
+            rng = split.rng_tensors() if checkpoint else None
+            if logf is not None:
+                if step % train_cfg.eval_every == 0 or final:
+                    val_bpr = evaluate_bits(model, val_x, val_y, counted=data.counted)
+                    row["val_bpr"] = val_bpr
+                if step % train_cfg.log_every == 0 or "val_bpr" in row or final:
+                    logf.write(json.dumps(row) + "\n")
+                    logf.flush()
+                if checkpoint:
+                    save_checkpoint(
+                        out,
+                        step=step,
+                        model=model,
+                        config=config,
+                        optimizer=optimizer,
+                        extra={"val_bpr": val_bpr, "data_format": data.format},
+                        extra_tensors=rng,
+                    )
             last = row
             if on_step is not None:
                 on_step(row)
@@ -468,11 +530,14 @@ def train(
                 time.sleep(throttle)
             if final:
                 break
+    finally:
+        if logf is not None:
+            logf.close()
     wall = time.perf_counter() - t0
     stopped = "steps" if step == train_cfg.steps else "stop_at" if step == stop_at else "time_limit"
     return finish_run(
-        out, log_path, model, write_plot=write_plot, step=step, start=start, last=last, val_bpr=val_bpr,
-        tokens=tokens_done, wall=wall, unit=data.unit,
+        out, log_path, model, write_plot=split.writes and write_plot, step=step, start=start, last=last,
+        val_bpr=val_bpr, tokens=tokens_done, wall=wall, title=split.title, extra=split.tags(), unit=data.unit,
         summary=run_summary(model_cfg, train_cfg, unit=data.unit, stopped=stopped, time_limit=time_limit),
     )  # fmt: skip
 
@@ -565,7 +630,7 @@ def plot_log(
     runs = {"": Path(log_path)} if not others else {"favor": Path(log_path), **{k: Path(v) for k, v in others.items()}}
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, path in runs.items():
-        rows = _read_log(path)
+        rows = read_log(path)
         steps = [r["step"] for r in rows]
         line = ax.plot(steps, [r["loss"] / LN2 for r in rows], alpha=0.5, label=f"{label} train (bits/token)".strip())
         val = [(r["step"], r["val_bpr"]) for r in rows if "val_bpr" in r]

@@ -35,7 +35,7 @@ def test_site_builds_strictly(tmp_path):
     for page in ("index.html", "getting-started/index.html", "api/favor/index.html", "api/training/index.html"):
         assert (tmp_path / "site" / page).exists(), page
     api = (tmp_path / "site" / "api" / "favor" / "index.html").read_text()
-    assert "favor.attention.api.attention" in api and "key_padding_mask" in api  # rendered from docstrings
+    assert "favor.ops.api.attention" in api and "key_padding_mask" in api  # rendered from docstrings
 
 
 def _copy(tmp_path: Path) -> Path:

@@ -54,7 +54,7 @@ def test_train_text_lm_resumes_exactly(tmp_path, capsys):
 def test_performerize_and_distill_saves_a_model_that_reloads(tmp_path):
     pytest.importorskip("transformers", reason="needs the hf extra")
     import favor.hf
-    from favor.hf.corpus import load_text
+    from favor.data.kjv import load_text
     from favor.hf.fidelity import embeddings, tokenize_batches
 
     ex = _load("performerize_and_distill")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import favor.hf as fh
-from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
-from favor.hf.support import PASSING, REFUSED, UnsupportedAttentionError, check_keywords
+from favor.hf.interface import favor_attention_forward
+from favor.hf.refusals import PASSING, REFUSED, UnsupportedAttentionError, check_keywords
 from tests.hf._batches import decoded_logits
 from tests.hf.architectures import ARCHITECTURES, CHECK, VOCAB, by_name, table
 

@@ -7,6 +7,8 @@ import torch
 
 import favor.hf as fh
 from favor.cli import main
+from favor.data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, lines
+from favor.hf.models import CORPORA, builtin_documents, builtin_texts
 
 
 def _save_tiny(tiny_bert, path):
@@ -157,9 +159,6 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
 
 
 def test_the_default_training_text_is_the_mix_and_the_held_out_text_another_domain():
-    from favor.data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, lines
-    from favor.hf.models import CORPORA, builtin_documents, builtin_texts
-
     text, held = CORPORA["english"]
     assert held[0] == HELDOUT_DOMAIN == "python-docs" and HELDOUT_DOMAIN not in TRAIN_DOMAINS
     docs = builtin_documents(text, "encoder")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import favor.hf as fh
-from favor.hf.attention import favor_attention_forward
 from favor.hf.fit import record_attention
+from favor.hf.interface import favor_attention_forward
 from tests.hf._batches import padded_batch
 
 
@@ -111,3 +111,26 @@ def test_set_dense_rejects_bad_input(tiny_bert):
         adapter.set_dense(torch.ones(adapter.heads, adapter.dim))
     with pytest.raises(ValueError, match="must be"):
         adapter.set_dense(torch.zeros(adapter.heads + 1, adapter.dim))
+
+
+def test_cached_dense_constants_follow_the_buffers(tiny_bert):
+    """The per-dtype constants (log_const, a, b) are remembered between calls and remade when
+    a buffer changes in place (set_dense, load_state_dict): a stale constant would be a
+    silent wrong answer."""
+    adapter = next(m.favor for m in _calibrated(tiny_bert, 16).modules() if hasattr(m, "favor"))
+    q, k = torch.randn(2, 2, adapter.heads, 5, adapter.dim).unbind(0)
+    before = adapter.log_const(torch.float32)
+    assert adapter.log_const(torch.float32) is before  # remembered
+    inputs = adapter.inputs(q, k, None)
+    adapter.set_dense(adapter.dense_a * 0.5)
+    after = adapter.log_const(torch.float32)
+    a = adapter.dense_a.double()
+    expect = -(a * a).sum(-1) - 0.5 * torch.log1p(-4.0 * a).sum(-1)
+    torch.testing.assert_close(after.flatten().double(), expect, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(after, before)
+    assert not torch.allclose(adapter.inputs(q, k, None)[0], inputs[0])
+    # one reparametrisation for both: the same numbers as inputs() and logit_inputs()
+    both = adapter.inputs_and_logits(q, k, 0.3)
+    for x, y in zip(both, (*adapter.inputs(q, k, 0.3), *adapter.logit_inputs(q, k, 0.3)), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0) if isinstance(x, torch.Tensor) else None
+        assert isinstance(x, torch.Tensor) or x == y

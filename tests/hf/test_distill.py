@@ -101,8 +101,8 @@ def test_logit_kl_is_zero_for_the_teacher_and_counts_real_tokens_only():
 def test_attention_transfer_loss_is_the_mean_relative_error_of_each_call(tiny_bert):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from favor.hf.attention import favor_attention_forward
     from favor.hf.distill import _student_with_transfer
+    from favor.hf.interface import favor_attention_forward
     from favor.hf.registry import observing
 
     batch = {"input_ids": _batches()[0]["input_ids"], "attention_mask": torch.ones(2, 10, dtype=torch.long)}
@@ -150,7 +150,7 @@ def test_distill_rejects_bad_eval_every(tiny_bert, eval_every):
 
 
 def test_fit_set_takes_batches_in_turn_from_each_length():
-    from favor.commands.distill import fit_set
+    from favor.hf.distill_encoder import fit_set
 
     short, long = [{"s": i} for i in range(3)], [{"l": i} for i in range(1)]
     assert fit_set([short, long], 2) == [short[0], long[0]]

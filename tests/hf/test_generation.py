@@ -239,7 +239,7 @@ def test_calibrated_dense_features_decode_exactly(local):
 
 
 def test_the_prompt_takes_the_chunked_path_and_each_token_the_step(monkeypatch):
-    from favor.attention import api
+    from favor.ops import api
 
     model = _model("llama", "plain")
     ids, mask, _ = _batch(8, seed=11)
@@ -259,3 +259,19 @@ def test_the_prompt_takes_the_chunked_path_and_each_token_the_step(monkeypatch):
     layers = model.config.num_hidden_layers
     # prefill: every layer once through the chunked kernel; then 4 tokens (the 5th is never fed back) by the step
     assert calls == [("causal_fast", 8)] * layers + [("steps", 1)] * (4 * layers)
+
+
+def test_decoding_with_a_non_favor_cache_warns_once(caplog, monkeypatch):
+    """A hand-written decoding loop gets transformers' DynamicCache by default: the numbers
+    are right but every token recomputes FAVOR over the whole prefix, so say how to get O(1)."""
+    import favor.hf.interface as fa
+
+    monkeypatch.setattr(fa, "_warned_kv_cache", False)
+    model = _model("llama", "plain")
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="favor.hf.interface"):
+        out = model(input_ids=ids[:, :10], cache=DynamicCache(config=model.config), use_cache=True)
+        assert "FavorCache" not in caplog.text  # a prompt alone is not a decoding step
+        for t in (10, 11):
+            out = model(input_ids=ids[:, t : t + 1], cache=out.cache, use_cache=True)
+    assert caplog.text.count("cache=favor.hf.FavorCache(model)") == 1

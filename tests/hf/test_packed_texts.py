@@ -4,7 +4,7 @@ import string
 
 import pytest
 
-from favor.hf.fidelity import packed_texts, tokenize_batches
+from favor.hf.fidelity import packed_documents, packed_texts, tokenize_batches
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,6 @@ def test_bad_arguments_name_themselves(tok):
 
 
 def test_packed_documents_never_join_two_documents(tok):
-    from favor.hf.fidelity import packed_documents
-
     a = [("ab " * n).strip() for n in (3, 5, 2, 7)]  # passages (0, 2), (2, 4) at length 12
     b = [("cd " * n).strip() for n in (6, 6, 6)]  # one line each
     got = packed_documents(tok, [a, b], length=12)

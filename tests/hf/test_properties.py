@@ -1,5 +1,5 @@
 """Property tests (hypothesis) of the attention function registered with transformers
-(favor.hf.attention.favor_attention_forward) over random B, H, key/value heads (GQA), Lq,
+(favor.hf.interface.favor_attention_forward) over random B, H, key/value heads (GQA), Lq,
 Lk (0 and 1 included), D, masks (None, padding, causal with padding and a cache offset;
 bool or additive), scaling and dtypes:
 
@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 
 import favor
 from favor.hf.adapter import FavorAdapter
-from favor.hf.attention import favor_attention_forward
-from tests.attention.test_properties import TOL, ULP, rel
+from favor.hf.interface import favor_attention_forward
+from tests.ops.test_properties import TOL, ULP, rel
 
 pytest.importorskip("transformers")
 
 #: trig is left out: its sign-indefinite normaliser is covered (with a conditioning guard)
-#: in tests/attention/test_properties.py; here the subject is the mask and head handling
+#: in tests/ops/test_properties.py; here the subject is the mask and head handling
 HF_KERNELS = ["positive", "hyperbolic", "oprf", "relu", "elu"]
 
 

@@ -3,7 +3,7 @@
 
 - logits from a prefill in random pieces and then one token at a time (the recurrent
   state, favor.step) equal the full forward pass (float64, 1e-10: the paths agree to
-  round-off, see tests/attention/test_paths_agree.py);
+  round-off, see tests/ops/test_paths_agree.py);
 - greedy generate() equals the naive loop that re-runs the whole prefix every token;
 - float16 / bfloat16 models decode to finite logits of their dtype;
 - bad tokens and states raise ValueError / TypeError naming the argument.
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from favor.models import PerformerConfig, PerformerLM
-from tests.attention.test_properties import KERNELS, rel
+from tests.ops.test_properties import KERNELS, rel
 
 
 @st.composite

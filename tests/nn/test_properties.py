@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import favor
 from favor.nn import FavorAttention, apply_rotary
-from tests.attention.test_properties import KERNELS, MASKS, rel
+from tests.ops.test_properties import KERNELS, MASKS, rel
 
 
 @st.composite

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from favor.data.austen import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, read_austen
 from favor.nn import feature_maps
 from favor.paper.books import length_schedule
-from favor.paper.corpora import AUSTEN_DATA, AUSTEN_NOVELS, _r_strings, load_mnist, read_austen
+from favor.paper.corpora import load_mnist
 from favor.paper.families import family_split, homology_clusters
 from favor.paper.harness import ModelSize, Variant, at_time, build_model, compare, train_run
 from favor.paper.peers import bucket_size
@@ -46,6 +47,22 @@ def test_length_warmup_doubles_in_equal_stages_then_holds_the_full_length():
     assert length_schedule(1, steps=10, start=4096, full=2048, fraction=0.5) == 2048
     with pytest.raises(ValueError, match="fraction"):
         length_schedule(1, steps=10, start=128, full=2048, fraction=1.5)
+
+
+def test_context_plan_is_books_and_transfers_one_length_setup():
+    """books and transfer share context_plan: at the mode's context nothing changes; at another
+    the positions follow it and the evaluated rows keep the evaluated tokens."""
+    from favor.paper.books import CURRICULUM, MODES, context_plan
+
+    size, n_len, _, _, _, rows = MODES["quick"][:6]
+    same = context_plan("quick", size, seq_len=n_len, eval_rows=rows, steps=20, length_warmup=0.0)
+    assert same == (size, rows, None, (CURRICULUM["quick"][0], 0.0))
+    got, got_rows, lengths, (start, fraction) = context_plan(
+        "quick", size, seq_len=4 * n_len, eval_rows=rows, steps=20, length_warmup=None
+    )
+    assert got.max_len == 4 * n_len and got_rows == max(1, rows // 4) and fraction == CURRICULUM["quick"][1]
+    want = [length_schedule(s, steps=20, start=start, full=4 * n_len, fraction=fraction) for s in range(1, 21)]
+    assert [lengths(s) for s in range(1, 21)] == want and want[0] == start < want[-1]
 
 
 def test_a_length_curriculum_keeps_the_tokens_per_step_and_evaluates_at_full_length():
@@ -184,7 +201,7 @@ def test_swap_to_favor_keeps_every_softmax_weight():
 
 
 def test_transfer_grows_the_context_for_pretraining_and_scratch_and_finetunes_at_full_length(monkeypatch):
-    from favor.paper import harness, transfer
+    from favor.paper import transfer
 
     seen = {}
 
@@ -194,7 +211,7 @@ def test_transfer_grows_the_context_for_pretraining_and_scratch_and_finetunes_at
             model = build_model(variant, size, vocab_size=task.vocab_size, causal=False, seed=seed)
         return {"curve": [{"step": s, "accuracy": 0.1} for s in range(0, steps + 1, 2)], "model": model}
 
-    monkeypatch.setattr(harness, "train_run", fake_train_run)
+    monkeypatch.setattr(transfer, "train_run", fake_train_run)
     res = transfer.experiment(quick=True, steps=8, finetune=4)
     # quick mode is books' quick setting: L = 256, grown from 128 over the first half of the
     # 8 pre-training steps; the scratch run follows the same schedule, then stays at 256
@@ -247,7 +264,7 @@ def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
     rdata = pytest.importorskip("rdata")
     data = Path.home() / ".cache" / "favor" / "paper" / "janeaustenr" / AUSTEN_DATA
     if not data.is_file():
-        pytest.skip("Jane Austen's package is not downloaded (favor.paper.corpora.fetch_austen)")
+        pytest.skip("Jane Austen's package is not downloaded (favor.data.austen.fetch_austen)")
     index_blob = gzip.decompress(data.with_suffix(".rdx").read_bytes())
     raw = data.read_bytes()
     with warnings.catch_warnings():
@@ -264,11 +281,11 @@ def test_austen_reader_agrees_with_the_rdata_package_on_the_real_novels():
 
 
 def test_books_full_mode_uses_austen_and_falls_back_to_the_bible_with_a_note(monkeypatch, tmp_path):
-    import favor.paper.corpora as corpora
+    import favor.paper.books as books
     from favor.paper.books import corpus
 
     fake = {name: f"{name} text\n" for name in AUSTEN_NOVELS.values()}
-    monkeypatch.setattr(corpora, "fetch_austen", lambda cache: dict(fake))
+    monkeypatch.setattr(books, "fetch_austen", lambda cache: dict(fake))
     train, val, note = corpus(quick=False, data_dir=tmp_path)
     assert "austen: persuasion" in val and "austen: persuasion" not in train
     assert sum(k.startswith("austen: ") for k in train) == 5 and "Jane Austen" in note
@@ -276,7 +293,7 @@ def test_books_full_mode_uses_austen_and_falls_back_to_the_bible_with_a_note(mon
     def missing(cache):
         raise RuntimeError("apt-get not found")
 
-    monkeypatch.setattr(corpora, "fetch_austen", missing)
+    monkeypatch.setattr(books, "fetch_austen", missing)
     train, val, note = corpus(quick=False, data_dir=tmp_path)
     assert not any(k.startswith("austen") for k in (*train, *val))
     assert "Jane Austen unavailable: apt-get not found" in note
