@@ -6,7 +6,8 @@ from importlib import resources
 import pytest
 import torch
 
-from favor.data.english import DOMAINS, HELDOUT_DOMAIN, TRAIN_DOMAINS, domain_text, passages
+from favor.data.english import DOMAINS, HELDOUT_DOMAIN, LINE_CHARS, TRAIN_DOMAINS, domain_text, lines, passages
+from favor.data.kjv import load_text
 
 
 class Bytes:
@@ -74,3 +75,14 @@ def test_passages_refuse_bad_requests():
         passages(tok, "heldout", length=10_000_000)
     with pytest.raises(ValueError, match="domain must be one of"):
         passages(tok, "train", length=10, domains=("news",))
+
+
+def test_lines_are_a_domains_paragraphs_in_order():
+    assert lines("bible") == load_text("train")  # the KJV's shipped three-verse lines
+    for domain in ("austen", "dictionary", "python-docs"):
+        got = lines(domain)
+        # every line but the last holds LINE_CHARS characters; nothing is lost or reordered
+        assert all(len(ln) >= LINE_CHARS for ln in got[:-1]) and len(got) > 400, domain
+        assert " ".join(got).split() == domain_text(domain).split(), domain
+    with pytest.raises(ValueError, match="domain must be one of"):
+        lines("news")

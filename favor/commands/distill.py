@@ -11,7 +11,10 @@ under 10 minutes in all on this CPU (the held-out evaluations, every --eval-ever
 against the budget). Writes distill.json and distill.png (loss, and the
 held-out embedding cosine per step at 128 and at 512 tokens: --eval-length, the held-out
 passages packed to exactly that length). --long-length N adds the training text packed to
-N-token passages (--long-batch-size per batch) to the short training passages.
+N-token passages (--long-batch-size per batch) to the short training passages. A sentence
+encoder trains on favor.data.english's mix (KJV, Austen, GCIDE; --corpus english, the default)
+and is held out on the Python docs, a domain it never sees (the curve), and on KJV's held-out
+books (before and after); --corpus kjv trains on KJV passages alone (favor.hf.models.CORPORA).
 A protein masked LM (``--model antiberty``) trains on the antibody V regions' training split
 (favor.hf.antibodies) with 15 % of residues masked (several seeded maskings per sequence, as
 the model sees them when it predicts) and also reports held-out masked-residue accuracy.
@@ -51,8 +54,26 @@ def add_arguments(parser) -> None:
         "--quick", action="store_true", help="the decoder recipe on a tiny random decoder in seconds (tests)"
     )
     parser.add_argument("--out", required=True, help="directory for the distilled model (favor.hf.from_pretrained)")
-    parser.add_argument("--text", default="train", help="training text: 'train' (built in KJV passages) or a file")
-    parser.add_argument("--heldout", default="heldout", help="held-out text for the cosine curve: 'heldout' or a file")
+    parser.add_argument(
+        "--corpus",
+        choices=("english", "kjv"),
+        default="english",
+        help="a sentence encoder's built-in texts: english (default: trains on favor.data.english's mix of KJV, "
+        "Austen and GCIDE; held out on the Python docs, a domain it never sees, and on KJV's held-out books) or "
+        "kjv (trains on KJV's train split, held out on its held-out split and on the Python docs; the default "
+        "before)",
+    )
+    parser.add_argument(
+        "--text",
+        help="training text instead of --corpus's: 'english' (the mix), 'train' (KJV passages), a domain of "
+        "favor.data.english (austen, dictionary, ...) or a file",
+    )
+    parser.add_argument(
+        "--heldout",
+        action="append",
+        help="held-out text instead of --corpus's: 'python-docs', 'heldout' (KJV), a domain or a file; repeat for "
+        "several (the first gives the cosine curve, the others are measured before and after training)",
+    )
     parser.add_argument("--steps", type=int, help="training steps (encoder default 3000, or until --minutes)")
     parser.add_argument(
         "--minutes",
@@ -122,7 +143,10 @@ def add_arguments(parser) -> None:
         "value and output projections) or all",
     )
     parser.add_argument(
-        "--fit-batches", type=int, help="training batches the adapters are fitted on (encoder default 2, decoder 1)"
+        "--fit-batches",
+        type=int,
+        help="training batches the adapters are fitted on (encoder default: one of each passage length, at least 2 "
+        "(3: short, 128 and 512 tokens); decoder 1)",
     )
     parser.add_argument(
         "--fit-on",
@@ -165,6 +189,7 @@ def run(args) -> int:
         return 2
     given = {name: getattr(args, name) for name in ENCODER_OPTIONS}
     given["long_lengths"] = args.long_length
+    given["heldout"] = tuple(args.heldout) if args.heldout else None
     given["eval_lengths"] = args.eval_length or ([args.eval_max_length] if args.eval_max_length else None)
     bars = []  # made at the first evaluation (step 0), as training starts
 
@@ -215,6 +240,7 @@ ENCODER_OPTIONS = (
     "embedding_weight",
     "attention_weight",
     "seed",
+    "corpus",
     "text",
     "heldout",
 )

@@ -112,8 +112,9 @@ def _config(args):
 
 
 def _text_ids(tok, path: str, length: int):
-    """Passages of ``length`` tokens of a text file, or None for the built-in mix ("train")."""
-    if path == "train":
+    """Passages of ``length`` tokens of a text file, or None for the built-in mix (no --text,
+    "english", or "train" as before)."""
+    if path in (None, "train", "english"):
         return None
     text = Path(path).read_text(encoding="utf-8")
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -138,6 +139,9 @@ def run(args) -> int:
     if loaded is None:
         return 2
     teacher, tok, name = loaded
+    if getattr(args, "corpus", "english") != "english":
+        print("favor distill: a decoder trains on the english mix (--corpus english) or --text FILE")
+        return 2
     try:
         text_ids = _text_ids(tok, args.text, config.length)
     except (OSError, ValueError) as e:

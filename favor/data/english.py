@@ -17,6 +17,11 @@ register (technical prose and code), so held-out perplexity measures transfer, n
 ``passages(tokenizer, "train" | "heldout", length=N)`` cuts each domain's text, tokenized
 as one stream, into consecutive N-token passages (token ids, no special tokens): a passage
 is contiguous text of one domain; training passages take the domains in turn.
+
+``lines(domain)`` gives a domain's text as short passages of text instead (a sentence
+encoder's training lines; favor distill packs consecutive lines of one domain into longer
+passages): KJV's three-verse lines, and for the others consecutive paragraphs joined until
+each line holds at least ``LINE_CHARS`` characters (about KJV's lines: 342 characters).
 """
 
 from __future__ import annotations
@@ -32,7 +37,16 @@ import torch
 from .austen import read_austen
 from .kjv import load_text
 
-__all__ = ["DOMAINS", "TRAIN_DOMAINS", "HELDOUT_DOMAIN", "domain_text", "passages", "build_extracts"]
+__all__ = [
+    "DOMAINS",
+    "TRAIN_DOMAINS",
+    "HELDOUT_DOMAIN",
+    "LINE_CHARS",
+    "domain_text",
+    "lines",
+    "passages",
+    "build_extracts",
+]
 
 #: domain -> shipped file in favor.data (bible: favor.data.kjv's "train" split)
 DOMAINS = {
@@ -53,6 +67,35 @@ def domain_text(domain: str) -> str:
         return "\n".join(load_text("train")) + "\n"
     data = resources.files("favor.data").joinpath(DOMAINS[domain]).read_bytes()
     return gzip.decompress(data).decode("utf-8")
+
+
+#: a line of ``lines``: consecutive paragraphs joined until it holds this many characters
+LINE_CHARS = 300
+
+
+def lines(domain: str) -> list[str]:
+    """One domain's text as lines (short passages) in order: the KJV's lines as favor.hf.corpus
+    ships them (three verses each); otherwise paragraphs (blocks between blank lines; Austen's
+    paragraphs, GCIDE's entries, the docs' paragraphs and code blocks), their line breaks made
+    spaces, consecutive ones joined with a space until a line holds ``LINE_CHARS`` characters
+    (a last shorter line is kept)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
+    if DOMAINS[domain] is None:
+        return load_text("train")
+    out, parts, chars = [], [], 0
+    for block in domain_text(domain).split("\n\n"):
+        para = " ".join(ln.strip() for ln in block.splitlines() if ln.strip())
+        if not para:
+            continue
+        chars += len(para) + bool(parts)  # the joined line's length
+        parts.append(para)
+        if chars >= LINE_CHARS:
+            out.append(" ".join(parts))
+            parts, chars = [], 0
+    if parts:
+        out.append(" ".join(parts))
+    return out
 
 
 def _cut(tokenizer, text: str, length: int) -> torch.Tensor:

@@ -30,16 +30,18 @@ from torch import nn
 from .antibodies import masked_accuracy, masked_batches
 from .distill import DistillConfig, distill
 from .fidelity import (
+    embedding_cosines,
     embeddings,
     eval_lengths,
     held_out_batches,
     max_length,
-    packed_texts,
+    packed_documents,
     split_texts,
     tokenize_batches,
 )
 from .fit import fit_adapters
 from .io import save_pretrained
+from .models import CORPORA, builtin_documents, model_texts
 from .performerize import DEFAULTS, performerize
 from .registry import NAME
 
@@ -58,7 +60,13 @@ class EncoderDistillConfig:
     """The recipe's options (``favor distill``'s flags, encoder defaults). ``None`` for
     ``max_length`` (64; a masked LM: 160), ``long_lengths`` (``LONG_LENGTHS`` capped at the
     model's positions; none for a masked LM), ``eval_lengths`` (128 and 512; a masked LM:
-    160) and ``samples`` (32; a masked LM: 64) picks the default for the model's kind.
+    160), ``samples`` (32; a masked LM: 64) and ``fit_batches`` (one batch of each passage
+    length, at least 2: 3 for a sentence encoder, the 512-token batch lifting 512's zero-shot;
+    benchmarks/results/hf_fidelity_512.md, stop 22) picks the default for the model's kind.
+    ``corpus`` ("english" or "kjv", ``favor.hf.models.CORPORA``) gives a sentence encoder's
+    training ``text`` and ``heldout`` texts where they are None (the first held-out text gives
+    the curve, the others are measured before and after training); a masked LM takes its
+    built-in "train" / "heldout" splits.
     ``features`` are performerize's feature options (projection, key shift, exact terms)."""
 
     kernel: str = DEFAULTS["kernel"]
@@ -77,15 +85,16 @@ class EncoderDistillConfig:
     fit_steps: int = 40
     schedule: str = "cosine"
     train: str = "query-key"
-    fit_batches: int = 2
+    fit_batches: int | None = None
     fit_on: str = "mixed"
     adapter_lr: float = 3e-3
     logit_weight: float = 1.0
     embedding_weight: float = 1.0
     attention_weight: float = 1.0
     seed: int = 0
-    text: str = "train"
-    heldout: str = "heldout"
+    corpus: str = "english"
+    text: str | None = None
+    heldout: tuple[str, ...] | None = None
     features: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,10 +174,14 @@ def distill_encoder(
         train=cfg.train,
         attention_weight=cfg.attention_weight,
     )
+    if not mlm and cfg.corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {cfg.corpus!r}")
+    text, heldouts = ("train", ("heldout",)) if mlm else CORPORA[cfg.corpus]
+    text, heldouts = cfg.text or text, list(cfg.heldout or heldouts)
     length = max_length(cfg.max_length, kind, 64)
-    train = split_texts(cfg.text, kind)
+    train = split_texts(text, kind)
     samples = cfg.samples or (64 if mlm else 32)
-    held = split_texts(cfg.heldout, kind, samples)
+    held = split_texts(heldouts[0], kind, samples)
     if mlm:
         raw = [s.replace(" ", "") for s in train]
         batches = [
@@ -189,12 +202,15 @@ def distill_encoder(
     tokens = cfg.long_batch_size * max(long_lengths, default=0)  # per packed batch, every length
     groups = [batches]
     for n in long_lengths:
-        long = packed_texts(tok, train, length=n)
+        long = packed_documents(tok, [model_texts(d, kind) for d in builtin_documents(text, kind)], length=n)
         groups.append(tokenize_batches(tok, long, batch_size=max(1, tokens // n), max_length=n))
     batches = [b for group in groups for b in group]
-    fitting = fit_set(groups if cfg.fit_on == "mixed" else groups[:1], cfg.fit_batches)
+    fit_batches = cfg.fit_batches or max(2, len(groups))  # one batch of each length
+    fitting = fit_set(groups if cfg.fit_on == "mixed" else groups[:1], fit_batches)
     lengths = eval_lengths(cfg.eval_lengths, kind, max_length(None, kind, 128), limit=positions)
-    evs = {n: held_out_batches(tok, cfg.heldout, kind, length=n, count=samples, batch_size=8) for n in lengths}
+    evs, *others = [
+        {n: held_out_batches(tok, h, kind, length=n, count=samples, batch_size=8) for n in lengths} for h in heldouts
+    ]
     t0 = time.perf_counter()
     student = performerize(
         copy.deepcopy(teacher),
@@ -207,6 +223,8 @@ def distill_encoder(
     if cfg.fit_steps:
         fit_adapters(student, fitting, steps=cfg.fit_steps)
     refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
+    other_refs = [{n: embeddings(teacher, ev, attn="sdpa") for n, ev in o.items()} for o in others]
+    other_zero_shot = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
     keys = [str(n) for n in lengths]
     curve = {
         "loss": [],
@@ -237,15 +255,19 @@ def distill_encoder(
             on_step(step, loss, _last(curve))
 
     distill(student, teacher, batches, settings, on_step=step_done, evaluate=evaluate, eval_every=cfg.eval_every)
+    other_final = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
     out = Path(out)
     save_pretrained(student, out)
     result = {
         "model": name,
+        "corpus": None if mlm else cfg.corpus,
+        "text": text,
+        "held_out": heldouts[0],
         "kernel": cfg.kernel,
         "num_features": cfg.num_features,
         "steps": len(curve["loss"]),
         "fit_steps": cfg.fit_steps,
-        "fit_batches": cfg.fit_batches,
+        "fit_batches": fit_batches,
         "fit_on": cfg.fit_on,
         "schedule": cfg.schedule,
         "train": cfg.train,
@@ -267,6 +289,14 @@ def distill_encoder(
         "zero_shot_cosine": {n: c[0] for n, c in curve["eval_cosine"].items()},
         "final_cosine": {n: c[-1] for n, c in curve["eval_cosine"].items()},
         "final_cosine_min": {n: c[-1] for n, c in curve["eval_cosine_min"].items()},
+        "other_held_out": {
+            h: {
+                "zero_shot_cosine": {n: c[0] for n, c in z.items()},
+                "final_cosine": {n: c[0] for n, c in f.items()},
+                "final_cosine_min": {n: c[1] for n, c in f.items()},
+            }
+            for h, z, f in zip(heldouts[1:], other_zero_shot, other_final, strict=True)
+        },
         **(
             {
                 "masked_residues": n_masked,
@@ -285,10 +315,16 @@ def distill_encoder(
     _plot(curve, out / "distill.png")
     for n in keys:
         echo(
-            f"held-out embedding cosine to softmax at {n} tokens: {result['zero_shot_cosine'][n]:.4f} (zero-shot: "
-            f"calibrated{', fitted' if cfg.fit_steps else ''}) -> {result['final_cosine'][n]:.4f} after "
+            f"held-out ({heldouts[0]}) embedding cosine to softmax at {n} tokens: {result['zero_shot_cosine'][n]:.4f} "
+            f"(zero-shot: calibrated{', fitted' if cfg.fit_steps else ''}) -> {result['final_cosine'][n]:.4f} after "
             f"{result['steps']} steps ({result['seconds']:.0f} s); min {result['final_cosine_min'][n]:.4f}"
         )
+    for h, r in result["other_held_out"].items():
+        for n in keys:
+            echo(
+                f"held-out ({h}) at {n} tokens: {r['zero_shot_cosine'][n]:.4f} (zero-shot) -> "
+                f"{r['final_cosine'][n]:.4f}; min {r['final_cosine_min'][n]:.4f}"
+            )
     if mlm:
         echo(
             f"held-out masked-residue accuracy ({n_masked} residues): softmax {softmax_acc:.4f}, zero-shot "

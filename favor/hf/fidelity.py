@@ -14,7 +14,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .interface import favor_attention_forward
-from .models import builtin_texts, model_texts
+from .models import builtin_documents, builtin_texts, interleave, model_texts
 from .registry import NAME, probing
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "layer_errors",
     "tokenize_batches",
     "packed_texts",
+    "packed_documents",
+    "embedding_cosines",
     "split_texts",
     "max_length",
     "eval_lengths",
@@ -70,6 +72,14 @@ def packed_texts(tokenizer, texts: list[str], *, length: int, count: int | None 
     return out
 
 
+def packed_documents(tokenizer, documents: list[list[str]], *, length: int, count: int | None = None) -> list[str]:
+    """``packed_texts`` of each document (lines of one domain), one passage of each in turn
+    while every document has one left, then the rest: no passage joins two documents' text.
+    At most ``count`` passages."""
+    out = interleave([packed_texts(tokenizer, d, length=length, count=count) for d in documents])
+    return out[:count] if count is not None else out
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings (B, C): mean over non-padding tokens, L2-normalised (sentence-transformers)."""
     m = attention_mask[..., None].to(hidden.dtype)
@@ -89,6 +99,18 @@ def embeddings(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
         return torch.cat(out)
     finally:
         model.set_attn_implementation(previous)
+
+
+def embedding_cosines(
+    model: nn.Module, batches: Mapping[int, list[Mapping[str, torch.Tensor]]], refs: Mapping[int, torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """Per length (as a string): (mean, min) cosine of the FAVOR embeddings of ``batches[n]``
+    to the softmax ones given in ``refs[n]`` (``embeddings(model, batches[n], attn="sdpa")``)."""
+    out = {}
+    for n, b in batches.items():
+        cos = (embeddings(model, b, attn=NAME) * refs[n]).sum(-1)
+        out[str(n)] = (float(cos.mean()), float(cos.min()))
+    return out
 
 
 def embedding_cosine(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
@@ -166,11 +188,12 @@ def eval_lengths(given: list[int] | None, kind: str, masked_lm_length: int, *, l
 
 def held_out_batches(tok, split: str, kind: str, *, length: int, count: int, batch_size: int = 16) -> list[dict]:
     """Tokenized held-out batches at ``length`` tokens: for a sentence encoder ``count``
-    passages packed to exactly ``length`` tokens (fidelity.packed_texts), for a masked LM the
+    passages packed to exactly ``length`` tokens (packed_documents: a passage is one domain's
+    text), for a masked LM the
     first ``count`` sequences cut at ``length``."""
     if kind == "masked-lm":
         return tokenize_batches(tok, split_texts(split, kind, count), batch_size=batch_size, max_length=length)
-    packed = packed_texts(tok, split_texts(split, kind), length=length, count=count)
+    packed = packed_documents(tok, builtin_documents(split, kind), length=length, count=count)
     if not packed:
         raise ValueError(f"the {split!r} text is too short for one passage of {length} tokens")
     return tokenize_batches(tok, packed, batch_size=batch_size, max_length=length)

@@ -14,12 +14,22 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertTokenizer
 
+from ..data import english
 from ..data.kjv import load_text
 from ..data.models import package_dir
 from .antibodies import load_antibodies
 from .io import from_pretrained
 
-__all__ = ["load", "load_softmax", "model_texts", "builtin_texts", "NAMED"]
+__all__ = [
+    "load",
+    "load_softmax",
+    "model_texts",
+    "builtin_texts",
+    "builtin_documents",
+    "interleave",
+    "CORPORA",
+    "NAMED",
+]
 
 
 def _minilm_path() -> Path:
@@ -74,13 +84,44 @@ def load_softmax(spec: str | Path):
     return model, tok, kind
 
 
+#: built-in texts by name besides the splits "train" / "heldout" (KJV passages for a sentence
+#: encoder): "english", favor.data.english's training mix (KJV, Austen, GCIDE), and any one
+#: domain of it by name, e.g. "python-docs", its held-out domain (favor.data.english.lines)
+ENGLISH = "english"
+
+#: ``favor distill --corpus``: a sentence encoder's (training text, held-out texts); the first
+#: held-out text gives the cosine curve, the others are measured before and after training.
+#: "english": the mixed corpus, held out on the Python docs (a domain it never sees) and on
+#: KJV's held-out books; "kjv": the KJV splits (the default before the mixed corpus)
+CORPORA = {
+    "english": (ENGLISH, ("python-docs", "heldout")),
+    "kjv": ("train", ("heldout", "python-docs")),
+}
+
+
+def builtin_documents(split: str | Path, kind: str) -> list[list[str]]:
+    """``builtin_texts`` as documents: lists of consecutive lines that may be packed together
+    into one passage (one per domain of the "english" mix, else one), in order."""
+    if kind != "masked-lm" and str(split) == ENGLISH:
+        return [english.lines(d) for d in english.TRAIN_DOMAINS]
+    if kind != "masked-lm" and str(split) in english.DOMAINS:
+        return [english.lines(str(split))]
+    if kind == "masked-lm" and str(split) in ("train", "heldout"):
+        return [load_antibodies(str(split))]
+    return [load_text(split)]
+
+
 def builtin_texts(split: str | Path, kind: str) -> list[str]:
     """The built-in "train"/"heldout" split for a model kind (KJV passages for a sentence
-    encoder, Swiss-Prot antibody V regions for a protein masked LM), or a text file's lines."""
-    if kind == "masked-lm" and str(split) in ("train", "heldout"):
-        return load_antibodies(str(split))
+    encoder, Swiss-Prot antibody V regions for a protein masked LM), a built-in English text
+    (``ENGLISH``, the training mix: one line of each domain in turn while each has one left,
+    then the rest; or a domain's name), or a text file's lines."""
+    return interleave(builtin_documents(split, kind))
 
-    return load_text(split)
+
+def interleave(groups: list[list]) -> list:
+    """One item of each group in turn while every group has one left, then the rest in order."""
+    return [g[i] for i in range(max((len(g) for g in groups), default=0)) for g in groups if i < len(g)]
 
 
 def model_texts(texts: list[str], kind: str) -> list[str]:

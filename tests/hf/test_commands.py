@@ -7,6 +7,8 @@ import torch
 
 import favor.hf as fh
 from favor.cli import main
+from favor.data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, lines
+from favor.hf.models import CORPORA, builtin_documents, builtin_texts
 
 
 def _save_tiny(tiny_bert, path):
@@ -132,6 +134,13 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
     assert res["long_length"] == 32 and res["long_lengths"] == [32] and res["training_batches"] > 0
     assert (res["fit_steps"], res["fit_batches"], res["fit_on"]) == (1, 1, "mixed")
     assert (res["exact_window"], res["exact_sinks"]) == (2, 1)
+    # by default it trains on the mixed English corpus and is held out on a domain not in it
+    # (the Python docs), with KJV's held-out books measured before and after as well
+    assert (res["corpus"], res["text"], res["held_out"]) == ("english", "english", "python-docs")
+    assert set(res["other_held_out"]) == {"heldout"}
+    kjv = res["other_held_out"]["heldout"]
+    assert set(kjv["zero_shot_cosine"]) == set(kjv["final_cosine"]) == set(kjv["final_cosine_min"]) == {"16", "32"}
+    assert all(0.0 < c <= 1.0 + 1e-6 for c in kjv["final_cosine"].values())
     assert (out / "distill.png").stat().st_size > 0
     model = fh.from_pretrained(out)
     assert model.config._attn_implementation == fh.NAME
@@ -147,6 +156,38 @@ def test_distill_command_saves_a_loadable_model(tiny_bert, tmp_path, capsys):
         capsys.readouterr()
         assert main(cmd) == 2
         assert "already performerized" in capsys.readouterr().out
+
+
+def test_the_default_training_text_is_the_mix_and_the_held_out_text_another_domain():
+    text, held = CORPORA["english"]
+    assert held[0] == HELDOUT_DOMAIN == "python-docs" and HELDOUT_DOMAIN not in TRAIN_DOMAINS
+    docs = builtin_documents(text, "encoder")
+    assert docs == [lines(d) for d in TRAIN_DOMAINS] and len(TRAIN_DOMAINS) == 3  # KJV, Austen, GCIDE
+    train = builtin_texts(text, "encoder")
+    assert train[:3] == [d[0] for d in docs] and len(train) == sum(map(len, docs))  # the domains in turn
+    assert not set(train) & set(builtin_texts(held[0], "encoder"))
+    # --corpus kjv: the KJV splits, as before the mixed corpus
+    assert CORPORA["kjv"][0] == "train" and CORPORA["kjv"][1][0] == "heldout"
+    assert builtin_texts("train", "encoder") == lines("bible")
+
+
+def test_distill_command_takes_the_kjv_corpus_and_files(tiny_bert, tmp_path):
+    d = _save_tiny(tiny_bert, tmp_path / "tiny")
+    heldout = tmp_path / "held.txt"
+    heldout.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    common = ["distill", "--model", str(d), "--steps", "2", "--samples", "2", "--num-features", "8"]
+    common += ["--batch-size", "4", "--max-length", "16", "--eval-length", "16", "--long-length", "0"]
+    common += ["--fit-steps", "0"]
+    out = tmp_path / "kjv"
+    assert main([*common, "--corpus", "kjv", "--out", str(out)]) == 0
+    res = json.loads((out / "distill.json").read_text())
+    assert (res["corpus"], res["text"], res["held_out"]) == ("kjv", "train", "heldout")
+    assert set(res["other_held_out"]) == {"python-docs"}
+    assert res["fit_batches"] == 2  # one batch of each passage length, at least 2 (here short passages only)
+    out = tmp_path / "file"  # the flags of before: --text train, one --heldout (here a file)
+    assert main([*common, "--text", "train", "--heldout", str(heldout), "--out", str(out)]) == 0
+    res = json.loads((out / "distill.json").read_text())
+    assert (res["text"], res["held_out"], res["other_held_out"]) == ("train", str(heldout), {})
 
 
 def test_model_texts_formats_proteins_only():

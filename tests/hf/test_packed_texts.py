@@ -4,7 +4,7 @@ import string
 
 import pytest
 
-from favor.hf.fidelity import packed_texts, tokenize_batches
+from favor.hf.fidelity import packed_documents, packed_texts, tokenize_batches
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +32,13 @@ def test_bad_arguments_name_themselves(tok):
         packed_texts(tok, ["ab"], length=2)
     with pytest.raises(ValueError, match="count"):
         packed_texts(tok, ["ab"], length=8, count=0)
+
+
+def test_packed_documents_never_join_two_documents(tok):
+    a = [("ab " * n).strip() for n in (3, 5, 2, 7)]  # passages (0, 2), (2, 4) at length 12
+    b = [("cd " * n).strip() for n in (6, 6, 6)]  # one line each
+    got = packed_documents(tok, [a, b], length=12)
+    # one passage of each document in turn, then the rest; the join of a's tail and b's head is never made
+    assert got == [" ".join(a[0:2]), b[0], " ".join(a[2:4]), b[1], b[2]]
+    assert packed_documents(tok, [a, b], length=12, count=3) == got[:3]
+    assert packed_documents(tok, [a], length=12) == packed_texts(tok, a, length=12)
