@@ -246,3 +246,11 @@ def test_the_data_layer_imports_nothing_above_it():
     graph = _module_graph()
     up = {m: sorted(d for d in deps if not d.startswith("favor.data")) for m, deps in graph.items()}
     assert not {m: d for m, d in up.items() if m.startswith("favor.data") and d}
+
+
+def test_readme_is_a_front_page():
+    """The README stays a front page (issue 25: about 150 lines, at most 160): the two
+    commands first, results tables in the docs."""
+    readme = (ROOT.parent / "README.md").read_text().splitlines()
+    assert len(readme) <= 160, f"README.md has {len(readme)} lines; move detail to docs/ (at most 160)"
+    assert readme[2] == "```bash" and readme[3].startswith("make demo") and readme[4].startswith("make test")
