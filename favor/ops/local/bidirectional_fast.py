@@ -171,7 +171,7 @@ def block_transpose_sum(coeff: torch.Tensor, y: torch.Tensor, w: int, block: int
     return got if out is None else out.add_(got)
 
 
-class _Slots:
+class _ExactSlots:
     """Where each exact slot's key sits: the band (``blocks`` = 1: keys i - w .. i + w, in
     GEMM blocks of ``block`` queries) or exact blocks (``blocks`` = C > 1: each query's block
     of C positions widened by w, local_block.py), with the products both passes use."""
@@ -246,7 +246,7 @@ def _features(feat, x: torch.Tensor, a, w: int, block: int, scratch: Scratch, na
     return f.values, f.log_scale, flat
 
 
-class _Group:
+class _SequenceGroup:
     """One group of sequences: features, masks and the per-key weights, as both passes use."""
 
     def __init__(self, ctx_like, q, k, a, pad, scratch: Scratch, ref=None, *, weighted: bool = True):
@@ -268,7 +268,7 @@ def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
 
 
-def _live(length: int, slots: _Slots, sinks: int, live_key, device) -> torch.Tensor:
+def _live_slots(length: int, slots: _ExactSlots, sinks: int, live_key, device) -> torch.Tensor:
     """Which exact slots hold a real key, (1 or N, L, E): neighbours (or the block's keys)
     inside the sequence, sinks not among them, neither padding (``live_key`` (N, L) or None)."""
     parts = [slots.keys(length, device)] if slots.n else []
@@ -286,7 +286,7 @@ def _live(length: int, slots: _Slots, sinks: int, live_key, device) -> torch.Ten
     return ok
 
 
-def _a_at(a, lead, sl):
+def _oprf_a_of_group(a, lead, sl):
     """FAVOR++'s A for the sequences ``sl`` of the flattened lead dims, or None."""
     return None if a is None else a.expand(lead).reshape(-1)[sl]
 
@@ -302,8 +302,8 @@ class _LocalFast(torch.autograd.Function):
         if not isinstance(log_const, torch.Tensor):
             log_const = torch.zeros((), dtype=q.dtype, device=q.device)
         c_all = log_const.to(q.dtype).expand(*lead, 1, 1).reshape(n, 1, 1)
-        slots = _Slots(window, block, blocks, length)
-        live = _live(length, slots, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)
+        slots = _ExactSlots(window, block, blocks, length)
+        live = _live_slots(length, slots, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)
         n_sinks, nb = min(sinks, length), slots.n
         n_exact, dead_all = live.shape[-1], ~live
         out = q_.new_empty(n, length, dv)
@@ -317,7 +317,9 @@ class _LocalFast(torch.autograd.Function):
         for s0 in range(0, n, step):
             sl = slice(s0, min(n, s0 + step))
             p_ = None if pad is None else pad[sl]
-            gr = _Group((feat, slots.w, slots.block), q_[sl], k_[sl], _a_at(a, lead, sl), p_, scratch, weighted=False)
+            gr = _SequenceGroup(
+                (feat, slots.w, slots.block), q_[sl], k_[sl], _oprf_a_of_group(a, lead, sl), p_, scratch, weighted=False
+            )
             qv, kv, e = gr.qv, gr.kv, gr.e
             g = qv.shape[0]
             # [v, 1] e: each key's weight on V's rows and on the normaliser's column
@@ -419,10 +421,12 @@ def _backward_group(ctx, scratch: Scratch, sl: slice, saved: tuple, grads: tuple
     feat, window, sinks, block, lead = ctx.feat, ctx.window, ctx.sinks, ctx.block, ctx.lead
     dq, dk, dqx, dkx, dv_, dc, dw = grads
     length, dv = out.shape[-2], out.shape[-1]
-    slots = _Slots(window, block, ctx.blocks, length)
+    slots = _ExactSlots(window, block, ctx.blocks, length)
     n_sinks, nb = min(sinks, length), slots.n
-    a_g = _a_at(a, lead, sl)
-    gr = _Group((feat, slots.w, slots.block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], scratch, ref[sl])
+    a_g = _oprf_a_of_group(a, lead, sl)
+    gr = _SequenceGroup(
+        (feat, slots.w, slots.block), q_[sl], k_[sl], a_g, None if pad is None else pad[sl], scratch, ref[sl]
+    )
     qv, kw = gr.qv, gr.kv
     lv = live if live.shape[0] == 1 else live[sl]
     co, ex, fa, iv, vg = coeff[sl], exact[sl], far[sl], inv[sl], v_[sl]
