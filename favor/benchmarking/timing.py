@@ -440,19 +440,20 @@ def decode_latency(context: int, cfg: BenchConfig | None = None, *, steps: int =
         tf, ts = [], []
         half = steps // 2
         for block in (range(half), range(half, steps)):
-            for i in block:
-                sync(cfg.device)
-                t0 = time.perf_counter()
-                state = favor_step(i, state)
-                sync(cfg.device)
-                tf.append(time.perf_counter() - t0)
-            for i in block:
-                sync(cfg.device)
-                t0 = time.perf_counter()
-                n = sdpa_step(i, n)
-                sync(cfg.device)
-                ts.append(time.perf_counter() - t0)
+            state = _timed_steps(favor_step, block, state, cfg.device, tf)
+            n = _timed_steps(sdpa_step, block, n, cfg.device, ts)
     return {"context": context, "favor_step_s": statistics.median(tf), "sdpa_kv_cache_s": statistics.median(ts)}
+
+
+def _timed_steps(step, block, carry, device, into: list[float]):
+    """carry = step(i, carry) for i in ``block``, each timed between device syncs into ``into``."""
+    for i in block:
+        sync(device)
+        t0 = time.perf_counter()
+        carry = step(i, carry)
+        sync(device)
+        into.append(time.perf_counter() - t0)
+    return carry
 
 
 def decode_flatness(
