@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import pytest
 import torch
 
 import favor
@@ -75,3 +76,14 @@ def test_model_config_defaults():
         "seed": 0,
         "exact": None,
     }
+
+
+def test_decoder_recipe_defaults():
+    pytest.importorskip("transformers")
+    from favor.hf.linearize import LinearizeConfig
+
+    cfg = LinearizeConfig()
+    # the measured choice (benchmarks/results/llm_distill.md, stop 22): a 256-key window and
+    # 4 sinks exact, windows only (blocks would stop FavorCache decoding), derf with M=256
+    assert (cfg.exact_window, cfg.exact_sinks, cfg.exact_block) == (256, 4, 1)
+    assert (cfg.kernel, cfg.num_features, cfg.train) == ("derf", 256, "query-key")
