@@ -120,6 +120,10 @@ def test_eval_data_scores_another_file(tmp_path, text_file, one_thread):
 def test_model_overrides_go_to_the_model_config(text_file):
     m, t = resolve_config(preset="text", data=str(text_file), model={"attention": "softmax", "kernel": None})
     assert (m.attention, m.kernel, m.vocab_size, t.seq_len) == ("softmax", "positive", 256, 1024)
+    # the text preset's M = 64 beside the window (docs/paper.md); --num-features overrides it
+    assert m.num_features == 64
+    m, _ = resolve_config(preset="text", data=str(text_file), model={"num_features": 32})
+    assert m.num_features == 32
     with pytest.raises(ValueError, match="unknown model override 'exact_windw'"):
         resolve_config(preset="tiny", model={"exact_windw": 8})
 
@@ -162,9 +166,11 @@ def test_cli_model_options_are_collected_for_the_model_config():
     from favor.commands.train import model_overrides
 
     args = build_parser("train").parse_args(["train", "--out", "x", "--attention", "softmax", "--context", "64"])
-    assert model_overrides(args) == {"kernel": None, "attention": "softmax"}
+    assert model_overrides(args) == {"kernel": None, "attention": "softmax", "num_features": None}
     m, t = resolve_config(preset="tiny", model=model_overrides(args), seq_len=args.context)
     assert (m.attention, m.kernel, t.seq_len) == ("softmax", "positive", 64)
+    args = build_parser("train").parse_args(["train", "--out", "x", "--preset", "text", "--num-features", "48"])
+    assert resolve_config(preset="text", model=model_overrides(args))[0].num_features == 48
 
 
 def test_a_directory_of_fasta_files_trains_as_proteins(tmp_path, one_thread):

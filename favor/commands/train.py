@@ -28,7 +28,7 @@ from ..training.loop import PRESETS, resolve_config, train
 
 #: option dest -> PerformerConfig field: each option given overrides the preset's model
 #: config (resolve_config's ``model`` dict); a new model option is one add_argument and one entry
-MODEL_OPTIONS = {"kernel": "kernel", "attention": "attention"}
+MODEL_OPTIONS = {"kernel": "kernel", "attention": "attention", "num_features": "num_features"}
 #: option dest -> TrainConfig field, overriding the preset's training config the same way
 TRAIN_OPTIONS = {
     "steps": "steps",
@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
     parser.add_argument("--kernel", choices=sorted(KERNELS), help="feature map kernel")
     parser.add_argument("--attention", choices=sorted(ATTENTIONS), help="favor, or exact softmax for a baseline")
+    parser.add_argument(
+        "--num-features", type=int, help="random features M per head (default: the preset's, else automatic)"
+    )
     parser.add_argument(
         "--exact-window",
         type=int,

@@ -143,7 +143,9 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # a byte-level text LM for a 2-core CPU: ~8k tokens/s with one thread, so a step of
     # 4 x 1024 bytes takes ~0.5 s and 200 steps fit in ~2 minutes (--minutes cuts earlier)
     "text": (
-        {"dim": 128, "depth": 3, "heads": 4},
+        # M = 64 (2D): beside an exact window the features only estimate the far keys; the
+        # hybrid's step then costs 1.20x softmax's at 1,024 instead of 1.45x (docs/paper.md)
+        {"dim": 128, "depth": 3, "heads": 4, "num_features": 64},
         {
             "steps": 200,
             "batch_size": 4,
