@@ -61,12 +61,9 @@ def _models(max_len: int, *, exact_window: int = -1, exact_sinks: int = 0, model
 
 def _value_only(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The no-attention floor: each query position's own value (attention that costs nothing)."""
-    heads = query.shape[1]
-    v = (
-        value[:, :, None]
-        .expand(-1, -1, heads // value.shape[1], -1, -1)
-        .reshape(value.shape[0], heads, *value.shape[2:])
-    )
+    from favor.hf.adapter import repeat_kv
+
+    v = repeat_kv(value, query.shape[1])
     return v[:, :, -query.shape[2] :].transpose(1, 2).contiguous(), None
 
 

@@ -207,11 +207,7 @@ class FavorAdapter(nn.Module):
         reparametrised q and k with the layer's scaling, or, for dense features, the augmented,
         already scaled inputs with scale 1. ``keep`` (B, Lk) bool: real keys; ``sequence``: apply
         the sequence shift (if the adapter has one; False for causal attention)."""
-        qa, kb = self.transform(q, k, keep=keep, sequence=sequence)
-        if not self.dense:
-            return qa, kb, scaling
-        root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
-        return (*self._augment(qa * root, kb * root), 1.0)
+        return self.inputs_and_logits(q, k, scaling, keep=keep, sequence=sequence)[:3]
 
     def inputs_and_logits(
         self,

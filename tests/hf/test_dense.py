@@ -131,6 +131,7 @@ def test_cached_dense_constants_follow_the_buffers(tiny_bert):
     assert not torch.allclose(adapter.inputs(q, k, None)[0], inputs[0])
     # one reparametrisation for both: the same numbers as inputs() and logit_inputs()
     both = adapter.inputs_and_logits(q, k, 0.3)
-    for x, y in zip(both, (*adapter.inputs(q, k, 0.3), *adapter.logit_inputs(q, k, 0.3)), strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=0) if isinstance(x, torch.Tensor) else None
-        assert isinstance(x, torch.Tensor) or x == y
+    q2, k2, scale = adapter.inputs(q, k, 0.3)
+    assert both[2] == scale == 1.0  # dense inputs are already scaled
+    for x, y in zip((both[0], both[1], *both[3:]), (q2, k2, *adapter.logit_inputs(q, k, 0.3)), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
