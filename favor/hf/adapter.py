@@ -218,16 +218,20 @@ class FavorAdapter(nn.Module):
         keep: torch.Tensor | None = None,
         sequence: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor, torch.Tensor]:
-        """``inputs`` and ``logit_inputs`` from one reparametrisation: (q', k', scale, q*, k*)."""
-        qa, kb = self.transform(q, k, keep=keep, sequence=sequence)
+        """``inputs`` and ``logit_inputs`` from one reparametrisation: (q', k', scale, q*, k*).
+
+        q* and k* are q and the shifted k, not the mapped pair: q A . (k - c) A^-T is the same
+        logit only while the key map stays A^-T, and fitting or distilling trains the two maps
+        as separate tensors. The exact terms must stay softmax's own weights whatever the maps
+        (they only reparametrise FAVOR's estimate), so the logits never pass through them."""
+        qs, ks = self.shifted(q, k, keep=keep, sequence=sequence)
+        qa, kb = self._mapped(qs, ks) if self._calibrated() else (qs, ks)
         root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
         dt = torch.float64 if qa.dtype == torch.float64 else torch.float32
-        qx, kx = qa.to(dt) * root, kb.to(dt) * root
+        qx, kx = qs.to(dt) * root, ks.to(dt) * root
         if not self.dense:
             return qa, kb, scaling, qx, kx
-        if qa.dtype != dt:  # augment in the inputs' own dtype, as ``inputs`` does
-            return (*self._augment(qa * root, kb * root), 1.0, qx, kx)
-        return (*self._augment(qx, kx), 1.0, qx, kx)
+        return (*self._augment(qa * root, kb * root), 1.0, qx, kx)  # in qa's dtype, as before
 
     def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""
@@ -275,15 +279,29 @@ class FavorAdapter(nn.Module):
         """q, k (B, H, L, D) -> (qA, (k - c)A^-T), in float32 (float64 for float64 inputs); the
         logits q.k change by a per-query constant only (c includes the sequence's pair mean
         when ``sequence_shift`` and ``sequence``; ``keep`` (B, Lk) bool marks real keys)."""
-        if not buffer_flag(self, "calibrated", self.calibrated, lambda c: c):
+        if not self._calibrated():
+            return q, k
+        return self._mapped(*self.shifted(q, k, keep=keep, sequence=sequence))
+
+    def shifted(
+        self, q: torch.Tensor, k: torch.Tensor, *, keep: torch.Tensor | None = None, sequence: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k - c) in float32 (float64 for float64 inputs), before the maps: the same
+        logits as q.k up to a per-query constant (c as in ``transform``); q, k as given
+        until calibrated."""
+        if not self._calibrated():
             return q, k
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         q, k = q.to(dt), k.to(dt)
         if self.sequence_shift and sequence:
             k = k - sequence_pair_mean(q, k, keep)
-        qa = q @ self.query_map.to(dt)
-        kb = (k - self.key_shift.to(dt)[:, None, :]) @ self.key_map.to(dt)
-        return qa, kb
+        return q, k - self.key_shift.to(dt)[:, None, :]
+
+    def _calibrated(self) -> bool:
+        return buffer_flag(self, "calibrated", self.calibrated, lambda c: c)
+
+    def _mapped(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q @ self.query_map.to(q.dtype), k @ self.key_map.to(k.dtype)
 
     @torch.no_grad()
     def set_reparametrisation(self, key_shift: torch.Tensor, query_map: torch.Tensor) -> None:

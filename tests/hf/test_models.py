@@ -167,3 +167,36 @@ def test_a_decoder_gets_the_default_window_and_sinks_without_blocks(tiny_llama):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
     assert fh.performerize(tiny_llama(), exact_block=4).config.favor_performer["exact_block"] == 4  # as asked
+
+
+def _drift_maps(model, seed):
+    """What fitting or distilling may leave: query and key maps that are no longer each
+    other's inverse transpose, and any key shift."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        adapter = getattr(module, "favor", None)
+        if isinstance(adapter, torch.nn.Module):
+            h, d = adapter.heads, adapter.dim
+            with torch.no_grad():
+                adapter.query_map.add_(0.3 * torch.randn(h, d, d, generator=g, dtype=adapter.query_map.dtype))
+                adapter.key_map.add_(0.3 * torch.randn(h, d, d, generator=g, dtype=adapter.key_map.dtype))
+                adapter.key_shift.add_(torch.randn(h, d, generator=g, dtype=adapter.key_shift.dtype))
+            assert bool(adapter.calibrated)
+
+
+def test_exact_terms_stay_softmax_whatever_the_maps(tiny_llama, tiny_bert):
+    # every key inside the exact set (window >= length): the output is softmax's however the
+    # maps drifted, since they reparametrise only FAVOR's far estimate (before the fix the
+    # exact logits went through the maps and moved by O(0.3))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 64, (2, 10), generator=g)
+    teacher = tiny_llama()
+    model = fh.performerize(tiny_llama(), num_features=16, seed=0, calibration=[{"input_ids": ids}], exact_window=16)
+    _drift_maps(model, 0)
+    ref = _llama_logits(teacher, ids)
+    torch.testing.assert_close(_llama_logits(model, ids), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decoded_logits(model, ids[:1], 5), ref[:1], rtol=1e-10, atol=1e-10)
+    bert_inputs = _bert_inputs()
+    bert = fh.performerize(tiny_bert(), num_features=16, seed=0, calibration=[bert_inputs], exact_window=16)
+    _drift_maps(bert, 1)
+    torch.testing.assert_close(_hidden(bert, bert_inputs), _hidden(tiny_bert(), bert_inputs), rtol=1e-10, atol=1e-10)
