@@ -140,7 +140,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--train",
         help="student weights to train besides the adapters: query-key (the default), attention (query, key, "
-        "value and output projections) or all",
+        "value and output projections), all, or adapters (none: only FAVOR's far-key estimate trains)",
     )
     parser.add_argument(
         "--fit-batches",

@@ -39,9 +39,10 @@ __all__ = ["DistillConfig", "distill", "adapter_tensors", "SCHEDULES", "TRAINABL
 #: whichever is further along): constant, or cosine decay to 10 % after a linear warm-up
 SCHEDULES = ("constant", "cosine")
 #: which student weights train besides the FAVOR adapters: every weight, only the
-#: self-attention layers' query/key projections, or all of the attention layers' projections
-#: (query, key, value and output; the rest stays the teacher's)
-TRAINABLE = ("all", "query-key", "attention")
+#: self-attention layers' query/key projections, all of the attention layers' projections
+#: (query, key, value and output; the rest stays the teacher's), or none ("adapters": only
+#: FAVOR's estimate of the far keys moves, the exact terms stay the teacher's attention)
+TRAINABLE = ("all", "query-key", "attention", "adapters")
 _QUERY_KEY = ("query", "key", "q_proj", "k_proj")  # BERT, Llama
 _VALUE_OUTPUT = ("value", "v_proj", "o_proj")  # BERT's output projection is its parent's output.dense
 
@@ -214,16 +215,19 @@ def distill(
         adapter = getattr(module, ATTRIBUTE, None)
         if isinstance(adapter, nn.Module):
             adapter.calibrated.fill_(True)
-    if config.train != "all":
+    if config.train == "adapters":
+        for p in student.parameters():
+            p.requires_grad_(False)
+    elif config.train != "all":
         keep = {id(p) for m in _projections(student, config.train) for p in m.parameters()}
         if not keep:
             raise ValueError(f"train={config.train!r} found no attention modules with projections named {_QUERY_KEY}")
         for p in student.parameters():
             p.requires_grad_(id(p) in keep)
     params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": params, "lr": config.lr}] if params else []
     opt = torch.optim.AdamW(
-        [{"params": params, "lr": config.lr}, {"params": extra, "lr": config.adapter_lr, "weight_decay": 0.0}],
-        weight_decay=0.01,
+        groups + [{"params": extra, "lr": config.adapter_lr, "weight_decay": 0.0}], weight_decay=0.01
     )
     losses: list[float] = []
     start = time.perf_counter()

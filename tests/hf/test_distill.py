@@ -33,6 +33,23 @@ def test_query_key_training_leaves_other_weights_alone(tiny_bert):
     assert changed == qk | favor  # nothing else moved (values, outputs, FFNs, embeddings)
 
 
+def test_adapters_training_moves_only_favors_estimate_and_keeps_exact_terms_exact(tiny_llama):
+    # train="adapters": no weight of the model moves, and with every key inside the exact set
+    # (window >= length) the student stays the teacher bit for bit in float64 however the
+    # adapters trained (the exact logits never pass through the maps)
+    teacher = tiny_llama()
+    ids = _batches()
+    student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=ids, exact_window=16)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    distill(student, teacher, ids, DistillConfig(steps=3, adapter_lr=0.1, train="adapters"))
+    after = student.state_dict()
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert changed and all(".favor." in k for k in changed)
+    with torch.no_grad():
+        out, ref = student(**ids[0]).logits, teacher(**ids[0]).logits
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("cache_mb", [0.0, 64.0])
 def test_teacher_cache_gives_the_same_losses_with_one_teacher_forward_per_batch(tiny_bert, cache_mb):
     teacher = tiny_bert()
