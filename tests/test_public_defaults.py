@@ -86,4 +86,4 @@ def test_decoder_recipe_defaults():
     # the measured choice (benchmarks/results/llm_distill.md, stop 22): a 256-key window and
     # 4 sinks exact, windows only (blocks would stop FavorCache decoding), derf with M=256
     assert (cfg.exact_window, cfg.exact_sinks, cfg.exact_block) == (256, 4, 1)
-    assert (cfg.kernel, cfg.num_features, cfg.train) == ("derf", 256, "query-key")
+    assert (cfg.kernel, cfg.num_features, cfg.train) == ("derf", 256, "adapters")

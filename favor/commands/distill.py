@@ -139,8 +139,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", default="cosine", help="learning rate: cosine (to 10%%, default) or constant")
     parser.add_argument(
         "--train",
-        help="student weights to train besides the adapters: query-key (the default), attention (query, key, "
-        "value and output projections), all, or adapters (none: only FAVOR's far-key estimate trains)",
+        help="student weights to train besides the adapters: query-key (an encoder's default), attention (query, "
+        "key, value and output projections), all, or adapters (none: only FAVOR's far-key estimate trains; a "
+        "decoder's default)",
     )
     parser.add_argument(
         "--fit-batches",
