@@ -99,7 +99,8 @@ class FavorLayer(CacheLayerMixin):
         self.terms = None
         self.padded = False
         self.built = 0
-        self.head_index: torch.Tensor | None = None  # GQA: query head -> key/value head
+        # GQA (decode._exact_lean): (H, Hkv, the key/value head of each query head)
+        self.head_index: tuple[int, int, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"FavorLayer(length={self.cumulative_length}, bytes={self.nbytes})"

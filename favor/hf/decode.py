@@ -97,7 +97,8 @@ def _plain(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
 def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     """Exact terms through the core op: the prompt by the chunked causal path (the same
     numbers as the teacher-forced pass), later tokens by its step loop, the layer holding an
-    ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks)."""
+    ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks); single tokens
+    of the steady state by the lean step (``_exact_lean``), the same arithmetic."""
     terms = layer.terms
     if terms is None or (terms.window, terms.sinks, terms.block) != (
         adapter.exact_window,
@@ -152,12 +153,13 @@ def _exact_lean(layer, adapter, terms, query, key, value, scaling) -> torch.Tens
     Python int, and ``exact_step_lean`` (no checks, masks or host reads)."""
     h, hkv = query.shape[1], key.shape[1]
     if hkv != h:
-        index = layer.head_index
-        if index is None or index.numel() != h or index.device != key.device:
+        made = layer.head_index
+        if made is None or made[:2] != (h, hkv) or made[2].device != key.device:
             if h % hkv:
                 raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
-            index = layer.head_index = torch.arange(hkv, device=key.device).repeat_interleave(h // hkv)
-        key, value = key.index_select(1, index), value.index_select(1, index)
+            index = torch.arange(hkv, device=key.device).repeat_interleave(h // hkv)
+            made = layer.head_index = (h, hkv, index)
+        key, value = key.index_select(1, made[2]), value.index_select(1, made[2])
     q, k, scale, qx, kx = adapter.step_inputs(query, key, scaling)
     dtype = compute_dtype(q.dtype)
     v = value
