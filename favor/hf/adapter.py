@@ -233,6 +233,33 @@ class FavorAdapter(nn.Module):
             return qa, kb, scaling, qx, kx
         return (*self._augment(qa * root, kb * root), 1.0, qx, kx)  # in qa's dtype, as before
 
+    def step_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, scaling: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor, torch.Tensor]:
+        """``inputs_and_logits(q, k, scaling, sequence=False)`` for one decoding token, q and k
+        (B, H, 1, D): the same numbers with both rows scaled (and augmented) as one tensor,
+        a few ops fewer per layer and token."""
+        if q.shape[-2] != 1 or k.shape != q.shape:
+            return self.inputs_and_logits(q, k, scaling, sequence=False)
+        qs, ks = self.shifted(q, k, sequence=False)
+        dt = torch.float64 if qs.dtype == torch.float64 else torch.float32
+        if qs.dtype != dt:  # half inputs: augmented in their own dtype (inputs_and_logits)
+            return self.inputs_and_logits(q, k, scaling, sequence=False)
+        root = (self.dim**-0.5 if scaling is None else scaling) ** 0.5
+        logits = torch.cat([qs, ks], -2).mul_(root)  # never through the maps (inputs_and_logits)
+        qx, kx = logits.narrow(-2, 0, 1), logits.narrow(-2, 1, 1)
+        if self._calibrated():
+            qa, kb = self._mapped(qs, ks)
+            x = torch.cat([qa, kb], -2).mul_(root) if self.dense else None
+        else:
+            qa, kb, x = qs, ks, logits
+        if not self.dense:
+            return qa, kb, scaling, qx, kx
+        a, b, rest = self._dense_constants(dt)
+        e = (x * x * rest).sum(-1, keepdim=True).clamp_min_(1e-20).sqrt_()
+        both = torch.cat([x * b, a.expand(x.shape[:-1] + (self.dim,)), e], dim=-1)
+        return both.narrow(-2, 0, 1), both.narrow(-2, 1, 1), 1.0, qx, kx
+
     def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""
         a, b, rest = self._dense_constants(qx.dtype)

@@ -93,6 +93,14 @@ class FavorLayer(CacheLayerMixin):
         # exact local terms: raw keys/values (B, Hkv, n, D) and "real token" flags (B, n)
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # exact terms (decode.py): their ExactTerms; whether any call had key padding (then
+        # the state's slots may hold padding and every token takes the general step); the
+        # length at which the state was made from a whole sequence (recurrent.lean_eligible)
+        self.terms = None
+        self.padded = False
+        self.built = 0
+        # GQA (decode._exact_lean): (H, Hkv, the key/value head of each query head)
+        self.head_index: tuple[int, int, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"FavorLayer(length={self.cumulative_length}, bytes={self.nbytes})"
@@ -173,7 +181,9 @@ class FavorLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.cumulative_length = self.start = 0
-        self.pending = self.state = self.window = self.sinks = None
+        self.pending = self.state = self.window = self.sinks = self.terms = None
+        self.padded = False
+        self.built = 0
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -193,6 +203,7 @@ class FavorCache(Cache):
     def __init__(self, model: torch.nn.Module | None = None) -> None:
         super().__init__(layer_class_to_replicate=FavorLayer)
         self._config = None
+        self._last: FavorLayer | None = None
         if model is not None:
             config = getattr(model, "config", None)
             if config is None:
@@ -210,15 +221,19 @@ class FavorCache(Cache):
                     "not the past keys, so only favor's attention function can use it; switch back with "
                     f"model.set_attn_implementation({NAME!r}) or generate with a DynamicCache"
                 )
-        for i, layer in enumerate(self.layers):
-            if layer.pending is not None:
-                raise RuntimeError(
-                    f"FavorCache: layer {i}'s keys never reached favor's attention function (its attention is not "
-                    "favor's), so its state would miss them; a FavorCache works only with attn_implementation='favor'"
-                )
+        # only the layer updated last can still be pending (every update checks it, and
+        # favor's attention function clears it): one check, not one per layer per layer
+        last = self._last
+        if last is not None and last.pending is not None:
+            i = next((j for j, x in enumerate(self.layers) if x is last), "?")
+            raise RuntimeError(
+                f"FavorCache: layer {i}'s keys never reached favor's attention function (its attention is not "
+                "favor's), so its state would miss them; a FavorCache works only with attn_implementation='favor'"
+            )
         while len(self.layers) <= layer_idx:
             self.layers.append(FavorLayer())
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        self._last = self.layers[layer_idx]
+        return self._last.update(key_states, value_states, *args, **kwargs)
 
     @property
     def nbytes(self) -> int:

@@ -25,7 +25,7 @@ from ..ops import attention as favor_attention
 from ..ops.causal import causal_sums
 from ..ops.checks import check_scale, compute_dtype
 from ..ops.local.dispatch import exact_attention
-from ..ops.local.recurrent import ExactState
+from ..ops.local.recurrent import ExactState, exact_step_lean, lean_eligible
 from ..ops.local.spec import ExactTerms
 from ..ops.local.window import combine_parts, pair_features, parts_sum, query_log_scale
 from ..ops.normalise import masked_keys
@@ -97,16 +97,35 @@ def _plain(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
 def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     """Exact terms through the core op: the prompt by the chunked causal path (the same
     numbers as the teacher-forced pass), later tokens by its step loop, the layer holding an
-    ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks)."""
+    ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks); single tokens
+    of the steady state by the lean step (``_exact_lean``), the same arithmetic."""
+    terms = layer.terms
+    if terms is None or (terms.window, terms.sinks, terms.block) != (
+        adapter.exact_window,
+        adapter.exact_sinks,
+        adapter.exact_block,
+    ):
+        terms = layer.terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
+    if layer.state is not None and not isinstance(layer.state, ExactState):
+        raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
+    if pad is not None:
+        layer.padded = True  # its slots may hold padding: the lean step never looks
+    elif (
+        query.shape[-2] == 1
+        and layer.state is not None
+        and not layer.padded
+        and lean_eligible(terms, layer.start, layer.built)
+        and not torch.is_grad_enabled()
+    ):
+        return _exact_lean(layer, adapter, terms, query, key, value, scaling)
     h = query.shape[1]
     k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
     q, k, scale, qx, kx = adapter.inputs_and_logits(query, k_r, scaling, keep=None, sequence=False)
     dtype = compute_dtype(q.dtype)
     q, k, v, qx, kx = q.to(dtype), k.to(dtype), v_r.to(dtype), qx.to(dtype), kx.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
-    terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
-    if layer.state is not None and not isinstance(layer.state, ExactState):
-        raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
+    if layer.state is None:  # the prompt: its state is made from the whole sequence
+        layer.built = layer.start + q.shape[-2]
     out, layer.state = exact_attention(
         q,
         k,
@@ -125,6 +144,30 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         inplace=not torch.is_grad_enabled(),
     )
     return out
+
+
+def _exact_lean(layer, adapter, terms, query, key, value, scaling) -> torch.Tensor:
+    """One token of the steady state (``lean_eligible``, no padding): ``_exact``'s numbers
+    with a few dozen ops fewer: GQA's repeat as one index_select per tensor, both rows'
+    reparametrisation in one pass (``FavorAdapter.step_inputs``), the position the layer's
+    Python int, and ``exact_step_lean`` (no checks, masks or host reads)."""
+    h, hkv = query.shape[1], key.shape[1]
+    if hkv != h:
+        made = layer.head_index
+        if made is None or made[:2] != (h, hkv) or made[2].device != key.device:
+            if h % hkv:
+                raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+            index = torch.arange(hkv, device=key.device).repeat_interleave(h // hkv)
+            made = layer.head_index = (h, hkv, index)
+        key, value = key.index_select(1, made[2]), value.index_select(1, made[2])
+    q, k, scale, qx, kx = adapter.step_inputs(query, key, scaling)
+    dtype = compute_dtype(q.dtype)
+    v = value
+    if not (q.dtype == k.dtype == v.dtype == qx.dtype == kx.dtype == dtype):
+        q, k, v, qx, kx = q.to(dtype), k.to(dtype), v.to(dtype), qx.to(dtype), kx.to(dtype)
+    root = check_scale(scale, q.shape[-1]) ** 0.5
+    feat, a = step_features(adapter.feature_map, root, q, k)
+    return exact_step_lean(layer.state, terms, feat, a, q, k, qx, kx, v, adapter.log_const(dtype), t=layer.start)
 
 
 def _empty(b: int, heads: int, n: int, like: torch.Tensor):
@@ -167,15 +210,11 @@ def _local(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
 
     # reparametrised inputs of [sinks, E] in one call (causal: per token, no sequence statistic)
     all_k, all_v = repeat_kv(torch.cat([sk, ek], -2), h), repeat_kv(torch.cat([sv, ev], -2), h)
-    q, k, scale = adapter.inputs(query, all_k, scaling, keep=None, sequence=False)
+    # the logits never pass through the adapter's maps (FavorAdapter.inputs_and_logits)
+    q, k, scale, qx, kx = adapter.inputs_and_logits(query, all_k, scaling, keep=None, sequence=False)
     dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), all_v.to(dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
-    qx, kx = (
-        adapter.logit_inputs(query, all_k, scaling, keep=None, sequence=False)
-        if adapter.dense
-        else (q * root, k * root)
-    )
     qx, kx = qx.to(dtype), kx.to(dtype)
     s_kx, e_kx, e_v = kx[..., :sinks, :], kx[..., sinks:, :], v[..., sinks:, :]
     s_v = v[..., :sinks, :]

@@ -58,13 +58,9 @@ def _local_forward(adapter, query, key, q, k, v, scale, scaling, keep, pad, *, c
     root = check_scale(scale, q.shape[-1]) ** 0.5
     mask = None if pad is None else pad[:, None, :]  # (B, 1, L): broadcasts over heads
     fm = adapter.feature_map
-    # the logits the features estimate: the feature inputs themselves, except for dense
-    # features, whose inputs are augmented (adapter.py)
-    qx, kx = (
-        adapter.logit_inputs(query, key, scaling, keep=keep, sequence=not causal)
-        if adapter.dense
-        else (q * root, k * root)
-    )
+    # the logits the features estimate, from the raw query and shifted key: never through the
+    # adapter's maps, which fitting may leave other than A, A^-T (FavorAdapter.inputs_and_logits)
+    qx, kx = adapter.logit_inputs(query, key, scaling, keep=keep, sequence=not causal)
     qx, kx = qx.to(dtype), kx.to(dtype)
     exact = dict(
         window=adapter.exact_window,

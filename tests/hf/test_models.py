@@ -1,6 +1,7 @@
 """favor inside tiny random BERT / Llama models (offline): approaches softmax as M grows,
 honours padding and causal masks, decodes with a cache like the teacher-forced pass."""
 
+import pytest
 import torch
 
 import favor.hf as fh
@@ -184,19 +185,24 @@ def _drift_maps(model, seed):
             assert bool(adapter.calibrated)
 
 
-def test_exact_terms_stay_softmax_whatever_the_maps(tiny_llama, tiny_bert):
+@pytest.mark.parametrize("kernel", ["derf", "positive"])  # dense inputs are augmented; positive's are not
+def test_exact_terms_stay_softmax_whatever_the_maps(tiny_llama, tiny_bert, kernel):
     # every key inside the exact set (window >= length): the output is softmax's however the
     # maps drifted, since they reparametrise only FAVOR's far estimate (before the fix the
     # exact logits went through the maps and moved by O(0.3))
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 64, (2, 10), generator=g)
     teacher = tiny_llama()
-    model = fh.performerize(tiny_llama(), num_features=16, seed=0, calibration=[{"input_ids": ids}], exact_window=16)
+    model = fh.performerize(
+        tiny_llama(), kernel=kernel, num_features=16, seed=0, calibration=[{"input_ids": ids}], exact_window=16
+    )
     _drift_maps(model, 0)
     ref = _llama_logits(teacher, ids)
     torch.testing.assert_close(_llama_logits(model, ids), ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(decoded_logits(model, ids[:1], 5), ref[:1], rtol=1e-10, atol=1e-10)
     bert_inputs = _bert_inputs()
-    bert = fh.performerize(tiny_bert(), num_features=16, seed=0, calibration=[bert_inputs], exact_window=16)
+    bert = fh.performerize(
+        tiny_bert(), kernel=kernel, num_features=16, seed=0, calibration=[bert_inputs], exact_window=16
+    )
     _drift_maps(bert, 1)
     torch.testing.assert_close(_hidden(bert, bert_inputs), _hidden(tiny_bert(), bert_inputs), rtol=1e-10, atol=1e-10)

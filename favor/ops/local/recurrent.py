@@ -18,7 +18,7 @@ from ..chunking import inverse
 from ..state import State
 from .spec import ExactTerms
 
-__all__ = ["ExactState", "exact_step", "exact_state_from_sequence", "absorb"]
+__all__ = ["ExactState", "exact_step", "exact_step_lean", "lean_eligible", "exact_state_from_sequence", "absorb"]
 
 NEG_INF = float("-inf")
 #: sink slots hold their position plus SINK_MARK, so that one comparison with the first
@@ -187,6 +187,85 @@ def exact_step(
     den = torch.addcmul(w.sum(-1), (fqv * far.z).sum(-1), carry)
     out = num * inverse(den)[..., None]
     return out, ExactState(far, keys, keys_x, values, pos, state.length + 1)
+
+
+def lean_eligible(terms: ExactTerms, t: int, built: int) -> bool:
+    """Whether ``exact_step_lean`` may take the token at position ``t`` of a state with no
+    padding that was last made from a whole sequence of ``built`` tokens
+    (``exact_state_from_sequence``: its ring starts at position built - W, so the key that
+    the step at ``built`` would move to the far state is already there; 0 for a state that
+    only ever stepped): one position per exact set (C = 1), past the sinks and that first
+    step, so that every slot is live (the ring holds t - W - 1 .. t - 1, all past the
+    sinks) and exactly one key leaves per token."""
+    return terms.block == 1 and t > terms.window + terms.sinks and t > built
+
+
+def exact_step_lean(
+    state: ExactState,
+    terms: ExactTerms,
+    feat,
+    a,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    qx: torch.Tensor,
+    kx: torch.Tensor,
+    v: torch.Tensor,
+    log_const: torch.Tensor | float,
+    *,
+    t: int,
+) -> torch.Tensor:
+    """``exact_step(..., inplace=True)``'s arithmetic for the steady state of decoding, the
+    state updated where it is, with the rows' length kept: q, k (..., 1, D'), qx, kx
+    (..., 1, D), v (..., 1, Dv), their leading dims those of the state; returns out
+    (..., 1, Dv). The caller vouches, so nothing is
+    checked here (a decoding token is ~50 small ops, and every check or host read was a
+    visible share of it): ``t`` is the state's length, known on the host (no read of
+    ``state.length``); ``lean_eligible(terms, t, built)``; the state holds no padding. Then the one
+    leaving key, position t - W - 1, sits in the slot the new key takes (t mod (W + 1)),
+    every slot is live (no mask) and no key is padding (no ``take``)."""
+    r = terms.ring()
+    far, keys, keys_x, values, pos = state.far, state.keys, state.keys_x, state.values, state.pos
+    kv, z, c = far
+    i = t % r
+    # the query's and the leaving key's features in one call, as exact_step
+    f = feat(torch.cat([q, keys.narrow(-2, i, 1)], -2), a)
+    values_f = f.values
+    log_f = f.log_scale if f.log_scale is not None else values_f.new_zeros(values_f.shape[:-1])
+    fqv, lq, l1 = values_f.select(-2, 0), log_f.select(-1, 0), log_f.select(-1, 1)
+    # absorb's one-key update, in place
+    new_c = torch.maximum(c, l1)
+    safe = new_c.clamp(min=FLOOR)
+    fw = values_f.select(-2, 1) * torch.exp(l1 - safe).unsqueeze(-1)
+    decay = torch.exp(c - safe).unsqueeze(-1)
+    # decay is exactly 1 unless the far state's log scale grows (rarely, once keys have
+    # come: a running max), and kv * 1 is kv: on CPU reading B x H flags is cheaper than a
+    # pass over kv (M x Dv per head, from memory, as the model's weights evict it);
+    # elsewhere the read would stall the device
+    if kv.device.type != "cpu" or bool((decay != 1.0).any()):  # host sync: CPU only
+        kv.mul_(decay.unsqueeze(-1))
+    kv.addcmul_(fw.unsqueeze(-1), values.narrow(-2, i, 1))
+    torch.addcmul(fw, z, decay, out=z)
+    c.copy_(new_c)
+    keys.narrow(-2, i, 1).copy_(k)
+    keys_x.narrow(-2, i, 1).copy_(kx)
+    values.narrow(-2, i, 1).copy_(v)
+    pos.select(-1, i).fill_(t)
+    state.length.add_(1)
+    if isinstance(log_const, torch.Tensor):
+        log_const = log_const[..., 0, 0]
+    # 3-D products (batch x heads folded; 4-D matmul adds a handful of view ops), the
+    # logits as a row times K^T: on CPU a third of the time of K times a column
+    n, d, m, dv = keys_x.shape[-2], keys_x.shape[-1], kv.shape[-2], kv.shape[-1]
+    logits = torch.bmm(qx.reshape(-1, 1, d), keys_x.reshape(-1, n, d).transpose(1, 2)).view(lq.shape + (n,))
+    logits.add_((log_const - lq).unsqueeze(-1))
+    top = torch.maximum(logits.amax(-1), c).clamp_(min=FLOOR)
+    w = logits.sub_(top.unsqueeze(-1)).exp_()
+    carry = torch.exp(c - top)
+    near = torch.bmm(w.view(-1, 1, n), values.reshape(-1, n, dv))
+    far_part = torch.bmm(fqv.reshape(-1, 1, m), kv.reshape(-1, m, dv))
+    num = torch.addcmul(near, far_part, carry.view(-1, 1, 1))
+    den = torch.addcmul(w.sum(-1), (fqv * z).sum(-1), carry)
+    return num.mul_(inverse(den).view(-1, 1, 1)).view(*lq.shape, 1, dv)
 
 
 def exact_state_from_sequence(

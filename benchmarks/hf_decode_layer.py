@@ -1,0 +1,155 @@
+"""One decoding token of one attention layer at SmolLM2-135M's shapes (9 query heads, 3
+key/value heads, head dim 64, the decoder recipe's adapter: dense features, M = 256), with
+exact window W and S sinks, through favor's attention function and a FavorCache layer:
+the lean step (favor.hf.decode._exact_lean) against the general step it replaces
+(exact_step through exact_attention) and the no-attention floor (attention returning V).
+
+    python -m benchmarks.hf_decode_layer [--window 64] [--sinks 4] [--tokens 400]
+
+Random weights; a prompt of W + 200 tokens first. Steps are taken round-robin over the
+paths (the machine is shared), median per call; torch ops per call are counted with a
+dispatch mode (views included). The lean path must give the general path's outputs
+(float32 round-off) or nothing is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ._common import OUT, header, pyplot
+
+HEADS, KV_HEADS, DIM = 9, 3, 64
+
+
+def _layer(window: int, sinks: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import favor.hf as fh
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=HEADS * DIM,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        vocab_size=64,
+        attn_implementation="sdpa",
+    )
+    model = fh.performerize(LlamaForCausalLM(cfg).eval(), seed=0, exact_window=window, exact_sinks=sinks)
+    return model.model.layers[0].self_attn
+
+
+def _count_ops(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@torch.no_grad()
+def measure(window: int, sinks: int, tokens: int) -> dict:
+    import favor.hf.decode as decode
+    from favor.hf.cache import FavorLayer
+    from favor.hf.interface import favor_attention_forward
+
+    from .hf_generate import _value_only
+
+    module = _layer(window, sinks)
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(length):
+        return (
+            torch.randn(1, HEADS, length, DIM, generator=g),
+            torch.randn(1, KV_HEADS, length, DIM, generator=g),
+            torch.randn(1, KV_HEADS, length, DIM, generator=g),
+        )
+
+    prompt = qkv(window + 200)
+    layers = {"lean": FavorLayer(), "general": FavorLayer()}
+    eligible = decode.lean_eligible
+
+    def call(name, q, k, v):
+        if name == "floor":
+            return _value_only(module, q, k, v, None)[0]
+        layer = layers[name]
+        decode.lean_eligible = eligible if name == "lean" else (lambda *a: False)
+        try:
+            k, v = layer.update(k, v)
+            return favor_attention_forward(module, q, k, v, None, scaling=DIM**-0.5)[0]
+        finally:
+            decode.lean_eligible = eligible
+
+    for name in layers:
+        call(name, *prompt)
+    steps = [qkv(1) for _ in range(tokens)]
+    err = 0.0
+    for s in steps[:20]:  # warm-up, and the lean path's check
+        a, b = call("lean", *s), call("general", *s)
+        err = max(err, float((a - b).abs().max()))
+    if not err < 1e-4:  # float32 round-off of outputs of size ~1
+        raise RuntimeError(f"lean and general decoding steps differ by {err:.3g}: refusing to time")
+    times = {"lean": [], "general": [], "floor": []}
+    for s in steps[20:]:
+        for name in times:
+            t0 = time.perf_counter()
+            call(name, *s)
+            times[name].append(time.perf_counter() - t0)
+    s = steps[-1]
+    ops = {name: _count_ops(lambda name=name: call(name, *copy.copy(s))) for name in times}
+    return {
+        "window": window,
+        "sinks": sinks,
+        "tokens": len(steps) - 20,
+        "check_max_abs": err,
+        "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+        "ops": ops,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_decode_layer", description=__doc__)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    info = header(f"hf_decode_layer: H={HEADS}, Hkv={KV_HEADS}, D={DIM}, W={args.window}, S={args.sinks}, float32, B=1")
+    r = measure(args.window, args.sinks, args.tokens)
+    for name in ("lean", "general", "floor"):
+        print(f"{name:8s} {r['ms'][name]:.3f} ms/layer/token, {r['ops'][name]} torch ops per call")
+    print(f"lean / general {r['ms']['lean'] / r['ms']['general']:.2f}x (check max |diff| {r['check_max_abs']:.1e})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"hf_decode_layer_w{args.window}_s{args.sinks}"
+    (args.out / f"{name}.json").write_text(json.dumps({"machine": info, **r}, indent=2))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    labels = ["general", "lean", "floor"]
+    ax.bar(labels, [r["ms"][x] for x in labels], color=["C1", "C0", "C2"])
+    for i, x in enumerate(labels):
+        ax.text(i, r["ms"][x], f"{r['ops'][x]} ops", ha="center", va="bottom")
+    ax.set_ylabel("ms per layer per token")
+    ax.set_title(f"SmolLM2 layer, W={args.window}, S={args.sinks}")
+    fig.tight_layout()
+    fig.savefig(args.out / f"{name}.png", dpi=110)
+    print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""favor.hf's lean decoding step (decode._exact_lean: one token, no padding, C = 1, past the
+sinks and the first step after the prompt) against the general step it replaces
+(favor.ops.local exact_step through exact_attention): the same logits and the same cache
+state after every token, float64 to 1e-10 and float32 to 1e-5; shapes it does not take
+(key padding, blocks) run the general step. A GQA Llama (4 query heads, 2 key/value heads)
+with the decoder recipe's adapters (dense features), calibrated or not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import favor.hf as fh
+import favor.hf.decode as decode
+
+PROMPT, NEW = 5, 14
+
+
+def _model(tiny_llama, *, window, sinks, block=1, calibrated=False, dtype=torch.float64):
+    model = fh.performerize(
+        tiny_llama(), num_features=16, seed=0, exact_window=window, exact_sinks=sinks, exact_block=block
+    ).to(dtype)
+    if calibrated:  # a reparametrisation that is not the identity: transform's maps run
+        g = torch.Generator().manual_seed(5)
+        for m in model.modules():
+            if isinstance(m, fh.FavorAdapter):
+                a = torch.eye(m.dim, dtype=torch.float64) + 0.1 * torch.randn(
+                    m.heads, m.dim, m.dim, generator=g, dtype=torch.float64
+                )
+                m.set_reparametrisation(0.1 * torch.randn(m.heads, m.dim, generator=g, dtype=torch.float64), a)
+                if calibrated == "drifted":  # as fitting leaves them: the key map no longer A^-T
+                    m.key_map.add_(0.1 * torch.randn(m.key_map.shape, generator=g, dtype=m.key_map.dtype))
+    return model
+
+
+def _decode(model, ids, mask=None, *, lean: bool, monkeypatch):
+    """Logits of a prompt then one token per call, the cache, and how many lean steps ran."""
+    calls = []
+    real = decode.exact_step_lean
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["t"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "exact_step_lean", counted)
+    if not lean:
+        monkeypatch.setattr(decode, "lean_eligible", lambda *a: False)
+    cache, out = fh.FavorCache(model), []
+    with torch.no_grad():
+        for lo, hi in [(0, PROMPT)] + [(i, i + 1) for i in range(PROMPT, ids.shape[1])]:
+            extra = {} if mask is None else {"attention_mask": mask[:, :hi]}
+            out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True, **extra).logits)
+    monkeypatch.undo()
+    return torch.cat(out, 1), cache, len(calls)
+
+
+def _state(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (*layer.state.far, *layer.state[1:])]
+
+
+@pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
+@pytest.mark.parametrize("calibrated", [False, True, "drifted"], ids=["identity", "calibrated", "drifted"])
+def test_lean_decoding_equals_the_general_step_and_teacher_forcing(tiny_llama, monkeypatch, window, sinks, calibrated):
+    model = _model(tiny_llama, window=window, sinks=sinks, calibrated=calibrated)
+    ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
+    fast, fast_cache, taken = _decode(model, ids, lean=True, monkeypatch=monkeypatch)
+    slow, slow_cache, none = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
+    # positions past the prompt's first step and past W + S take the lean step, in each layer
+    eligible = [t for t in range(PROMPT, PROMPT + NEW) if t > PROMPT and t > window + sinks]
+    assert none == 0 and taken == len(eligible) * len(model.model.layers)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    for a, b in zip(_state(slow_cache), _state(fast_cache), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
+
+
+def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch):
+    model = _model(tiny_llama, window=3, sinks=1, dtype=torch.float32)
+    ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
+    fast, fast_cache, taken = _decode(model, ids, lean=True, monkeypatch=monkeypatch)
+    slow, slow_cache, _ = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
+    assert taken > 0
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_state(slow_cache), _state(fast_cache), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_and_blocks_take_the_general_step(tiny_llama, monkeypatch):
+    ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: the state's slots may hold padding
+    model = _model(tiny_llama, window=2, sinks=1)
+    padded, cache, taken = _decode(model, ids, mask, lean=True, monkeypatch=monkeypatch)
+    assert taken == 0 and all(layer.padded for layer in cache.layers)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    # the cache's positions count from 0 for every row: compare the unpadded row
+    torch.testing.assert_close(padded[0], want[0], rtol=1e-9, atol=1e-9)
+    blocks = _model(tiny_llama, window=2, sinks=1, block=3)
+    out, _, taken = _decode(blocks, ids, lean=True, monkeypatch=monkeypatch)
+    assert taken == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, blocks(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
+
+
+def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypatch):
+    model = _model(tiny_llama, window=2, sinks=1)
+    ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(4))
+    _, cache, _ = _decode(model, ids, lean=True, monkeypatch=monkeypatch)
+    layer = cache.layers[0]
+    layer.padded = True
+    cache.reset()
+    assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
