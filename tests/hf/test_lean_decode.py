@@ -28,6 +28,8 @@ def _model(tiny_llama, *, window, sinks, block=1, calibrated=False, dtype=torch.
                     m.heads, m.dim, m.dim, generator=g, dtype=torch.float64
                 )
                 m.set_reparametrisation(0.1 * torch.randn(m.heads, m.dim, generator=g, dtype=torch.float64), a)
+                # dense-exponential a_i < 0: the fused step's gain kappa b and feature bias a w^2 run
+                m.set_dense(-0.1 * torch.rand(m.heads, m.dim, generator=g, dtype=torch.float64))
                 if calibrated == "drifted":  # as fitting leaves them: the key map no longer A^-T
                     m.key_map.add_(0.1 * torch.randn(m.key_map.shape, generator=g, dtype=m.key_map.dtype))
     return model
@@ -85,8 +87,9 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
         torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 
 
-def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch):
-    model = _model(tiny_llama, window=3, sinks=1, dtype=torch.float32)
+@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch, calibrated):
+    model = _model(tiny_llama, window=3, sinks=1, calibrated=calibrated, dtype=torch.float32)
     ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
     fast, fast_cache, taken = _decode(model, ids, lean=True, monkeypatch=monkeypatch)
     slow, slow_cache, _ = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
@@ -127,3 +130,24 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     layer.padded = True
     cache.reset()
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
+
+
+def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(tiny_llama):
+    """Fused steps, then a call of several tokens (the general path reads the state: it is
+    converted back to an ExactState), then fused steps again (entered anew), a size query
+    and a beam reorder in between: the teacher-forced logits throughout."""
+    model = _model(tiny_llama, window=2, sinks=1, calibrated="drifted")
+    ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(6))
+    cache, out = fh.FavorCache(model), []
+    spans = [(0, 5)] + [(i, i + 1) for i in range(5, 10)] + [(10, 13)] + [(i, i + 1) for i in range(13, 20)]
+    with torch.no_grad():
+        for lo, hi in spans:
+            out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
+            if hi == 9:
+                assert all(layer.lean is not None for layer in cache.layers)  # the fused layout is in use
+                assert cache.nbytes > 0 and all(layer.lean is not None for layer in cache.layers)
+            if hi == 16:
+                cache.reorder_cache(torch.tensor([0, 1]))  # beam search's reorder: back to ExactState
+                assert all(layer.lean is None for layer in cache.layers)
+        assert all(layer.lean is not None for layer in cache.layers)
+        torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
