@@ -92,9 +92,16 @@ class _Scratch:
         self.x = torch.zeros(2, bh, 1, d + 1, **z)  # [query rows; leaving-key rows]
         self.x[0, :, 0, d] = per_batch(c.cq)
         self.x[1, :, 0, d] = per_batch(c.ck)
+        # the key's -|x|^2/2 plus [ck - HEADROOM ln 2, ck]: its log scale's constant and
+        # its weight's (their HEADROOM apart), both from one GEMM against x twice
+        ck = per_batch(c.ck).view(bh, 1, 1)
+        self.ck2 = torch.cat([ck - HEADROOM * LN2, ck], -1)
+        self.nk2 = torch.empty(bh, 1, 2, **z)
+        self.nk_log, self.nk_weight = self.nk2[..., :1], self.nk2[..., 1:]
         self.xq, self.xk = self.x[0], self.x[1]
         self.xq_d, self.xk_d = self.xq[..., :d], self.xk[..., :d]
-        self.xq_dt, self.xk_dt = self.xq_d.mT, self.xk_d.mT
+        self.xq_dt = self.xq_d.mT
+        self.xk_dt2 = self.xk_d.mT.expand(bh, d, 2)
         self.xq_last, self.xk_last = self.xq[..., d:], self.xk[..., d:]
         self.xq4 = self.xq_d.view(b, h, 1, d)
         self.xk_g = self.xk_d.view(bk, g, 1, d)  # identity maps: the key's G copies
@@ -211,8 +218,8 @@ def fused_step(
     # the query's offset of the near logits (log2 units): Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2
     torch.baddbmm(sc.xq_last, sc.xq_d, sc.xq_dt, alpha=0.5 * LOG2E, out=sc.off)
     # the leaving key's log scale: (max s - HEADROOM) ln 2 - |x'|^2 / 2 - log(M) / 2 (row_features)
-    nk = torch.baddbmm(sc.xk_last, sc.xk_d, sc.xk_dt, alpha=-0.5)
-    lk = torch.add(nk, sc.sk.amax(-1, keepdim=True), alpha=LN2).sub_(HEADROOM * LN2)
+    torch.baddbmm(sc.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
+    lk = torch.add(sc.nk_log, sc.sk.amax(-1, keepdim=True), alpha=LN2)
     c = state.c
     new_c = torch.maximum(c, lk)
     # the far state's scale grows rarely (a running max): rescaling kvz is a pass over
@@ -221,7 +228,7 @@ def fused_step(
         state.kvz.mul_(torch.exp(c - new_c))
         c.copy_(new_c)
     # its features times exp(l - c) (the shift cancels) into kvz, with its value
-    sc.sk.add_(torch.sub(nk, c), alpha=LOG2E).exp2_()  # in place: sc.fw_g views it per key/value head
+    sc.sk.add_(torch.sub(sc.nk_weight, c), alpha=LOG2E).exp2_()  # in place: sc.fw_g views it per key/value head
     state.kvz_g.addcmul_(sc.fw_g, state.v_out[i])
     state.k_put[i].copy_(key)
     state.v_put[i].copy_(value)
