@@ -144,6 +144,8 @@ class LeanState:
         self.kvz, self.c, self.k, self.v1 = kvz, c, k, v1
         self.heads, self.ring = heads, ring
         self.length = 0  # tokens seen (kept by the caller, a host int)
+        # the leaving key's constants less c (the GEMM's input), for the scratch ``ck2_of``
+        self.ck2, self.ck2_of = None, None
         bk, n, d = k.shape
         self.batch = kvz.shape[0] // heads
         kv_heads = bk // self.batch
@@ -218,17 +220,24 @@ def fused_step(
     # the query's offset of the near logits (log2 units): Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2
     torch.baddbmm(sc.xq_last, sc.xq_d, sc.xq_dt, alpha=0.5 * LOG2E, out=sc.off)
     # the leaving key's log scale: (max s - HEADROOM) ln 2 - |x'|^2 / 2 - log(M) / 2 (row_features)
-    torch.baddbmm(sc.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
-    lk = torch.add(sc.nk_log, sc.sk.amax(-1, keepdim=True), alpha=LN2)
     c = state.c
+    if state.ck2 is None or state.ck2_of is not sc:  # [ck - HEADROOM ln 2, ck - c]: remade with the constants
+        state.ck2, state.ck2_of = torch.cat([sc.ck2[..., :1], sc.ck2[..., 1:] - c], -1), sc
+    torch.baddbmm(state.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
+    lk = torch.add(sc.nk_log, sc.sk.amax(-1, keepdim=True), alpha=LN2)
     new_c = torch.maximum(c, lk)
     # the far state's scale grows rarely (a running max): rescaling kvz is a pass over
     # M x (Dv + 1) per head, reading B x H flags is cheaper on CPU
     if not torch.equal(new_c, c):  # host sync
         state.kvz.mul_(torch.exp(c - new_c))
+        # this key's weight and the next keys' constant follow c (made from the first
+        # column, c-free: c may have been -inf, an empty far state)
+        shift = new_c - HEADROOM * LN2
+        torch.sub(sc.nk_log, shift, out=sc.nk_weight)
+        torch.sub(state.ck2[..., :1], shift, out=state.ck2[..., 1:])
         c.copy_(new_c)
     # its features times exp(l - c) (the shift cancels) into kvz, with its value
-    sc.sk.add_(torch.sub(sc.nk_weight, c), alpha=LOG2E).exp2_()  # in place: sc.fw_g views it per key/value head
+    sc.sk.add_(sc.nk_weight, alpha=LOG2E).exp2_()  # in place: sc.fw_g views it per key/value head
     state.kvz_g.addcmul_(sc.fw_g, state.v_out[i])
     state.k_put[i].copy_(key)
     state.v_put[i].copy_(value)
