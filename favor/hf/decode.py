@@ -13,6 +13,10 @@ tokens are put behind the kept window E = [last W tokens] + [new tokens], and:
   same sets as ``window._causal``, combined by ``window.combine_parts``.
 
 So the numbers are those of the teacher-forced pass over the whole sequence, to round-off.
+Single tokens of the steady state (no padding, past the sinks and the prompt's first step)
+take a step of a few dozen ops instead: favor.ops.local.fused for FAVOR+ features in
+float32/64 (the layer then keeps its state in that step's layout, a LeanState, and
+FavorLayer.state converts it back for anything else), exact_step_lean otherwise.
 
 Legend: B batch, H query heads, Hkv key/value heads, Lq new tokens, W window, S sinks.
 """
@@ -99,7 +103,8 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     """Exact terms through the core op: the prompt by the chunked causal path (the same
     numbers as the teacher-forced pass), later tokens by its step loop, the layer holding an
     ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks); single tokens
-    of the steady state by the lean step (``_exact_lean``), the same arithmetic."""
+    of the steady state by the fused step (``_exact_fused``) or the lean step
+    (``_exact_lean``), the same arithmetic to round-off."""
     terms = layer.terms
     if terms is None or (terms.window, terms.sinks, terms.block) != (
         adapter.exact_window,
