@@ -1,15 +1,16 @@
 """One decoding token of one attention layer at SmolLM2-135M's shapes (9 query heads, 3
 key/value heads, head dim 64, the decoder recipe's adapter: dense features, M = 256), with
 exact window W and S sinks, through favor's attention function and a FavorCache layer:
-the lean step (favor.hf.decode._exact_lean) against the general step it replaces
-(exact_step through exact_attention) and the no-attention floor (attention returning V).
+the fused step (favor.ops.local.fused through favor.hf.decode._exact_fused), the round-1
+lean step (exact_step_lean), the general step they replace (exact_step through
+exact_attention) and the no-attention floor (attention returning V).
 
-    python -m benchmarks.hf_decode_layer [--window 64] [--sinks 4] [--tokens 400]
+    python -m benchmarks.hf_decode_layer [--window 64] [--sinks 4] [--tokens 400] [--suffix _fast2]
 
 Random weights; a prompt of W + 200 tokens first. Steps are taken round-robin over the
 paths (the machine is shared), median per call; torch ops per call are counted with a
-dispatch mode (views included). The lean path must give the general path's outputs
-(float32 round-off) or nothing is timed.
+dispatch mode (views included). The fused and lean paths must give the general path's
+outputs (float32 round-off) or nothing is timed.
 """
 
 from __future__ import annotations
@@ -81,30 +82,33 @@ def measure(window: int, sinks: int, tokens: int) -> dict:
         )
 
     prompt = qkv(window + 200)
-    layers = {"lean": FavorLayer(), "general": FavorLayer()}
-    eligible = decode.lean_eligible
+    layers = {"fused": FavorLayer(), "lean": FavorLayer(), "general": FavorLayer()}
+    eligible, fused = decode.lean_eligible, decode._exact_fused
 
     def call(name, q, k, v):
         if name == "floor":
             return _value_only(module, q, k, v, None)[0]
         layer = layers[name]
-        decode.lean_eligible = eligible if name == "lean" else (lambda *a: False)
+        decode.lean_eligible = eligible if name != "general" else (lambda *a: False)
+        decode._exact_fused = fused if name == "fused" else (lambda *a: None)
         try:
             k, v = layer.update(k, v)
             return favor_attention_forward(module, q, k, v, None, scaling=DIM**-0.5)[0]
         finally:
-            decode.lean_eligible = eligible
+            decode.lean_eligible, decode._exact_fused = eligible, fused
 
     for name in layers:
         call(name, *prompt)
     steps = [qkv(1) for _ in range(tokens)]
     err = 0.0
-    for s in steps[:20]:  # warm-up, and the lean path's check
-        a, b = call("lean", *s), call("general", *s)
-        err = max(err, float((a - b).abs().max()))
+    for s in steps[:20]:  # warm-up, and the fused and lean paths' check
+        a, b, c = call("fused", *s), call("lean", *s), call("general", *s)
+        err = max(err, float((a - c).abs().max()), float((b - c).abs().max()))
     if not err < 1e-4:  # float32 round-off of outputs of size ~1
-        raise RuntimeError(f"lean and general decoding steps differ by {err:.3g}: refusing to time")
-    times = {"lean": [], "general": [], "floor": []}
+        raise RuntimeError(f"fused/lean and general decoding steps differ by {err:.3g}: refusing to time")
+    if layers["fused"].lean is None:
+        raise RuntimeError("the fused step did not run: refusing to time it")
+    times = {"fused": [], "lean": [], "general": [], "floor": []}
     for s in steps[20:]:
         for name in times:
             t0 = time.perf_counter()
@@ -128,19 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--suffix", default="", help="appended to the result files' names (e.g. _fast2)")
     args = parser.parse_args(argv)
     info = header(f"hf_decode_layer: H={HEADS}, Hkv={KV_HEADS}, D={DIM}, W={args.window}, S={args.sinks}, float32, B=1")
     r = measure(args.window, args.sinks, args.tokens)
-    for name in ("lean", "general", "floor"):
+    for name in ("fused", "lean", "general", "floor"):
         print(f"{name:8s} {r['ms'][name]:.3f} ms/layer/token, {r['ops'][name]} torch ops per call")
-    print(f"lean / general {r['ms']['lean'] / r['ms']['general']:.2f}x (check max |diff| {r['check_max_abs']:.1e})")
+    print(
+        f"fused / lean {r['ms']['fused'] / r['ms']['lean']:.2f}x, fused / general "
+        f"{r['ms']['fused'] / r['ms']['general']:.2f}x (check max |diff| {r['check_max_abs']:.1e})"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"hf_decode_layer_w{args.window}_s{args.sinks}"
+    name = f"hf_decode_layer_w{args.window}_s{args.sinks}{args.suffix}"
     (args.out / f"{name}.json").write_text(json.dumps({"machine": info, **r}, indent=2))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
-    labels = ["general", "lean", "floor"]
-    ax.bar(labels, [r["ms"][x] for x in labels], color=["C1", "C0", "C2"])
+    labels = ["general", "lean", "fused", "floor"]
+    ax.bar(labels, [r["ms"][x] for x in labels], color=["C1", "C3", "C0", "C2"])
     for i, x in enumerate(labels):
         ax.text(i, r["ms"][x], f"{r['ops'][x]} ops", ha="center", va="bottom")
     ax.set_ylabel("ms per layer per token")

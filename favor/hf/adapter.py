@@ -40,6 +40,7 @@ Legend: H heads, D head dim, M features.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -48,7 +49,9 @@ from ..features.buffer_flags import buffer_derived, buffer_flag
 from ..features.feature_map import FeatureMap
 from ..features.headwise import HeadwiseFeatureMap
 from ..ops.local.block import check_block
+from ..ops.local.fused import LeanConstants
 from ..ops.local.window import check_exact_set
+from ..ops.row_features import LOG2E
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +262,92 @@ class FavorAdapter(nn.Module):
         e = (x * x * rest).sum(-1, keepdim=True).clamp_min_(1e-20).sqrt_()
         both = torch.cat([x * b, a.expand(x.shape[:-1] + (self.dim,)), e], dim=-1)
         return both.narrow(-2, 0, 1), both.narrow(-2, 1, 1), 1.0, qx, kx
+
+    def lean_constants(self, scaling: float | None, dtype: torch.dtype, device) -> LeanConstants | None:
+        """The constants of the fused decoding step (favor.ops.local.fused) for this layer's
+        reparametrisation and features, or None where it does not apply (features other than
+        FAVOR+ with the exact stabiliser, a projection per head). Made in float64 from the
+        buffers once per version of them (``buffer_derived``): the same numbers as
+        ``inputs_and_logits`` and ``log_const``, folded into per-head matrices."""
+        # called per layer and token: the buffers straight from the modules' dicts (not
+        # nn.Module.__getattr__), checked by identity and version as buffer_derived does
+        mine, fm = self._buffers, self._modules["feature_map"]
+        theirs = fm._buffers
+        buffers = (
+            theirs["projection"],
+            mine["key_shift"],
+            mine["query_map"],
+            mine["key_map"],
+            mine["calibrated"],
+            mine["far_log_gain"],
+        )
+        if self.dense:
+            buffers += (mine["dense_a"], mine["dense_kappa"])
+        name = (scaling, dtype, device)
+        hit = self.__dict__.get("_lean_constants")
+        if hit is not None and hit[0] == name and not torch.is_inference_mode_enabled():
+            held, versions = hit[1], hit[2]
+            try:
+                if all(a is b for a, b in zip(held, buffers, strict=True)) and versions == tuple(
+                    b._version for b in buffers
+                ):
+                    return hit[3]
+            except RuntimeError:  # inference tensors keep no version
+                pass
+        if fm.kernel != "positive" or fm.stabilizer != "exact" or fm.projection.ndim != 2:
+            return None
+
+        def compute():
+            h, d = self.heads, self.dim
+            f64 = dict(dtype=torch.float64, device=device)
+            root = (d**-0.5 if scaling is None else scaling) ** 0.5
+            p = fm.projection.to(**f64)
+            log_m = 0.5 * math.log(p.shape[0])
+            lc = -self.far_log_gain.to(**f64)
+            if self.dense:
+                a = self.dense_a.to(**f64)
+                gain = torch.sqrt(1.0 - 4.0 * a) * self.dense_kappa.to(**f64)  # kappa b, as _dense_constants
+                a2 = (a * a).sum(-1)
+                lc = lc - a2 - 0.5 * torch.log1p(-4.0 * a).sum(-1)  # log_const
+                bias_s = (a @ p[:, d : 2 * d].T) * LOG2E  # the a block of [kappa b x, a, e] against w*w
+                proj = p[:, :d]
+            else:  # features of x' root with the layer's scale: x = x' root, gain 1
+                gain, bias_s, a2, proj = None, None, torch.zeros(h, **f64), p
+            if gain is not None and bool((gain == 1).all()):  # host sync: once per version
+                gain = None
+            if bias_s is not None and not bool(bias_s.any()):  # host sync: once per version
+                bias_s = None
+            cq = LOG2E * (lc + 0.5 * a2 + log_m)
+            ck = -0.5 * a2 - log_m
+            mq = bq = mk = bk = None
+            if self._calibrated():
+                c = self.key_shift.to(**f64)
+                qa, kb = self.query_map.to(**f64) * root, self.key_map.to(**f64) * root
+                mq = torch.cat([qa, (-LOG2E * root * root) * c[:, :, None]], -1)
+                bq = torch.cat([torch.zeros(h, 1, d, **f64), cq[:, None, None]], -1)
+                mk = torch.cat([kb, torch.zeros(h, d, 1, **f64)], -1)
+                bk = torch.cat([-(c[:, None, :] @ kb), ck[:, None, None]], -1)
+
+            def cast(t):
+                return None if t is None else t.to(dtype).contiguous()
+
+            return LeanConstants(
+                cast(mq),
+                cast(bq),
+                cast(mk),
+                cast(bk),
+                cast(gain),
+                cast(proj.T * LOG2E),
+                cast(bias_s),
+                cast(cq),
+                cast(ck),
+                root,
+            )
+
+        value = compute()
+        if not torch.is_inference_mode_enabled() and not any(b.requires_grad for b in buffers):
+            self.__dict__["_lean_constants"] = (name, buffers, tuple(b._version for b in buffers), value)
+        return value
 
     def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""

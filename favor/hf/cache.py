@@ -88,8 +88,13 @@ class FavorLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.start = 0  # position of the first token of the pending update
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        # plain FAVOR: State (B, H, M', Dv), (B, H, M'), (B, H); exact terms: an ExactState
-        self.state: State | ExactState | None = None
+        # plain FAVOR: State (B, H, M', Dv), (B, H, M'), (B, H); exact terms: an ExactState,
+        # or while the fused step runs (decode._exact_fused) a LeanState in ``lean`` and the
+        # way back to an ExactState in ``lean_exit`` (``state`` converts on first use)
+        self._state: State | ExactState | None = None
+        self.lean = None
+        self.lean_exit = None
+        self.lean_terms = None
         # exact local terms: raw keys/values (B, Hkv, n, D) and "real token" flags (B, n)
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -101,6 +106,21 @@ class FavorLayer(CacheLayerMixin):
         self.built = 0
         # GQA (decode._exact_lean): (H, Hkv, the key/value head of each query head)
         self.head_index: tuple[int, int, torch.Tensor] | None = None
+
+    @property
+    def state(self) -> State | ExactState | None:
+        if self.lean is not None:  # the fused step's layout back to exact_step's
+            self._state, self.lean, self.lean_exit = self.lean_exit(self.lean), None, None
+        return self._state
+
+    @state.setter
+    def state(self, value: State | ExactState | None) -> None:
+        self._state, self.lean, self.lean_exit = value, None, None
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a state is held (in either layout), without converting it."""
+        return self.lean is not None or self._state is not None
 
     def __repr__(self) -> str:
         return f"FavorLayer(length={self.cumulative_length}, bytes={self.nbytes})"
@@ -137,7 +157,10 @@ class FavorLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [] if self.state is None else _state_tensors(self.state)
+        if self.lean is not None:
+            out = self.lean.tensors()
+        else:
+            out = [] if self._state is None else _state_tensors(self._state)
         for part in (self.window, self.sinks):
             if part is not None:
                 out.extend(part)

@@ -13,6 +13,10 @@ tokens are put behind the kept window E = [last W tokens] + [new tokens], and:
   same sets as ``window._causal``, combined by ``window.combine_parts``.
 
 So the numbers are those of the teacher-forced pass over the whole sequence, to round-off.
+Single tokens of the steady state (no padding, past the sinks and the prompt's first step)
+take a step of a few dozen ops instead: favor.ops.local.fused for FAVOR+ features in
+float32/64 (the layer then keeps its state in that step's layout, a LeanState, and
+FavorLayer.state converts it back for anything else), exact_step_lean otherwise.
 
 Legend: B batch, H query heads, Hkv key/value heads, Lq new tokens, W window, S sinks.
 """
@@ -25,7 +29,8 @@ from ..ops import attention as favor_attention
 from ..ops.causal import causal_sums
 from ..ops.checks import check_scale, compute_dtype
 from ..ops.local.dispatch import exact_attention
-from ..ops.local.recurrent import ExactState, exact_step_lean, lean_eligible
+from ..ops.local.fused import LeanState, fused_step, ring_positions
+from ..ops.local.recurrent import SINK_MARK, ExactState, exact_step_lean, lean_eligible
 from ..ops.local.spec import ExactTerms
 from ..ops.local.window import combine_parts, pair_features, parts_sum, query_log_scale
 from ..ops.normalise import masked_keys
@@ -98,7 +103,8 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     """Exact terms through the core op: the prompt by the chunked causal path (the same
     numbers as the teacher-forced pass), later tokens by its step loop, the layer holding an
     ExactState (FAVOR's far state, a ring of the last C + W keys, the sinks); single tokens
-    of the steady state by the lean step (``_exact_lean``), the same arithmetic."""
+    of the steady state by the fused step (``_exact_fused``) or the lean step
+    (``_exact_lean``), the same arithmetic to round-off."""
     terms = layer.terms
     if terms is None or (terms.window, terms.sinks, terms.block) != (
         adapter.exact_window,
@@ -106,17 +112,22 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         adapter.exact_block,
     ):
         terms = layer.terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
-    if layer.state is not None and not isinstance(layer.state, ExactState):
+    if layer.lean is not None and layer.lean_terms != terms:
+        layer.state  # noqa: B018 (back to exact_step's layout, made for other terms)
+    if layer.lean is None and layer.state is not None and not isinstance(layer.state, ExactState):
         raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
     if pad is not None:
         layer.padded = True  # its slots may hold padding: the lean step never looks
     elif (
         query.shape[-2] == 1
-        and layer.state is not None
+        and layer.has_state
         and not layer.padded
         and lean_eligible(terms, layer.start, layer.built)
         and not torch.is_grad_enabled()
     ):
+        out = _exact_fused(layer, adapter, terms, query, key, value, scaling)
+        if out is not None:
+            return out
         return _exact_lean(layer, adapter, terms, query, key, value, scaling)
     h = query.shape[1]
     k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
@@ -144,6 +155,66 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         inplace=not torch.is_grad_enabled(),
     )
     return out
+
+
+def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Tensor | None:
+    """One token of the steady state by favor.ops.local.fused (FAVOR+ features, float32 or
+    float64 rows): the layer's state kept in the fused layout (a LeanState) from the first
+    such token on, and converted back to an ExactState whenever anything else reads it
+    (FavorLayer.state). None where it does not apply: then ``_exact_lean`` runs."""
+    dtype = query.dtype
+    if (
+        dtype not in (torch.float32, torch.float64)
+        or key.dtype != dtype
+        or value.dtype != dtype
+        or torch.is_inference_mode_enabled()  # the constants would be remade every token
+    ):
+        return None
+    consts = adapter.lean_constants(scaling, dtype, query.device)
+    if consts is None:
+        return None
+    lean = layer.lean
+    if lean is None:
+        state = layer.state
+        if state.keys_x.dtype != dtype:
+            return None
+        lean = _enter(layer, adapter, terms, state, key.shape[1], scaling)
+    out = fused_step(lean, consts, query, key, value, layer.start)
+    lean.length = layer.start + 1
+    return out
+
+
+def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling) -> LeanState:
+    """The fused layout of ``state`` (all slots live): raw keys back from the logit inputs
+    k* = (k - c) root of each group's first head (the same key for the whole group, to
+    round-off), values of each group's first head, the far state as it is."""
+    h = state.keys_x.shape[1]
+    g = h // kv_heads
+    root = (adapter.dim**-0.5 if scaling is None else scaling) ** 0.5
+    kx = state.keys_x[:, ::g]
+    k = kx / root
+    if adapter._calibrated():
+        k = k + adapter.key_shift.to(kx.dtype)[::g, None, :]
+    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring())
+    lean.length = int(state.length)  # host sync: once, entering
+
+    def leave(lean: LeanState) -> ExactState:
+        """exact_step's ExactState of the fused layout, its key inputs made by the adapter
+        from the raw keys as the general step makes them."""
+        raw_k, raw_v = lean.raw()
+        k_r = repeat_kv(raw_k, lean.heads)
+        _, keys, _, _, keys_x = adapter.inputs_and_logits(k_r, k_r, scaling, keep=None, sequence=False)
+        t = lean.length
+        dtype = raw_v.dtype
+        pos = ring_positions(t, terms.ring(), terms.sinks, SINK_MARK, device=raw_v.device)
+        pos = pos.expand(*keys_x.shape[:2], -1).clone()
+        length = torch.tensor(t, dtype=torch.long, device=raw_v.device)
+        values = repeat_kv(raw_v, lean.heads).clone()
+        return ExactState(lean.far_state(), keys.to(dtype), keys_x.to(dtype), values, pos, length)
+
+    layer.state = None
+    layer.lean, layer.lean_exit, layer.lean_terms = lean, leave, terms
+    return lean
 
 
 def _exact_lean(layer, adapter, terms, query, key, value, scaling) -> torch.Tensor:

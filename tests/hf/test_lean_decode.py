@@ -28,21 +28,30 @@ def _model(tiny_llama, *, window, sinks, block=1, calibrated=False, dtype=torch.
                     m.heads, m.dim, m.dim, generator=g, dtype=torch.float64
                 )
                 m.set_reparametrisation(0.1 * torch.randn(m.heads, m.dim, generator=g, dtype=torch.float64), a)
+                # dense-exponential a_i < 0: the fused step's gain kappa b and feature bias a w^2 run
+                m.set_dense(-0.1 * torch.rand(m.heads, m.dim, generator=g, dtype=torch.float64))
                 if calibrated == "drifted":  # as fitting leaves them: the key map no longer A^-T
                     m.key_map.add_(0.1 * torch.randn(m.key_map.shape, generator=g, dtype=m.key_map.dtype))
     return model
 
 
-def _decode(model, ids, mask=None, *, lean: bool, monkeypatch):
-    """Logits of a prompt then one token per call, the cache, and how many lean steps ran."""
+def _decode(model, ids, mask=None, *, lean: bool | str, monkeypatch):
+    """Logits of a prompt then one token per call, the cache, and how many lean steps ran
+    (``lean``: True, the fused step where it applies, else exact_step_lean; "unfused":
+    exact_step_lean only; False: the general step only)."""
     calls = []
-    real = decode.exact_step_lean
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["t"])
-        return real(*args, **kwargs)
+    def counted(real):
+        def step(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(decode, "exact_step_lean", counted)
+        return step
+
+    monkeypatch.setattr(decode, "exact_step_lean", counted(decode.exact_step_lean))
+    monkeypatch.setattr(decode, "fused_step", counted(decode.fused_step))
+    if lean == "unfused":
+        monkeypatch.setattr(decode, "_exact_fused", lambda *a: None)
     if not lean:
         monkeypatch.setattr(decode, "lean_eligible", lambda *a: False)
     cache, out = fh.FavorCache(model), []
@@ -60,10 +69,13 @@ def _state(cache) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
 @pytest.mark.parametrize("calibrated", [False, True, "drifted"], ids=["identity", "calibrated", "drifted"])
-def test_lean_decoding_equals_the_general_step_and_teacher_forcing(tiny_llama, monkeypatch, window, sinks, calibrated):
+@pytest.mark.parametrize("lean", [True, "unfused"], ids=["fused", "unfused"])
+def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
+    tiny_llama, monkeypatch, window, sinks, calibrated, lean
+):
     model = _model(tiny_llama, window=window, sinks=sinks, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
-    fast, fast_cache, taken = _decode(model, ids, lean=True, monkeypatch=monkeypatch)
+    fast, fast_cache, taken = _decode(model, ids, lean=lean, monkeypatch=monkeypatch)
     slow, slow_cache, none = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
     # positions past the prompt's first step and past W + S take the lean step, in each layer
     eligible = [t for t in range(PROMPT, PROMPT + NEW) if t > PROMPT and t > window + sinks]
@@ -75,15 +87,20 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(tiny_llama, m
         torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 
 
-def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch):
-    model = _model(tiny_llama, window=3, sinks=1, dtype=torch.float32)
+@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch, calibrated):
+    model = _model(tiny_llama, window=3, sinks=1, calibrated=calibrated, dtype=torch.float32)
     ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
     fast, fast_cache, taken = _decode(model, ids, lean=True, monkeypatch=monkeypatch)
     slow, slow_cache, _ = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
     assert taken > 0
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for a, b in zip(_state(slow_cache), _state(fast_cache), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        # the fused step sums the far state in another order: an entry of kv that cancels
+        # (values of both signs) keeps round-off of the size of its terms, so the absolute
+        # tolerance follows the tensor's scale (kv, z ~ 1e10 with the features' headroom)
+        scale = float(a.abs().max()) if a.is_floating_point() else 0.0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
 
 
 def test_padding_and_blocks_take_the_general_step(tiny_llama, monkeypatch):
@@ -113,3 +130,24 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     layer.padded = True
     cache.reset()
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
+
+
+def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(tiny_llama):
+    """Fused steps, then a call of several tokens (the general path reads the state: it is
+    converted back to an ExactState), then fused steps again (entered anew), a size query
+    and a beam reorder in between: the teacher-forced logits throughout."""
+    model = _model(tiny_llama, window=2, sinks=1, calibrated="drifted")
+    ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(6))
+    cache, out = fh.FavorCache(model), []
+    spans = [(0, 5)] + [(i, i + 1) for i in range(5, 10)] + [(10, 13)] + [(i, i + 1) for i in range(13, 20)]
+    with torch.no_grad():
+        for lo, hi in spans:
+            out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
+            if hi == 9:
+                assert all(layer.lean is not None for layer in cache.layers)  # the fused layout is in use
+                assert cache.nbytes > 0 and all(layer.lean is not None for layer in cache.layers)
+            if hi == 16:
+                cache.reorder_cache(torch.tensor([0, 1]))  # beam search's reorder: back to ExactState
+                assert all(layer.lean is None for layer in cache.layers)
+        assert all(layer.lean is not None for layer in cache.layers)
+        torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,125 @@
+"""fused_step (favor.ops.local.fused, favor.hf's decoding step for FAVOR+ features) against
+its reference, exact_step(..., inplace=True): the same outputs after every token and the same
+far state and slots at the end, for identity and general per-head maps with a key shift,
+grouped key/value heads, a per-head log_const, sinks, W = 0, the ring's wrap-around, and the
+state of a prompt or of steps from an empty state. The sums run in another order, so float64
+agrees to 1e-10 and float32 to 1e-5 (the far state relative to its scale: an entry of kv
+that cancels keeps round-off of the size of its terms)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import favor
+from favor.ops.local.dispatch import exact_attention
+from favor.ops.local.fused import LeanConstants, LeanState, fused_step, ring_positions
+from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step, lean_eligible
+from favor.ops.row_features import LOG2E
+from favor.ops.step_features import step_features
+
+B, H, KV, D, M, L = 2, 4, 2, 8, 16, 40
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _problem(dtype, maps: bool, log_const):
+    """Raw q, k, v (B, H|KV, L, D), the feature map and the constants; the reference's
+    inputs: features of q A and (k - c) B (scale folded into the features, as the
+    adapter's), logits from q root and (k - c) root."""
+    g = torch.Generator().manual_seed(3)
+    fm = favor.FeatureMap("positive", dim=D, num_features=M, generator=torch.Generator().manual_seed(1)).to(dtype)
+    q = torch.randn(B, H, L, D, dtype=dtype, generator=g)
+    k, v = (torch.randn(B, KV, L, D, dtype=dtype, generator=g) for _ in range(2))
+    root = D**-0.25
+    f64 = torch.float64
+    if maps:
+        a = torch.eye(D, dtype=f64) + 0.2 * torch.randn(H, D, D, generator=g, dtype=f64)
+        bm = torch.eye(D, dtype=f64) + 0.2 * torch.randn(H, D, D, generator=g, dtype=f64)  # not A^-T: drifted
+        c = 0.3 * torch.randn(H, D, generator=g, dtype=f64)
+    else:
+        a = bm = torch.eye(D, dtype=f64).expand(H, D, D)
+        c = torch.zeros(H, D, dtype=f64)
+    lc = torch.zeros(H, dtype=f64) if log_const is None else log_const.double()
+    log_m = 0.5 * math.log(M)
+    cq, ck = LOG2E * (lc + log_m), torch.full((H,), -log_m, dtype=f64)
+    mq = bq = mk = bk = None
+    if maps:
+        mq = torch.cat([a * root, (-LOG2E * root * root) * c[:, :, None]], -1)
+        bq = torch.cat([torch.zeros(H, 1, D, dtype=f64), cq[:, None, None]], -1)
+        mk = torch.cat([bm * root, torch.zeros(H, D, 1, dtype=f64)], -1)
+        bk = torch.cat([-(c[:, None, :] @ bm) * root, ck[:, None, None]], -1)
+
+    def cast(t):
+        return None if t is None else t.to(dtype).contiguous()
+
+    consts = LeanConstants(
+        cast(mq),
+        cast(bq),
+        cast(mk),
+        cast(bk),
+        None,
+        cast(fm.projection.double().T * LOG2E),
+        None,
+        cast(cq),
+        cast(ck),
+        root,
+    )
+    rep = H // KV
+    k_h, v_h = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    ks = k_h - c.to(dtype)[:, None, :]
+    ref = dict(
+        q=q @ a.to(dtype),
+        k=ks @ bm.to(dtype),
+        qx=q * root,
+        kx=ks * root,
+        v=v_h,
+        log_const=0.0 if log_const is None else log_const.to(dtype)[:, None, None],
+    )
+    return fm, q, k, v, consts, ref, root
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [favor.ExactTerms(4, 2, 1), favor.ExactTerms(0, 0, 1), favor.ExactTerms(0, 3, 1), favor.ExactTerms(7, 0, 1)],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("maps", [False, True], ids=["identity", "maps"])
+@pytest.mark.parametrize("prompt", [0, 12], ids=lambda p: f"prompt{p}")
+def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt):
+    log_const = torch.linspace(-0.5, 0.5, H) if maps else None
+    fm, q, k, v, consts, ref, root = _problem(dtype, maps, log_const)
+    rows = {name: t for name, t in ref.items() if name != "log_const"}
+    if prompt:
+        p = (rows[x][..., :prompt, :] for x in ("q", "k", "v"))
+        qx, kx = rows["qx"][..., :prompt, :], rows["kx"][..., :prompt, :]
+        state = exact_attention(
+            *p, fm, terms, causal=True, root=root, return_state=True, qx=qx, kx=kx, log_const=ref["log_const"]
+        )[1]
+    else:
+        state = ExactState.empty((B, H), terms, D, D, M, D, dtype=dtype, device="cpu")
+    lean, taken, r = None, 0, terms.ring()
+    for t in range(prompt, L):
+        feat, a = step_features(fm, root, rows["q"][..., t : t + 1, :], rows["k"][..., t : t + 1, :])
+        step = [rows[x][..., t, :] for x in ("q", "k", "qx", "kx", "v")]
+        if lean is None and lean_eligible(terms, t, prompt):  # the fused layout of the reference's state
+            pos = ring_positions(t, r, terms.sinks, 0, device="cpu")
+            pos = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos)
+            lean = LeanState.enter(state.far, k[:, :, pos], v[:, :, pos], ring=r)
+        o_ref, state = exact_step(state, terms, feat, a, *step, ref["log_const"], None, inplace=True)
+        if lean is not None:
+            o = fused_step(lean, consts, q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], t)
+            torch.testing.assert_close(o[..., 0, :], o_ref, rtol=TOL[dtype], atol=TOL[dtype])
+            taken += 1
+    assert taken >= L - max(prompt + 1, terms.window + terms.sinks + 1)
+    far = lean.far_state()
+    for a, b in zip(state.far, far, strict=True):
+        torch.testing.assert_close(b, a, rtol=TOL[dtype], atol=TOL[dtype] * max(float(a.abs().max()), 1.0))
+    # the slots hold the raw keys and values of the positions exact_step keeps
+    pos = state.pos[0, 0]
+    raw = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos)
+    assert torch.equal(ring_positions(L, r, terms.sinks, SINK_MARK, device="cpu"), pos)
+    lk, lv = lean.raw()
+    assert torch.equal(lk, k[:, :, raw]) and torch.equal(lv, v[:, :, raw])
