@@ -151,3 +151,16 @@ def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(t
                 assert all(layer.lean is None for layer in cache.layers)
         assert all(layer.lean is not None for layer in cache.layers)
         torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_constants_are_kept_until_a_buffer_changes(tiny_llama):
+    # decoding asks for them per layer and token: the same object while the buffers stand,
+    # new ones (with the new far gain in cq) once a buffer is written in place
+    model = _model(tiny_llama, window=3, sinks=1, calibrated=True)
+    adapter = next(m for m in model.modules() if isinstance(m, fh.FavorAdapter))
+    first = adapter.lean_constants(None, torch.float64, "cpu")
+    assert first is not None and adapter.lean_constants(None, torch.float64, "cpu") is first
+    adapter.far_log_gain.fill_(-1.0)
+    second = adapter.lean_constants(None, torch.float64, "cpu")
+    assert second is not first
+    torch.testing.assert_close(second.cq, first.cq + 1.4426950408889634, rtol=0, atol=1e-12)  # log_const - g, in log2
