@@ -64,8 +64,8 @@ class Variant:
 HYBRID_WINDOW, HYBRID_SINKS = 64, 4
 #: the hybrid keeps its first draw of features: in books (L = 2,048) it learns the same drawn
 #: once as redrawn every step (masked accuracy 0.177 / 0.373 against 0.177 / 0.371 on seeds
-#: 0 / 1) and its step costs 2-3x less on a CPU, where the redraw's QR dominates
-#: (docs/paper.md, "The hybrid Performer")
+#: 0 / 1) without a QR per step (0.29-0.39 s per step against 0.81-1.07 s, at different
+#: machine loads; docs/paper.md, "The hybrid Performer")
 
 
 def hybrid(
