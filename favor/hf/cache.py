@@ -94,7 +94,6 @@ class FavorLayer(CacheLayerMixin):
         self._state: State | ExactState | None = None
         self.lean = None
         self.lean_exit = None
-        self.lean_terms = None
         # exact local terms: raw keys/values (B, Hkv, n, D) and "real token" flags (B, n)
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -111,9 +111,9 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         adapter.exact_sinks,
         adapter.exact_block,
     ):
+        if layer.lean is not None:
+            layer.state  # noqa: B018 (back to exact_step's layout: the fused one was made for the old terms)
         terms = layer.terms = ExactTerms(adapter.exact_window, adapter.exact_sinks, adapter.exact_block)
-    if layer.lean is not None and layer.lean_terms != terms:
-        layer.state  # noqa: B018 (back to exact_step's layout, made for other terms)
     if layer.lean is None and layer.state is not None and not isinstance(layer.state, ExactState):
         raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
     if pad is not None:
@@ -213,7 +213,7 @@ def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling) -> 
         return ExactState(lean.far_state(), keys.to(dtype), keys_x.to(dtype), values, pos, length)
 
     layer.state = None
-    layer.lean, layer.lean_exit, layer.lean_terms = lean, leave, terms
+    layer.lean, layer.lean_exit = lean, leave
     return lean
 
 
