@@ -160,6 +160,11 @@ def add_arguments(parser) -> None:
         "--adapter-lr", type=float, help="learning rate of the FAVOR adapters (encoder 3e-3, decoder 1e-3)"
     )
     parser.add_argument(
+        "--gain-lr",
+        type=float,
+        help="learning rate of the far keys' gain beside exact local terms (default: --adapter-lr's)",
+    )
+    parser.add_argument(
         "--logit-weight", type=float, default=1.0, help="weight of the KL to the teacher's token distributions (LMs)"
     )
     parser.add_argument(
@@ -237,6 +242,7 @@ ENCODER_OPTIONS = (
     "fit_batches",
     "fit_on",
     "adapter_lr",
+    "gain_lr",
     "logit_weight",
     "embedding_weight",
     "attention_weight",

@@ -90,6 +90,7 @@ def _config(args):
         "train": args.train,
         "lr": args.lr,
         "adapter_lr": args.adapter_lr,
+        "gain_lr": args.gain_lr,
         "attention_weight": args.attention_weight,
         "schedule": args.schedule,
         "kernel": args.kernel,

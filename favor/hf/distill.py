@@ -55,6 +55,9 @@ class DistillConfig:
     max_seconds: float = 540.0
     lr: float = 1e-4
     adapter_lr: float = 3e-3
+    #: the far gain's own rate (None: adapter_lr): Adam moves a tensor by about its rate per
+    #: step, and the far gain must travel units of log-weight in tens of steps
+    gain_lr: float | None = None
     embedding_weight: float = 1.0
     logit_weight: float = 1.0
     seed: int = 0
@@ -82,6 +85,8 @@ class DistillConfig:
             raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.gain_lr is not None and not self.gain_lr > 0:
+            raise ValueError(f"gain_lr must be > 0 or None, got {self.gain_lr}")
 
 
 def adapter_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -206,11 +211,11 @@ def distill(
     teacher.eval()
     student.eval()  # dropout off: the target is the deterministic teacher
     owned = adapter_tensors(student)
-    extra = []
+    extra, gains = [], []
     for owner, name in owned:
         t = getattr(owner, name).detach().clone().float().requires_grad_(True)
         setattr(owner, name, t)  # a buffer may hold a tensor that requires grad
-        extra.append(t)
+        (gains if name == "far_log_gain" and config.gain_lr is not None else extra).append(t)
     for module in student.modules():
         adapter = getattr(module, ATTRIBUTE, None)
         if isinstance(adapter, nn.Module):
@@ -226,9 +231,10 @@ def distill(
             p.requires_grad_(id(p) in keep)
     params = [p for p in student.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": config.lr}] if params else []
-    opt = torch.optim.AdamW(
-        groups + [{"params": extra, "lr": config.adapter_lr, "weight_decay": 0.0}], weight_decay=0.01
-    )
+    groups.append({"params": extra, "lr": config.adapter_lr, "weight_decay": 0.0})
+    if gains:
+        groups.append({"params": gains, "lr": config.gain_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     losses: list[float] = []
     start = time.perf_counter()
     order: list[int] = []
@@ -263,7 +269,7 @@ def distill(
         loss = loss + config.attention_weight * transfer
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params + extra, 1.0)
+        torch.nn.utils.clip_grad_norm_(params + extra + gains, 1.0)
         opt.step()
         step += 1
         losses.append(float(loss.detach()))
@@ -273,7 +279,7 @@ def distill(
             evaluate(step)
     if evaluate is not None and step % eval_every:
         evaluate(step)
-    for (owner, name), t in zip(owned, extra, strict=True):
-        setattr(owner, name, t.detach())
+    for owner, name in owned:
+        setattr(owner, name, getattr(owner, name).detach())
     log.info("distilled %d steps in %.0f s", step, time.perf_counter() - start)
     return losses

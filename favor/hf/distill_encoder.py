@@ -88,6 +88,7 @@ class EncoderDistillConfig:
     fit_batches: int | None = None
     fit_on: str = "mixed"
     adapter_lr: float = 3e-3
+    gain_lr: float | None = None
     logit_weight: float = 1.0
     embedding_weight: float = 1.0
     attention_weight: float = 1.0
@@ -167,6 +168,7 @@ def distill_encoder(
         max_seconds=60.0 * cfg.minutes,
         lr=cfg.lr,
         adapter_lr=cfg.adapter_lr,
+        gain_lr=cfg.gain_lr,
         logit_weight=cfg.logit_weight,
         embedding_weight=cfg.embedding_weight,
         seed=cfg.seed,
@@ -221,7 +223,7 @@ def distill_encoder(
         **cfg.features,
     )
     if cfg.fit_steps:
-        fit_adapters(student, fitting, steps=cfg.fit_steps)
+        fit_adapters(student, fitting, steps=cfg.fit_steps, gain_lr=cfg.gain_lr)
     refs = {n: embeddings(teacher, ev, attn="sdpa") for n, ev in evs.items()}
     other_refs = [{n: embeddings(teacher, ev, attn="sdpa") for n, ev in o.items()} for o in others]
     other_zero_shot = [embedding_cosines(student, o, r) for o, r in zip(others, other_refs, strict=True)]
@@ -273,6 +275,7 @@ def distill_encoder(
         "train": cfg.train,
         "lr": cfg.lr,
         "adapter_lr": cfg.adapter_lr,
+        "gain_lr": cfg.gain_lr,
         "logit_weight": cfg.logit_weight,
         "attention_weight": cfg.attention_weight,
         "embedding_weight": cfg.embedding_weight,

@@ -70,16 +70,20 @@ def fit_adapters(
     *,
     steps: int = 150,
     lr: float = 3e-3,
+    gain_lr: float | None = None,
     fit_projection: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     max_seconds: float | None = None,
 ) -> list[tuple[float, float]]:
     """Fit every FavorAdapter of a performerized ``model`` on ``batches`` (Adam, ``steps`` full
     passes per layer; with ``max_seconds``, each layer also stops after its equal share of that
-    time). Returns [(relative error before, after)] per layer, on the fitting data.
+    time; ``gain_lr``: the far gain's rate, None for ``lr``). Returns [(relative error
+    before, after)] per layer, on the fitting data.
     ``progress(layer, step, loss)`` is called after every step (the CLI draws a bar from it)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if gain_lr is not None and not gain_lr > 0:
+        raise ValueError(f"gain_lr must be > 0 or None, got {gain_lr!r}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
     calls = record_attention(model, list(batches))
@@ -95,7 +99,10 @@ def fit_adapters(
         params = {n: getattr(owners[n], n).detach().clone().float().requires_grad_(True) for n in names}
         for n, p in params.items():
             setattr(owners[n], n, p)  # buffers may hold tensors that require grad
-        opt = torch.optim.Adam(params.values(), lr=lr)
+        own_rate = gain_lr is not None and "far_log_gain" in params
+        groups = [{"params": [p for n, p in params.items() if not (own_rate and n == "far_log_gain")]}]
+        groups += [{"params": [params["far_log_gain"]], "lr": gain_lr}] if own_rate else []
+        opt = torch.optim.Adam(groups, lr=lr)
         with torch.no_grad():
             before = float(sum(_loss(module, c) for c in recorded) / len(recorded)) ** 0.5
         initial = {n: p.detach().clone() for n, p in params.items()}

@@ -73,6 +73,7 @@ class LinearizeConfig:
     train: str = "adapters"
     lr: float = 1e-4
     adapter_lr: float = 1e-3
+    gain_lr: float | None = None
     attention_weight: float = 0.0
     schedule: str = "cosine"
     kernel: str = "derf"
@@ -243,6 +244,7 @@ def linearize(
             train_batches(text_ids[: config.fit_passages], 1),
             steps=config.fit_steps,
             lr=config.adapter_lr,
+            gain_lr=config.gain_lr,
             max_seconds=config.transfer_share * train_left,
         )
         seconds["transfer"] = time.perf_counter() - t
@@ -261,6 +263,7 @@ def linearize(
             max_seconds=budget,
             lr=config.lr,
             adapter_lr=config.adapter_lr,
+            gain_lr=config.gain_lr,
             seed=config.seed,
             schedule=config.schedule,
             warmup_steps=3,

@@ -174,3 +174,43 @@ def test_fit_set_takes_batches_in_turn_from_each_length():
     assert fit_set([short, long], 4) == [short[0], long[0], short[1], short[2]]  # long ran out: short again
     assert fit_set([short], 2) == short[:2]  # --fit-on short: the old choice, the first short batches
     assert fit_set([short, long], 10) == [short[0], long[0], short[1], short[2]]
+
+
+def test_gain_lr_moves_the_far_gain_at_its_own_rate_and_nothing_else_changes(tiny_llama):
+    # Adam moves a tensor by about its rate per step: with gain_lr 100x adapter_lr the far gain
+    # travels ~100x further, while the maps follow the very same trajectory (their group's
+    # rate and the clipping norm of their gradients are what they were; the gain's gradient
+    # at the first step is the same either way)
+    teacher = tiny_llama()
+    ids = _batches()
+    base = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=ids, exact_window=4)
+    runs = {}
+    for gain_lr in (None, 0.1):
+        student = copy.deepcopy(base)
+        distill(student, teacher, ids, DistillConfig(steps=1, adapter_lr=1e-3, gain_lr=gain_lr, train="adapters"))
+        runs[gain_lr] = {k: v for k, v in student.state_dict().items() if ".favor." in k}
+    gains = [k for k in runs[None] if k.endswith("far_log_gain")]
+    assert gains
+    for k in gains:
+        slow, fast = runs[None][k].abs().max(), runs[0.1][k].abs().max()
+        assert 0 < slow <= 1.01e-3 and fast > 0.05, (k, slow, fast)
+    maps = [k for k in runs[None] if k.endswith("query_map")]
+    for k in maps:
+        torch.testing.assert_close(runs[0.1][k], runs[None][k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gain_lr"):
+        DistillConfig(gain_lr=0.0)
+
+
+def test_fit_adapters_gain_lr_gives_the_far_gain_its_own_rate(tiny_llama):
+    from favor.hf.fit import fit_adapters
+
+    teacher = tiny_llama()
+    ids = _batches()
+    moved = {}
+    for gain_lr in (None, 0.2):
+        student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=ids, exact_window=4)
+        fit_adapters(student, ids, steps=1, lr=1e-3, gain_lr=gain_lr)
+        moved[gain_lr] = max(float(v.abs().max()) for k, v in student.state_dict().items() if k.endswith("far_log_gain"))
+    assert moved[None] <= 1.01e-3 and moved[0.2] > 0.1, moved
+    with pytest.raises(ValueError, match="gain_lr"):
+        fit_adapters(student, ids, steps=1, gain_lr=-1.0)
