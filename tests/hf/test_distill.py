@@ -210,7 +210,9 @@ def test_fit_adapters_gain_lr_gives_the_far_gain_its_own_rate(tiny_llama):
     for gain_lr in (None, 0.2):
         student = fh.performerize(copy.deepcopy(teacher), num_features=16, calibration=ids, exact_window=4)
         fit_adapters(student, ids, steps=1, lr=1e-3, gain_lr=gain_lr)
-        moved[gain_lr] = max(float(v.abs().max()) for k, v in student.state_dict().items() if k.endswith("far_log_gain"))
+        moved[gain_lr] = max(
+            float(v.abs().max()) for k, v in student.state_dict().items() if k.endswith("far_log_gain")
+        )
     assert moved[None] <= 1.01e-3 and moved[0.2] > 0.1, moved
     with pytest.raises(ValueError, match="gain_lr"):
         fit_adapters(student, ids, steps=1, gain_lr=-1.0)
