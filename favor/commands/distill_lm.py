@@ -1,8 +1,8 @@
 """favor distill for a causal LM: the decoder recipe (favor.hf.linearize), as flags.
 
 ``favor distill --model smollm2 --out DIR`` (or ``--gguf FILE``, a local causal-LM directory,
-``--quick`` for a tiny random decoder): performerize (derf, M=256, exact window 256 + 4 sinks),
-attention transfer per layer, fine-tuning of the query/key projections on the teacher's
+``--quick`` for a tiny random decoder): performerize (derf, M=256, exact window 512 + 4 sinks),
+attention transfer per layer, fine-tuning of FAVOR's adapters (far gain at its own rate) on the teacher's
 next-token distribution over packed 1,024-token passages of favor.data.english's training mix,
 all within --minutes (default 30, evaluations included). Writes the model
 (favor.hf.from_pretrained), its tokenizer, distill.json and distill.png into --out: held-out

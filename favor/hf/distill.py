@@ -122,6 +122,10 @@ def _projections(model: nn.Module, train: str) -> list[nn.Module]:
     return out
 
 
+def _fits(elapsed: float, steps: int, budget: float) -> bool:
+    return elapsed + (elapsed / steps if steps else 0.0) < budget
+
+
 def _hidden(model, batch, *, grad: bool):
     with torch.set_grad_enabled(grad):
         return model(**batch, output_hidden_states=True)
@@ -244,7 +248,9 @@ def distill(
     if evaluate is not None:
         evaluate(0)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    while step < config.steps and time.perf_counter() - start < config.max_seconds:
+    # a step is not begun unless the mean step so far still fits: on a CPU one step of a
+    # 135M decoder takes a minute, and the budget is the user's wall clock
+    while step < config.steps and _fits(time.perf_counter() - start, step, config.max_seconds):
         if config.schedule == "cosine":
             done = max(step / config.steps, (time.perf_counter() - start) / config.max_seconds)
             factor = min(1.0, (step + 1) / max(config.warmup_steps, 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
