@@ -67,7 +67,7 @@ VARIANTS = [
 #: variants run only when named in ``--variants``: the hybrid with a learnable per-head far
 #: gain (PerformerConfig.far_gain), initialised to 0 (the plain hybrid's numbers) or below
 #: (the far estimate turned down at the start); docs/paper.md, "The hybrid Performer"
-PROBES = [hybrid(f"hybrid FAVOR+ far gain {g:g}", far_gain=g) for g in (0.0, -4.0, -8.0)]
+PROBES = [hybrid(f"hybrid FAVOR+ far gain {g:g}", far_gain=g) for g in (0.0, -2.0, -3.0, -4.0, -5.0, -6.0, -8.0)]
 
 #: mode -> (ModelSize, seq_len, batch, steps, eval_every, eval_rows, seeds). Full: dim 128
 #: with 4 heads of 32, not dim 64 with 2: with the length warm-up, softmax seed 1 left the
