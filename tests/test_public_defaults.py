@@ -51,8 +51,9 @@ def test_attention_defaults():
         "initial_state": None,
         "return_state": False,
         "exact": None,
+        "far_log_gain": None,
     }
-    assert _defaults(favor.step) == {"scale": None, "exact": None}
+    assert _defaults(favor.step) == {"scale": None, "exact": None, "far_log_gain": None}
     t = favor.ExactTerms(8)
     assert (t.sinks, t.block) == (0, 1)
 
@@ -75,6 +76,7 @@ def test_model_config_defaults():
         "chunk_size": None,
         "seed": 0,
         "exact": None,
+        "far_gain": None,
     }
 
 

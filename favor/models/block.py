@@ -27,6 +27,7 @@ class Block(nn.Module):
             rotary=config.position == "rotary",
             chunk_size=config.chunk_size,
             exact=config.exact,
+            far_gain=config.far_gain,
         )
         self.norm2 = nn.LayerNorm(config.dim)
         hidden = int(round(config.dim * config.mlp_ratio))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..features.feature_map import KERNELS
-from ..nn.attention import ATTENTIONS
+from ..nn.attention import ATTENTIONS, check_far_gain
 from ..ops.local.spec import ExactTerms
 
 __all__ = ["PerformerConfig", "POSITIONS"]
@@ -43,11 +43,15 @@ class PerformerConfig:
     seed: int = 0
     #: exact local terms (window, sinks, block) beside FAVOR: an ExactTerms, its dict or None
     exact: ExactTerms | None = None
+    #: with ``exact``: a learnable per-head log weight on the far keys' FAVOR estimate,
+    #: initialised to this value (FavorAttention's ``far_gain``); None: no such parameter
+    far_gain: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exact", ExactTerms.coerce(self.exact))
         if self.exact is not None and self.attention != "favor":
             raise ValueError(f"exact terms are part of FAVOR attention; attention={self.attention!r} is exact already")
+        check_far_gain(self.far_gain, self.exact)
         for name in ("vocab_size", "dim", "depth", "heads", "max_len"):
             _positive_int(name, getattr(self, name))
         if self.dim % self.heads:

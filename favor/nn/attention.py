@@ -8,6 +8,7 @@ key (B, Lk, kdim), value (B, Lk, vdim) -> (B, Lq, E). Inside, heads are split to
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -23,7 +24,17 @@ from ..ops.reference import softmax_attention
 from ..ops.state import State
 from .rotary import apply_rotary
 
-__all__ = ["FavorAttention", "AttentionState", "ATTENTIONS"]
+__all__ = ["FavorAttention", "AttentionState", "ATTENTIONS", "check_far_gain"]
+
+
+def check_far_gain(far_gain, exact: ExactTerms | None) -> None:
+    """``far_gain``: None, or the finite initial far log gain of a hybrid (``exact`` set)."""
+    if far_gain is None:
+        return
+    if isinstance(far_gain, bool) or not isinstance(far_gain, (int, float)) or not math.isfinite(far_gain):
+        raise ValueError(f"far_gain must be None or a finite float (the initial far log gain), got {far_gain!r}")
+    if exact is None:
+        raise ValueError("far_gain weighs FAVOR's far keys against exact terms: it needs exact=ExactTerms(...)")
 
 
 class AttentionState(NamedTuple):
@@ -38,16 +49,27 @@ class AttentionState(NamedTuple):
 
 
 def _favor(module: FavorAttention, q, k, v, mask, state: AttentionState | None, stateful: bool):
-    fm, chunk, exact = module.feature_map, module.chunk_size, module.exact
+    fm, chunk, exact, gain = module.feature_map, module.chunk_size, module.exact, module.far_log_gain
     if not stateful:
-        out = favor_attention(q, k, v, fm, causal=module.causal, key_padding_mask=mask, chunk_size=chunk, exact=exact)
+        out = favor_attention(
+            q, k, v, fm, causal=module.causal, key_padding_mask=mask, chunk_size=chunk, exact=exact, far_log_gain=gain
+        )
         return out, None
     prev = state.favor if state is not None else None
     if q.shape[-2] == 1:
-        out, new = favor_step(prev, q[..., 0, :], k[..., 0, :], v[..., 0, :], fm, exact=exact)
+        out, new = favor_step(prev, q[..., 0, :], k[..., 0, :], v[..., 0, :], fm, exact=exact, far_log_gain=gain)
         return out.unsqueeze(-2), new
     return favor_attention(
-        q, k, v, fm, causal=True, chunk_size=chunk, initial_state=prev, return_state=True, exact=exact
+        q,
+        k,
+        v,
+        fm,
+        causal=True,
+        chunk_size=chunk,
+        initial_state=prev,
+        return_state=True,
+        exact=exact,
+        far_log_gain=gain,
     )
 
 
@@ -100,7 +122,10 @@ class FavorAttention(nn.Module):
 
     ``exact`` (a ``favor.ExactTerms``): each query's window, sinks and block get their exact
     softmax weight, FAVOR the rest (favor.attention's ``exact``); decoding keeps a ring of the
-    last C + W keys beside FAVOR's state.
+    last C + W keys beside FAVOR's state. ``far_gain`` (a float, with ``exact`` only): a
+    learnable per-head log weight ``far_log_gain`` (H,), initialised to it, on FAVOR's
+    estimate of the far keys (far terms x exp(g); 0 starts at the plain hybrid's numbers),
+    so that training can turn down the noisy estimate against the exact window.
 
     Feature options: ``kernel`` (any favor.KERNELS name), ``num_features`` (default
     favor.default_num_features(head_dim) = round(D ln D)), ``projection``, ``stabilizer``,
@@ -128,6 +153,7 @@ class FavorAttention(nn.Module):
         rotary_base: float = 10000.0,
         chunk_size: int | None = None,
         exact: ExactTerms | None = None,
+        far_gain: float | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -154,7 +180,12 @@ class FavorAttention(nn.Module):
         self.exact = ExactTerms.coerce(exact)
         if self.exact is not None and attention != "favor":
             raise ValueError(f"exact terms are part of FAVOR attention; attention={attention!r} is exact already")
+        check_far_gain(far_gain, self.exact)
         kw = {"device": device, "dtype": dtype}
+        # a Parameter only when asked for: plain models keep their state_dict keys
+        self.far_log_gain = None
+        if far_gain is not None:
+            self.far_log_gain = nn.Parameter(torch.full((num_heads,), float(far_gain), **kw))
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
@@ -175,7 +206,9 @@ class FavorAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, attention={self.attention!r}, "
-            f"causal={self.causal}, rotary={self.rotary}" + (f", exact={self.exact}" if self.exact else "")
+            f"causal={self.causal}, rotary={self.rotary}"
+            + (f", exact={self.exact}" if self.exact else "")
+            + (", far_gain=learned" if self.far_log_gain is not None else "")
         )
 
     @classmethod

@@ -20,6 +20,7 @@ from .checks import (
     key_mask,
 )
 from .local.dispatch import exact_attention
+from .local.gain import far_log_const
 from .local.spec import ExactTerms
 from .recurrent import STEP_MAX_QUERIES, steps
 from .row_features import row_features
@@ -109,6 +110,7 @@ def attention(
     initial_state: State | None = None,
     return_state: bool = False,
     exact: ExactTerms | None = None,
+    far_log_gain: torch.Tensor | float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, State]:
     """FAVOR attention, linear in length. Layout as scaled_dot_product_attention:
     q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) -> (..., Lq, Dv).
@@ -125,6 +127,9 @@ def attention(
     ``exact`` (a ``favor.ExactTerms``): each query's window, sinks and block get their exact
     softmax weight, FAVOR's estimate the rest (one normaliser); causal states are then
     ``favor.ExactState`` (FAVOR's far state, a ring of the last C + W keys, the sinks).
+    ``far_log_gain`` g (with ``exact`` only; a float or a tensor broadcasting against the
+    (batch, head) dims, e.g. a learnable (H,) parameter): the far keys' estimate weighs
+    exp(g) times as much against the exact terms (0: unchanged).
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=causal)
@@ -142,7 +147,13 @@ def attention(
     dtype = compute_dtype(q.dtype)
     root = s**0.5
     exact = ExactTerms.coerce(exact)
+    if exact is None and far_log_gain is not None:
+        raise ValueError("far_log_gain weighs FAVOR's far keys against exact terms: it needs exact=ExactTerms(...)")
     if exact is not None:
+        lead = q.shape[:-2]
+        if not lead == k.shape[:-2] == v.shape[:-2]:
+            lead = torch.broadcast_shapes(lead, k.shape[:-2], v.shape[:-2])
+        log_const = far_log_const(far_log_gain, lead, dtype=dtype, device=q.device)
         got = exact_attention(
             q.to(dtype),
             k.to(dtype),
@@ -155,6 +166,7 @@ def attention(
             chunk_size=chunk_size,
             initial_state=initial_state,
             return_state=return_state,
+            log_const=log_const,
         )
         if return_state:
             return got[0].to(v.dtype), got[1]

@@ -10,6 +10,7 @@ from ..features.feature_map import FeatureMap
 from . import chunking, normalise
 from .checks import check_feature_map, check_scale, check_state, compute_dtype
 from .local.dispatch import exact_steps
+from .local.gain import far_log_const
 from .local.recurrent import ExactState
 from .local.spec import ExactTerms
 from .state import State
@@ -27,12 +28,14 @@ def step(
     *,
     scale: float | None = None,
     exact=None,
+    far_log_gain: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Attend from one new token: q, k (..., D), v (..., Dv) -> (out (..., Dv), new state).
 
     ``state=None`` starts an empty context. Equal (to round-off) to causal attention over
     the whole sequence, one position at a time. ``exact`` (a ``favor.ExactTerms``): the
-    state is a ``favor.ExactState`` (far state, ring of recent keys, sinks; fixed size).
+    state is a ``favor.ExactState`` (far state, ring of recent keys, sinks; fixed size);
+    ``far_log_gain`` weighs the far keys' estimate by exp(g), as in ``favor.attention``.
     """
     check_feature_map(feature_map)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -66,13 +69,16 @@ def step(
     out_dtype, dtype = v.dtype, compute_dtype(q.dtype)
     root = check_scale(scale, q.shape[-1]) ** 0.5
     q1, k1, v1 = q.to(dtype).unsqueeze(-2), k.to(dtype).unsqueeze(-2), v.to(dtype)
+    if exact is None and far_log_gain is not None:
+        raise ValueError("far_log_gain weighs FAVOR's far keys against exact terms: it needs exact=ExactTerms(...)")
     if exact is not None:
         terms = ExactTerms.coerce(exact)
         if state is not None and not isinstance(state, ExactState):
             raise TypeError(
                 f"with exact terms the state must be a favor.ExactState or None, got {type(state).__name__}"
             )
-        out, new = exact_steps(state, terms, feature_map, q1, k1, v1.unsqueeze(-2), root=root)
+        log_const = far_log_const(far_log_gain, tuple(lead), dtype=dtype, device=q.device)
+        out, new = exact_steps(state, terms, feature_map, q1, k1, v1.unsqueeze(-2), root=root, log_const=log_const)
         return out[..., 0, :].to(out_dtype), new
     feat, a = step_features(feature_map, root, q1, k1)
     # the query's log scale cancels in its output: not computed where feat can skip it

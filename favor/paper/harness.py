@@ -47,7 +47,9 @@ class Variant:
     ``depth`` overrides the model depth (the paper's 12-layer Reformer vs 6-layer Performer);
     ``window`` > 0 makes the hybrid Performer: FAVOR plus exact softmax weights for each
     query's last ``window`` + 1 keys (its ``window`` neighbours on each side, bidirectional)
-    and the first ``sinks`` tokens (``favor.ExactTerms``), one normaliser."""
+    and the first ``sinks`` tokens (``favor.ExactTerms``), one normaliser; ``far_gain`` (a
+    float, hybrids only) adds a learnable per-head log weight on the far keys' FAVOR estimate,
+    initialised to it (``PerformerConfig.far_gain``)."""
 
     name: str
     attention: str = "favor"
@@ -57,6 +59,7 @@ class Variant:
     depth: int | None = None
     window: int = 0
     sinks: int = 0
+    far_gain: float | None = None
 
 
 #: the hybrid Performer's exact terms in the paper's experiments: a 64-key window and 4 sinks
@@ -117,6 +120,7 @@ def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: b
         max_len=size.max_len,
         seed=seed,
         exact=ExactTerms(variant.window, sinks=variant.sinks) if variant.window else None,
+        far_gain=variant.far_gain,
     )
     model = (PerformerLM if causal else PerformerEncoder)(cfg)
     if variant.norm != "chi":
@@ -162,7 +166,7 @@ def train_run(
         [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
     )
     redrawer = FeatureRedrawer(model, redraw_interval if variant.redraw else 0, seed)
-    curve = [{"step": 0, "time": 0.0, "train_loss": None, **task.evaluate(model)}]
+    curve = [{"step": 0, "time": 0.0, "train_loss": None, **task.evaluate(model), **far_gains(model)}]
     clock, diverged, last_loss, counted = 0.0, None, float("nan"), 0
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
@@ -182,7 +186,7 @@ def train_run(
         out_of_time = time_limit is not None and clock >= time_limit
         if step % eval_every == 0 or step == steps or out_of_time:
             ev = task.evaluate(model)
-            curve.append({"step": step, "time": clock, "train_loss": last_loss, **ev})
+            curve.append({"step": step, "time": clock, "train_loss": last_loss, **ev, **far_gains(model)})
             if not math.isfinite(ev["loss"]):
                 diverged = step
                 break
@@ -203,6 +207,13 @@ def train_run(
         "params": sum(p.numel() for p in model.parameters()),
         "model": model,
     }
+
+
+def far_gains(model) -> dict[str, Any]:
+    """{"far_log_gain": per layer, per head} for a hybrid with learnable far gains (so a
+    curve shows where training takes them); {} for every other model."""
+    gains = [p.detach().tolist() for n, p in model.named_parameters() if n.endswith("far_log_gain")]
+    return {"far_log_gain": gains} if gains else {}
 
 
 def at_time(curve: list[dict[str, Any]], t: float) -> dict[str, Any]:

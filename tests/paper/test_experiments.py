@@ -55,3 +55,14 @@ def test_every_training_experiment_has_the_hybrid_performer():
 
     for variants in (books.VARIANTS, proteins.VARIANTS, pixels.variants(2), [transfer.HYBRID]):
         assert any(v.window > 0 and v.attention == "favor" for v in variants)
+
+
+def test_books_far_gain_probes_run_only_when_named():
+    from favor.paper import books
+
+    assert books.pick_variants(None) is None  # the default run: VARIANTS, no probes
+    assert not any(v.far_gain is not None for v in books.VARIANTS)
+    got = books.pick_variants("softmax (exact),hybrid FAVOR+ far gain -4 (W=64 S=4)")
+    assert [v.far_gain for v in got] == [None, -4.0] and got[1].window == 64 and got[1].sinks == 4
+    with pytest.raises(ValueError, match="unknown names"):
+        books.pick_variants("hybrid FAVOR+ far gain 3 (W=64 S=4)")

@@ -189,6 +189,26 @@ def test_the_hybrid_variant_is_favor_with_exact_window_and_sinks_from_the_same_w
     assert build_model(Variant("p"), TINY, vocab_size=11, causal=True, seed=4).config.exact is None
 
 
+def test_a_hybrid_with_a_far_gain_starts_from_the_same_weights_and_its_curve_records_the_gain():
+    from favor.paper.harness import hybrid
+
+    v = hybrid("g", window=4, sinks=1, far_gain=-1.0)
+    assert v.name == "g (W=4 S=1)" and v.far_gain == -1.0
+    plain = build_model(hybrid(window=4, sinks=1), TINY, vocab_size=10, causal=True, seed=4).state_dict()
+    gained = build_model(v, TINY, vocab_size=10, causal=True, seed=4).state_dict()
+    assert gained.pop("blocks.0.attn.far_log_gain").tolist() == [-1.0, -1.0]
+    assert list(gained) == list(plain)
+    for k, w in gained.items():  # bit-equal; rho is NaN (unused by positive features)
+        torch.testing.assert_close(w, plain[k], rtol=0, atol=0, equal_nan=True)
+    src = StreamSource(torch.arange(10).repeat(300), 32)
+    task = CausalLM(src, src, vocab_size=10, batch_size=2, eval_rows=1)
+    r = train_run(task, v, TINY, seed=0, steps=4, eval_every=2, lr=1e-2, warmup=1)
+    gains = [p["far_log_gain"] for p in r["curve"]]
+    assert gains[0] == [[-1.0, -1.0]] and gains[-1] != gains[0]  # one layer of two heads, trained
+    plain_run = train_run(task, Variant("f"), TINY, seed=0, steps=2, eval_every=2)
+    assert all("far_log_gain" not in p for p in plain_run["curve"])
+
+
 def test_swap_to_favor_keeps_every_softmax_weight():
     soft = build_model(Variant("s", attention="softmax"), TINY, vocab_size=11, causal=False, seed=1)
     with torch.no_grad():

@@ -299,8 +299,8 @@ class _LocalFast(torch.autograd.Function):
         q_, k_, qx_, kx_, v_ = (_flat(x, lead) for x in (q, k, qx, kx, v))
         n = q_.shape[0]
         pad = None if mask is None else mask.expand(*lead, length).reshape(n, length)
-        if not isinstance(log_const, torch.Tensor):
-            log_const = torch.zeros((), dtype=q.dtype, device=q.device)
+        if not isinstance(log_const, torch.Tensor):  # a float is honoured, not taken as 0
+            log_const = torch.full((), float(log_const), dtype=q.dtype, device=q.device)
         c_all = log_const.to(q.dtype).expand(*lead, 1, 1).reshape(n, 1, 1)
         slots = _ExactSlots(window, block, blocks, length)
         live = _live_slots(length, slots, sinks, None if pad is None else ~pad, q.device)  # (1 or N, L, E)

@@ -177,6 +177,8 @@ def exact_attention(
         q, k, v = q[:, None], k[:, None], v[:, None]
         qx = None if qx is None else qx[:, None]
         kx = None if kx is None else kx[:, None]
+        if isinstance(log_const, torch.Tensor) and log_const.ndim >= 3:  # (B, 1, 1): the new head axis too
+            log_const = log_const.unsqueeze(-3)
     pad = None if mask is None else (mask if mask.ndim == 2 else mask.reshape(mask.shape[0], mask.shape[-1]))
     qx = q * root if qx is None else qx
     kx = k * root if kx is None else kx
