@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-sinks", type=int, default=1)
     p.add_argument("--exact-block", type=int, default=32)
     p.add_argument("--fit-steps", type=int, default=40)
+    p.add_argument("--gain-lr", type=float, help="the far gain's fitting rate (default: the adapters')")
     p.add_argument("--json")
     a = p.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "exact_sinks": a.exact_sinks,
         "exact_block": a.exact_block,
     }
-    print(features, "fit_steps", a.fit_steps)
+    print(features, "fit_steps", a.fit_steps, "gain_lr", a.gain_lr)
 
     def step0(student, teacher, batches, settings, *, on_step, evaluate, eval_every):
         evaluate(0)  # the zero-shot evaluation only: no training step
@@ -52,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         r = de.distill_encoder(
-            model, tok, kind, de.EncoderDistillConfig(fit_steps=a.fit_steps, features=features),
+            model, tok, kind, de.EncoderDistillConfig(fit_steps=a.fit_steps, gain_lr=a.gain_lr, features=features),
             out=out, name="minilm", echo=print,
         )
     row = {
         **features,
         "fit_steps": a.fit_steps,
+        "gain_lr": a.gain_lr,
         "python_docs": r["zero_shot_cosine"],
         "python_docs_min": r["final_cosine_min"],
         "kjv_heldout": r["other_held_out"]["heldout"]["zero_shot_cosine"],
