@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         r = de.distill_encoder(
-            model, tok, kind, de.EncoderDistillConfig(fit_steps=a.fit_steps, gain_lr=a.gain_lr, features=features),
-            out=out, name="minilm", echo=print,
+            model,
+            tok,
+            kind,
+            de.EncoderDistillConfig(fit_steps=a.fit_steps, gain_lr=a.gain_lr, features=features),
+            out=out,
+            name="minilm",
+            echo=print,
         )
     row = {
         **features,
