@@ -206,3 +206,23 @@ def test_exact_terms_flags_train_a_hybrid_that_resumes_exactly(tmp_path, text_fi
     assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
     model, _ = load_lm(tmp_path / "a")
     assert model.config.exact == favor.ExactTerms(4, 1, 1)  # the checkpoint keeps the exact terms
+
+
+def test_far_gain_flag_trains_a_hybrid_whose_gain_learns_and_is_checkpointed(tmp_path, text_file, one_thread):
+    from favor.cli import build_parser
+    from favor.commands.train import model_overrides
+
+    argv = ["train", "--out", "x", "--exact-window", "4", "--exact-sinks", "1", "--far-gain", "-4"]
+    over = model_overrides(build_parser("train").parse_args(argv))
+    assert over["far_gain"] == -4.0
+    m, t = resolve_config(preset="tiny", data=str(text_file), model=over, **SMALL)
+    assert m.far_gain == -4.0
+    train(tmp_path / "a", m, t, write_plot=False)
+    model, _ = load_lm(tmp_path / "a")
+    gains = [p for n, p in model.named_parameters() if n.endswith("far_log_gain")]
+    assert gains and all(g.shape == (m.heads,) for g in gains)
+    moved = torch.cat([g.detach() for g in gains]) + 4.0
+    assert moved.abs().max() > 0  # it trained, from -4
+    with pytest.raises(ValueError, match="far_gain"):  # a gain needs exact terms beside FAVOR
+        over = model_overrides(build_parser("train").parse_args(["train", "--out", "x", "--far-gain", "-4"]))
+        resolve_config(preset="tiny", data=str(text_file), model=over, **SMALL)

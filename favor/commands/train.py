@@ -28,7 +28,7 @@ from ..training.loop import PRESETS, resolve_config, train
 
 #: option dest -> PerformerConfig field: each option given overrides the preset's model
 #: config (resolve_config's ``model`` dict); a new model option is one add_argument and one entry
-MODEL_OPTIONS = {"kernel": "kernel", "attention": "attention", "num_features": "num_features"}
+MODEL_OPTIONS = {"kernel": "kernel", "attention": "attention", "num_features": "num_features", "far_gain": "far_gain"}
 #: option dest -> TrainConfig field, overriding the preset's training config the same way
 TRAIN_OPTIONS = {
     "steps": "steps",
@@ -68,6 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-sinks", type=int, metavar="S", help="with --exact-window: the first S tokens too")
     parser.add_argument(
         "--exact-block", type=int, metavar="C", help="with --exact-window: queries share exact sets in blocks of C"
+    )
+    parser.add_argument(
+        "--far-gain",
+        type=float,
+        metavar="G",
+        help="with exact terms: a learnable per-head log weight on FAVOR's far keys, started at G "
+        "(books' hybrid leaves the unigram plateau on both seeds from -4; docs/paper.md)",
     )
     parser.add_argument(
         "--data",
