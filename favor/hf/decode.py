@@ -173,21 +173,26 @@ def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Ten
     consts = adapter.lean_constants(scaling, dtype, query.device)
     if consts is None:
         return None
+    shared = consts.shared(key.shape[1])
     lean = layer.lean
+    if lean is not None and lean.shared != shared:  # the buffers changed: the layout follows
+        layer.state  # noqa: B018 (back to exact_step's layout, entered again below)
+        lean = None
     if lean is None:
         state = layer.state
         if state.keys_x.dtype != dtype:
             return None
-        lean = _enter(layer, adapter, terms, state, key.shape[1], scaling)
+        lean = _enter(layer, adapter, terms, state, key.shape[1], scaling, shared)
     out = fused_step(lean, consts, query, key, value, layer.start)
     lean.length = layer.start + 1
     return out
 
 
-def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling) -> LeanState:
+def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling, shared: bool) -> LeanState:
     """The fused layout of ``state`` (all slots live): raw keys back from the logit inputs
     k* = (k - c) root of each group's first head (the same key for the whole group, to
-    round-off), values of each group's first head, the far state as it is."""
+    round-off), values of each group's first head, the far state as it is (with ``shared``,
+    each group's first head's: LeanConstants.shared)."""
     h = state.keys_x.shape[1]
     g = h // kv_heads
     root = (adapter.dim**-0.5 if scaling is None else scaling) ** 0.5
@@ -195,7 +200,7 @@ def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling) -> 
     k = kx / root
     if adapter._calibrated():
         k = k + adapter.key_shift.to(kx.dtype)[::g, None, :]
-    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring())
+    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring(), shared=shared)
     lean.length = int(state.length)  # host sync: once, entering
 
     def leave(lean: LeanState) -> ExactState:
