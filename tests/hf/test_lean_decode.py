@@ -12,6 +12,7 @@ import torch
 
 import favor.hf as fh
 import favor.hf.decode as decode
+import favor.ops.local.fused as fused
 
 PROMPT, NEW = 5, 14
 
@@ -70,9 +71,13 @@ def _state(cache) -> list[torch.Tensor]:
 @pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
 @pytest.mark.parametrize("calibrated", [False, True, "drifted"], ids=["identity", "calibrated", "drifted"])
 @pytest.mark.parametrize("lean", [True, "unfused"], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fold", [2, 8], ids=lambda p: f"fold{p}")
 def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
-    tiny_llama, monkeypatch, window, sinks, calibrated, lean
+    tiny_llama, monkeypatch, window, sinks, calibrated, lean, fold
 ):
+    if lean == "unfused" and fold != 8:
+        pytest.skip("exact_step_lean keeps no pending keys")
+    monkeypatch.setattr(fused, "FOLD_EVERY", fold)  # folds before, at and after the state is read
     model = _model(tiny_llama, window=window, sinks=sinks, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
     fast, fast_cache, taken = _decode(model, ids, lean=lean, monkeypatch=monkeypatch)
@@ -132,11 +137,15 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
 
 
-def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(tiny_llama):
+@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+@pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
+def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(tiny_llama, monkeypatch, calibrated, fold):
     """Fused steps, then a call of several tokens (the general path reads the state: it is
-    converted back to an ExactState), then fused steps again (entered anew), a size query
-    and a beam reorder in between: the teacher-forced logits throughout."""
-    model = _model(tiny_llama, window=2, sinks=1, calibrated="drifted")
+    converted back to an ExactState, pending keys folded), then fused steps again (entered
+    anew), a size query and a beam reorder in between: the teacher-forced logits throughout,
+    with pending keys folded every ``fold`` tokens (the reads fall before, at and after folds)."""
+    monkeypatch.setattr(fused, "FOLD_EVERY", fold)
+    model = _model(tiny_llama, window=2, sinks=1, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(6))
     cache, out = fh.FavorCache(model), []
     spans = [(0, 5)] + [(i, i + 1) for i in range(5, 10)] + [(10, 13)] + [(i, i + 1) for i in range(13, 20)]
@@ -145,6 +154,8 @@ def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(t
             out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
             if hi == 9:
                 assert all(layer.lean is not None for layer in cache.layers)  # the fused layout is in use
+                # identity maps: the far state once per key/value head (LeanConstants.shared)
+                assert all(layer.lean.shared == (not calibrated) for layer in cache.layers)
                 assert cache.nbytes > 0 and all(layer.lean is not None for layer in cache.layers)
             if hi == 16:
                 cache.reorder_cache(torch.tensor([0, 1]))  # beam search's reorder: back to ExactState
