@@ -142,7 +142,9 @@ class _Scratch:
         self.acc_g = self.acc.view(bk, g, dv + 1)
         acc4 = self.acc.view(b, h, 1, dv + 1)
         self.num, self.den = acc4[..., :dv], acc4[..., dv:]
-        self.shape = (b, h, kv_heads, g, bh, bk)
+        self.bh, self.bk, self.g = bh, bk, g
+        r2 = c.root * c.root
+        self.a_nk, self.a_off, self.a_near = -0.5 * r2, 0.5 * LOG2E * r2, LOG2E * r2
         self.mq = self.bias_s = self.gain = None
         if shared:  # raw rows against the projection times root: no scaled copies
             self.proj_root = c.proj_t * c.root
@@ -163,8 +165,8 @@ class _Scratch:
         if c.mk is not None:  # per key/value head: the G heads' maps side by side
             mk = c.mk.view(kv_heads, g, d, d + 1).permute(0, 2, 1, 3).reshape(kv_heads, d, g * (d + 1))
             self.mk = mk.expand(b, *mk.shape).reshape(bk, d, g * (d + 1)).contiguous()
-            self.bk = c.bk.reshape(kv_heads, 1, g * (d + 1)).expand(b, kv_heads, 1, g * (d + 1)).reshape(bk, 1, -1)
-            self.bk = self.bk.contiguous()
+            bmap = c.bk.reshape(kv_heads, 1, g * (d + 1)).expand(b, kv_heads, 1, g * (d + 1))
+            self.bk_map = bmap.reshape(bk, 1, -1).contiguous()
         gain = per_batch(c.gain)
         self.gain = None if gain is None else torch.cat([gain, gain]).view(2 * bh, d)
         self.xb = None if gain is None else torch.empty(2 * bh, d, **z)
@@ -197,8 +199,9 @@ class LeanState:
         self.length = 0  # tokens seen (kept by the caller, a host int)
         self.count = 0  # keys in the pending slots (a host int)
         # the leaving key's constants less c (its GEMM's input) and the query's offset
-        # constant less c log2(e), made for the scratch ``of`` (``retarget``)
-        self.ck2, self.qoff, self.of = None, None, None
+        # constant less c log2(e), made for the scratch ``sc`` of the constants ``of``
+        # (``retarget``): kept here, not looked up per token
+        self.ck2, self.qoff, self.sc, self.of = None, None, None, None
         bk, n, d = k.shape
         p = pend.shape[-1]
         self.kv_heads, self.groups = bk // batch, heads // (bk // batch)
@@ -218,6 +221,10 @@ class LeanState:
         # per pending slot: where the leaving key's weighted features and value go
         self.p_put = [pend[:, None, :, j] for j in range(p)]  # (F, 1, M), strided
         self.vp_put = [vals[:, j : j + 1] for j in range(p)]
+        # the step's views of slot i in one tuple (one lookup per token)
+        self.slot = list(
+            zip(self.k_row, self.k_in, self.k_in_t2, self.k_in_g, self.v_out, self.k_put, self.v_put, strict=True)
+        )
 
     @classmethod
     def enter(
@@ -292,7 +299,7 @@ class LeanState:
         else:
             self.qoff = sc.qoff_base.clone()
             self.qoff[..., -1:] -= LOG2E * finite
-        self.of = sc
+        self.sc = sc
 
 
 def fused_step(
@@ -304,30 +311,31 @@ def fused_step(
     without padding: the key at position t - R leaves slot t mod R for the far state (a
     pending slot, folded every P keys) and the new key takes the slot; every slot is live.
     A state kept per key/value head needs ``consts.shared(K)``."""
-    sc = consts.scratch(state)
-    b, h, kv_heads, g, bh, bk = sc.shape
-    i = t % state.ring
-    root = consts.root
+    sc = state.sc
+    if state.of is not consts:  # new constants (or a new state): their buffers, and c in them
+        sc = consts.scratch(state)
+        state.retarget(sc)
+        state.of = consts
+    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[t % state.ring]
     if state.count == state.fold_every:
         state.fold()
     j = state.count
-    if state.of is not sc:
-        state.retarget(sc)
     shared = state.shared
+    q_rows = query.reshape(sc.bh, 1, -1)
     # the leaving key's features s = (x g) P^T log2(e) + bias and the query's, x = k root
     if shared:  # once per key/value head, root folded into the projection
-        torch.mm(state.k_row[i], sc.proj_root, out=sc.sk)
-        torch.mm(query.reshape(bh, -1), sc.proj_root, out=sc.sq)
-        torch.baddbmm(state.ck2, state.k_in[i], state.k_in_t2[i], alpha=-0.5 * root * root, out=sc.nk2)
+        torch.mm(k_row, sc.proj_root, out=sc.sk)
+        torch.mm(q_rows.view(sc.bh, -1), sc.proj_root, out=sc.sq)
+        torch.baddbmm(state.ck2, k_in, k_in_t2, alpha=sc.a_nk, out=sc.nk2)
     else:  # per query head (its maps), both rows in one GEMM
         if sc.mq is None:
-            torch.mul(query, root, out=sc.xq4)
+            torch.mul(query, consts.root, out=sc.xq4)
         else:
-            torch.baddbmm(state.qoff, query.reshape(bh, 1, -1), sc.mq, out=sc.xq)
+            torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
         if consts.mk is None:
-            torch.mul(state.k_in_g[i], root, out=sc.xk_g)
+            torch.mul(k_in_g, consts.root, out=sc.xk_g)
         else:
-            torch.baddbmm(sc.bk, state.k_in[i], sc.mk, out=sc.xk_flat)
+            torch.baddbmm(sc.bk_map, k_in, sc.mk, out=sc.xk_flat)
         x2 = sc.x2d
         if sc.gain is not None:
             x2 = torch.mul(x2, sc.gain, out=sc.xb)
@@ -352,25 +360,23 @@ def fused_step(
         c.copy_(new_c)
         state.retarget(sc)
         if not shared and sc.mq is not None:  # x_q's last column carries c
-            torch.baddbmm(state.qoff, query.reshape(bh, 1, -1), sc.mq, out=sc.xq)
+            torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
     # its features times exp(l - c) (the shift cancels) into a pending slot, with its value
     sc.sk_f.add_(sc.nk_weight, alpha=LOG2E)
     torch.exp2(sc.sk_f, out=state.p_put[j])
     state.count = j + 1
-    state.vp_put[j].copy_(state.v_out[i])
-    state.k_put[i].copy_(key)
-    state.v_put[i].copy_(value)
+    state.vp_put[j].copy_(v_out)
+    k_put.copy_(key)
+    v_put.copy_(value)
     # the query's offset of the near logits (log2 units), less c log2(e):
     # Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2 - c log2(e)
     if shared:
-        q_rows = query.reshape(bh, 1, -1)
-        torch.baddbmm(state.qoff, q_rows, q_rows.mT, alpha=0.5 * LOG2E * root * root, out=sc.off)
+        torch.baddbmm(state.qoff, q_rows, q_rows.mT, alpha=sc.a_off, out=sc.off)
     else:
         off_in = state.qoff if sc.mq is None else sc.xq_last
         torch.baddbmm(off_in, sc.xq_d, sc.xq_dt, alpha=0.5 * LOG2E, out=sc.off)
     # one row per query head: [pending | near logits + offset | far features], base 2
-    q_g = query.reshape(bk, g, -1)
-    torch.baddbmm(sc.off_g, q_g, state.kt, alpha=root * root * LOG2E, out=sc.near_g)
+    torch.baddbmm(sc.off_g, q_rows.view(sc.bk, sc.g, -1), state.kt, alpha=sc.a_near, out=sc.near_g)
     top = sc.live.amax(-1, keepdim=True).sub_(HEADROOM)  # the largest term 2^HEADROOM (row_features)
     sc.live.sub_(top).exp2_()
     # the pending keys' weights: the query's far features against theirs
