@@ -175,3 +175,31 @@ def test_fused_constants_are_kept_until_a_buffer_changes(tiny_llama):
     second = adapter.lean_constants(None, torch.float64, "cpu")
     assert second is not first
     torch.testing.assert_close(second.cq, first.cq + 1.4426950408889634, rtol=0, atol=1e-12)  # log_const - g, in log2
+
+
+def test_single_tokens_take_the_short_path_and_leave_it_when_anything_changes(tiny_llama, monkeypatch):
+    """decode._fused_token (the fused layout's next token without _exact's checks) runs for
+    the steady state's tokens and gives way to the full path for a token under grad mode and
+    after the exact terms change: teacher-forced logits throughout."""
+    model = _model(tiny_llama, window=2, sinks=1)
+    ids = torch.randint(1, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    results = []
+    real = decode._fused_token
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(decode, "_fused_token", spy)
+    cache, out = fh.FavorCache(model), []
+    with torch.no_grad():
+        out.append(model(input_ids=ids[:, :5], cache=cache, use_cache=True).logits)
+        for t in range(5, 12):
+            out.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert sum(r is not None for r in results) > 0 and all(layer.fast is not None for layer in cache.layers)
+    results.clear()
+    with torch.enable_grad():  # the general step (it keeps the graph): the short path declines
+        out.append(model(input_ids=ids[:, 12:13], cache=cache, use_cache=True).logits.detach())
+    assert results and all(r is None for r in results)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids[:, :13]).logits, rtol=1e-9, atol=1e-9)
