@@ -344,25 +344,14 @@ def fused_step(
         else:
             torch.addmm(sc.bias_s, x2, consts.proj_t, out=sc.s)
         torch.baddbmm(state.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
-    # the leaving key's log scale: (max s - HEADROOM) ln 2 - |x'|^2 / 2 - log(M) / 2 (row_features)
-    c = state.c
-    lk = torch.add(sc.nk_log, sc.sk_f.amax(-1, keepdim=True), alpha=LN2)
-    new_c = torch.maximum(c, lk)
-    # the far state's scale grows rarely (a running max): rescaling kvz is a pass over
-    # M x (Dv + 1) per head, reading the flags is cheaper on CPU
-    if not torch.equal(new_c, c):  # host sync
-        factor = torch.exp(c - new_c)
-        state.kvz.mul_(factor)
-        state.pend.mul_(factor)
-        # this key's weight and the next keys' constant follow c (made from the first
-        # column, c-free: c may have been -inf, an empty far state)
-        torch.sub(sc.nk_log, new_c - HEADROOM * LN2, out=sc.nk_weight)
-        c.copy_(new_c)
-        state.retarget(sc)
-        if not shared and sc.mq is not None:  # x_q's last column carries c
-            torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
-    # its features times exp(l - c) (the shift cancels) into a pending slot, with its value
+    # its features times exp(l - c), l its log scale (max s - HEADROOM) ln 2 - |x'|^2 / 2 -
+    # log(M) / 2 (row_features): s + log2(e) (ck - c - |x'|^2 / 2), the shift cancels. The
+    # far state's scale c is the running max of l, so it grows iff one of these exceeds
+    # 2^HEADROOM: one max over all rows and one host read instead of the rows' l and c's
+    # max per token (it grows rarely; then kvz and the pending keys are rescaled)
     sc.sk_f.add_(sc.nk_weight, alpha=LOG2E)
+    if sc.sk.amax().item() > HEADROOM:  # host sync; c = -inf (an empty far state) gives inf
+        _grow(state, sc, consts, k_row, q_rows)
     torch.exp2(sc.sk_f, out=state.p_put[j])
     state.count = j + 1
     state.vp_put[j].copy_(v_out)
@@ -387,6 +376,32 @@ def fused_step(
         torch.bmm(sc.near_v, state.vals, out=sc.acc_g)
         sc.acc.baddbmm_(sc.far_f, state.kvz)
     return torch.div(sc.num, sc.den)
+
+
+def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Tensor, q_rows: torch.Tensor) -> None:
+    """The far scale follows a leaving key with a larger log scale l: c = max(c, l) per row
+    (as exact_step), kvz and the pending keys times exp(c_old - c), the constants that carry
+    c remade, and the key's row s + log2(e) (ck - c - |x'|^2 / 2) made again from s."""
+    # s again (its row now holds s + log2(e) w, and w may be inf: c = -inf)
+    if state.shared:
+        s = torch.mm(k_row, sc.proj_root).view_as(sc.sk_f)
+    else:
+        s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ consts.proj_t
+        s = (s if sc.bias_s is None else s + sc.bias_s[sc.bh :]).view_as(sc.sk_f)
+    c = state.c
+    lk = torch.add(sc.nk_log, s.amax(-1, keepdim=True), alpha=LN2)
+    new_c = torch.maximum(c, lk)
+    factor = torch.exp(c - new_c)
+    state.kvz.mul_(factor)
+    state.pend.mul_(factor)
+    # this key's weight and the next keys' constant follow c (made from the first column,
+    # c-free: c may have been -inf)
+    torch.sub(sc.nk_log, new_c - HEADROOM * LN2, out=sc.nk_weight)
+    c.copy_(new_c)
+    state.retarget(sc)
+    if not state.shared and sc.mq is not None:  # x_q's last column carries c
+        torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
+    torch.add(s, sc.nk_weight, alpha=LOG2E, out=sc.sk_f)
 
 
 def ring_positions(t: int, ring: int, sinks: int, mark: int, *, device) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 import favor
 from favor.ops.local.dispatch import exact_attention
+import favor.ops.local.fused as fused
 from favor.ops.local.fused import LeanConstants, LeanState, fused_step, ring_positions
 from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step, lean_eligible
 from favor.ops.row_features import LOG2E
@@ -90,7 +91,7 @@ def _problem(dtype, maps: bool, log_const):
 @pytest.mark.parametrize("prompt", [0, 12], ids=lambda p: f"prompt{p}")
 @pytest.mark.parametrize("fold", [1, 3, 8], ids=lambda p: f"fold{p}")
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
-def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold, shared):
+def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold, shared, monkeypatch):
     """Every token's output, with the pending keys folded every ``fold`` tokens (L - prompt
     steps: the tokens before, at and after several folds, on either side of the ring's
     wrap-around), the far state kept per query head or once per key/value head."""
@@ -99,6 +100,9 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
     log_const = torch.linspace(-0.5, 0.5, H) if maps else None
     fm, q, k, v, consts, ref, root = _problem(dtype, maps, log_const)
     rows = {name: t for name, t in ref.items() if name != "log_const"}
+    grew = []  # the far scale's growth (fused._grow: a key's features above 2^HEADROOM)
+    real_grow = fused._grow
+    monkeypatch.setattr(fused, "_grow", lambda *a: grew.append(real_grow(*a)))
     if prompt:
         p = (rows[x][..., :prompt, :] for x in ("q", "k", "v"))
         qx, kx = rows["qx"][..., :prompt, :], rows["kx"][..., :prompt, :]
@@ -122,6 +126,7 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
             taken += 1
     assert taken >= L - max(prompt + 1, terms.window + terms.sinks + 1)
     assert consts.shared(KV) == (not maps) and lean.shared == shared
+    assert grew or prompt  # an empty far state (c = -inf) grows with its first key
     far = lean.far_state()
     for a, b in zip(state.far, far, strict=True):
         torch.testing.assert_close(b, a, rtol=TOL[dtype], atol=TOL[dtype] * max(float(a.abs().max()), 1.0))
