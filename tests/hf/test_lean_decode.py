@@ -139,7 +139,9 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
 
 @pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
 @pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
-def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(tiny_llama, monkeypatch, calibrated, fold):
+def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
+    tiny_llama, monkeypatch, calibrated, fold
+):
     """Fused steps, then a call of several tokens (the general path reads the state: it is
     converted back to an ExactState, pending keys folded), then fused steps again (entered
     anew), a size query and a beam reorder in between: the teacher-forced logits throughout,

@@ -1,5 +1,5 @@
 """A fused decoding step for exact terms with FAVOR+ ("positive") features: exact_step_lean's
-numbers (recurrent.py) in ~30 ops instead of ~100.
+numbers (recurrent.py) in ~20 ops instead of ~100.
 
 A decoding token costs a few dozen tiny ops per layer, each ~2-4 us of dispatch on CPU,
 against ~6 for attention that returns V; so this step keeps the arithmetic and removes ops:
@@ -17,7 +17,17 @@ against ~6 for attention that returns V; so this step keeps the arithmetic and r
   gives numerator and normaliser;
 * the near logits and the query's features share one row buffer [near | far]: one max,
   one subtraction, one exp2 for both (every term is relative to the query's own feature
-  scale, so the query's shift cancels and is never computed).
+  scale, so the query's shift cancels and is never computed);
+* in a model, the weights stream through the caches between two calls of a layer, so the
+  far state comes from memory every token: the keys leaving the window wait in P pending
+  slots (their weighted features and values) and are folded into kvz P at a time (one
+  rank-P GEMM), so kvz is read once per token and written once per P tokens; until then
+  the query's far features weigh them explicitly (one (M x P) GEMM);
+* where a key's features do not depend on the query head (identity maps, no gain or
+  bias, one constant per group: ``LeanConstants.shared``), every head of a group holds
+  the same far state: it is kept once per key/value head, a third of the bytes for
+  SmolLM2, and sits below the slot values, so [pending | near | far] weights times
+  [pending values | slot values | kvz] is one GEMM.
 
 The state here (``LeanState``) is a different layout of exact_step's ExactState (ring and
 sink slots, far state); ``LeanState.enter`` and ``LeanState.far_state`` convert, and the
@@ -178,7 +188,7 @@ class _Scratch:
 #: many at a time (one rank-P GEMM): kvz is then read once per token and written once per
 #: P tokens, not read and written every token (in a model the weights evict it between
 #: tokens, so that pass costs memory bandwidth); the P pending rows cost a (P x M) GEMM
-FOLD_EVERY = 8
+FOLD_EVERY = 16
 
 
 class LeanState:

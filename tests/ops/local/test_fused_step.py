@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import favor
-from favor.ops.local.dispatch import exact_attention
 import favor.ops.local.fused as fused
+from favor.ops.local.dispatch import exact_attention
 from favor.ops.local.fused import LeanConstants, LeanState, fused_step, ring_positions
 from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step, lean_eligible
 from favor.ops.row_features import LOG2E
