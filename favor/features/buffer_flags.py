@@ -36,26 +36,26 @@ def buffer_flag(
 
 
 def buffer_derived(
-    owner: object, name: str, buffers: tuple[torch.Tensor, ...], compute: Callable[[], object]
+    owner: object, name: object, buffers: tuple[torch.Tensor, ...], compute: Callable[[], object]
 ) -> object:
     """``compute()``, a value made from ``buffers`` only, cached on ``owner`` under ``name``
     until one of them changes (version or object) or needs a gradient. A decoding step runs
     a few dozen tiny ops per layer, and remaking such constants was a tenth of them."""
-    if torch.is_inference_mode_enabled() or any(b.requires_grad for b in buffers):
+    # called per layer and decoding token: list comprehensions and one tuple comparison
+    # (the identities and versions together), no generators
+    if torch.is_inference_mode_enabled() or True in [b.requires_grad for b in buffers]:
         return compute()  # a cached inference tensor could not enter autograd later; a gradient needs the graph
     try:
-        versions = tuple(b._version for b in buffers)
+        # the cache holds the buffers themselves, so an id cannot be reused while it stands
+        key = (*map(id, buffers), *[b._version for b in buffers])
     except RuntimeError:  # inference-mode buffers keep no version counter
         return compute()
-    cache = owner.__dict__.setdefault("_buffer_derived", {})
+    cache = owner.__dict__.get("_buffer_derived")
+    if cache is None:
+        cache = owner.__dict__["_buffer_derived"] = {}
     hit = cache.get(name)
-    if (
-        hit is not None
-        and len(hit[0]) == len(buffers)
-        and all(a is b for a, b in zip(hit[0], buffers, strict=True))
-        and hit[1] == versions
-    ):
+    if hit is not None and hit[1] == key:
         return hit[2]
     value = compute()
-    cache[name] = (buffers, versions, value)
+    cache[name] = (buffers, key, value)
     return value

@@ -331,7 +331,7 @@ class FavorAdapter(nn.Module):
                 root,
             )
 
-        return buffer_derived(self, f"lean {scaling} {dtype} {device}", buffers, compute)
+        return buffer_derived(self, ("lean", scaling, dtype, device), buffers, compute)  # a tuple: no formatting per call
 
     def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""

@@ -94,6 +94,8 @@ class FavorLayer(CacheLayerMixin):
         self._state: State | ExactState | None = None
         self.lean = None
         self.lean_exit = None
+        # (module, adapter) of the last fused step: decode._fused_token's short path
+        self.fast = None
         # exact local terms: raw keys/values (B, Hkv, n, D) and "real token" flags (B, n)
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -203,7 +205,7 @@ class FavorLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.cumulative_length = self.start = 0
-        self.pending = self.state = self.window = self.sinks = self.terms = None
+        self.pending = self.state = self.window = self.sinks = self.terms = self.fast = None
         self.padded = False
         self.built = 0
 

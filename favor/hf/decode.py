@@ -36,7 +36,7 @@ from ..ops.local.window import combine_parts, pair_features, parts_sum, query_lo
 from ..ops.normalise import masked_keys
 from ..ops.state import State
 from ..ops.step_features import step_features
-from .adapter import adapter_of, repeat_kv
+from .adapter import ATTRIBUTE, adapter_of, repeat_kv
 from .cache import FavorLayer
 from .masks import plan_from_mask
 
@@ -55,6 +55,10 @@ def cached_attention(
 ) -> tuple[torch.Tensor, None]:
     """favor_attention_forward's result for the new tokens, continuing ``layer``'s state."""
     layer.pending = None
+    if layer.lean is not None and attention_mask is None and query.shape[-2] == 1 == key.shape[-2]:
+        out = _fused_token(layer, module, query, key, value, scaling, is_causal)
+        if out is not None:
+            return out, None
     adapter = adapter_of(module, query.shape[1], query.shape[-1], query.device)
     b, h, lq, _ = query.shape
     causal_module = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
@@ -73,6 +77,8 @@ def cached_attention(
         pad = pad.expand(b, lq)
     if adapter.local and adapter.exact_window >= 0 and adapter.feature_map.stabilizer == "exact":
         out = _exact(layer, adapter, query, key, value, pad, scaling)
+        # the fused layout in use: the next tokens may take the short path (_fused_token)
+        layer.fast = (module, adapter) if layer.lean is not None else None
     elif adapter.local:
         out = _local(layer, adapter, query, key, value, pad, scaling)
     else:
@@ -157,6 +163,42 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
     return out
 
 
+def _fused_token(layer, module, query, key, value, scaling, is_causal) -> torch.Tensor | None:
+    """The fused layout's next token by a short path: one token, no mask (causal over itself,
+    no padding), a layer already in the fused layout (so past the sinks, the prompt's first
+    step and any padding: ``_exact``'s other conditions hold for every later single token),
+    and the module and adapter of the last fused step. What can change between two tokens is
+    checked again: the adapter and its exact terms, causality, grad and inference mode, the
+    dtype, the constants' buffers (lean_constants) and their layout. None where anything
+    differs: the full path then decides, and raises where it must. In a model every layer
+    runs this per token between weights that evict the caches, where each Python line costs
+    several times what it costs warm: hence the short path."""
+    fast, lean, terms = layer.fast, layer.lean, layer.terms
+    if fast is None or fast[0] is not module:
+        return None
+    adapter = fast[1]
+    dtype = lean.k.dtype
+    if (
+        module._modules.get(ATTRIBUTE) is not adapter
+        or adapter.exact_window != terms.window
+        or adapter.exact_sinks != terms.sinks
+        or adapter.exact_block != terms.block
+        or not (module.is_causal if is_causal is None else is_causal)
+        or query.dtype != dtype
+        or key.dtype != dtype
+        or value.dtype != dtype
+        or torch.is_grad_enabled()
+        or torch.is_inference_mode_enabled()
+    ):
+        return None
+    consts = adapter.lean_constants(scaling, dtype, query.device)
+    if consts is None or consts.shared(key.shape[1]) != lean.shared:
+        return None
+    out = fused_step(lean, consts, query, key, value, layer.start)
+    lean.length = layer.start + 1
+    return out.transpose(1, 2).contiguous()
+
+
 def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Tensor | None:
     """One token of the steady state by favor.ops.local.fused (FAVOR+ features, float32 or
     float64 rows): the layer's state kept in the fused layout (a LeanState) from the first
@@ -173,21 +215,26 @@ def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Ten
     consts = adapter.lean_constants(scaling, dtype, query.device)
     if consts is None:
         return None
+    shared = consts.shared(key.shape[1])
     lean = layer.lean
+    if lean is not None and lean.shared != shared:  # the buffers changed: the layout follows
+        layer.state  # noqa: B018 (back to exact_step's layout, entered again below)
+        lean = None
     if lean is None:
         state = layer.state
         if state.keys_x.dtype != dtype:
             return None
-        lean = _enter(layer, adapter, terms, state, key.shape[1], scaling)
+        lean = _enter(layer, adapter, terms, state, key.shape[1], scaling, shared)
     out = fused_step(lean, consts, query, key, value, layer.start)
     lean.length = layer.start + 1
     return out
 
 
-def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling) -> LeanState:
+def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling, shared: bool) -> LeanState:
     """The fused layout of ``state`` (all slots live): raw keys back from the logit inputs
     k* = (k - c) root of each group's first head (the same key for the whole group, to
-    round-off), values of each group's first head, the far state as it is."""
+    round-off), values of each group's first head, the far state as it is (with ``shared``,
+    each group's first head's: LeanConstants.shared)."""
     h = state.keys_x.shape[1]
     g = h // kv_heads
     root = (adapter.dim**-0.5 if scaling is None else scaling) ** 0.5
@@ -195,7 +242,7 @@ def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling) -> 
     k = kx / root
     if adapter._calibrated():
         k = k + adapter.key_shift.to(kx.dtype)[::g, None, :]
-    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring())
+    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring(), shared=shared)
     lean.length = int(state.length)  # host sync: once, entering
 
     def leave(lean: LeanState) -> ExactState:

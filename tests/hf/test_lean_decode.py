@@ -12,6 +12,7 @@ import torch
 
 import favor.hf as fh
 import favor.hf.decode as decode
+import favor.ops.local.fused as fused
 
 PROMPT, NEW = 5, 14
 
@@ -70,9 +71,13 @@ def _state(cache) -> list[torch.Tensor]:
 @pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
 @pytest.mark.parametrize("calibrated", [False, True, "drifted"], ids=["identity", "calibrated", "drifted"])
 @pytest.mark.parametrize("lean", [True, "unfused"], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fold", [2, 8], ids=lambda p: f"fold{p}")
 def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
-    tiny_llama, monkeypatch, window, sinks, calibrated, lean
+    tiny_llama, monkeypatch, window, sinks, calibrated, lean, fold
 ):
+    if lean == "unfused" and fold != 8:
+        pytest.skip("exact_step_lean keeps no pending keys")
+    monkeypatch.setattr(fused, "FOLD_EVERY", fold)  # folds before, at and after the state is read
     model = _model(tiny_llama, window=window, sinks=sinks, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
     fast, fast_cache, taken = _decode(model, ids, lean=lean, monkeypatch=monkeypatch)
@@ -132,11 +137,17 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
 
 
-def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(tiny_llama):
+@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+@pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
+def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
+    tiny_llama, monkeypatch, calibrated, fold
+):
     """Fused steps, then a call of several tokens (the general path reads the state: it is
-    converted back to an ExactState), then fused steps again (entered anew), a size query
-    and a beam reorder in between: the teacher-forced logits throughout."""
-    model = _model(tiny_llama, window=2, sinks=1, calibrated="drifted")
+    converted back to an ExactState, pending keys folded), then fused steps again (entered
+    anew), a size query and a beam reorder in between: the teacher-forced logits throughout,
+    with pending keys folded every ``fold`` tokens (the reads fall before, at and after folds)."""
+    monkeypatch.setattr(fused, "FOLD_EVERY", fold)
+    model = _model(tiny_llama, window=2, sinks=1, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(6))
     cache, out = fh.FavorCache(model), []
     spans = [(0, 5)] + [(i, i + 1) for i in range(5, 10)] + [(10, 13)] + [(i, i + 1) for i in range(13, 20)]
@@ -145,6 +156,8 @@ def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(t
             out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
             if hi == 9:
                 assert all(layer.lean is not None for layer in cache.layers)  # the fused layout is in use
+                # identity maps: the far state once per key/value head (LeanConstants.shared)
+                assert all(layer.lean.shared == (not calibrated) for layer in cache.layers)
                 assert cache.nbytes > 0 and all(layer.lean is not None for layer in cache.layers)
             if hi == 16:
                 cache.reorder_cache(torch.tensor([0, 1]))  # beam search's reorder: back to ExactState
@@ -164,3 +177,31 @@ def test_fused_constants_are_kept_until_a_buffer_changes(tiny_llama):
     second = adapter.lean_constants(None, torch.float64, "cpu")
     assert second is not first
     torch.testing.assert_close(second.cq, first.cq + 1.4426950408889634, rtol=0, atol=1e-12)  # log_const - g, in log2
+
+
+def test_single_tokens_take_the_short_path_and_leave_it_when_anything_changes(tiny_llama, monkeypatch):
+    """decode._fused_token (the fused layout's next token without _exact's checks) runs for
+    the steady state's tokens and gives way to the full path for a token under grad mode and
+    after the exact terms change: teacher-forced logits throughout."""
+    model = _model(tiny_llama, window=2, sinks=1)
+    ids = torch.randint(1, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    results = []
+    real = decode._fused_token
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(decode, "_fused_token", spy)
+    cache, out = fh.FavorCache(model), []
+    with torch.no_grad():
+        out.append(model(input_ids=ids[:, :5], cache=cache, use_cache=True).logits)
+        for t in range(5, 12):
+            out.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert sum(r is not None for r in results) > 0 and all(layer.fast is not None for layer in cache.layers)
+    results.clear()
+    with torch.enable_grad():  # the general step (it keeps the graph): the short path declines
+        out.append(model(input_ids=ids[:, 12:13], cache=cache, use_cache=True).logits.detach())
+    assert results and all(r is None for r in results)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids[:, :13]).logits, rtol=1e-9, atol=1e-9)

@@ -1,5 +1,5 @@
 """A fused decoding step for exact terms with FAVOR+ ("positive") features: exact_step_lean's
-numbers (recurrent.py) in ~30 ops instead of ~100.
+numbers (recurrent.py) in ~20 ops instead of ~100.
 
 A decoding token costs a few dozen tiny ops per layer, each ~2-4 us of dispatch on CPU,
 against ~6 for attention that returns V; so this step keeps the arithmetic and removes ops:
@@ -17,7 +17,17 @@ against ~6 for attention that returns V; so this step keeps the arithmetic and r
   gives numerator and normaliser;
 * the near logits and the query's features share one row buffer [near | far]: one max,
   one subtraction, one exp2 for both (every term is relative to the query's own feature
-  scale, so the query's shift cancels and is never computed).
+  scale, so the query's shift cancels and is never computed);
+* in a model, the weights stream through the caches between two calls of a layer, so the
+  far state comes from memory every token: the keys leaving the window wait in P pending
+  slots (their weighted features and values) and are folded into kvz P at a time (one
+  rank-P GEMM), so kvz is read once per token and written once per P tokens; until then
+  the query's far features weigh them explicitly (one (M x P) GEMM);
+* where a key's features do not depend on the query head (identity maps, no gain or
+  bias, one constant per group: ``LeanConstants.shared``), every head of a group holds
+  the same far state: it is kept once per key/value head, a third of the bytes for
+  SmolLM2, and sits below the slot values, so [pending | near | far] weights times
+  [pending values | slot values | kvz] is one GEMM.
 
 The state here (``LeanState``) is a different layout of exact_step's ExactState (ring and
 sink slots, far state); ``LeanState.enter`` and ``LeanState.far_state`` convert, and the
@@ -66,125 +76,240 @@ class LeanConstants:
 
     def __post_init__(self) -> None:
         self._scratch: dict = {}
+        self._shared: dict = {}
 
-    def scratch(self, b: int, kv_heads: int, n: int, dv: int) -> _Scratch:
-        """Buffers and batch-expanded constants for batch b (made once per shape)."""
-        key = (b, kv_heads, n, dv)
+    def shared(self, kv_heads: int) -> bool:
+        """Whether a key's features and log scale are the same for every query head of its
+        group: identity maps, no gain or feature bias, and one ``ck`` per group. Then
+        every head of a group holds the same far state (the same keys, features and running
+        max), and the fused step keeps it once per key/value head (``LeanState``)."""
+        hit = self._shared.get(kv_heads)
+        if hit is None:
+            ck = self.ck.view(kv_heads, -1)
+            hit = self._shared[kv_heads] = (
+                self.mq is None
+                and self.mk is None
+                and self.bk is None
+                and self.gain is None
+                and self.bias_s is None
+                and bool((ck == ck[:, :1]).all())  # host sync: once per version and K
+            )
+        return hit
+
+    def scratch(self, state: LeanState) -> _Scratch:
+        """Buffers and batch-expanded constants for the state's shape (made once per shape)."""
+        key = (state.batch, state.kv_heads, state.slots, state.dv, state.fold_every, state.shared)
         hit = self._scratch.get(key)
         if hit is None:
-            hit = self._scratch[key] = _Scratch(self, b, kv_heads, n, dv)
+            hit = self._scratch[key] = _Scratch(self, *key)
         return hit
 
 
 class _Scratch:
     """Work buffers of one layer's step and their views, reused from token to token (the
-    step's output is always a new tensor: callers may keep it)."""
+    step's output is always a new tensor: callers may keep it).
 
-    def __init__(self, c: LeanConstants, b: int, kv_heads: int, n: int, dv: int) -> None:
+    ``rows`` holds one row per query head, [pending keys' weights (P) | near logits (n) |
+    far features (M)], and below them the leaving key's feature rows (their far columns):
+    one max, one subtraction and one exp2 for near and far, and with a state kept per
+    key/value head, one GEMM against [pending values | slot values | kvz] for the output."""
+
+    def __init__(self, c: LeanConstants, b: int, kv_heads: int, n: int, dv: int, p: int, shared: bool) -> None:
         h, d = c.cq.shape[0], c.proj_t.shape[0]
         m = c.proj_t.shape[1]
         bh, bk, g = b * h, b * kv_heads, h // kv_heads
+        f, gf = (bk, g) if shared else (bh, 1)  # far groups, query heads per far group
         z = dict(dtype=c.proj_t.dtype, device=c.proj_t.device)
 
         def per_batch(t):  # (H, ...) -> (B H, ...), contiguous
             return None if t is None else t.expand(b, *t.shape).reshape(bh, *t.shape[1:]).contiguous()
 
-        self.x = torch.zeros(2, bh, 1, d + 1, **z)  # [query rows; leaving-key rows]
-        self.x[0, :, 0, d] = per_batch(c.cq)
-        self.x[1, :, 0, d] = per_batch(c.ck)
+        width = p + n + m
+        self.rows = torch.zeros(bh + (bk if shared else bh), width, **z)
+        q_rows = self.rows[:bh]
+        self.row_g = q_rows.view(bk, g, width)
+        self.live = q_rows[:, p:]  # near and far: max, shift, exp2
+        self.near_g = q_rows[:, p : p + n].view(bk, g, n)
+        self.far_f = q_rows[:, p + n :].view(f, gf, m)
+        self.pend_f = q_rows[:, :p].view(f, gf, p)
+        self.sq = q_rows[:, p + n :]  # (B H, M): the query's features
+        self.sk = self.rows[bh:, p + n :]  # (F, M): the leaving key's
+        self.sk_f = self.sk.view(f, 1, m)
+        self.near_v = self.row_g[..., : p + n]  # per-head far state: near and pending only
+        ck = per_batch(c.ck).view(bh, 1, 1)
+        if shared:
+            ck = ck.view(bk, g, 1)[:, :1]  # one per group (LeanConstants.shared)
         # the key's -|x|^2/2 plus [ck - HEADROOM ln 2, ck]: its log scale's constant and
         # its weight's (their HEADROOM apart), both from one GEMM against x twice
-        ck = per_batch(c.ck).view(bh, 1, 1)
         self.ck2 = torch.cat([ck - HEADROOM * LN2, ck], -1)
-        self.nk2 = torch.empty(bh, 1, 2, **z)
+        self.nk2 = torch.empty(f, 1, 2, **z)
         self.nk_log, self.nk_weight = self.nk2[..., :1], self.nk2[..., 1:]
+        # the query's offset constant, less c log2(e) per state (LeanState.qoff)
+        self.qoff_base = per_batch(c.cq).view(bh, 1, 1) if c.mq is None else per_batch(c.bq)
+        self.off = torch.empty(bh, 1, 1, **z)
+        self.off_g = self.off.view(bk, g, 1)
+        self.acc = torch.empty(bh, 1, dv + 1, **z)
+        self.acc_g = self.acc.view(bk, g, dv + 1)
+        acc4 = self.acc.view(b, h, 1, dv + 1)
+        self.num, self.den = acc4[..., :dv], acc4[..., dv:]
+        self.bh, self.bk, self.g = bh, bk, g
+        r2 = c.root * c.root
+        self.a_nk, self.a_off, self.a_near = -0.5 * r2, 0.5 * LOG2E * r2, LOG2E * r2
+        self.mq = self.bias_s = self.gain = None
+        if shared:  # raw rows against the projection times root: no scaled copies
+            self.proj_root = c.proj_t * c.root
+            return
+        self.x = torch.zeros(2, bh, 1, d + 1, **z)  # [query rows; leaving-key rows]
+        self.x[1, :, 0, d] = per_batch(c.ck)
         self.xq, self.xk = self.x[0], self.x[1]
         self.xq_d, self.xk_d = self.xq[..., :d], self.xk[..., :d]
         self.xq_dt = self.xq_d.mT
         self.xk_dt2 = self.xk_d.mT.expand(bh, d, 2)
-        self.xq_last, self.xk_last = self.xq[..., d:], self.xk[..., d:]
+        self.xq_last = self.xq[..., d:]
         self.xq4 = self.xq_d.view(b, h, 1, d)
         self.xk_g = self.xk_d.view(bk, g, 1, d)  # identity maps: the key's G copies
         self.xk_flat = self.xk.view(bk, 1, g * (d + 1))  # the key's GEMM writes all G heads
         self.x2d = self.x[..., :d].view(2 * bh, d)
-        self.mq, self.bq = per_batch(c.mq), per_batch(c.bq)
+        self.s = self.rows[:, p + n :]  # both rows' features, one GEMM
+        self.mq = per_batch(c.mq)
         if c.mk is not None:  # per key/value head: the G heads' maps side by side
             mk = c.mk.view(kv_heads, g, d, d + 1).permute(0, 2, 1, 3).reshape(kv_heads, d, g * (d + 1))
             self.mk = mk.expand(b, *mk.shape).reshape(bk, d, g * (d + 1)).contiguous()
-            self.bk = c.bk.reshape(kv_heads, 1, g * (d + 1)).expand(b, kv_heads, 1, g * (d + 1)).reshape(bk, 1, -1)
-            self.bk = self.bk.contiguous()
+            bmap = c.bk.reshape(kv_heads, 1, g * (d + 1)).expand(b, kv_heads, 1, g * (d + 1))
+            self.bk_map = bmap.reshape(bk, 1, -1).contiguous()
         gain = per_batch(c.gain)
         self.gain = None if gain is None else torch.cat([gain, gain]).view(2 * bh, d)
         self.xb = None if gain is None else torch.empty(2 * bh, d, **z)
         bias = per_batch(c.bias_s)
         self.bias_s = None if bias is None else torch.cat([bias, bias]).view(2 * bh, m)
-        self.s = torch.empty(2 * bh, m, **z)
-        self.sq = self.s[:bh].view(bh, 1, m)
-        self.sk = self.s[bh:].view(bh, 1, m)
-        self.fw_g = self.s[bh:].view(bk, g, m, 1)
-        self.off = torch.empty(bh, 1, 1, **z)
-        self.off_g = self.off.view(bk, g, 1)
-        self.row = torch.empty(bh, 1, n + m, **z)  # [near logits | far features], then weights
-        self.near_g = self.row[..., :n].view(bk, g, n)
-        self.far = self.row[..., n:]
-        self.acc = torch.empty(bh, 1, dv + 1, **z)
-        self.acc_g = self.acc.view(bk, g, dv + 1)
-        acc4 = self.acc.view(b, h, 1, dv + 1)
-        self.num, self.den = acc4[..., :dv], acc4[..., dv:]
-        self.shape = (b, h, kv_heads, g, bh, bk)
+
+
+#: keys leaving the window wait in the state's pending slots and are folded into kvz this
+#: many at a time (one rank-P GEMM): kvz is then read once per token and written once per
+#: P tokens, not read and written every token (in a model the weights evict it between
+#: tokens, so that pass costs memory bandwidth); the P pending rows cost a (P x M) GEMM
+FOLD_EVERY = 16
 
 
 class LeanState:
-    """The fused step's state: raw keys ``k`` (B K, n, D) and values with a ones column
-    ``v1`` (B K, n, Dv+1), one per key/value head, slots 0 .. R-1 the ring (position p in
-    slot p mod R), R .. R+S-1 the sinks; the far state as ``kvz`` (B H, M, Dv+1) = [kv, z]
-    and ``c`` (B H, 1, 1) its log scale. Every slot is live (no padding)."""
+    """The fused step's state. Raw keys ``k`` (B K, n, D), once per key/value head: slots
+    0 .. R-1 the ring (position p in slot p mod R), R .. R+S-1 the sinks. ``vals`` (B K,
+    P + n [+ M], Dv+1) per key/value head: the P pending keys' values, the n slots' values
+    (a ones column last: numerator and normaliser from one GEMM) and, when the far state is
+    kept once per key/value head (``shared``, LeanConstants.shared), the far state kvz =
+    [kv, z] in the last M rows (``kvz`` views them); otherwise ``kvz`` is (B H, M, Dv+1),
+    per query head. ``c`` (F, 1, 1) is the far state's log scale, F = B K (shared) or B H.
+    ``pend`` (F, M, P) holds the features (times exp(l - c)) of the ``count`` keys that left
+    the window since the last fold (the rest are zero), their values in vals[:, :P]: the
+    far state of exact_step is kvz + pend vals[:, :P] (``fold``). Every slot is live."""
 
-    def __init__(self, kvz, c, k, v1, *, heads: int, ring: int) -> None:
-        self.kvz, self.c, self.k, self.v1 = kvz, c, k, v1
-        self.heads, self.ring = heads, ring
+    def __init__(self, kvz, c, k, vals, pend, *, batch: int, heads: int, ring: int, shared: bool) -> None:
+        self.kvz, self.c, self.k, self.vals, self.pend = kvz, c, k, vals, pend
+        self.batch, self.heads, self.ring, self.shared = batch, heads, ring, shared
         self.length = 0  # tokens seen (kept by the caller, a host int)
-        # the leaving key's constants less c (the GEMM's input), for the scratch ``ck2_of``
-        self.ck2, self.ck2_of = None, None
+        self.count = 0  # keys in the pending slots (a host int)
+        # the leaving key's constants less c (its GEMM's input) and the query's offset
+        # constant less c log2(e), made for the scratch ``sc`` of the constants ``of``
+        # (``retarget``): kept here, not looked up per token
+        self.ck2, self.qoff, self.sc, self.of = None, None, None, None
         bk, n, d = k.shape
-        self.batch = kvz.shape[0] // heads
-        kv_heads = bk // self.batch
-        self.kv_heads, self.groups = kv_heads, heads // kv_heads
+        p = pend.shape[-1]
+        self.kv_heads, self.groups = bk // batch, heads // (bk // batch)
+        self.slots, self.fold_every, self.dv = n, p, vals.shape[-1] - 1
         self.kt = k.mT
-        self.kvz_g = kvz.view(bk, self.groups, *kvz.shape[1:])
-        k4, v4 = k.view(self.batch, kv_heads, n, d), v1.view(self.batch, kv_heads, n, -1)
-        dv = v1.shape[-1] - 1
-        # per slot: the leaving key for the GEMM, its value row, and where a new key/value goes
+        self.v1 = vals[:, p : p + n]
+        self.vp = vals[:, :p]
+        dv = self.dv
+        # per slot: the leaving key (raw), its value row, and where a new key/value goes
         self.k_in = [k[:, i : i + 1, :] for i in range(ring)]
+        self.k_row = [k[:, i, :] for i in range(ring)]
+        self.k_in_t2 = [k[:, i : i + 1, :].mT.expand(bk, d, 2) for i in range(ring)]
         self.k_in_g = [k[:, None, i : i + 1, :].expand(bk, self.groups, 1, d) for i in range(ring)]
-        self.v_out = [v1[:, None, i : i + 1, :] for i in range(ring)]
-        self.k_put = [k4[:, :, i : i + 1, :] for i in range(ring)]
-        self.v_put = [v4[:, :, i : i + 1, :dv] for i in range(ring)]
+        self.v_out = [self.v1[:, i : i + 1, :] for i in range(ring)]
+        self.k_put = [k.view(batch, self.kv_heads, n, d)[:, :, i : i + 1, :] for i in range(ring)]
+        self.v_put = [self.v1.unflatten(0, (batch, self.kv_heads))[:, :, i : i + 1, :dv] for i in range(ring)]
+        # per pending slot: where the leaving key's weighted features and value go
+        self.p_put = [pend[:, None, :, j] for j in range(p)]  # (F, 1, M), strided
+        self.vp_put = [vals[:, j : j + 1] for j in range(p)]
+        # the step's views of slot i in one tuple (one lookup per token)
+        self.slot = list(
+            zip(self.k_row, self.k_in, self.k_in_t2, self.k_in_g, self.v_out, self.k_put, self.v_put, strict=True)
+        )
 
     @classmethod
-    def enter(cls, far: State, k: torch.Tensor, v: torch.Tensor, *, ring: int) -> LeanState:
+    def enter(
+        cls, far: State, k: torch.Tensor, v: torch.Tensor, *, ring: int, shared: bool = False, fold_every: int = 0
+    ) -> LeanState:
         """From exact_step's far state (B, H, ...) and the raw keys and values of the slots
-        k (B, K, n, D), v (B, K, n, Dv) (copies: the caller's tensors are not kept)."""
+        k (B, K, n, D), v (B, K, n, Dv) (copies: the caller's tensors are not kept). With
+        ``shared`` the far state of each group's first head is kept (the group's heads hold
+        the same one: LeanConstants.shared). ``fold_every`` P pending slots (default
+        FOLD_EVERY)."""
         b, h, m, dv = far.kv.shape
-        kvz = torch.cat([far.kv, far.z.unsqueeze(-1)], -1).view(b * h, m, dv + 1)
-        c = far.log_scale.reshape(b * h, 1, 1).clone()
-        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
-        return cls(kvz, c, k.reshape(-1, *k.shape[2:]).clone(), v1.view(-1, *v1.shape[2:]), heads=h, ring=ring)
+        kv_heads, n = k.shape[1], k.shape[2]
+        g = h // kv_heads
+        p = fold_every or FOLD_EVERY
+        kvz = torch.cat([far.kv, far.z.unsqueeze(-1)], -1)  # (B, H, M, Dv+1)
+        c = far.log_scale
+        if shared:
+            kvz, c = kvz[:, ::g], c[:, ::g]
+        vals = v.new_zeros(b * kv_heads, p + n + (m if shared else 0), dv + 1)
+        vals[:, p : p + n, :dv] = v.reshape(b * kv_heads, n, dv)
+        vals[:, p : p + n, dv] = 1.0
+        if shared:
+            vals[:, p + n :] = kvz.reshape(b * kv_heads, m, dv + 1)
+            kvz = vals[:, p + n :]
+        else:
+            kvz = kvz.reshape(b * h, m, dv + 1).clone()
+        f = kvz.shape[0]
+        pend = v.new_zeros(f, m, p)
+        k = k.reshape(b * kv_heads, n, -1).clone()
+        return cls(kvz, c.reshape(f, 1, 1).clone(), k, vals, pend, batch=b, heads=h, ring=ring, shared=shared)
+
+    def fold(self) -> None:
+        """The pending keys into kvz, one GEMM (the same far state: sums in another order)."""
+        if self.count:
+            f = self.kv_heads * self.batch
+            self.kvz.view(f, -1, self.dv + 1).baddbmm_(self.pend.view(f, -1, self.fold_every), self.vp)
+            self.pend.zero_()
+            self.count = 0
 
     def far_state(self) -> State:
-        """The far state as exact_step keeps it, (B, H, M, Dv), (B, H, M), (B, H) (copies)."""
+        """The far state as exact_step keeps it, (B, H, M, Dv), (B, H, M), (B, H) (copies;
+        the pending keys are folded first)."""
+        self.fold()
         b, h = self.batch, self.heads
-        kv = self.kvz[..., :-1].reshape(b, h, *self.kvz.shape[1:2], -1).clone()
-        z = self.kvz[..., -1].reshape(b, h, -1).clone()
-        return State(kv, z, self.c.view(b, h).clone())
+        g = self.groups if self.shared else 1
+        m = self.kvz.shape[1]
+        kvz = self.kvz.reshape(b, h // g, 1, m, -1).expand(b, h // g, g, m, self.dv + 1).reshape(b, h, m, -1)
+        c = self.c.reshape(b, h // g, 1).expand(b, h // g, g).reshape(b, h)
+        return State(kvz[..., :-1].clone(), kvz[..., -1].clone(), c.clone())
 
     def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots' raw keys and values, (B, K, n, D) and (B, K, n, Dv) (views)."""
         b, k = self.batch, self.kv_heads
-        return self.k.view(b, k, *self.k.shape[1:]), self.v1[..., :-1].view(b, k, self.v1.shape[1], -1)
+        return self.k.view(b, k, *self.k.shape[1:]), self.v1[..., :-1].unflatten(0, (b, k))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.kvz, self.c, self.k, self.v1]
+        out = [self.c, self.k, self.vals, self.pend]
+        return out if self.shared else out + [self.kvz]
+
+    def retarget(self, sc: _Scratch) -> None:
+        """The constants that carry c: the leaving key's [ck - HEADROOM ln 2, ck - c] and the
+        query's offset constant less c log2(e) (the near logits are shifted by -c log2(e)
+        instead of the far features by +c log2(e): one add fewer per token). A c of -inf
+        (an empty far state) shifts by 0: its terms are all zero anyway."""
+        c = self.c
+        self.ck2 = torch.cat([sc.ck2[..., :1], sc.ck2[..., 1:] - c], -1)
+        finite = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+        if self.shared:
+            finite = finite.expand(-1, self.groups, 1).reshape(-1, 1, 1)
+        if sc.mq is None:
+            self.qoff = sc.qoff_base - LOG2E * finite
+        else:
+            self.qoff = sc.qoff_base.clone()
+            self.qoff[..., -1:] -= LOG2E * finite
+        self.sc = sc
 
 
 def fused_step(
@@ -193,63 +318,100 @@ def fused_step(
     """One token at position ``t``: query (B, H, 1, D), key (B, K, 1, D), value (B, K, 1, Dv)
     in the constants' dtype -> out (B, H, 1, Dv); the state is updated where it is. As
     exact_step_lean, the caller vouches for ``lean_eligible(terms, t, built)`` and a state
-    without padding: the key at position t - R leaves slot t mod R for the far state and the
-    new key takes the slot; every slot is live."""
-    n, dv = state.v1.shape[1], state.v1.shape[2] - 1
-    sc = consts.scratch(state.batch, state.kv_heads, n, dv)
-    b, h, kv_heads, g, bh, bk = sc.shape
-    i = t % state.ring
-    root = consts.root
-    # feature inputs of the query and of the leaving key (its G query heads' maps at once)
-    if sc.mq is None:
-        torch.mul(query, root, out=sc.xq4)
+    without padding: the key at position t - R leaves slot t mod R for the far state (a
+    pending slot, folded every P keys) and the new key takes the slot; every slot is live.
+    A state kept per key/value head needs ``consts.shared(K)``."""
+    sc = state.sc
+    if state.of is not consts:  # new constants (or a new state): their buffers, and c in them
+        sc = consts.scratch(state)
+        state.retarget(sc)
+        state.of = consts
+    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[t % state.ring]
+    if state.count == state.fold_every:
+        state.fold()
+    j = state.count
+    shared = state.shared
+    q_rows = query.reshape(sc.bh, 1, -1)
+    # the leaving key's features s = (x g) P^T log2(e) + bias and the query's, x = k root
+    if shared:  # once per key/value head, root folded into the projection
+        torch.mm(k_row, sc.proj_root, out=sc.sk)
+        torch.mm(q_rows.view(sc.bh, -1), sc.proj_root, out=sc.sq)
+        torch.baddbmm(state.ck2, k_in, k_in_t2, alpha=sc.a_nk, out=sc.nk2)
+    else:  # per query head (its maps), both rows in one GEMM
+        if sc.mq is None:
+            torch.mul(query, consts.root, out=sc.xq4)
+        else:
+            torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
+        if consts.mk is None:
+            torch.mul(k_in_g, consts.root, out=sc.xk_g)
+        else:
+            torch.baddbmm(sc.bk_map, k_in, sc.mk, out=sc.xk_flat)
+        x2 = sc.x2d
+        if sc.gain is not None:
+            x2 = torch.mul(x2, sc.gain, out=sc.xb)
+        if sc.bias_s is None:
+            torch.mm(x2, consts.proj_t, out=sc.s)
+        else:
+            torch.addmm(sc.bias_s, x2, consts.proj_t, out=sc.s)
+        torch.baddbmm(state.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
+    # its features times exp(l - c), l its log scale (max s - HEADROOM) ln 2 - |x'|^2 / 2 -
+    # log(M) / 2 (row_features): s + log2(e) (ck - c - |x'|^2 / 2), the shift cancels. The
+    # far state's scale c is the running max of l, so it grows iff one of these exceeds
+    # 2^HEADROOM: one max over all rows and one host read instead of the rows' l and c's
+    # max per token (it grows rarely; then kvz and the pending keys are rescaled)
+    sc.sk_f.add_(sc.nk_weight, alpha=LOG2E)
+    if sc.sk.amax().item() > HEADROOM:  # host sync; c = -inf (an empty far state) gives inf
+        _grow(state, sc, consts, k_row, q_rows)
+    torch.exp2(sc.sk_f, out=state.p_put[j])
+    state.count = j + 1
+    state.vp_put[j].copy_(v_out)
+    k_put.copy_(key)
+    v_put.copy_(value)
+    # the query's offset of the near logits (log2 units), less c log2(e):
+    # Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2 - c log2(e)
+    if shared:
+        torch.baddbmm(state.qoff, q_rows, q_rows.mT, alpha=sc.a_off, out=sc.off)
     else:
-        torch.baddbmm(sc.bq, query.reshape(bh, 1, -1), sc.mq, out=sc.xq)
-    if consts.mk is None:
-        torch.mul(state.k_in_g[i], root, out=sc.xk_g)
+        off_in = state.qoff if sc.mq is None else sc.xq_last
+        torch.baddbmm(off_in, sc.xq_d, sc.xq_dt, alpha=0.5 * LOG2E, out=sc.off)
+    # one row per query head: [pending | near logits + offset | far features], base 2
+    torch.baddbmm(sc.off_g, q_rows.view(sc.bk, sc.g, -1), state.kt, alpha=sc.a_near, out=sc.near_g)
+    top = sc.live.amax(-1, keepdim=True).sub_(HEADROOM)  # the largest term 2^HEADROOM (row_features)
+    sc.live.sub_(top).exp2_()
+    # the pending keys' weights: the query's far features against theirs
+    torch.bmm(sc.far_f, state.pend, out=sc.pend_f)
+    if shared:  # [pending values | slot values | kvz]: one GEMM
+        torch.bmm(sc.row_g, state.vals, out=sc.acc_g)
     else:
-        torch.baddbmm(sc.bk, state.k_in[i], sc.mk, out=sc.xk_flat)
-    # both rows' features s = (x g) P^T log2(e) + bias, in one GEMM
-    x2 = sc.x2d
-    if sc.gain is not None:
-        x2 = torch.mul(x2, sc.gain, out=sc.xb)
-    if sc.bias_s is None:
-        torch.mm(x2, consts.proj_t, out=sc.s)
-    else:
-        torch.addmm(sc.bias_s, x2, consts.proj_t, out=sc.s)
-    # the query's offset of the near logits (log2 units): Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2
-    torch.baddbmm(sc.xq_last, sc.xq_d, sc.xq_dt, alpha=0.5 * LOG2E, out=sc.off)
-    # the leaving key's log scale: (max s - HEADROOM) ln 2 - |x'|^2 / 2 - log(M) / 2 (row_features)
-    c = state.c
-    if state.ck2 is None or state.ck2_of is not sc:  # [ck - HEADROOM ln 2, ck - c]: remade with the constants
-        state.ck2, state.ck2_of = torch.cat([sc.ck2[..., :1], sc.ck2[..., 1:] - c], -1), sc
-    torch.baddbmm(state.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
-    lk = torch.add(sc.nk_log, sc.sk.amax(-1, keepdim=True), alpha=LN2)
-    new_c = torch.maximum(c, lk)
-    # the far state's scale grows rarely (a running max): rescaling kvz is a pass over
-    # M x (Dv + 1) per head, reading B x H flags is cheaper on CPU
-    if not torch.equal(new_c, c):  # host sync
-        state.kvz.mul_(torch.exp(c - new_c))
-        # this key's weight and the next keys' constant follow c (made from the first
-        # column, c-free: c may have been -inf, an empty far state)
-        shift = new_c - HEADROOM * LN2
-        torch.sub(sc.nk_log, shift, out=sc.nk_weight)
-        torch.sub(state.ck2[..., :1], shift, out=state.ck2[..., 1:])
-        c.copy_(new_c)
-    # its features times exp(l - c) (the shift cancels) into kvz, with its value
-    sc.sk.add_(sc.nk_weight, alpha=LOG2E).exp2_()  # in place: sc.fw_g views it per key/value head
-    state.kvz_g.addcmul_(sc.fw_g, state.v_out[i])
-    state.k_put[i].copy_(key)
-    state.v_put[i].copy_(value)
-    # one row per query head: [near logits + offset | far features + c log2(e)], base 2
-    q_g = query.reshape(bk, g, -1)
-    torch.baddbmm(sc.off_g, q_g, state.kt, alpha=root * root * LOG2E, out=sc.near_g)
-    torch.add(sc.sq, c, alpha=LOG2E, out=sc.far)
-    top = sc.row.amax(-1, keepdim=True).sub_(HEADROOM)  # the largest term 2^HEADROOM (row_features)
-    sc.row.sub_(top).exp2_()
-    torch.bmm(sc.near_g, state.v1, out=sc.acc_g)
-    sc.acc.baddbmm_(sc.far, state.kvz)
+        torch.bmm(sc.near_v, state.vals, out=sc.acc_g)
+        sc.acc.baddbmm_(sc.far_f, state.kvz)
     return torch.div(sc.num, sc.den)
+
+
+def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Tensor, q_rows: torch.Tensor) -> None:
+    """The far scale follows a leaving key with a larger log scale l: c = max(c, l) per row
+    (as exact_step), kvz and the pending keys times exp(c_old - c), the constants that carry
+    c remade, and the key's row s + log2(e) (ck - c - |x'|^2 / 2) made again from s."""
+    # s again (its row now holds s + log2(e) w, and w may be inf: c = -inf)
+    if state.shared:
+        s = torch.mm(k_row, sc.proj_root).view_as(sc.sk_f)
+    else:
+        s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ consts.proj_t
+        s = (s if sc.bias_s is None else s + sc.bias_s[sc.bh :]).view_as(sc.sk_f)
+    c = state.c
+    lk = torch.add(sc.nk_log, s.amax(-1, keepdim=True), alpha=LN2)
+    new_c = torch.maximum(c, lk)
+    factor = torch.exp(c - new_c)
+    state.kvz.mul_(factor)
+    state.pend.mul_(factor)
+    # this key's weight and the next keys' constant follow c (made from the first column,
+    # c-free: c may have been -inf)
+    torch.sub(sc.nk_log, new_c - HEADROOM * LN2, out=sc.nk_weight)
+    c.copy_(new_c)
+    state.retarget(sc)
+    if not state.shared and sc.mq is not None:  # x_q's last column carries c
+        torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
+    torch.add(s, sc.nk_weight, alpha=LOG2E, out=sc.sk_f)
 
 
 def ring_positions(t: int, ring: int, sinks: int, mark: int, *, device) -> torch.Tensor:

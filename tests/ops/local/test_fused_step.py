@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import favor
+import favor.ops.local.fused as fused
 from favor.ops.local.dispatch import exact_attention
 from favor.ops.local.fused import LeanConstants, LeanState, fused_step, ring_positions
 from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step, lean_eligible
@@ -88,10 +89,20 @@ def _problem(dtype, maps: bool, log_const):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("maps", [False, True], ids=["identity", "maps"])
 @pytest.mark.parametrize("prompt", [0, 12], ids=lambda p: f"prompt{p}")
-def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt):
+@pytest.mark.parametrize("fold", [1, 3, 8], ids=lambda p: f"fold{p}")
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
+def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold, shared, monkeypatch):
+    """Every token's output, with the pending keys folded every ``fold`` tokens (L - prompt
+    steps: the tokens before, at and after several folds, on either side of the ring's
+    wrap-around), the far state kept per query head or once per key/value head."""
+    if shared and maps:
+        pytest.skip("a far state per key/value head needs identity maps (LeanConstants.shared)")
     log_const = torch.linspace(-0.5, 0.5, H) if maps else None
     fm, q, k, v, consts, ref, root = _problem(dtype, maps, log_const)
     rows = {name: t for name, t in ref.items() if name != "log_const"}
+    grew = []  # the far scale's growth (fused._grow: a key's features above 2^HEADROOM)
+    real_grow = fused._grow
+    monkeypatch.setattr(fused, "_grow", lambda *a: grew.append(real_grow(*a)))
     if prompt:
         p = (rows[x][..., :prompt, :] for x in ("q", "k", "v"))
         qx, kx = rows["qx"][..., :prompt, :], rows["kx"][..., :prompt, :]
@@ -107,13 +118,15 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt):
         if lean is None and lean_eligible(terms, t, prompt):  # the fused layout of the reference's state
             pos = ring_positions(t, r, terms.sinks, 0, device="cpu")
             pos = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos)
-            lean = LeanState.enter(state.far, k[:, :, pos], v[:, :, pos], ring=r)
+            lean = LeanState.enter(state.far, k[:, :, pos], v[:, :, pos], ring=r, shared=shared, fold_every=fold)
         o_ref, state = exact_step(state, terms, feat, a, *step, ref["log_const"], None, inplace=True)
         if lean is not None:
             o = fused_step(lean, consts, q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], t)
             torch.testing.assert_close(o[..., 0, :], o_ref, rtol=TOL[dtype], atol=TOL[dtype])
             taken += 1
     assert taken >= L - max(prompt + 1, terms.window + terms.sinks + 1)
+    assert consts.shared(KV) == (not maps) and lean.shared == shared
+    assert grew or prompt  # an empty far state (c = -inf) grows with its first key
     far = lean.far_state()
     for a, b in zip(state.far, far, strict=True):
         torch.testing.assert_close(b, a, rtol=TOL[dtype], atol=TOL[dtype] * max(float(a.abs().max()), 1.0))
@@ -123,3 +136,32 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt):
     assert torch.equal(ring_positions(L, r, terms.sinks, SINK_MARK, device="cpu"), pos)
     lk, lv = lean.raw()
     assert torch.equal(lk, k[:, :, raw]) and torch.equal(lv, v[:, :, raw])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_the_far_state_read_between_folds_is_the_references_and_steps_go_on(shared, dtype):
+    """far_state() after every token (0 .. P pending keys: it folds them) equals exact_step's,
+    and the steps after it still give the reference's outputs."""
+    terms = favor.ExactTerms(3, 2, 1)
+    fm, q, k, v, consts, ref, root = _problem(dtype, False, None)
+    rows = {name: t for name, t in ref.items() if name != "log_const"}
+    state = ExactState.empty((B, H), terms, D, D, M, D, dtype=dtype, device="cpu")
+    lean, r, tol = None, terms.ring(), TOL[dtype]
+    for t in range(L):
+        feat, a = step_features(fm, root, rows["q"][..., t : t + 1, :], rows["k"][..., t : t + 1, :])
+        step = [rows[x][..., t, :] for x in ("q", "k", "qx", "kx", "v")]
+        if lean is None and lean_eligible(terms, t, 0):
+            pos = ring_positions(t, r, terms.sinks, 0, device="cpu")
+            pos = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos)
+            lean = LeanState.enter(state.far, k[:, :, pos], v[:, :, pos], ring=r, shared=shared, fold_every=4)
+        o_ref, state = exact_step(state, terms, feat, a, *step, 0.0, None, inplace=True)
+        if lean is None:
+            continue
+        o = fused_step(lean, consts, q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], t)
+        torch.testing.assert_close(o[..., 0, :], o_ref, rtol=tol, atol=tol)
+        if t % 3:  # reads at pending counts 1, 2, 3, 4 and right after a fold
+            assert 0 < lean.count <= 4
+            for a, b in zip(state.far, lean.far_state(), strict=True):
+                torch.testing.assert_close(b, a, rtol=tol, atol=tol * max(float(a.abs().max()), 1.0))
+            assert lean.count == 0
