@@ -31,7 +31,14 @@ MODEL = dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=4, interm
 NUM_FEATURES = 256
 
 
-def _models(max_len: int, *, exact_window: int = -1, exact_sinks: int = 0, model: str | None = None):
+def _models(
+    max_len: int,
+    *,
+    exact_window: int = -1,
+    exact_sinks: int = 0,
+    model: str | None = None,
+    distilled: str | None = None,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import favor.hf as fh
@@ -42,6 +49,8 @@ def _models(max_len: int, *, exact_window: int = -1, exact_sinks: int = 0, model
         softmax = load_causal_lm(model)[0].eval()
         softmax.set_attn_implementation("sdpa")
         MODEL["vocab_size"] = softmax.config.vocab_size
+        if distilled is not None:  # what `favor distill` wrote: its trained adapters and exact terms
+            return softmax, fh.from_pretrained(distilled).eval()
         window = {} if exact_window < 0 else {"exact_window": exact_window, "exact_sinks": exact_sinks}
         return softmax, fh.performerize(copy.deepcopy(softmax), seed=0, **window)
     torch.manual_seed(0)
@@ -220,8 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", help="a real causal LM instead of the random Llama: smollm2, a .gguf file or a directory"
     )
+    parser.add_argument(
+        "--distilled",
+        help="with --model: time this `favor distill` directory as favor (its own exact terms; "
+        "--exact-window / --exact-sinks then only name the files)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help=f"directory for JSON/PNG/MD (default {OUT})")
     args = parser.parse_args(argv)
+    if args.distilled and not args.model:
+        parser.error("--distilled needs --model (the softmax baseline it was distilled from)")
     contexts = [256, 1024] if args.quick else [int(c) for c in args.contexts.split(",")]
     tokens = 6 if args.quick else args.tokens
     import transformers
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         f"transformers {transformers.__version__}"
     )
     local = {"exact_window": args.exact_window, "exact_sinks": args.exact_sinks}
-    softmax, performer = _models(max(contexts) + tokens + 8, **local, model=args.model)
+    softmax, performer = _models(max(contexts) + tokens + 8, **local, model=args.model, distilled=args.distilled)
     err = check(performer)
     print(f"check: favor cached vs teacher-forced logits, max |diff| {err:.2e}")
     rows = measure(softmax, performer, contexts, tokens)
@@ -249,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (f"OMP_WAIT_POLICY={policy} " if policy else "") + "python -m benchmarks.hf_generate"
     command += " --quick" if args.quick else ""
     command += f" --model {args.model}" if args.model else ""
+    command += f" --distilled {args.distilled}" if args.distilled else ""
     if not args.quick and (args.contexts != parser.get_default("contexts") or args.tokens != 16):
         command += f" --contexts {args.contexts} --tokens {args.tokens}"
     command += f" --out {args.out}" if args.out != OUT else ""
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         name += f"_w{args.exact_window}_s{args.exact_sinks}"
         command += f" --exact-window {args.exact_window} --exact-sinks {args.exact_sinks}"
     data = {"machine": info, "model": MODEL, "num_features": NUM_FEATURES, "tokens": tokens, "check_max_abs": err}
-    data.update(local)
+    data.update(local, distilled=args.distilled)
     path = args.out / f"{name}.json"
     path.write_text(json.dumps({**data, "rows": rows}, indent=2, default=str))
     (args.out / f"{name}.md").write_text(markdown(rows, info, command, local, args.model))
