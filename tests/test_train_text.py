@@ -166,7 +166,7 @@ def test_cli_model_options_are_collected_for_the_model_config():
     from favor.commands.train import model_overrides
 
     args = build_parser("train").parse_args(["train", "--out", "x", "--attention", "softmax", "--context", "64"])
-    assert model_overrides(args) == {"kernel": None, "attention": "softmax", "num_features": None}
+    assert model_overrides(args) == {"kernel": None, "attention": "softmax", "num_features": None, "far_gain": None}
     m, t = resolve_config(preset="tiny", model=model_overrides(args), seq_len=args.context)
     assert (m.attention, m.kernel, t.seq_len) == ("softmax", "positive", 64)
     args = build_parser("train").parse_args(["train", "--out", "x", "--preset", "text", "--num-features", "48"])
