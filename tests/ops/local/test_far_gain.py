@@ -112,39 +112,14 @@ def test_recurrent_step_and_continued_pass_use_the_gain(terms):
         outs.append(o)
     _close(torch.stack(outs, -2), full)
     # a chunked prefill continued by a few queries (the step loop) and then a long piece
-    a, st = favor.attention(
-        q[..., :10, :],
-        k[..., :10, :],
-        v[..., :10, :],
-        fm,
-        causal=True,
-        exact=terms,
-        far_log_gain=gain,
-        return_state=True,
-    )
-    b, st = favor.attention(
-        q[..., 10:12, :],
-        k[..., 10:12, :],
-        v[..., 10:12, :],
-        fm,
-        causal=True,
-        exact=terms,
-        far_log_gain=gain,
-        initial_state=st,
-        return_state=True,
-    )
-    c, _ = favor.attention(
-        q[..., 12:, :],
-        k[..., 12:, :],
-        v[..., 12:, :],
-        fm,
-        causal=True,
-        exact=terms,
-        far_log_gain=gain,
-        initial_state=st,
-        return_state=True,
-    )
-    _close(torch.cat([a, b, c], -2), full)
+    st, pieces = None, []
+    for lo, hi in ((0, 10), (10, 12), (12, L)):
+        piece = (t[..., lo:hi, :] for t in (q, k, v))
+        o, st = favor.attention(
+            *piece, fm, causal=True, exact=terms, far_log_gain=gain, initial_state=st, return_state=True
+        )
+        pieces.append(o)
+    _close(torch.cat(pieces, -2), full)
 
 
 @pytest.mark.parametrize("causal", [False, True])
