@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-sinks", type=int, default=1)
     p.add_argument("--exact-block", type=int, default=32)
     p.add_argument("--fit-steps", type=int, default=40)
+    p.add_argument("--num-features", type=int, default=256, help="random features M per head")
     p.add_argument("--gain-lr", type=float, help="the far gain's fitting rate (default: the adapters')")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         "exact_sinks": a.exact_sinks,
         "exact_block": a.exact_block,
     }
-    print(features, "fit_steps", a.fit_steps, "gain_lr", a.gain_lr)
+    print(features, "fit_steps", a.fit_steps, "gain_lr", a.gain_lr, "num_features", a.num_features)
 
     def step0(student, teacher, batches, settings, *, on_step, evaluate, eval_every):
         evaluate(0)  # the zero-shot evaluation only: no training step
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             model,
             tok,
             kind,
-            de.EncoderDistillConfig(fit_steps=a.fit_steps, gain_lr=a.gain_lr, features=features),
+            de.EncoderDistillConfig(
+                fit_steps=a.fit_steps, gain_lr=a.gain_lr, num_features=a.num_features, features=features
+            ),
             out=out,
             name="minilm",
             echo=print,
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {
         **features,
         "fit_steps": a.fit_steps,
+        "num_features": a.num_features,
         "gain_lr": a.gain_lr,
         "python_docs": r["zero_shot_cosine"],
         "python_docs_min": r["final_cosine_min"],
