@@ -49,7 +49,8 @@ class Variant:
     query's last ``window`` + 1 keys (its ``window`` neighbours on each side, bidirectional)
     and the first ``sinks`` tokens (``favor.ExactTerms``), one normaliser; ``far_gain`` (a
     float, hybrids only) adds a learnable per-head log weight on the far keys' FAVOR estimate,
-    initialised to it (``PerformerConfig.far_gain``)."""
+    initialised to it (``PerformerConfig.far_gain``); ``num_features`` overrides the model
+    size's number of random features (M)."""
 
     name: str
     attention: str = "favor"
@@ -60,6 +61,7 @@ class Variant:
     window: int = 0
     sinks: int = 0
     far_gain: float | None = None
+    num_features: int | None = None
 
 
 #: the hybrid Performer's exact terms in the paper's experiments: a 64-key window and 4 sinks
@@ -116,7 +118,7 @@ def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: b
         dropout=size.dropout,
         attention=variant.attention,
         kernel=variant.kernel,
-        num_features=size.num_features,
+        num_features=variant.num_features or size.num_features,
         max_len=size.max_len,
         seed=seed,
         exact=ExactTerms(variant.window, sinks=variant.sinks) if variant.window else None,
