@@ -295,7 +295,7 @@ def save(args, res):
     t = table(res)
     c = res["config"]
     title = (
-        f"long-proteins: concatenated Swiss-Prot, L={c['length']}, {c['seconds_per_model']:.0f} s of training each "
+        f"long-proteins: concatenated Swiss-Prot ({c.get('proteins', 'all')}), L={c['length']}, {c['seconds_per_model']:.0f} s of training each "
         f"(lr {c['lr']:g}); "
         f"Performer and hybrid {c['performer_depth']} layers vs the deepest exact model as fast per step"
     )
