@@ -49,7 +49,8 @@ class Variant:
     query's last ``window`` + 1 keys (its ``window`` neighbours on each side, bidirectional)
     and the first ``sinks`` tokens (``favor.ExactTerms``), one normaliser; ``far_gain`` (a
     float, hybrids only) adds a learnable per-head log weight on the far keys' FAVOR estimate,
-    initialised to it (``PerformerConfig.far_gain``)."""
+    initialised to it (``PerformerConfig.far_gain``); ``num_features`` overrides the model
+    size's number of random features (M)."""
 
     name: str
     attention: str = "favor"
@@ -60,6 +61,7 @@ class Variant:
     window: int = 0
     sinks: int = 0
     far_gain: float | None = None
+    num_features: int | None = None
 
 
 #: the hybrid Performer's exact terms in the paper's experiments: a 64-key window and 4 sinks
@@ -116,7 +118,7 @@ def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: b
         dropout=size.dropout,
         attention=variant.attention,
         kernel=variant.kernel,
-        num_features=size.num_features,
+        num_features=variant.num_features or size.num_features,
         max_len=size.max_len,
         seed=seed,
         exact=ExactTerms(variant.window, sinks=variant.sinks) if variant.window else None,
@@ -150,8 +152,10 @@ def train_run(
     """Train ``variant`` for ``steps`` steps (Adam, the paper's fixed lr after a linear
     warm-up, clip 0.5, weight decay 0.1); evaluate at step 0 and every ``eval_every`` steps.
 
-    Returns {"variant", "seed", "curve": [{step, time, train_loss, loss, accuracy,
-    perplexity, bits}], "diverged_at", "sec_per_step", "params"}. A non-finite training loss
+    Returns {"variant", "seed", "curve": [{step, time, cpu_time, train_loss, loss, accuracy,
+    perplexity, bits}], "diverged_at", "sec_per_step", "params"}: ``time`` is training wall
+    time (perf_counter), ``cpu_time`` the process's CPU time over the same steps
+    (process_time: what other jobs on the machine do not inflate at one thread). A non-finite training loss
     stops the run and is recorded as ``diverged_at`` (the paper's trig features NaN).
     ``model`` continues from given weights instead of building one (transfer).
     ``time_limit`` (training seconds) stops the run early, with a final evaluation.
@@ -166,10 +170,10 @@ def train_run(
         [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
     )
     redrawer = FeatureRedrawer(model, redraw_interval if variant.redraw else 0, seed)
-    curve = [{"step": 0, "time": 0.0, "train_loss": None, **task.evaluate(model), **far_gains(model)}]
-    clock, diverged, last_loss, counted = 0.0, None, float("nan"), 0
+    curve = [{"step": 0, "time": 0.0, "cpu_time": 0.0, "train_loss": None, **task.evaluate(model), **far_gains(model)}]
+    clock, cpu, diverged, last_loss, counted = 0.0, 0.0, None, float("nan"), 0
     for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / warmup) if warmup else lr
         loss = task.loss(model, task.batch(step, seed))
@@ -182,11 +186,13 @@ def train_run(
         opt.step()
         redrawer.step(step)
         clock += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         last_loss = loss.item()
         out_of_time = time_limit is not None and clock >= time_limit
         if step % eval_every == 0 or step == steps or out_of_time:
             ev = task.evaluate(model)
-            curve.append({"step": step, "time": clock, "train_loss": last_loss, **ev, **far_gains(model)})
+            point = {"step": step, "time": clock, "cpu_time": cpu, "train_loss": last_loss}
+            curve.append({**point, **ev, **far_gains(model)})
             if not math.isfinite(ev["loss"]):
                 diverged = step
                 break
@@ -216,11 +222,11 @@ def far_gains(model) -> dict[str, Any]:
     return {"far_log_gain": gains} if gains else {}
 
 
-def at_time(curve: list[dict[str, Any]], t: float) -> dict[str, Any]:
-    """The last evaluation at training wall time <= t."""
+def at_time(curve: list[dict[str, Any]], t: float, *, clock: str = "time") -> dict[str, Any]:
+    """The last evaluation at training wall time <= t (``clock="cpu_time"``: CPU time)."""
     best = curve[0]
     for point in curve:
-        if point["time"] <= t + 1e-9:
+        if point[clock] <= t + 1e-9:
             best = point
     return best
 

@@ -167,6 +167,23 @@ class CausalLM(_Task):
     def logits(self, model, b: Batch) -> torch.Tensor:
         return model(b.inputs)
 
+    def bigram(self) -> dict[str, float]:
+        """The next-token-given-this-token baseline: add-one counts of adjacent pairs in the
+        training stream (a StreamSource), scored on the eval set (the first scored target of
+        a row is predicted from its input token, which the row holds)."""
+        if not hasattr(self.train, "tokens"):
+            raise TypeError("bigram() counts pairs of a token stream (a StreamSource)")
+        tokens, v = self.train.tokens, self.vocab_size
+        counts = torch.bincount(tokens[:-1] * v + tokens[1:], minlength=v * v).double().reshape(v, v) + 1.0
+        logp = (counts / counts.sum(-1, keepdim=True)).log()
+        loss_sum, correct, count = 0.0, 0, 0
+        for b in self.eval_set:
+            prev, y = b.inputs[b.weight], b.targets[b.weight]
+            loss_sum -= float(logp[prev, y].sum())
+            correct += int((logp[prev].argmax(-1) == y).sum())
+            count += y.numel()
+        return metrics_from(loss_sum, correct, count)
+
 
 class MaskedLM(_Task):
     """Bidirectional masked LM: ``mask_rate`` of the non-padding tokens are replaced by

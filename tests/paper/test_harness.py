@@ -109,6 +109,20 @@ def test_unigram_baseline_is_the_entropy_of_a_uniform_stream():
     assert task.unigram()["bits"] == pytest.approx(3.0, abs=1e-3)
 
 
+def test_bigram_baseline_predicts_a_cyclic_stream_and_is_the_unigram_on_iid_tokens():
+    src = StreamSource(torch.arange(8).repeat(2000), 32)
+    task = CausalLM(src, src, vocab_size=8, batch_size=2, eval_rows=4)
+    # 0 1 2 ... 7 0 1 ...: each token fixes the next; add-one counts of ~2,000 pairs per row
+    # leave p(next) = 2001/2008, so loss ~0.0035 nats and every target right
+    got = task.bigram()
+    assert got["accuracy"] == 1.0 and got["loss"] == pytest.approx(-math.log(2000 / 2007), abs=1e-3)
+    iid = StreamSource(torch.randint(0, 4, (40_000,), generator=torch.Generator().manual_seed(0)), 64)
+    task = CausalLM(iid, iid, vocab_size=4, batch_size=2, eval_rows=8)
+    # independent tokens: the next token's counts given any token are the frequencies
+    # (16 pair counts of ~2,500 each: relative error ~2 %, in the loss ~1e-3 nats)
+    assert task.bigram()["loss"] == pytest.approx(task.unigram()["loss"], abs=3e-3)
+
+
 def test_variants_of_a_seed_start_from_the_same_weights_and_smreg_rows_have_norm_sqrt_d():
     soft = build_model(Variant("s", attention="softmax"), TINY, vocab_size=11, causal=False, seed=4)
     smreg = build_model(Variant("m", norm="sqrt_d"), TINY, vocab_size=11, causal=False, seed=4)

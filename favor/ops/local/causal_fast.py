@@ -16,9 +16,11 @@ one row shift r_t (the max over the row's terms: exact logits, far keys' log sca
 state's running max), so nothing overflows and the shift cancels in the output. All maxima
 run over the prefix only: output t is bit-for-bit independent of tokens after t.
 
-``_CausalExact`` keeps only the state at the start of every group of BLOCK_CHUNKS chunks;
-its backward walks the groups in reverse and differentiates each group's recomputed forward
-(a group is a few hundred rows), so no L x anything graph or feature tensor is held.
+``_CausalExact``'s backward walks the groups of BLOCK_CHUNKS chunks in reverse and
+differentiates each group's forward intermediates (a group is a few hundred rows). When all
+groups' intermediates take at most KEEP_BYTES the forward keeps them (no second forward);
+else it keeps only the far state at the start of every group and the backward recomputes
+each group's forward, so no L x anything graph or feature tensor is held.
 ``causal_exact_autograd`` is the same loop under autograd (any map, also a trained
 projection); window.py and reference.py hold the slower and quadratic references.
 
@@ -35,12 +37,18 @@ from ..chunking import inverse, ones_column
 from ..normalise import exp_diff, normalise
 from .spec import ExactTerms
 
-__all__ = ["causal_exact_fast", "causal_exact_autograd", "Geometry", "DEFAULT_CHUNK", "BLOCK_CHUNKS"]
+__all__ = ["causal_exact_fast", "causal_exact_autograd", "Geometry", "DEFAULT_CHUNK", "BLOCK_CHUNKS", "KEEP_BYTES"]
 
 #: queries per chunk (rounded up to a multiple of C); the span products cost O(lag + T) per query
 DEFAULT_CHUNK = 64
 #: chunks per group: the backward differentiates one group of R = BLOCK_CHUNKS * T rows at a time
 BLOCK_CHUNKS = 8
+#: the forward keeps every group's intermediates for the backward when they take at most
+#: this many bytes in all (estimated from the first group); above it the backward recomputes
+#: each group's forward (one more forward pass, memory O(R (lag + T)) instead of O(L (lag + T))).
+#: At L = 8,192, 2 heads of 32, W = 64, M = 111 (favor paper long-proteins) a call keeps
+#: ~50 MB and its forward + backward takes ~0.65x the time of recomputing
+KEEP_BYTES = 256 * 2**20
 
 NEG_INF = float("-inf")
 
@@ -109,6 +117,10 @@ def _spans(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
 class _Parts:
     """A group's forward intermediates (``_parts``): what the output needs and what the
     hand-written backward re-reads."""
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors it holds (a view counts its own size: an upper estimate)."""
+        return sum(x.numel() * x.element_size() for x in vars(self).values() if isinstance(x, torch.Tensor))
 
 
 def _parts(
@@ -438,17 +450,24 @@ class _CausalExact(torch.autograd.Function):
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         den = q.new_empty(q.shape[:-1])
         starts = []
+        # every group's parts for the backward while they fit KEEP_BYTES (decided on the first)
+        parts = [] if keep else None
         sinks = inp.sinks(root)
         for g in range(inp.groups):
             if keep:
                 starts.append((kvz, c))
             s = g * inp.rows
-            p = inp.parts(g, feat, a, log_const, root, sinks, kvz, c, keep=False)
+            p = inp.parts(g, feat, a, log_const, root, sinks, kvz, c, keep=parts is not None)
+            if parts is not None:
+                if g == 0 and p.nbytes() * inp.groups > KEEP_BYTES:
+                    parts = None
+                else:
+                    parts.append(p)
             o, kvz, c = p.out, p.kvz, p.c
             take = min(inp.rows, inp.length - s)
             out[..., s : s + take, :] = o[..., :take, :]
             den[..., s : s + take] = p.den[..., :take]
-        ctx.feat, ctx.geo, ctx.root, ctx.starts = feat, geo, root, starts
+        ctx.feat, ctx.geo, ctx.root, ctx.starts, ctx.parts = feat, geo, root, starts, parts
         ctx.save_for_backward(
             q, k, qx, kx, v, log_const if isinstance(log_const, torch.Tensor) else None, a, valid, out, den
         )
@@ -472,9 +491,12 @@ class _CausalExact(torch.autograd.Function):
         d_kvz = None
         for g in reversed(range(inp.groups)):
             s = g * inp.rows
-            kvz0, c0 = ctx.starts[g]
-            kept = (_take(out, s, s + inp.rows), _take(den[..., None], s, s + inp.rows)[..., 0])
-            p = inp.parts(g, feat, a, log_const, root, sinks, kvz0, c0, outputs=kept)
+            if ctx.parts is not None:  # the forward's own parts
+                p = ctx.parts[g]
+            else:  # recomputed from the far state before the group and its kept outputs
+                kvz0, c0 = ctx.starts[g]
+                kept = (_take(out, s, s + inp.rows), _take(den[..., None], s, s + inp.rows)[..., 0])
+                p = inp.parts(g, feat, a, log_const, root, sinks, kvz0, c0, outputs=kept)
             take = min(inp.rows, length - s)
             g_o = g_out.new_zeros(p.out.shape)
             g_o[..., :take, :] = g_out[..., s : s + take, :]

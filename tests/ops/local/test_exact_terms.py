@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import favor
+from favor.ops.local import causal_fast as causal_fast_module
 from favor.ops.local.causal_fast import causal_exact_autograd, causal_exact_fast
 from favor.ops.local.dispatch import exact_attention
 from favor.ops.local.reference import exact_terms_reference
@@ -194,6 +195,37 @@ def test_clear_errors():
         favor.step(state, q[..., 0, :], k[..., 0, :], v[..., 0, :], fm, exact=favor.ExactTerms(2))
     with pytest.raises(ValueError, match="causal"):
         favor.attention(q, k, v, fm, exact=favor.ExactTerms(2), return_state=True)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**40], ids=["recomputed", "kept"])
+@pytest.mark.parametrize("terms", [favor.ExactTerms(4, 2, 1), favor.ExactTerms(3, 1, 4)], ids=str)
+def test_fast_backward_from_kept_or_recomputed_parts_equals_the_reference(terms, keep_bytes, monkeypatch):
+    # the forward keeps every group's parts for the backward when they fit KEEP_BYTES, else
+    # the backward recomputes each group's forward: both give the reference's outputs and
+    # gradients (several groups: chunk 4 x BLOCK_CHUNKS 2 = 8 rows per group on L = 37)
+    monkeypatch.setattr(causal_fast_module, "KEEP_BYTES", keep_bytes)
+    monkeypatch.setattr(causal_fast_module, "BLOCK_CHUNKS", 2)
+    calls = []
+    parts = causal_fast_module._Inputs.parts
+    monkeypatch.setattr(
+        causal_fast_module._Inputs, "parts", lambda self, *a, **kw: calls.append(1) or parts(self, *a, **kw)
+    )
+    fm = _map()
+    q, k, v = (t.requires_grad_() for t in _qkv(8))
+    pad = _pad()
+    ref = exact_terms_reference(q, k, v, fm, terms, causal=True, key_padding_mask=pad)
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    w = w * (~pad)[:, None, :, None]
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    out = causal_exact_fast(
+        q, k, v, row_features(fm, D**-0.25), terms, root=D**-0.25, key_padding_mask=pad[:, None, :], chunk_size=4
+    )
+    _close(out * (w != 0), ref * (w != 0))
+    groups = len(calls)
+    assert groups == 5  # ceil(37 / 8)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), g_ref, strict=True):
+        _close(a, b)
+    assert len(calls) == (2 * groups if keep_bytes == 0 else groups)  # recomputed: one more forward
 
 
 @pytest.mark.parametrize("kernel", ["positive", "relu"])
