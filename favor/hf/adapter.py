@@ -300,8 +300,19 @@ class FavorAdapter(nn.Module):
                 proj = p[:, :d]
             else:  # features of x' root with the layer's scale: x = x' root, gain 1
                 gain, bias_s, a2, proj = None, None, torch.zeros(h, **f64), p
+            # the e column of [kappa b x, a, e]: zero as dense_projection makes it, trained by
+            # distillation (then each row's e = sqrt(|x|^2 - |kappa b x|^2) weighs it)
+            proj_e = p[:, 2 * d] * LOG2E if self.dense else None
+            if proj_e is not None and not bool(proj_e.any()):  # host sync: once per version
+                proj_e = None
+            rest = None
             if gain is not None and bool((gain == 1).all()):  # host sync: once per version
                 gain = None
+                if proj_e is not None:  # e = sqrt(1e-20), the adapter's clamp, for every row
+                    bias_s = bias_s + 1e-10 * proj_e
+                    proj_e = None
+            if proj_e is not None:
+                rest = torch.sqrt((1.0 - gain * gain).clamp_min(0.0))
             if bias_s is not None and not bool(bias_s.any()):  # host sync: once per version
                 bias_s = None
             cq = LOG2E * (lc + 0.5 * a2 + log_m)
@@ -329,6 +340,8 @@ class FavorAdapter(nn.Module):
                 cast(cq),
                 cast(ck),
                 root,
+                cast(proj_e),
+                cast(rest),
             )
 
         return buffer_derived(self, ("lean", scaling, dtype, device), buffers, compute)  # a tuple: no formatting per call

@@ -31,8 +31,11 @@ def _model(tiny_llama, *, window, sinks, block=1, calibrated=False, dtype=torch.
                 m.set_reparametrisation(0.1 * torch.randn(m.heads, m.dim, generator=g, dtype=torch.float64), a)
                 # dense-exponential a_i < 0: the fused step's gain kappa b and feature bias a w^2 run
                 m.set_dense(-0.1 * torch.rand(m.heads, m.dim, generator=g, dtype=torch.float64))
-                if calibrated == "drifted":  # as fitting leaves them: the key map no longer A^-T
+                if calibrated in ("drifted", "distilled"):  # as fitting leaves them: the key map no longer A^-T
                     m.key_map.add_(0.1 * torch.randn(m.key_map.shape, generator=g, dtype=m.key_map.dtype))
+                if calibrated == "distilled":  # distillation trains every projection column, e's too
+                    proj = m.feature_map.projection
+                    proj.add_(0.05 * torch.randn(proj.shape, generator=g, dtype=proj.dtype))
     return model
 
 
@@ -69,7 +72,9 @@ def _state(cache) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
-@pytest.mark.parametrize("calibrated", [False, True, "drifted"], ids=["identity", "calibrated", "drifted"])
+@pytest.mark.parametrize(
+    "calibrated", [False, True, "drifted", "distilled"], ids=["identity", "calibrated", "drifted", "distilled"]
+)
 @pytest.mark.parametrize("lean", [True, "unfused"], ids=["fused", "unfused"])
 @pytest.mark.parametrize("fold", [2, 8], ids=lambda p: f"fold{p}")
 def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
@@ -92,7 +97,7 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
         torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled"], ids=["identity", "drifted", "distilled"])
 def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch, calibrated):
     model = _model(tiny_llama, window=3, sinks=1, calibrated=calibrated, dtype=torch.float32)
     ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
@@ -137,7 +142,7 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
 
 
-@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled"], ids=["identity", "drifted", "distilled"])
 @pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
 def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
     tiny_llama, monkeypatch, calibrated, fold

@@ -9,7 +9,8 @@ against ~6 for attention that returns V; so this step keeps the arithmetic and r
   in an extra column, the per-row constants folded in (``LeanConstants``); the features
   are then s = (x g) P^T log2(e) + bias (dense-exponential features: g = kappa b, bias =
   a w^2 log2(e), and |x'|^2 = |x|^2 + |a|^2, so the augmented input [kappa b x, a, e] is
-  never built);
+  never built; where the projection's e column is not zero, as distillation leaves it,
+  e = sqrt(|x r|^2), r = sqrt(1 - g^2), is one more column of x g against that column);
 * keys are kept raw, once per key/value head (GQA): the exact logits are
   root^2 (q.k - q.c) = q*.k* of exact_step (raw query, shifted key, never the maps), the
   q.c term one more column of the query's GEMM;
@@ -61,7 +62,10 @@ class LeanConstants:
     ``bk`` (H, 1, D+1): x_k = [(k - c) B root, Ck] (None: k root, Ck); ``gain`` (H, D) or
     None (all ones); ``proj_t`` (D, M) the projection times log2(e), transposed; ``bias_s``
     (H, M) or None; ``cq`` (H,) log2(e) (log_const + |a|^2/2 + log(M)/2); ``ck`` (H,)
-    -|a|^2/2 - log(M)/2 (natural log); ``root`` the logits' sqrt(scale)."""
+    -|a|^2/2 - log(M)/2 (natural log); ``root`` the logits' sqrt(scale); ``proj_e`` (M,)
+    the projection's e column times log2(e) and ``rest`` (H, D) sqrt(1 - gain^2), or None
+    (a zero column: dense_projection's, before training moves it): then the features'
+    input has a last entry e = sqrt(|x rest|^2) (clamped as the adapter clamps it)."""
 
     mq: torch.Tensor | None
     bq: torch.Tensor | None
@@ -73,6 +77,8 @@ class LeanConstants:
     cq: torch.Tensor
     ck: torch.Tensor
     root: float
+    proj_e: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._scratch: dict = {}
@@ -88,6 +94,7 @@ class LeanConstants:
             ck = self.ck.view(kv_heads, -1)
             hit = self._shared[kv_heads] = (
                 self.mq is None
+                and self.proj_e is None
                 and self.mk is None
                 and self.bk is None
                 and self.gain is None
@@ -155,7 +162,7 @@ class _Scratch:
         self.bh, self.bk, self.g = bh, bk, g
         r2 = c.root * c.root
         self.a_nk, self.a_off, self.a_near = -0.5 * r2, 0.5 * LOG2E * r2, LOG2E * r2
-        self.mq = self.bias_s = self.gain = None
+        self.mq = self.bias_s = self.gain = self.rest = None
         if shared:  # raw rows against the projection times root: no scaled copies
             self.proj_root = c.proj_t * c.root
             return
@@ -179,7 +186,18 @@ class _Scratch:
             self.bk_map = bmap.reshape(bk, 1, -1).contiguous()
         gain = per_batch(c.gain)
         self.gain = None if gain is None else torch.cat([gain, gain]).view(2 * bh, d)
-        self.xb = None if gain is None else torch.empty(2 * bh, d, **z)
+        # x g, and with an e column (c.proj_e) e in one more column against it (``proj``)
+        e = c.proj_e is not None
+        self.xb = None if gain is None else torch.empty(2 * bh, d + e, **z)
+        self.proj = c.proj_t
+        if e:
+            self.proj = torch.cat([c.proj_t, c.proj_e[None]]).contiguous()
+            rest = per_batch(c.rest)
+            self.rest = torch.cat([rest, rest]).view(2 * bh, d)
+            self.xr = torch.empty(2 * bh, d, **z)
+            self.xr_row, self.xr_col = self.xr.view(2 * bh, 1, d), self.xr.view(2 * bh, d, 1)
+            self.e2 = torch.empty(2 * bh, 1, 1, **z)
+            self.xb_d, self.e_col = self.xb[:, :d], self.xb[:, d:]
         bias = per_batch(c.bias_s)
         self.bias_s = None if bias is None else torch.cat([bias, bias]).view(2 * bh, m)
 
@@ -346,13 +364,11 @@ def fused_step(
             torch.mul(k_in_g, consts.root, out=sc.xk_g)
         else:
             torch.baddbmm(sc.bk_map, k_in, sc.mk, out=sc.xk_flat)
-        x2 = sc.x2d
-        if sc.gain is not None:
-            x2 = torch.mul(x2, sc.gain, out=sc.xb)
+        x2 = _gained(sc)
         if sc.bias_s is None:
-            torch.mm(x2, consts.proj_t, out=sc.s)
+            torch.mm(x2, sc.proj, out=sc.s)
         else:
-            torch.addmm(sc.bias_s, x2, consts.proj_t, out=sc.s)
+            torch.addmm(sc.bias_s, x2, sc.proj, out=sc.s)
         torch.baddbmm(state.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
     # its features times exp(l - c), l its log scale (max s - HEADROOM) ln 2 - |x'|^2 / 2 -
     # log(M) / 2 (row_features): s + log2(e) (ck - c - |x'|^2 / 2), the shift cancels. The
@@ -388,6 +404,22 @@ def fused_step(
     return torch.div(sc.num, sc.den)
 
 
+def _gained(sc: _Scratch) -> torch.Tensor:
+    """Both rows' feature inputs x g (2 B H, D), with an e column (LeanConstants.proj_e)
+    [x g, e] (2 B H, D + 1), e = sqrt(max(|x rest|^2, 1e-20)) as the adapter's augmented
+    input (|x|^2 - |x g|^2 there, the same sum)."""
+    x2 = sc.x2d
+    if sc.gain is None:
+        return x2
+    if sc.rest is None:
+        return torch.mul(x2, sc.gain, out=sc.xb)
+    torch.mul(x2, sc.gain, out=sc.xb_d)
+    torch.mul(x2, sc.rest, out=sc.xr)
+    torch.bmm(sc.xr_row, sc.xr_col, out=sc.e2)
+    torch.sqrt(sc.e2.view_as(sc.e_col).clamp_min_(1e-20), out=sc.e_col)
+    return sc.xb
+
+
 def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Tensor, q_rows: torch.Tensor) -> None:
     """The far scale follows a leaving key with a larger log scale l: c = max(c, l) per row
     (as exact_step), kvz and the pending keys times exp(c_old - c), the constants that carry
@@ -396,7 +428,7 @@ def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Te
     if state.shared:
         s = torch.mm(k_row, sc.proj_root).view_as(sc.sk_f)
     else:
-        s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ consts.proj_t
+        s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ sc.proj
         s = (s if sc.bias_s is None else s + sc.bias_s[sc.bh :]).view_as(sc.sk_f)
     c = state.c
     lk = torch.add(sc.nk_log, s.amax(-1, keepdim=True), alpha=LN2)
