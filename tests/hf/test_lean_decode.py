@@ -58,6 +58,7 @@ def _decode(model, ids, mask=None, *, lean: bool | str, monkeypatch):
         monkeypatch.setattr(decode, "_exact_fused", lambda *a: None)
     if not lean:
         monkeypatch.setattr(decode, "lean_eligible", lambda *a: False)
+        monkeypatch.setattr(decode, "fused_eligible", lambda *a: False)
     cache, out = fh.FavorCache(model), []
     with torch.no_grad():
         for lo, hi in [(0, PROMPT)] + [(i, i + 1) for i in range(PROMPT, ids.shape[1])]:
@@ -71,7 +72,10 @@ def _state(cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (*layer.state.far, *layer.state[1:])]
 
 
-@pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
+# (8, 2), (12, 0), (9, 6): the fused step's unwrapped phase (positions S .. W + S, the ring
+# not yet full; with (8, 2) it wraps into the slots the sinks left empty, with (9, 6) the
+# prompt is shorter than the sinks), then the steady state
+@pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0), (8, 2), (12, 0), (9, 6)])
 @pytest.mark.parametrize(
     "calibrated", [False, True, "drifted", "distilled"], ids=["identity", "calibrated", "drifted", "distilled"]
 )
@@ -87,8 +91,11 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
     ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
     fast, fast_cache, taken = _decode(model, ids, lean=lean, monkeypatch=monkeypatch)
     slow, slow_cache, none = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
-    # positions past the prompt's first step and past W + S take the lean step, in each layer
+    # positions past the prompt's first step and past W + S take the lean step, in each
+    # layer; the fused one also those from S to W + S (before the ring is full)
     eligible = [t for t in range(PROMPT, PROMPT + NEW) if t > PROMPT and t > window + sinks]
+    if lean is True:
+        eligible += [t for t in range(PROMPT, PROMPT + NEW) if max(sinks, 1) <= t <= window + sinks]
     assert none == 0 and taken == len(eligible) * len(model.model.layers)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     for a, b in zip(_state(slow_cache), _state(fast_cache), strict=True):
@@ -144,15 +151,17 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
 
 @pytest.mark.parametrize("calibrated", [False, "drifted", "distilled"], ids=["identity", "drifted", "distilled"])
 @pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
+# W = 12, 16: the reads fall before the ring is full (W = 12: the 3-token call, W = 16: all)
+@pytest.mark.parametrize("window", [2, 12, 16], ids=lambda w: f"W{w}")
 def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
-    tiny_llama, monkeypatch, calibrated, fold
+    tiny_llama, monkeypatch, calibrated, fold, window
 ):
     """Fused steps, then a call of several tokens (the general path reads the state: it is
     converted back to an ExactState, pending keys folded), then fused steps again (entered
     anew), a size query and a beam reorder in between: the teacher-forced logits throughout,
     with pending keys folded every ``fold`` tokens (the reads fall before, at and after folds)."""
     monkeypatch.setattr(fused, "FOLD_EVERY", fold)
-    model = _model(tiny_llama, window=2, sinks=1, calibrated=calibrated)
+    model = _model(tiny_llama, window=window, sinks=1, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(6))
     cache, out = fh.FavorCache(model), []
     spans = [(0, 5)] + [(i, i + 1) for i in range(5, 10)] + [(10, 13)] + [(i, i + 1) for i in range(13, 20)]
@@ -210,3 +219,24 @@ def test_single_tokens_take_the_short_path_and_leave_it_when_anything_changes(ti
     assert results and all(r is None for r in results)
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids[:, :13]).logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [2, 12], ids=lambda w: f"W{w}")
+def test_a_beam_reorder_of_the_fused_layout_swaps_the_rows_histories(tiny_llama, monkeypatch, window):
+    """reorder_cache([1, 0]) in the fused layout (W = 12: before the ring is full, W = 2: the
+    steady state): the next tokens' logits are the teacher-forced ones of the swapped rows."""
+    monkeypatch.setattr(fused, "FOLD_EVERY", 3)
+    model = _model(tiny_llama, window=window, sinks=1, calibrated="distilled")
+    ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(8))
+    swapped = ids[[1, 0]]
+    cache, out = fh.FavorCache(model), []
+    with torch.no_grad():
+        model(input_ids=ids[:, :5], cache=cache, use_cache=True)
+        for t in range(5, 9):
+            model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+        assert all(layer.lean is not None for layer in cache.layers)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        for t in range(9, 20):
+            out.append(model(input_ids=swapped[:, t : t + 1], cache=cache, use_cache=True).logits)
+        assert all(layer.lean is not None for layer in cache.layers)  # entered again
+        torch.testing.assert_close(torch.cat(out, 1), model(input_ids=swapped).logits[:, 9:], rtol=1e-9, atol=1e-9)

@@ -30,6 +30,11 @@ against ~6 for attention that returns V; so this step keeps the arithmetic and r
   SmolLM2, and sits below the slot values, so [pending | near | far] weights times
   [pending values | slot values | kvz] is one GEMM.
 
+Before the ring is full (positions S .. W + S, the unwrapped phase) no key leaves and the
+far state is empty: a token is then exact softmax attention over the live slots (a short
+branch, ``_unwrapped``); dead slots hold a copy of a live key (the row's max is unchanged)
+and a zero value row, ones column included (their weights add nothing).
+
 The state here (``LeanState``) is a different layout of exact_step's ExactState (ring and
 sink slots, far state); ``LeanState.enter`` and ``LeanState.far_state`` convert, and the
 caller (favor.hf's cache) keeps one or the other. The step does the reference's sums in
@@ -49,7 +54,7 @@ import torch
 from ..row_features import HEADROOM, LN2, LOG2E
 from ..state import State
 
-__all__ = ["LeanConstants", "LeanState", "fused_step", "ring_positions"]
+__all__ = ["LeanConstants", "LeanState", "fused_eligible", "fused_step", "ring_positions"]
 
 
 @dataclass
@@ -137,6 +142,7 @@ class _Scratch:
         self.row_g = q_rows.view(bk, g, width)
         self.live = q_rows[:, p:]  # near and far: max, shift, exp2
         self.near_g = q_rows[:, p : p + n].view(bk, g, n)
+        self.near = q_rows[:, p : p + n]
         self.far_f = q_rows[:, p + n :].view(f, gf, m)
         self.pend_f = q_rows[:, :p].view(f, gf, p)
         self.sq = q_rows[:, p + n :]  # (B H, M): the query's features
@@ -219,7 +225,9 @@ class LeanState:
     per query head. ``c`` (F, 1, 1) is the far state's log scale, F = B K (shared) or B H.
     ``pend`` (F, M, P) holds the features (times exp(l - c)) of the ``count`` keys that left
     the window since the last fold (the rest are zero), their values in vals[:, :P]: the
-    far state of exact_step is kvz + pend vals[:, :P] (``fold``). Every slot is live."""
+    far state of exact_step is kvz + pend vals[:, :P] (``fold``). Every slot is live from
+    position W + S + 1 on (``steady``); before, dead slots hold a live slot's key and a
+    zero value row (``enter``)."""
 
     def __init__(self, kvz, c, k, vals, pend, *, batch: int, heads: int, ring: int, shared: bool) -> None:
         self.kvz, self.c, self.k, self.vals, self.pend = kvz, c, k, vals, pend
@@ -237,32 +245,52 @@ class LeanState:
         self.kt = k.mT
         self.v1 = vals[:, p : p + n]
         self.vp = vals[:, :p]
-        dv = self.dv
-        # per slot: the leaving key (raw), its value row, and where a new key/value goes
-        self.k_in = [k[:, i : i + 1, :] for i in range(ring)]
-        self.k_row = [k[:, i, :] for i in range(ring)]
-        self.k_in_t2 = [k[:, i : i + 1, :].mT.expand(bk, d, 2) for i in range(ring)]
-        self.k_in_g = [k[:, None, i : i + 1, :].expand(bk, self.groups, 1, d) for i in range(ring)]
-        self.v_out = [self.v1[:, i : i + 1, :] for i in range(ring)]
-        self.k_put = [k.view(batch, self.kv_heads, n, d)[:, :, i : i + 1, :] for i in range(ring)]
-        self.v_put = [self.v1.unflatten(0, (batch, self.kv_heads))[:, :, i : i + 1, :dv] for i in range(ring)]
+        # the first position of the steady state: every slot live, one key leaving per token
+        self.steady = n
         # per pending slot: where the leaving key's weighted features and value go
         self.p_put = [pend[:, None, :, j] for j in range(p)]  # (F, 1, M), strided
         self.vp_put = [vals[:, j : j + 1] for j in range(p)]
-        # the step's views of slot i in one tuple (one lookup per token)
-        self.slot = list(
-            zip(self.k_row, self.k_in, self.k_in_t2, self.k_in_g, self.v_out, self.k_put, self.v_put, strict=True)
-        )
+        # the step's views of slot i in one tuple (one lookup per token), made on first use
+        # (``views``): R x 7 views at once cost ~20 ms per layer for W = 512
+        self.slot = [None] * ring
+
+    def views(self, i: int) -> tuple:
+        """Ring slot i's views for the step: the leaving key (raw, as a row, a 1-row matrix,
+        its transpose twice, G copies), its value row, and where a new key and value go."""
+        hit = self.slot[i]
+        if hit is None:
+            k, bk, d = self.k, self.k.shape[0], self.k.shape[-1]
+            k_in = k[:, i : i + 1, :]
+            hit = self.slot[i] = (
+                k[:, i, :],
+                k_in,
+                k_in.mT.expand(bk, d, 2),
+                k[:, None, i : i + 1, :].expand(bk, self.groups, 1, d),
+                self.v1[:, i : i + 1, :],
+                k.view(self.batch, self.kv_heads, self.slots, d)[:, :, i : i + 1, :],
+                self.v1.unflatten(0, (self.batch, self.kv_heads))[:, :, i : i + 1, : self.dv],
+            )
+        return hit
 
     @classmethod
     def enter(
-        cls, far: State, k: torch.Tensor, v: torch.Tensor, *, ring: int, shared: bool = False, fold_every: int = 0
+        cls,
+        far: State,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        ring: int,
+        shared: bool = False,
+        fold_every: int = 0,
+        live: torch.Tensor | None = None,
     ) -> LeanState:
         """From exact_step's far state (B, H, ...) and the raw keys and values of the slots
         k (B, K, n, D), v (B, K, n, Dv) (copies: the caller's tensors are not kept). With
         ``shared`` the far state of each group's first head is kept (the group's heads hold
         the same one: LeanConstants.shared). ``fold_every`` P pending slots (default
-        FOLD_EVERY)."""
+        FOLD_EVERY). ``live`` (n,) bool, None for all: before the ring is full, the slots
+        that hold a key (at least one); the others get the first live slot's key and a zero
+        value row (the unwrapped branch of ``fused_step``)."""
         b, h, m, dv = far.kv.shape
         kv_heads, n = k.shape[1], k.shape[2]
         g = h // kv_heads
@@ -274,6 +302,10 @@ class LeanState:
         vals = v.new_zeros(b * kv_heads, p + n + (m if shared else 0), dv + 1)
         vals[:, p : p + n, :dv] = v.reshape(b * kv_heads, n, dv)
         vals[:, p : p + n, dv] = 1.0
+        if live is not None:  # dead slots: a live key (the near max stands), zero values
+            first = int(live.nonzero()[0, 0])  # host sync: once, entering
+            k = torch.where(live[:, None], k, k[:, :, first : first + 1])
+            vals[:, p : p + n].mul_(live[:, None].to(vals.dtype))
         if shared:
             vals[:, p + n :] = kvz.reshape(b * kv_heads, m, dv + 1)
             kvz = vals[:, p + n :]
@@ -334,17 +366,21 @@ def fused_step(
     state: LeanState, consts: LeanConstants, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, t: int
 ) -> torch.Tensor:
     """One token at position ``t``: query (B, H, 1, D), key (B, K, 1, D), value (B, K, 1, Dv)
-    in the constants' dtype -> out (B, H, 1, Dv); the state is updated where it is. As
-    exact_step_lean, the caller vouches for ``lean_eligible(terms, t, built)`` and a state
-    without padding: the key at position t - R leaves slot t mod R for the far state (a
-    pending slot, folded every P keys) and the new key takes the slot; every slot is live.
-    A state kept per key/value head needs ``consts.shared(K)``."""
+    in the constants' dtype -> out (B, H, 1, Dv); the state is updated where it is. The
+    caller vouches for ``fused_eligible(terms, t, built)`` and a state without padding. From
+    position W + S + 1 on (``state.steady``) the key at position t - R leaves slot t mod R
+    for the far state (a pending slot, folded every P keys) and the new key takes the slot;
+    before, no key leaves (``_unwrapped``). A state kept per key/value head needs
+    ``consts.shared(K)``."""
     sc = state.sc
     if state.of is not consts:  # new constants (or a new state): their buffers, and c in them
         sc = consts.scratch(state)
         state.retarget(sc)
         state.of = consts
-    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[t % state.ring]
+    i = t % state.ring
+    if t < state.steady:
+        return _unwrapped(state, sc, query, key, value, i)
+    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i] or state.views(i)
     if state.count == state.fold_every:
         state.fold()
     j = state.count
@@ -404,6 +440,24 @@ def fused_step(
     return torch.div(sc.num, sc.den)
 
 
+def _unwrapped(state: LeanState, sc: _Scratch, query, key, value, i: int) -> torch.Tensor:
+    """A token before the ring is full (positions S .. W + S): no key leaves, the far state
+    is empty, so the output is softmax over the live slots of the logits root^2 q.k (the
+    reference's root^2 q.(k - c) + log_const - l_q less per-row constants, which cancel).
+    The new key takes ring slot i, its value row gets its ones column; dead slots weigh
+    nothing (``LeanState.enter``)."""
+    k_put, v_put = (state.slot[i] or state.views(i))[5:]
+    k_put.copy_(key)
+    v_put.copy_(value)
+    state.v1[:, i, state.dv].fill_(1.0)
+    # beta = 0: the input is ignored (no offset: per-row constants cancel)
+    torch.baddbmm(sc.off_g, query.reshape(sc.bk, sc.g, -1), state.kt, beta=0.0, alpha=sc.a_near, out=sc.near_g)
+    near = sc.near
+    near.sub_(near.amax(-1, keepdim=True)).exp2_()
+    torch.bmm(sc.near_g, state.v1, out=sc.acc_g)
+    return torch.div(sc.num, sc.den)
+
+
 def _gained(sc: _Scratch) -> torch.Tensor:
     """Both rows' feature inputs x g (2 B H, D), with an e column (LeanConstants.proj_e)
     [x g, e] (2 B H, D + 1), e = sqrt(max(|x rest|^2, 1e-20)) as the adapter's augmented
@@ -452,4 +506,15 @@ def ring_positions(t: int, ring: int, sinks: int, mark: int, *, device) -> torch
     j = torch.arange(ring, device=device)
     first = t - ring
     ring_pos = first + (j - first) % ring
+    ring_pos = torch.where(ring_pos >= sinks, ring_pos, -1)  # before the ring is full: empty slots
     return torch.cat([ring_pos, torch.arange(sinks, device=device) + mark])
+
+
+def fused_eligible(terms, t: int, built: int) -> bool:
+    """Whether ``fused_step`` may take the token at position ``t`` of a state with no
+    padding last made from a whole sequence of ``built`` tokens: the steady state
+    (recurrent.lean_eligible: every slot live, one key leaving per token) or, before the
+    ring is full, any position from S on (the sinks all in, the new key a ring key; no key
+    leaves until W + S + 1, so the prompt's state needs no step first)."""
+    last = terms.window + terms.sinks  # the last position before the steady state
+    return terms.block == 1 and (t > last and t > built or max(terms.sinks, 1) <= t <= last)
