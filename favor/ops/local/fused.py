@@ -250,27 +250,25 @@ class LeanState:
         # per pending slot: where the leaving key's weighted features and value go
         self.p_put = [pend[:, None, :, j] for j in range(p)]  # (F, 1, M), strided
         self.vp_put = [vals[:, j : j + 1] for j in range(p)]
-        # the step's views of slot i in one tuple (one lookup per token), made on first use
-        # (``views``): R x 7 views at once cost ~20 ms per layer for W = 512
-        self.slot = [None] * ring
-
-    def views(self, i: int) -> tuple:
-        """Ring slot i's views for the step: the leaving key (raw, as a row, a 1-row matrix,
-        its transpose twice, G copies), its value row, and where a new key and value go."""
-        hit = self.slot[i]
-        if hit is None:
-            k, bk, d = self.k, self.k.shape[0], self.k.shape[-1]
-            k_in = k[:, i : i + 1, :]
-            hit = self.slot[i] = (
-                k[:, i, :],
-                k_in,
-                k_in.mT.expand(bk, d, 2),
-                k[:, None, i : i + 1, :].expand(bk, self.groups, 1, d),
-                self.v1[:, i : i + 1, :],
-                k.view(self.batch, self.kv_heads, self.slots, d)[:, :, i : i + 1, :],
-                self.v1.unflatten(0, (self.batch, self.kv_heads))[:, :, i : i + 1, : self.dv],
+        # the step's views of slot i in one tuple (one lookup per token): the leaving key
+        # (raw, as a row, a 1-row matrix, its transpose twice, G copies), its value row, and
+        # where a new key and value go; each kind for all slots from one op (unbind, split:
+        # R x 7 views one by one cost ~20 ms per layer for W = 512, as many ops per token
+        # when made on first use)
+        g, k4 = self.groups, k.view(batch, self.kv_heads, n, d)
+        off = k.storage_offset()
+        self.slot = list(
+            zip(
+                k.unbind(1),
+                k.split(1, 1),
+                k.as_strided((n, bk, d, 2), (d, n * d, 1, 0), off).unbind(0),
+                k.as_strided((n, bk, g, 1, d), (d, n * d, 0, d, 1), off).unbind(0),
+                self.v1.split(1, 1),
+                k4.split(1, 2),
+                self.v1.unflatten(0, (batch, self.kv_heads))[..., : self.dv].split(1, 2),
+                strict=True,
             )
-        return hit
+        )[:ring]
 
     @classmethod
     def enter(
@@ -380,7 +378,7 @@ def fused_step(
     i = t % state.ring
     if t < state.steady:
         return _unwrapped(state, sc, query, key, value, i)
-    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i] or state.views(i)
+    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i]
     if state.count == state.fold_every:
         state.fold()
     j = state.count
@@ -446,7 +444,7 @@ def _unwrapped(state: LeanState, sc: _Scratch, query, key, value, i: int) -> tor
     reference's root^2 q.(k - c) + log_const - l_q less per-row constants, which cancel).
     The new key takes ring slot i, its value row gets its ones column; dead slots weigh
     nothing (``LeanState.enter``)."""
-    k_put, v_put = (state.slot[i] or state.views(i))[5:]
+    k_put, v_put = state.slot[i][5:]
     k_put.copy_(key)
     v_put.copy_(value)
     state.v1[:, i, state.dv].fill_(1.0)
