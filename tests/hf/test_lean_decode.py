@@ -33,9 +33,13 @@ def _model(tiny_llama, *, window, sinks, block=1, calibrated=False, dtype=torch.
                 m.set_dense(-0.1 * torch.rand(m.heads, m.dim, generator=g, dtype=torch.float64))
                 if calibrated in ("drifted", "distilled"):  # as fitting leaves them: the key map no longer A^-T
                     m.key_map.add_(0.1 * torch.randn(m.key_map.shape, generator=g, dtype=m.key_map.dtype))
-                if calibrated == "distilled":  # distillation trains every projection column, e's too
+                if calibrated in ("distilled", "tied"):  # distillation trains every projection column, e's too
                     proj = m.feature_map.projection
                     proj.add_(0.05 * torch.randn(proj.shape, generator=g, dtype=proj.dtype))
+                if calibrated == "tied":  # the key side tied per key/value head (distill's tie_keys)
+                    groups = m.heads // model.config.num_key_value_heads
+                    for t in (m.key_map, m.key_shift, m.dense_a):
+                        t.copy_(t[::groups].repeat_interleave(groups, 0))
     return model
 
 
@@ -76,9 +80,7 @@ def _state(cache) -> list[torch.Tensor]:
 # not yet full; with (8, 2) it wraps into the slots the sinks left empty, with (9, 6) the
 # prompt is shorter than the sinks), then the steady state
 @pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0), (8, 2), (12, 0), (9, 6)])
-@pytest.mark.parametrize(
-    "calibrated", [False, True, "drifted", "distilled"], ids=["identity", "calibrated", "drifted", "distilled"]
-)
+@pytest.mark.parametrize("calibrated", [False, True, "drifted", "distilled", "tied"], ids=str)
 @pytest.mark.parametrize("lean", [True, "unfused"], ids=["fused", "unfused"])
 @pytest.mark.parametrize("fold", [2, 8], ids=lambda p: f"fold{p}")
 def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
@@ -104,7 +106,7 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
         torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled"], ids=["identity", "drifted", "distilled"])
+@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled", "tied"], ids=str)
 def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch, calibrated):
     model = _model(tiny_llama, window=3, sinks=1, calibrated=calibrated, dtype=torch.float32)
     ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
@@ -149,7 +151,7 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
 
 
-@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled"], ids=["identity", "drifted", "distilled"])
+@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled", "tied"], ids=str)
 @pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
 # W = 12, 16: the reads fall before the ring is full (W = 12: the 3-token call, W = 16: all)
 @pytest.mark.parametrize("window", [2, 12, 16], ids=lambda w: f"W{w}")
@@ -170,8 +172,9 @@ def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
             out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
             if hi == 9:
                 assert all(layer.lean is not None for layer in cache.layers)  # the fused layout is in use
-                # identity maps: the far state once per key/value head (LeanConstants.shared)
-                assert all(layer.lean.shared == (not calibrated) for layer in cache.layers)
+                # identity maps or a tied key side: the far state once per key/value head
+                # (LeanConstants.shared)
+                assert all(layer.lean.shared == (calibrated in (False, "tied")) for layer in cache.layers)
                 assert cache.nbytes > 0 and all(layer.lean is not None for layer in cache.layers)
             if hi == 16:
                 cache.reorder_cache(torch.tensor([0, 1]))  # beam search's reorder: back to ExactState

@@ -91,20 +91,20 @@ class LeanConstants:
 
     def shared(self, kv_heads: int) -> bool:
         """Whether a key's features and log scale are the same for every query head of its
-        group: identity maps, no gain or feature bias, and one ``ck`` per group. Then
+        group: its map, shift, gain, feature bias, e weights and ``ck`` tied per group
+        (identity maps and plain features, or a key side distilled tied: favor.hf.distill's
+        ``tie_keys``); the query's side may differ per head. Then
         every head of a group holds the same far state (the same keys, features and running
         max), and the fused step keeps it once per key/value head (``LeanState``)."""
         hit = self._shared.get(kv_heads)
         if hit is None:
-            ck = self.ck.view(kv_heads, -1)
-            hit = self._shared[kv_heads] = (
-                self.mq is None
-                and self.proj_e is None
-                and self.mk is None
-                and self.bk is None
-                and self.gain is None
-                and self.bias_s is None
-                and bool((ck == ck[:, :1]).all())  # host sync: once per version and K
+
+            def tied(t):  # (H, ...): the same within each group (None: nothing per head)
+                v = None if t is None else t.reshape(kv_heads, -1, *t.shape[1:])
+                return v is None or bool((v == v[:, :1]).all())  # host sync: once per version and K
+
+            hit = self._shared[kv_heads] = all(
+                map(tied, (self.mk, self.bk, self.gain, self.bias_s, self.rest, self.ck))
             )
         return hit
 
@@ -169,43 +169,52 @@ class _Scratch:
         r2 = c.root * c.root
         self.a_nk, self.a_off, self.a_near = -0.5 * r2, 0.5 * LOG2E * r2, LOG2E * r2
         self.mq = self.bias_s = self.gain = self.rest = None
-        if shared:  # raw rows against the projection times root: no scaled copies
+        # a state per key/value head with identity maps and plain features: raw rows
+        # against the projection times root, no scaled copies
+        self.simple = shared and all(t is None for t in (c.mq, c.mk, c.bk, c.gain, c.bias_s, c.proj_e))
+        if self.simple:
             self.proj_root = c.proj_t * c.root
             return
-        self.x = torch.zeros(2, bh, 1, d + 1, **z)  # [query rows; leaving-key rows]
-        self.x[1, :, 0, d] = per_batch(c.ck)
-        self.xq, self.xk = self.x[0], self.x[1]
+        gk, r = (1, bh + bk) if shared else (g, 2 * bh)  # key rows per key/value head; all rows
+
+        def per_key(t):  # (H, ...) -> (F, ...): per query head, or each group's first (shared)
+            t = per_batch(t)
+            return t if t is None or not shared else t.view(bk, g, *t.shape[1:])[:, 0].contiguous()
+
+        def both(t):  # (H, ...) -> (R, ...): the query rows' then the key rows'
+            return None if t is None else torch.cat([per_batch(t), per_key(t)])
+
+        self.x = torch.zeros(r, 1, d + 1, **z)  # [query rows; leaving-key rows]
+        self.x[bh:, 0, d] = per_key(c.ck)
+        self.xq, self.xk = self.x[:bh], self.x[bh:]
         self.xq_d, self.xk_d = self.xq[..., :d], self.xk[..., :d]
         self.xq_dt = self.xq_d.mT
-        self.xk_dt2 = self.xk_d.mT.expand(bh, d, 2)
+        self.xk_dt2 = self.xk_d.mT.expand(f, d, 2)
         self.xq_last = self.xq[..., d:]
         self.xq4 = self.xq_d.view(b, h, 1, d)
-        self.xk_g = self.xk_d.view(bk, g, 1, d)  # identity maps: the key's G copies
-        self.xk_flat = self.xk.view(bk, 1, g * (d + 1))  # the key's GEMM writes all G heads
-        self.x2d = self.x[..., :d].view(2 * bh, d)
+        self.xk_g = self.xk_d if shared else self.xk_d.view(bk, g, 1, d)  # identity maps: the key's G copies
+        self.xk_flat = self.xk.view(bk, 1, gk * (d + 1))  # the key's GEMM writes all its rows
+        self.x2d = self.x[..., :d].view(r, d)
         self.s = self.rows[:, p + n :]  # both rows' features, one GEMM
         self.mq = per_batch(c.mq)
-        if c.mk is not None:  # per key/value head: the G heads' maps side by side
-            mk = c.mk.view(kv_heads, g, d, d + 1).permute(0, 2, 1, 3).reshape(kv_heads, d, g * (d + 1))
-            self.mk = mk.expand(b, *mk.shape).reshape(bk, d, g * (d + 1)).contiguous()
-            bmap = c.bk.reshape(kv_heads, 1, g * (d + 1)).expand(b, kv_heads, 1, g * (d + 1))
-            self.bk_map = bmap.reshape(bk, 1, -1).contiguous()
-        gain = per_batch(c.gain)
-        self.gain = None if gain is None else torch.cat([gain, gain]).view(2 * bh, d)
+        if c.mk is not None:  # per key/value head: the G heads' maps side by side (shared: one)
+            mk = c.mk.view(kv_heads, g, d, d + 1)[:, :gk].permute(0, 2, 1, 3).reshape(kv_heads, d, gk * (d + 1))
+            self.mk = mk.expand(b, *mk.shape).reshape(bk, d, gk * (d + 1)).contiguous()
+            bmap = c.bk.view(kv_heads, g, 1, d + 1)[:, :gk].reshape(kv_heads, 1, gk * (d + 1))
+            self.bk_map = bmap.expand(b, kv_heads, 1, gk * (d + 1)).reshape(bk, 1, -1).contiguous()
+        self.gain = both(c.gain)
         # x g, and with an e column (c.proj_e) e in one more column against it (``proj``)
         e = c.proj_e is not None
-        self.xb = None if gain is None else torch.empty(2 * bh, d + e, **z)
+        self.xb = None if c.gain is None else torch.empty(r, d + e, **z)
         self.proj = c.proj_t
         if e:
             self.proj = torch.cat([c.proj_t, c.proj_e[None]]).contiguous()
-            rest = per_batch(c.rest)
-            self.rest = torch.cat([rest, rest]).view(2 * bh, d)
-            self.xr = torch.empty(2 * bh, d, **z)
-            self.xr_row, self.xr_col = self.xr.view(2 * bh, 1, d), self.xr.view(2 * bh, d, 1)
-            self.e2 = torch.empty(2 * bh, 1, 1, **z)
+            self.rest = both(c.rest)
+            self.xr = torch.empty(r, d, **z)
+            self.xr_row, self.xr_col = self.xr.view(r, 1, d), self.xr.view(r, d, 1)
+            self.e2 = torch.empty(r, 1, 1, **z)
             self.xb_d, self.e_col = self.xb[:, :d], self.xb[:, d:]
-        bias = per_batch(c.bias_s)
-        self.bias_s = None if bias is None else torch.cat([bias, bias]).view(2 * bh, m)
+        self.bias_s = both(c.bias_s)
 
 
 #: keys leaving the window wait in the state's pending slots and are folded into kvz this
@@ -385,17 +394,17 @@ def fused_step(
     shared = state.shared
     q_rows = query.reshape(sc.bh, 1, -1)
     # the leaving key's features s = (x g) P^T log2(e) + bias and the query's, x = k root
-    if shared:  # once per key/value head, root folded into the projection
+    if sc.simple:  # once per key/value head, root folded into the projection
         torch.mm(k_row, sc.proj_root, out=sc.sk)
         torch.mm(q_rows.view(sc.bh, -1), sc.proj_root, out=sc.sq)
         torch.baddbmm(state.ck2, k_in, k_in_t2, alpha=sc.a_nk, out=sc.nk2)
-    else:  # per query head (its maps), both rows in one GEMM
+    else:  # per query head (its maps), the key per head or per group (shared), one GEMM
         if sc.mq is None:
             torch.mul(query, consts.root, out=sc.xq4)
         else:
             torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
         if consts.mk is None:
-            torch.mul(k_in_g, consts.root, out=sc.xk_g)
+            torch.mul(k_in if shared else k_in_g, consts.root, out=sc.xk_g)
         else:
             torch.baddbmm(sc.bk_map, k_in, sc.mk, out=sc.xk_flat)
         x2 = _gained(sc)
@@ -419,7 +428,7 @@ def fused_step(
     v_put.copy_(value)
     # the query's offset of the near logits (log2 units), less c log2(e):
     # Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2 - c log2(e)
-    if shared:
+    if sc.simple:
         torch.baddbmm(state.qoff, q_rows, q_rows.mT, alpha=sc.a_off, out=sc.off)
     else:
         off_in = state.qoff if sc.mq is None else sc.xq_last
@@ -477,7 +486,7 @@ def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Te
     (as exact_step), kvz and the pending keys times exp(c_old - c), the constants that carry
     c remade, and the key's row s + log2(e) (ck - c - |x'|^2 / 2) made again from s."""
     # s again (its row now holds s + log2(e) w, and w may be inf: c = -inf)
-    if state.shared:
+    if sc.simple:
         s = torch.mm(k_row, sc.proj_root).view_as(sc.sk_f)
     else:
         s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ sc.proj
@@ -493,7 +502,7 @@ def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Te
     torch.sub(sc.nk_log, new_c - HEADROOM * LN2, out=sc.nk_weight)
     c.copy_(new_c)
     state.retarget(sc)
-    if not state.shared and sc.mq is not None:  # x_q's last column carries c
+    if sc.mq is not None:  # x_q's last column carries c
         torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
     torch.add(s, sc.nk_weight, alpha=LOG2E, out=sc.sk_f)
 

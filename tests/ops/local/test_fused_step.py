@@ -25,10 +25,11 @@ B, H, KV, D, M, L = 2, 4, 2, 8, 16, 40
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def _problem(dtype, maps: bool, log_const):
+def _problem(dtype, maps: bool | str, log_const):
     """Raw q, k, v (B, H|KV, L, D), the feature map and the constants; the reference's
     inputs: features of q A and (k - c) B (scale folded into the features, as the
-    adapter's), logits from q root and (k - c) root."""
+    adapter's), logits from q root and (k - c) root. ``maps="tied"``: B and c the same for
+    the query heads of a key/value head (A per head)."""
     g = torch.Generator().manual_seed(3)
     fm = favor.FeatureMap("positive", dim=D, num_features=M, generator=torch.Generator().manual_seed(1)).to(dtype)
     q = torch.randn(B, H, L, D, dtype=dtype, generator=g)
@@ -39,6 +40,8 @@ def _problem(dtype, maps: bool, log_const):
         a = torch.eye(D, dtype=f64) + 0.2 * torch.randn(H, D, D, generator=g, dtype=f64)
         bm = torch.eye(D, dtype=f64) + 0.2 * torch.randn(H, D, D, generator=g, dtype=f64)  # not A^-T: drifted
         c = 0.3 * torch.randn(H, D, generator=g, dtype=f64)
+        if maps == "tied":  # one key map and shift per key/value head
+            bm, c = (x[:: H // KV].repeat_interleave(H // KV, 0) for x in (bm, c))
     else:
         a = bm = torch.eye(D, dtype=f64).expand(H, D, D)
         c = torch.zeros(H, D, dtype=f64)
@@ -103,7 +106,7 @@ def _enter(state: ExactState, k, v, t: int, terms, **kwargs) -> LeanState:
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("maps", [False, True], ids=["identity", "maps"])
+@pytest.mark.parametrize("maps", [False, True, "tied"], ids=["identity", "maps", "tied"])
 @pytest.mark.parametrize("prompt", [0, 12], ids=lambda p: f"prompt{p}")
 @pytest.mark.parametrize("fold", [1, 3, 8], ids=lambda p: f"fold{p}")
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
@@ -112,8 +115,8 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
     steps: the tokens before, at and after several folds, on either side of the ring's
     wrap-around), the far state kept per query head or once per key/value head; from position
     S on, so before the ring is full too (no key leaving, empty slots) where W + S allows."""
-    if shared and maps:
-        pytest.skip("a far state per key/value head needs identity maps (LeanConstants.shared)")
+    if shared and maps is True:
+        pytest.skip("a far state per key/value head needs the key side tied per group (LeanConstants.shared)")
     log_const = torch.linspace(-0.5, 0.5, H) if maps else None
     fm, q, k, v, consts, ref, root = _problem(dtype, maps, log_const)
     rows = {name: t for name, t in ref.items() if name != "log_const"}
@@ -142,7 +145,7 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
     # the steady state skips the prompt's first step (its leaving key is in the far state)
     first = prompt + 1 if prompt > terms.window + terms.sinks else max(prompt, terms.sinks, 1)
     assert taken == L - first
-    assert consts.shared(KV) == (not maps) and lean.shared == shared
+    assert consts.shared(KV) == (maps is not True) and lean.shared == shared
     assert grew or prompt  # an empty far state (c = -inf) grows with its first key
     far = lean.far_state()
     for a, b in zip(state.far, far, strict=True):
