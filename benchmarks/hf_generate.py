@@ -98,10 +98,17 @@ def _kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def check(performer, length: int = 96, tokens: int = 4) -> float:
-    """Max |cached - teacher-forced| logits of the favor model (float32), or raise."""
+def check(performer, length: int | None = None, tokens: int = 4) -> float:
+    """Max |cached - teacher-forced| logits of the favor model (float32), or raise. Without
+    ``length``: a 96-token prompt, and where the model has exact terms also one long enough
+    that the last tokens take the steady state's fused step (positions past W + S + 1; at
+    96 a W >= 96 model's tokens take the step for a ring not yet full)."""
     import favor.hf as fh
 
+    if length is None:
+        adapters = [m for m in performer.modules() if isinstance(m, fh.FavorAdapter)]
+        longest = max([96] + [a.exact_window + a.exact_sinks + 2 for a in adapters])
+        return max(check(performer, n, tokens) for n in sorted({96, longest}))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, MODEL["vocab_size"], (1, length + tokens), generator=g)
     full = performer(input_ids=ids).logits
