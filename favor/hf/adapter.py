@@ -261,7 +261,9 @@ class FavorAdapter(nn.Module):
         both = self._augment_rows(x)
         return both.narrow(-2, 0, 1), both.narrow(-2, 1, 1), 1.0, qx, kx
 
-    def lean_constants(self, scaling: float | None, dtype: torch.dtype, device) -> LeanConstants | None:
+    def lean_constants(
+        self, scaling: float | None, dtype: torch.dtype, device, *, graph_free: bool = False
+    ) -> LeanConstants | None:
         """The constants of the fused decoding step (favor.ops.local.fused) for this layer's
         reparametrisation and features, or None where it does not apply (features other than
         FAVOR+ with the exact stabiliser, a projection per head). Made in float64 from the
@@ -344,7 +346,8 @@ class FavorAdapter(nn.Module):
                 cast(rest),
             )
 
-        return buffer_derived(self, ("lean", scaling, dtype, device), buffers, compute)  # a tuple: no formatting per call
+        # a tuple: no formatting per call; ``graph_free``: grad and inference mode checked off
+        return buffer_derived(self, ("lean", scaling, dtype, device), buffers, compute, graph_free=graph_free)
 
     def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""

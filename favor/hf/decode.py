@@ -189,12 +189,12 @@ def _fused_token(layer, module, query, key, value, scaling, is_causal) -> torch.
         or torch.is_inference_mode_enabled()
     ):
         return None
-    consts = adapter.lean_constants(scaling, dtype, query.device)
+    consts = adapter.lean_constants(scaling, dtype, query.device, graph_free=True)  # both modes checked off
     if consts is None or consts.shared(key.shape[1]) != lean.shared:
         return None
     out = fused_step(lean, consts, query, key, value, layer.start)
     lean.length = layer.start + 1
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2)  # (B, 1, H, Dv): contiguous as it is (one token), no copy op
 
 
 def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Tensor | None:
@@ -210,7 +210,8 @@ def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Ten
         or torch.is_inference_mode_enabled()  # the constants would be remade every token
     ):
         return None
-    consts = adapter.lean_constants(scaling, dtype, query.device)
+    # grad mode checked off by _exact, inference mode above: no graph is recorded
+    consts = adapter.lean_constants(scaling, dtype, query.device, graph_free=True)
     if consts is None:
         return None
     shared = consts.shared(key.shape[1])

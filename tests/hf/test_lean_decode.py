@@ -216,6 +216,7 @@ def test_single_tokens_take_the_short_path_and_leave_it_when_anything_changes(ti
         for t in range(5, 12):
             out.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     assert sum(r is not None for r in results) > 0 and all(layer.fast is not None for layer in cache.layers)
+    assert all(r.is_contiguous() for r in results if r is not None)  # (B, 1, H, Dv) as the general path's
     results.clear()
     with torch.enable_grad():  # the general step (it keeps the graph): the short path declines
         out.append(model(input_ids=ids[:, 12:13], cache=cache, use_cache=True).logits.detach())
