@@ -6,11 +6,19 @@ lean step (exact_step_lean), the general step they replace (exact_step through
 exact_attention) and the no-attention floor (attention returning V).
 
     python -m benchmarks.hf_decode_layer [--window 64] [--sinks 4] [--tokens 400] [--suffix _fast2]
+        [--distilled DIR --layer 15 [--tie-keys]] [--prompt N] [--evict MB]
 
-Random weights; a prompt of W + 200 tokens first. Steps are taken round-robin over the
+Random weights (or, with ``--distilled``, one layer of a `favor distill` directory: its
+trained adapter and exact terms); a prompt of W + 200 tokens first (``--prompt``: another
+length; below W + S the ring is not yet full, the unwrapped phase). ``--tie-keys``: the
+distilled layer with each group's first head's key map, shift and dense a copied to the
+group (the trained projection kept), so that decoding keeps one far state per key/value
+head (favor.hf.tie): the speed a tied distillation would decode at, not its quality. Steps are taken round-robin over the
 paths (the machine is shared), median per call; torch ops per call are counted with a
 dispatch mode (views included). The fused and lean paths must give the general path's
-outputs (float32 round-off) or nothing is timed.
+outputs (float32 round-off) or nothing is timed. ``--evict MB`` reads a buffer of that
+size before every timed call (not timed): in a model the other layers' weights evict a
+layer's state from the caches between its calls, which a one-layer loop never does.
 """
 
 from __future__ import annotations
@@ -48,6 +56,21 @@ def _layer(window: int, sinks: int):
     return model.model.layers[0].self_attn
 
 
+def _distilled_layer(path: str, layer: int, *, tie: bool = False):
+    """Layer ``layer``'s attention module of a `favor distill` directory (its adapter); with
+    ``tie`` its key side tied per group by copying each group's first head's (for timing)."""
+    import favor.hf as fh
+
+    model = fh.from_pretrained(path).eval()
+    module = model.model.layers[layer].self_attn
+    if tie:
+        adapter, groups = module.favor, HEADS // KV_HEADS
+        with torch.no_grad():
+            for t in (adapter.key_map, adapter.key_shift, adapter.dense_a):
+                t.copy_(t[::groups].repeat_interleave(groups, 0))
+    return module
+
+
 def _count_ops(fn) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -64,15 +87,18 @@ def _count_ops(fn) -> int:
 
 
 @torch.no_grad()
-def measure(window: int, sinks: int, tokens: int) -> dict:
+def measure(
+    window: int, sinks: int, tokens: int, *, module=None, prompt: int | None = None, evict: float = 0.0
+) -> dict:
     import favor.hf.decode as decode
     from favor.hf.cache import FavorLayer
     from favor.hf.interface import favor_attention_forward
 
     from .hf_generate import _value_only
 
-    module = _layer(window, sinks)
+    module = _layer(window, sinks) if module is None else module
     g = torch.Generator().manual_seed(0)
+    flush = torch.ones(int(evict * 2**18)) if evict else None  # evict MB of float32
 
     def qkv(length):
         return (
@@ -81,7 +107,7 @@ def measure(window: int, sinks: int, tokens: int) -> dict:
             torch.randn(1, KV_HEADS, length, DIM, generator=g),
         )
 
-    prompt = qkv(window + 200)
+    prompt = qkv(window + 200 if prompt is None else prompt)
     layers = {"fused": FavorLayer(), "lean": FavorLayer(), "general": FavorLayer()}
     eligible, fused = decode.lean_eligible, decode._exact_fused
 
@@ -106,11 +132,14 @@ def measure(window: int, sinks: int, tokens: int) -> dict:
         err = max(err, float((a - c).abs().max()), float((b - c).abs().max()))
     if not err < 1e-4:  # float32 round-off of outputs of size ~1
         raise RuntimeError(f"fused/lean and general decoding steps differ by {err:.3g}: refusing to time")
-    if layers["fused"].lean is None:
+    fused_ran = layers["fused"].lean is not None
+    if not fused_ran and prompt is None:
         raise RuntimeError("the fused step did not run: refusing to time it")
     times = {"fused": [], "lean": [], "general": [], "floor": []}
     for s in steps[20:]:
         for name in times:
+            if flush is not None:
+                flush.sum()
             t0 = time.perf_counter()
             call(name, *s)
             times[name].append(time.perf_counter() - t0)
@@ -120,6 +149,11 @@ def measure(window: int, sinks: int, tokens: int) -> dict:
         "window": window,
         "sinks": sinks,
         "tokens": len(steps) - 20,
+        "prompt": len(prompt[0][0, 0]),
+        "evict_mb": evict,
+        "fused_ran": fused_ran,
+        # the far state once per key/value head (LeanConstants.shared) or per query head
+        "fused_shared": fused_ran and layers["fused"].lean.shared,
         "check_max_abs": err,
         "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
         "ops": ops,
@@ -133,9 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--suffix", default="", help="appended to the result files' names (e.g. _fast2)")
+    parser.add_argument("--distilled", help="time this `favor distill` directory's layer (its adapter and exact terms)")
+    parser.add_argument("--layer", type=int, default=15, help="with --distilled: which layer")
+    parser.add_argument("--tie-keys", action="store_true", help="with --distilled: its key side tied per group")
+    parser.add_argument("--prompt", type=int, help="prompt length (default W + 200)")
+    parser.add_argument("--evict", type=float, default=0.0, help="MB read before every timed call (default 0)")
     args = parser.parse_args(argv)
-    info = header(f"hf_decode_layer: H={HEADS}, Hkv={KV_HEADS}, D={DIM}, W={args.window}, S={args.sinks}, float32, B=1")
-    r = measure(args.window, args.sinks, args.tokens)
+    module = None
+    if args.distilled:
+        module = _distilled_layer(args.distilled, args.layer, tie=args.tie_keys)
+        adapter = module.favor
+        args.window, args.sinks = adapter.exact_window, adapter.exact_sinks
+    info = header(
+        f"hf_decode_layer: H={HEADS}, Hkv={KV_HEADS}, D={DIM}, W={args.window}, S={args.sinks}, float32, B=1"
+        + (f", {args.distilled} layer {args.layer}" if args.distilled else ", random weights")
+    )
+    r = measure(args.window, args.sinks, args.tokens, module=module, prompt=args.prompt, evict=args.evict)
+    r["distilled"] = args.distilled and f"{args.distilled} layer {args.layer}" + (
+        ", key side tied" if args.tie_keys else ""
+    )
     for name in ("fused", "lean", "general", "floor"):
         print(f"{name:8s} {r['ms'][name]:.3f} ms/layer/token, {r['ops'][name]} torch ops per call")
     print(

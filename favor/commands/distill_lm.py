@@ -36,6 +36,13 @@ def add_decoder_arguments(parser) -> None:
     )
     parser.add_argument("--passkey-trials", type=int, help="decoder: passkey prompts per length (default 3)")
     parser.add_argument(
+        "--tie-keys",
+        action="store_true",
+        default=None,
+        help="decoder: one key shift, key map and dense a per key/value group (GQA); decoding then keeps "
+        "the far state once per key/value head (faster; quality to be measured)",
+    )
+    parser.add_argument(
         "--transfer-share",
         type=float,
         help="decoder: share of the training time for attention transfer (default 0.1; 0: skip it)",
@@ -99,6 +106,7 @@ def _config(args):
         "exact_sinks": 0 if args.plain else args.exact_sinks,
         "exact_block": args.exact_block,
         "passkey_trials": args.passkey_trials,
+        "tie_keys": args.tie_keys,
         "seed": args.seed,
     }
     if args.eval_length:

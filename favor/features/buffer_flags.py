@@ -36,14 +36,22 @@ def buffer_flag(
 
 
 def buffer_derived(
-    owner: object, name: object, buffers: tuple[torch.Tensor, ...], compute: Callable[[], object]
+    owner: object,
+    name: object,
+    buffers: tuple[torch.Tensor, ...],
+    compute: Callable[[], object],
+    *,
+    graph_free: bool = False,
 ) -> object:
     """``compute()``, a value made from ``buffers`` only, cached on ``owner`` under ``name``
     until one of them changes (version or object) or needs a gradient. A decoding step runs
-    a few dozen tiny ops per layer, and remaking such constants was a tenth of them."""
+    a few dozen tiny ops per layer, and remaking such constants was a tenth of them.
+    ``graph_free``: the caller has checked that grad and inference mode are both off, so
+    no graph is recorded and the buffers' ``requires_grad`` need not be asked (per layer
+    and token, ten tensor reads fewer; a value cached so is one compute() gives there)."""
     # called per layer and decoding token: list comprehensions and one tuple comparison
     # (the identities and versions together), no generators
-    if torch.is_inference_mode_enabled() or True in [b.requires_grad for b in buffers]:
+    if not graph_free and (torch.is_inference_mode_enabled() or True in [b.requires_grad for b in buffers]):
         return compute()  # a cached inference tensor could not enter autograd later; a gradient needs the graph
     try:
         # the cache holds the buffers themselves, so an id cannot be reused while it stands

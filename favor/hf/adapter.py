@@ -261,7 +261,9 @@ class FavorAdapter(nn.Module):
         both = self._augment_rows(x)
         return both.narrow(-2, 0, 1), both.narrow(-2, 1, 1), 1.0, qx, kx
 
-    def lean_constants(self, scaling: float | None, dtype: torch.dtype, device) -> LeanConstants | None:
+    def lean_constants(
+        self, scaling: float | None, dtype: torch.dtype, device, *, graph_free: bool = False
+    ) -> LeanConstants | None:
         """The constants of the fused decoding step (favor.ops.local.fused) for this layer's
         reparametrisation and features, or None where it does not apply (features other than
         FAVOR+ with the exact stabiliser, a projection per head). Made in float64 from the
@@ -300,8 +302,19 @@ class FavorAdapter(nn.Module):
                 proj = p[:, :d]
             else:  # features of x' root with the layer's scale: x = x' root, gain 1
                 gain, bias_s, a2, proj = None, None, torch.zeros(h, **f64), p
+            # the e column of [kappa b x, a, e]: zero as dense_projection makes it, trained by
+            # distillation (then each row's e = sqrt(|x|^2 - |kappa b x|^2) weighs it)
+            proj_e = p[:, 2 * d] * LOG2E if self.dense else None
+            if proj_e is not None and not bool(proj_e.any()):  # host sync: once per version
+                proj_e = None
+            rest = None
             if gain is not None and bool((gain == 1).all()):  # host sync: once per version
                 gain = None
+                if proj_e is not None:  # e = sqrt(1e-20), the adapter's clamp, for every row
+                    bias_s = bias_s + 1e-10 * proj_e
+                    proj_e = None
+            if proj_e is not None:
+                rest = torch.sqrt((1.0 - gain * gain).clamp_min(0.0))
             if bias_s is not None and not bool(bias_s.any()):  # host sync: once per version
                 bias_s = None
             cq = LOG2E * (lc + 0.5 * a2 + log_m)
@@ -329,9 +342,12 @@ class FavorAdapter(nn.Module):
                 cast(cq),
                 cast(ck),
                 root,
+                cast(proj_e),
+                cast(rest),
             )
 
-        return buffer_derived(self, ("lean", scaling, dtype, device), buffers, compute)  # a tuple: no formatting per call
+        # a tuple: no formatting per call; ``graph_free``: grad and inference mode checked off
+        return buffer_derived(self, ("lean", scaling, dtype, device), buffers, compute, graph_free=graph_free)
 
     def _augment(self, qx: torch.Tensor, kx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features' inputs [b x, a, e] of scaled, reparametrised q and k (module docstring)."""

@@ -13,10 +13,11 @@ tokens are put behind the kept window E = [last W tokens] + [new tokens], and:
   same sets as ``window._causal``, combined by ``window.combine_parts``.
 
 So the numbers are those of the teacher-forced pass over the whole sequence, to round-off.
-Single tokens of the steady state (no padding, past the sinks and the prompt's first step)
-take a step of a few dozen ops instead: favor.ops.local.fused for FAVOR+ features in
-float32/64 (the layer then keeps its state in that step's layout, a LeanState, and
-FavorLayer.state converts it back for anything else), exact_step_lean otherwise.
+Single tokens without padding take a step of a few dozen ops instead: favor.ops.local.fused
+for FAVOR+ features in float32/64 from position S on (before the ring is full too; the layer
+then keeps its state in that step's layout, a LeanState, and FavorLayer.state converts it
+back for anything else), otherwise exact_step_lean in the steady state (past W + S and the
+prompt's first step).
 
 Legend: B batch, H query heads, Hkv key/value heads, Lq new tokens, W window, S sinks.
 """
@@ -29,7 +30,7 @@ from ..ops import attention as favor_attention
 from ..ops.causal import causal_sums
 from ..ops.checks import check_scale, compute_dtype
 from ..ops.local.dispatch import exact_attention
-from ..ops.local.fused import LeanState, fused_step, ring_positions
+from ..ops.local.fused import LeanState, fused_eligible, fused_step, ring_positions
 from ..ops.local.recurrent import SINK_MARK, ExactState, exact_step_lean, lean_eligible
 from ..ops.local.spec import ExactTerms
 from ..ops.local.window import combine_parts, pair_features, parts_sum, query_log_scale
@@ -124,17 +125,14 @@ def _exact(layer, adapter, query, key, value, pad, scaling) -> torch.Tensor:
         raise ValueError("this FavorCache layer holds a plain FAVOR state; its adapter now asks for exact terms")
     if pad is not None:
         layer.padded = True  # its slots may hold padding: the lean step never looks
-    elif (
-        query.shape[-2] == 1
-        and layer.has_state
-        and not layer.padded
-        and lean_eligible(terms, layer.start, layer.built)
-        and not torch.is_grad_enabled()
-    ):
-        out = _exact_fused(layer, adapter, terms, query, key, value, scaling)
+    elif query.shape[-2] == 1 and layer.has_state and not layer.padded and not torch.is_grad_enabled():
+        out = None
+        if fused_eligible(terms, layer.start, layer.built):
+            out = _exact_fused(layer, adapter, terms, query, key, value, scaling)
         if out is not None:
             return out
-        return _exact_lean(layer, adapter, terms, query, key, value, scaling)
+        if lean_eligible(terms, layer.start, layer.built):
+            return _exact_lean(layer, adapter, terms, query, key, value, scaling)
     h = query.shape[1]
     k_r, v_r = repeat_kv(key, h), repeat_kv(value, h)
     q, k, scale, qx, kx = adapter.inputs_and_logits(query, k_r, scaling, keep=None, sequence=False)
@@ -191,12 +189,12 @@ def _fused_token(layer, module, query, key, value, scaling, is_causal) -> torch.
         or torch.is_inference_mode_enabled()
     ):
         return None
-    consts = adapter.lean_constants(scaling, dtype, query.device)
+    consts = adapter.lean_constants(scaling, dtype, query.device, graph_free=True)  # both modes checked off
     if consts is None or consts.shared(key.shape[1]) != lean.shared:
         return None
     out = fused_step(lean, consts, query, key, value, layer.start)
     lean.length = layer.start + 1
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2)  # (B, 1, H, Dv): contiguous as it is (one token), no copy op
 
 
 def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Tensor | None:
@@ -212,7 +210,8 @@ def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Ten
         or torch.is_inference_mode_enabled()  # the constants would be remade every token
     ):
         return None
-    consts = adapter.lean_constants(scaling, dtype, query.device)
+    # grad mode checked off by _exact, inference mode above: no graph is recorded
+    consts = adapter.lean_constants(scaling, dtype, query.device, graph_free=True)
     if consts is None:
         return None
     shared = consts.shared(key.shape[1])
@@ -231,10 +230,11 @@ def _exact_fused(layer, adapter, terms, query, key, value, scaling) -> torch.Ten
 
 
 def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling, shared: bool) -> LeanState:
-    """The fused layout of ``state`` (all slots live): raw keys back from the logit inputs
-    k* = (k - c) root of each group's first head (the same key for the whole group, to
-    round-off), values of each group's first head, the far state as it is (with ``shared``,
-    each group's first head's: LeanConstants.shared)."""
+    """The fused layout of ``state`` (no padding; before the ring is full some slots are
+    empty): raw keys back from the logit inputs k* = (k - c) root of each group's first
+    head (the same key for the whole group, to round-off), values of each group's first
+    head, the far state as it is (with ``shared``, each group's first head's:
+    LeanConstants.shared)."""
     h = state.keys_x.shape[1]
     g = h // kv_heads
     root = (adapter.dim**-0.5 if scaling is None else scaling) ** 0.5
@@ -242,7 +242,9 @@ def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling, sha
     k = kx / root
     if adapter._calibrated():
         k = k + adapter.key_shift.to(kx.dtype)[::g, None, :]
-    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring(), shared=shared)
+    live = state.pos[0, 0] >= 0  # no padding: every row and head alike
+    live = None if bool(live.all()) else live  # host sync: once, entering
+    lean = LeanState.enter(state.far, k, state.values[:, ::g], ring=terms.ring(), shared=shared, live=live)
     lean.length = int(state.length)  # host sync: once, entering
 
     def leave(lean: LeanState) -> ExactState:
@@ -257,7 +259,11 @@ def _enter(layer, adapter, terms, state: ExactState, kv_heads: int, scaling, sha
         pos = pos.expand(*keys_x.shape[:2], -1).clone()
         length = torch.tensor(t, dtype=torch.long, device=raw_v.device)
         values = repeat_kv(raw_v, lean.heads).clone()
-        return ExactState(lean.far_state(), keys.to(dtype), keys_x.to(dtype), values, pos, length)
+        keys, keys_x = keys.to(dtype), keys_x.to(dtype)
+        if t < lean.steady:  # empty slots hold zeros, as exact_step's state (never read)
+            empty = (pos < 0)[..., None]
+            keys, keys_x, values = (x.masked_fill(empty, 0.0) for x in (keys, keys_x, values))
+        return ExactState(lean.far_state(), keys, keys_x, values, pos, length)
 
     layer.state = None
     layer.lean, layer.lean_exit = lean, leave

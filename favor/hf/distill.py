@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .adapter import ATTRIBUTE
 from .fidelity import mean_pool
 from .registry import observing
+from .tie import tie_keys_
 
 __all__ = ["DistillConfig", "distill", "adapter_tensors", "SCHEDULES", "TRAINABLE"]
 
@@ -67,6 +68,10 @@ class DistillConfig:
     attention_weight: float = 0.0
     teacher_cache_mb: float = 2048.0
     hidden_weight: float = 1.0
+    #: the key side (shift, key map, dense a) tied per key/value group of GQA layers, put back
+    #: on each group's mean after every step (favor.hf.tie): decoding keeps the far state once
+    #: per key/value head
+    tie_keys: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -214,6 +219,8 @@ def distill(
     g = torch.Generator().manual_seed(config.seed)
     teacher.eval()
     student.eval()  # dropout off: the target is the deterministic teacher
+    if config.tie_keys:  # before the buffers become leaves (an untied dense a rewrites the projection)
+        tie_keys_(student)
     owned = adapter_tensors(student)
     extra, gains = [], []
     for owner, name in owned:
@@ -277,6 +284,8 @@ def distill(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + extra + gains, 1.0)
         opt.step()
+        if config.tie_keys:
+            tie_keys_(student)
         step += 1
         losses.append(float(loss.detach()))
         if on_step is not None:

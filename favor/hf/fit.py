@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .adapter import ATTRIBUTE
 from .interface import favor_attention_forward
 from .registry import probing
+from .tie import key_groups, tie_adapter_
 
 __all__ = ["record_attention", "fit_adapters"]
 
@@ -74,11 +75,14 @@ def fit_adapters(
     fit_projection: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     max_seconds: float | None = None,
+    tie_keys: bool = False,
 ) -> list[tuple[float, float]]:
     """Fit every FavorAdapter of a performerized ``model`` on ``batches`` (Adam, ``steps`` full
     passes per layer; with ``max_seconds``, each layer also stops after its equal share of that
     time; ``gain_lr``: the far gain's rate, None for ``lr``). Returns [(relative error
-    before, after)] per layer, on the fitting data.
+    before, after)] per layer, on the fitting data. ``tie_keys``: the key side tied per
+    key/value group of GQA layers, put back on each group's mean after every step
+    (favor.hf.tie).
     ``progress(layer, step, loss)`` is called after every step (the CLI draws a bar from it)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -93,6 +97,8 @@ def fit_adapters(
         adapter = getattr(module, ATTRIBUTE)
         fm = adapter.feature_map
         adapter.calibrated.fill_(True)
+        tie_groups = key_groups(module) if tie_keys else 1
+        tie_adapter_(adapter, tie_groups)  # before the buffers become leaves (dense a may rewrite the projection)
         names = list(_PARAMS) + (["projection"] if fit_projection and fm.projection is not None else [])
         names += ["far_log_gain"] if adapter.local else []
         owners = {n: (fm if n == "projection" else adapter) for n in names}
@@ -114,6 +120,7 @@ def fit_adapters(
             loss = sum(_loss(module, c) for c in recorded) / len(recorded)
             loss.backward()
             opt.step()
+            tie_adapter_(adapter, tie_groups)
             if progress is not None:
                 progress(layer, step, float(loss))
         with torch.no_grad():

@@ -87,6 +87,9 @@ class LinearizeConfig:
     exact_window: int = 512
     exact_sinks: int = 4
     exact_block: int = 1
+    #: the key side tied per key/value group (favor.hf.tie) in calibration, attention transfer
+    #: and fine-tuning: decoding keeps the far state once per key/value head (docs/hf.md)
+    tie_keys: bool = False
     eval_lengths: tuple[int, ...] = (512, 2048)
     eval_passages: tuple[int, ...] = (4, 2, 1)
     passkey_lengths: tuple[int, ...] = (1024, 4096)
@@ -227,6 +230,7 @@ def linearize(
         exact_window=config.exact_window,
         exact_sinks=config.exact_sinks,
         exact_block=config.exact_block,
+        tie_keys=config.tie_keys,
     )
     seconds["performerize"] = time.perf_counter() - t
 
@@ -250,6 +254,7 @@ def linearize(
             lr=config.adapter_lr,
             gain_lr=config.gain_lr,
             max_seconds=config.transfer_share * train_left,
+            tie_keys=config.tie_keys,
         )
         seconds["transfer"] = time.perf_counter() - t
         first = config.eval_lengths[0]
@@ -279,6 +284,7 @@ def linearize(
             # within the budget a passage is rarely seen twice: keeping the teacher's outputs
             # (logits are 200 MB per 1,024 tokens of a 49k vocabulary) would only cost memory
             teacher_cache_mb=0.0,
+            tie_keys=config.tie_keys,
         )
         losses = distill(student, teacher, batches, distill_config, on_step=on_step)
     else:

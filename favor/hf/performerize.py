@@ -8,6 +8,7 @@ the softmax model's own queries and keys on those inputs (see adapter.py).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -27,6 +28,7 @@ from .generation import use_favor_cache
 from .masks import plan_from_mask
 from .refusals import UnsupportedAttentionError, check_config, watching_cross_attention
 from .registry import NAME, probing, register
+from .tie import key_groups
 
 __all__ = [
     "PerformerConfig",
@@ -99,6 +101,9 @@ class PerformerConfig:
     exact_window: int = -1
     exact_sinks: int = 0
     exact_block: int = 1
+    #: calibrate the key side (shift, maps, dense a) once per key/value group of a GQA layer
+    #: (favor.hf.tie): decoding then keeps the far state once per key/value head
+    tie_keys: bool = False
 
     def __post_init__(self) -> None:
         check_exact_set(self.exact_window, self.exact_sinks)
@@ -268,6 +273,21 @@ def attach_adapters(model: nn.Module, config: PerformerConfig, layers) -> list[F
     return adapters
 
 
+def _pooled(stats: _Stats, groups: int) -> _Stats:
+    """The statistics of each group of ``groups`` heads pooled (every head of a group gets
+    the group's sums and counts times ``groups``: the same means), so that calibration gives
+    the group's heads one key shift, map and dense a (``tie_keys``; favor.hf.tie)."""
+    out = copy.copy(stats)
+
+    def pool(t):
+        g = t.reshape(t.shape[0] // groups, groups, *t.shape[1:]).sum(1)
+        return g.repeat_interleave(groups, 0)
+
+    out.sum_q, out.sq_q, out.sum_k, out.sq_k = (pool(t) for t in (stats.sum_q, stats.sq_q, stats.sum_k, stats.sq_k))
+    out.n_q, out.n_k = stats.n_q * groups, stats.n_k * groups
+    return out
+
+
 @torch.no_grad()
 def _calibrate(adapter: FavorAdapter, stats: _Stats, config: PerformerConfig) -> None:
     h, d = stats.heads, stats.dim
@@ -332,6 +352,7 @@ def performerize(
     exact_sinks: int | None = None,
     exact_block: int | None = None,
     plain: bool = False,
+    tie_keys: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (a transformers PreTrainedModel) to FAVOR attention in place; returns it.
 
@@ -367,6 +388,7 @@ def performerize(
         seed=seed,
         balance=balance,
         calibrate_rho=calibrate_rho,
+        tie_keys=tie_keys,
         **feature_defaults(plain=plain, **given),
     )
     calibrated = calibration is not None
@@ -378,8 +400,9 @@ def performerize(
     for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
         adapter.cross_attention = stats.cross  # exact local terms need self-attention: plain FAVOR here
     if calibrated:
-        for adapter, (_, _, stats) in zip(adapters, modules, strict=True):
-            _calibrate(adapter, stats, config)
+        for adapter, (_, module, stats) in zip(adapters, modules, strict=True):
+            groups = key_groups(module) if config.tie_keys else 1
+            _calibrate(adapter, stats if groups == 1 else _pooled(stats, groups), config)
     setattr(
         model.config,
         CONFIG_KEY,

@@ -31,8 +31,15 @@ def _model(tiny_llama, *, window, sinks, block=1, calibrated=False, dtype=torch.
                 m.set_reparametrisation(0.1 * torch.randn(m.heads, m.dim, generator=g, dtype=torch.float64), a)
                 # dense-exponential a_i < 0: the fused step's gain kappa b and feature bias a w^2 run
                 m.set_dense(-0.1 * torch.rand(m.heads, m.dim, generator=g, dtype=torch.float64))
-                if calibrated == "drifted":  # as fitting leaves them: the key map no longer A^-T
+                if calibrated in ("drifted", "distilled"):  # as fitting leaves them: the key map no longer A^-T
                     m.key_map.add_(0.1 * torch.randn(m.key_map.shape, generator=g, dtype=m.key_map.dtype))
+                if calibrated in ("distilled", "tied"):  # distillation trains every projection column, e's too
+                    proj = m.feature_map.projection
+                    proj.add_(0.05 * torch.randn(proj.shape, generator=g, dtype=proj.dtype))
+                if calibrated == "tied":  # the key side tied per key/value head (distill's tie_keys)
+                    groups = m.heads // model.config.num_key_value_heads
+                    for t in (m.key_map, m.key_shift, m.dense_a):
+                        t.copy_(t[::groups].repeat_interleave(groups, 0))
     return model
 
 
@@ -55,6 +62,7 @@ def _decode(model, ids, mask=None, *, lean: bool | str, monkeypatch):
         monkeypatch.setattr(decode, "_exact_fused", lambda *a: None)
     if not lean:
         monkeypatch.setattr(decode, "lean_eligible", lambda *a: False)
+        monkeypatch.setattr(decode, "fused_eligible", lambda *a: False)
     cache, out = fh.FavorCache(model), []
     with torch.no_grad():
         for lo, hi in [(0, PROMPT)] + [(i, i + 1) for i in range(PROMPT, ids.shape[1])]:
@@ -68,8 +76,11 @@ def _state(cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (*layer.state.far, *layer.state[1:])]
 
 
-@pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0)])
-@pytest.mark.parametrize("calibrated", [False, True, "drifted"], ids=["identity", "calibrated", "drifted"])
+# (8, 2), (12, 0), (9, 6): the fused step's unwrapped phase (positions S .. W + S, the ring
+# not yet full; with (8, 2) it wraps into the slots the sinks left empty, with (9, 6) the
+# prompt is shorter than the sinks), then the steady state
+@pytest.mark.parametrize("window,sinks", [(3, 2), (0, 0), (0, 2), (4, 0), (8, 2), (12, 0), (9, 6)])
+@pytest.mark.parametrize("calibrated", [False, True, "drifted", "distilled", "tied"], ids=str)
 @pytest.mark.parametrize("lean", [True, "unfused"], ids=["fused", "unfused"])
 @pytest.mark.parametrize("fold", [2, 8], ids=lambda p: f"fold{p}")
 def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
@@ -82,8 +93,11 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
     ids = torch.randint(1, 50, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
     fast, fast_cache, taken = _decode(model, ids, lean=lean, monkeypatch=monkeypatch)
     slow, slow_cache, none = _decode(model, ids, lean=False, monkeypatch=monkeypatch)
-    # positions past the prompt's first step and past W + S take the lean step, in each layer
+    # positions past the prompt's first step and past W + S take the lean step, in each
+    # layer; the fused one also those from S to W + S (before the ring is full)
     eligible = [t for t in range(PROMPT, PROMPT + NEW) if t > PROMPT and t > window + sinks]
+    if lean is True:
+        eligible += [t for t in range(PROMPT, PROMPT + NEW) if max(sinks, 1) <= t <= window + sinks]
     assert none == 0 and taken == len(eligible) * len(model.model.layers)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     for a, b in zip(_state(slow_cache), _state(fast_cache), strict=True):
@@ -92,7 +106,7 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
         torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled", "tied"], ids=str)
 def test_lean_decoding_in_float32_agrees_with_the_general_step(tiny_llama, monkeypatch, calibrated):
     model = _model(tiny_llama, window=3, sinks=1, calibrated=calibrated, dtype=torch.float32)
     ids = torch.randint(1, 50, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
@@ -137,17 +151,19 @@ def test_a_reset_cache_forgets_what_the_lean_step_relies_on(tiny_llama, monkeypa
     assert (layer.state, layer.terms, layer.padded, layer.built) == (None, None, False, 0)
 
 
-@pytest.mark.parametrize("calibrated", [False, "drifted"], ids=["identity", "drifted"])
+@pytest.mark.parametrize("calibrated", [False, "drifted", "distilled", "tied"], ids=str)
 @pytest.mark.parametrize("fold", [2, 3, 8], ids=lambda p: f"fold{p}")
+# W = 12, 16: the reads fall before the ring is full (W = 12: the 3-token call, W = 16: all)
+@pytest.mark.parametrize("window", [2, 12, 16], ids=lambda w: f"W{w}")
 def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
-    tiny_llama, monkeypatch, calibrated, fold
+    tiny_llama, monkeypatch, calibrated, fold, window
 ):
     """Fused steps, then a call of several tokens (the general path reads the state: it is
     converted back to an ExactState, pending keys folded), then fused steps again (entered
     anew), a size query and a beam reorder in between: the teacher-forced logits throughout,
     with pending keys folded every ``fold`` tokens (the reads fall before, at and after folds)."""
     monkeypatch.setattr(fused, "FOLD_EVERY", fold)
-    model = _model(tiny_llama, window=2, sinks=1, calibrated=calibrated)
+    model = _model(tiny_llama, window=window, sinks=1, calibrated=calibrated)
     ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(6))
     cache, out = fh.FavorCache(model), []
     spans = [(0, 5)] + [(i, i + 1) for i in range(5, 10)] + [(10, 13)] + [(i, i + 1) for i in range(13, 20)]
@@ -156,8 +172,9 @@ def test_the_fused_layout_converts_back_for_any_other_use_and_is_entered_again(
             out.append(model(input_ids=ids[:, lo:hi], cache=cache, use_cache=True).logits)
             if hi == 9:
                 assert all(layer.lean is not None for layer in cache.layers)  # the fused layout is in use
-                # identity maps: the far state once per key/value head (LeanConstants.shared)
-                assert all(layer.lean.shared == (not calibrated) for layer in cache.layers)
+                # identity maps or a tied key side: the far state once per key/value head
+                # (LeanConstants.shared)
+                assert all(layer.lean.shared == (calibrated in (False, "tied")) for layer in cache.layers)
                 assert cache.nbytes > 0 and all(layer.lean is not None for layer in cache.layers)
             if hi == 16:
                 cache.reorder_cache(torch.tensor([0, 1]))  # beam search's reorder: back to ExactState
@@ -199,9 +216,31 @@ def test_single_tokens_take_the_short_path_and_leave_it_when_anything_changes(ti
         for t in range(5, 12):
             out.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     assert sum(r is not None for r in results) > 0 and all(layer.fast is not None for layer in cache.layers)
+    assert all(r.is_contiguous() for r in results if r is not None)  # (B, 1, H, Dv) as the general path's
     results.clear()
     with torch.enable_grad():  # the general step (it keeps the graph): the short path declines
         out.append(model(input_ids=ids[:, 12:13], cache=cache, use_cache=True).logits.detach())
     assert results and all(r is None for r in results)
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(out, 1), model(input_ids=ids[:, :13]).logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [2, 12], ids=lambda w: f"W{w}")
+def test_a_beam_reorder_of_the_fused_layout_swaps_the_rows_histories(tiny_llama, monkeypatch, window):
+    """reorder_cache([1, 0]) in the fused layout (W = 12: before the ring is full, W = 2: the
+    steady state): the next tokens' logits are the teacher-forced ones of the swapped rows."""
+    monkeypatch.setattr(fused, "FOLD_EVERY", 3)
+    model = _model(tiny_llama, window=window, sinks=1, calibrated="distilled")
+    ids = torch.randint(1, 50, (2, 20), generator=torch.Generator().manual_seed(8))
+    swapped = ids[[1, 0]]
+    cache, out = fh.FavorCache(model), []
+    with torch.no_grad():
+        model(input_ids=ids[:, :5], cache=cache, use_cache=True)
+        for t in range(5, 9):
+            model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+        assert all(layer.lean is not None for layer in cache.layers)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        for t in range(9, 20):
+            out.append(model(input_ids=swapped[:, t : t + 1], cache=cache, use_cache=True).logits)
+        assert all(layer.lean is not None for layer in cache.layers)  # entered again
+        torch.testing.assert_close(torch.cat(out, 1), model(input_ids=swapped).logits[:, 9:], rtol=1e-9, atol=1e-9)

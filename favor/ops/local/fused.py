@@ -9,7 +9,8 @@ against ~6 for attention that returns V; so this step keeps the arithmetic and r
   in an extra column, the per-row constants folded in (``LeanConstants``); the features
   are then s = (x g) P^T log2(e) + bias (dense-exponential features: g = kappa b, bias =
   a w^2 log2(e), and |x'|^2 = |x|^2 + |a|^2, so the augmented input [kappa b x, a, e] is
-  never built);
+  never built; where the projection's e column is not zero, as distillation leaves it,
+  e = sqrt(|x r|^2), r = sqrt(1 - g^2), is one more column of x g against that column);
 * keys are kept raw, once per key/value head (GQA): the exact logits are
   root^2 (q.k - q.c) = q*.k* of exact_step (raw query, shifted key, never the maps), the
   q.c term one more column of the query's GEMM;
@@ -28,6 +29,11 @@ against ~6 for attention that returns V; so this step keeps the arithmetic and r
   the same far state: it is kept once per key/value head, a third of the bytes for
   SmolLM2, and sits below the slot values, so [pending | near | far] weights times
   [pending values | slot values | kvz] is one GEMM.
+
+Before the ring is full (positions S .. W + S, the unwrapped phase) no key leaves and the
+far state is empty: a token is then exact softmax attention over the live slots (a short
+branch, ``_unwrapped``); dead slots hold a copy of a live key (the row's max is unchanged)
+and a zero value row, ones column included (their weights add nothing).
 
 The state here (``LeanState``) is a different layout of exact_step's ExactState (ring and
 sink slots, far state); ``LeanState.enter`` and ``LeanState.far_state`` convert, and the
@@ -48,7 +54,7 @@ import torch
 from ..row_features import HEADROOM, LN2, LOG2E
 from ..state import State
 
-__all__ = ["LeanConstants", "LeanState", "fused_step", "ring_positions"]
+__all__ = ["LeanConstants", "LeanState", "fused_eligible", "fused_step", "ring_positions"]
 
 
 @dataclass
@@ -61,7 +67,10 @@ class LeanConstants:
     ``bk`` (H, 1, D+1): x_k = [(k - c) B root, Ck] (None: k root, Ck); ``gain`` (H, D) or
     None (all ones); ``proj_t`` (D, M) the projection times log2(e), transposed; ``bias_s``
     (H, M) or None; ``cq`` (H,) log2(e) (log_const + |a|^2/2 + log(M)/2); ``ck`` (H,)
-    -|a|^2/2 - log(M)/2 (natural log); ``root`` the logits' sqrt(scale)."""
+    -|a|^2/2 - log(M)/2 (natural log); ``root`` the logits' sqrt(scale); ``proj_e`` (M,)
+    the projection's e column times log2(e) and ``rest`` (H, D) sqrt(1 - gain^2), or None
+    (a zero column: dense_projection's, before training moves it): then the features'
+    input has a last entry e = sqrt(|x rest|^2) (clamped as the adapter clamps it)."""
 
     mq: torch.Tensor | None
     bq: torch.Tensor | None
@@ -73,6 +82,8 @@ class LeanConstants:
     cq: torch.Tensor
     ck: torch.Tensor
     root: float
+    proj_e: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._scratch: dict = {}
@@ -80,19 +91,20 @@ class LeanConstants:
 
     def shared(self, kv_heads: int) -> bool:
         """Whether a key's features and log scale are the same for every query head of its
-        group: identity maps, no gain or feature bias, and one ``ck`` per group. Then
+        group: its map, shift, gain, feature bias, e weights and ``ck`` tied per group
+        (identity maps and plain features, or a key side distilled tied: favor.hf.distill's
+        ``tie_keys``); the query's side may differ per head. Then
         every head of a group holds the same far state (the same keys, features and running
         max), and the fused step keeps it once per key/value head (``LeanState``)."""
         hit = self._shared.get(kv_heads)
         if hit is None:
-            ck = self.ck.view(kv_heads, -1)
-            hit = self._shared[kv_heads] = (
-                self.mq is None
-                and self.mk is None
-                and self.bk is None
-                and self.gain is None
-                and self.bias_s is None
-                and bool((ck == ck[:, :1]).all())  # host sync: once per version and K
+
+            def tied(t):  # (H, ...): the same within each group (None: nothing per head)
+                v = None if t is None else t.reshape(kv_heads, -1, *t.shape[1:])
+                return v is None or bool((v == v[:, :1]).all())  # host sync: once per version and K
+
+            hit = self._shared[kv_heads] = all(
+                map(tied, (self.mk, self.bk, self.gain, self.bias_s, self.rest, self.ck))
             )
         return hit
 
@@ -130,6 +142,7 @@ class _Scratch:
         self.row_g = q_rows.view(bk, g, width)
         self.live = q_rows[:, p:]  # near and far: max, shift, exp2
         self.near_g = q_rows[:, p : p + n].view(bk, g, n)
+        self.near = q_rows[:, p : p + n]
         self.far_f = q_rows[:, p + n :].view(f, gf, m)
         self.pend_f = q_rows[:, :p].view(f, gf, p)
         self.sq = q_rows[:, p + n :]  # (B H, M): the query's features
@@ -155,33 +168,53 @@ class _Scratch:
         self.bh, self.bk, self.g = bh, bk, g
         r2 = c.root * c.root
         self.a_nk, self.a_off, self.a_near = -0.5 * r2, 0.5 * LOG2E * r2, LOG2E * r2
-        self.mq = self.bias_s = self.gain = None
-        if shared:  # raw rows against the projection times root: no scaled copies
+        self.mq = self.bias_s = self.gain = self.rest = None
+        # a state per key/value head with identity maps and plain features: raw rows
+        # against the projection times root, no scaled copies
+        self.simple = shared and all(t is None for t in (c.mq, c.mk, c.bk, c.gain, c.bias_s, c.proj_e))
+        if self.simple:
             self.proj_root = c.proj_t * c.root
             return
-        self.x = torch.zeros(2, bh, 1, d + 1, **z)  # [query rows; leaving-key rows]
-        self.x[1, :, 0, d] = per_batch(c.ck)
-        self.xq, self.xk = self.x[0], self.x[1]
+        gk, r = (1, bh + bk) if shared else (g, 2 * bh)  # key rows per key/value head; all rows
+
+        def per_key(t):  # (H, ...) -> (F, ...): per query head, or each group's first (shared)
+            t = per_batch(t)
+            return t if t is None or not shared else t.view(bk, g, *t.shape[1:])[:, 0].contiguous()
+
+        def both(t):  # (H, ...) -> (R, ...): the query rows' then the key rows'
+            return None if t is None else torch.cat([per_batch(t), per_key(t)])
+
+        self.x = torch.zeros(r, 1, d + 1, **z)  # [query rows; leaving-key rows]
+        self.x[bh:, 0, d] = per_key(c.ck)
+        self.xq, self.xk = self.x[:bh], self.x[bh:]
         self.xq_d, self.xk_d = self.xq[..., :d], self.xk[..., :d]
         self.xq_dt = self.xq_d.mT
-        self.xk_dt2 = self.xk_d.mT.expand(bh, d, 2)
+        self.xk_dt2 = self.xk_d.mT.expand(f, d, 2)
         self.xq_last = self.xq[..., d:]
         self.xq4 = self.xq_d.view(b, h, 1, d)
-        self.xk_g = self.xk_d.view(bk, g, 1, d)  # identity maps: the key's G copies
-        self.xk_flat = self.xk.view(bk, 1, g * (d + 1))  # the key's GEMM writes all G heads
-        self.x2d = self.x[..., :d].view(2 * bh, d)
+        self.xk_g = self.xk_d if shared else self.xk_d.view(bk, g, 1, d)  # identity maps: the key's G copies
+        self.xk_flat = self.xk.view(bk, 1, gk * (d + 1))  # the key's GEMM writes all its rows
+        self.x2d = self.x[..., :d].view(r, d)
         self.s = self.rows[:, p + n :]  # both rows' features, one GEMM
         self.mq = per_batch(c.mq)
-        if c.mk is not None:  # per key/value head: the G heads' maps side by side
-            mk = c.mk.view(kv_heads, g, d, d + 1).permute(0, 2, 1, 3).reshape(kv_heads, d, g * (d + 1))
-            self.mk = mk.expand(b, *mk.shape).reshape(bk, d, g * (d + 1)).contiguous()
-            bmap = c.bk.reshape(kv_heads, 1, g * (d + 1)).expand(b, kv_heads, 1, g * (d + 1))
-            self.bk_map = bmap.reshape(bk, 1, -1).contiguous()
-        gain = per_batch(c.gain)
-        self.gain = None if gain is None else torch.cat([gain, gain]).view(2 * bh, d)
-        self.xb = None if gain is None else torch.empty(2 * bh, d, **z)
-        bias = per_batch(c.bias_s)
-        self.bias_s = None if bias is None else torch.cat([bias, bias]).view(2 * bh, m)
+        if c.mk is not None:  # per key/value head: the G heads' maps side by side (shared: one)
+            mk = c.mk.view(kv_heads, g, d, d + 1)[:, :gk].permute(0, 2, 1, 3).reshape(kv_heads, d, gk * (d + 1))
+            self.mk = mk.expand(b, *mk.shape).reshape(bk, d, gk * (d + 1)).contiguous()
+            bmap = c.bk.view(kv_heads, g, 1, d + 1)[:, :gk].reshape(kv_heads, 1, gk * (d + 1))
+            self.bk_map = bmap.expand(b, kv_heads, 1, gk * (d + 1)).reshape(bk, 1, -1).contiguous()
+        self.gain = both(c.gain)
+        # x g, and with an e column (c.proj_e) e in one more column against it (``proj``)
+        e = c.proj_e is not None
+        self.xb = None if c.gain is None else torch.empty(r, d + e, **z)
+        self.proj = c.proj_t
+        if e:
+            self.proj = torch.cat([c.proj_t, c.proj_e[None]]).contiguous()
+            self.rest = both(c.rest)
+            self.xr = torch.empty(r, d, **z)
+            self.xr_row, self.xr_col = self.xr.view(r, 1, d), self.xr.view(r, d, 1)
+            self.e2 = torch.empty(r, 1, 1, **z)
+            self.xb_d, self.e_col = self.xb[:, :d], self.xb[:, d:]
+        self.bias_s = both(c.bias_s)
 
 
 #: keys leaving the window wait in the state's pending slots and are folded into kvz this
@@ -201,7 +234,9 @@ class LeanState:
     per query head. ``c`` (F, 1, 1) is the far state's log scale, F = B K (shared) or B H.
     ``pend`` (F, M, P) holds the features (times exp(l - c)) of the ``count`` keys that left
     the window since the last fold (the rest are zero), their values in vals[:, :P]: the
-    far state of exact_step is kvz + pend vals[:, :P] (``fold``). Every slot is live."""
+    far state of exact_step is kvz + pend vals[:, :P] (``fold``). Every slot is live from
+    position W + S + 1 on (``steady``); before, dead slots hold a live slot's key and a
+    zero value row (``enter``)."""
 
     def __init__(self, kvz, c, k, vals, pend, *, batch: int, heads: int, ring: int, shared: bool) -> None:
         self.kvz, self.c, self.k, self.vals, self.pend = kvz, c, k, vals, pend
@@ -219,32 +254,50 @@ class LeanState:
         self.kt = k.mT
         self.v1 = vals[:, p : p + n]
         self.vp = vals[:, :p]
-        dv = self.dv
-        # per slot: the leaving key (raw), its value row, and where a new key/value goes
-        self.k_in = [k[:, i : i + 1, :] for i in range(ring)]
-        self.k_row = [k[:, i, :] for i in range(ring)]
-        self.k_in_t2 = [k[:, i : i + 1, :].mT.expand(bk, d, 2) for i in range(ring)]
-        self.k_in_g = [k[:, None, i : i + 1, :].expand(bk, self.groups, 1, d) for i in range(ring)]
-        self.v_out = [self.v1[:, i : i + 1, :] for i in range(ring)]
-        self.k_put = [k.view(batch, self.kv_heads, n, d)[:, :, i : i + 1, :] for i in range(ring)]
-        self.v_put = [self.v1.unflatten(0, (batch, self.kv_heads))[:, :, i : i + 1, :dv] for i in range(ring)]
+        # the first position of the steady state: every slot live, one key leaving per token
+        self.steady = n
         # per pending slot: where the leaving key's weighted features and value go
         self.p_put = [pend[:, None, :, j] for j in range(p)]  # (F, 1, M), strided
         self.vp_put = [vals[:, j : j + 1] for j in range(p)]
-        # the step's views of slot i in one tuple (one lookup per token)
+        # the step's views of slot i in one tuple (one lookup per token): the leaving key
+        # (raw, as a row, a 1-row matrix, its transpose twice, G copies), its value row, and
+        # where a new key and value go; each kind for all slots from one op (unbind, split:
+        # R x 7 views one by one cost ~20 ms per layer for W = 512, as many ops per token
+        # when made on first use)
+        g, k4 = self.groups, k.view(batch, self.kv_heads, n, d)
+        off = k.storage_offset()
         self.slot = list(
-            zip(self.k_row, self.k_in, self.k_in_t2, self.k_in_g, self.v_out, self.k_put, self.v_put, strict=True)
-        )
+            zip(
+                k.unbind(1),
+                k.split(1, 1),
+                k.as_strided((n, bk, d, 2), (d, n * d, 1, 0), off).unbind(0),
+                k.as_strided((n, bk, g, 1, d), (d, n * d, 0, d, 1), off).unbind(0),
+                self.v1.split(1, 1),
+                k4.split(1, 2),
+                self.v1.unflatten(0, (batch, self.kv_heads))[..., : self.dv].split(1, 2),
+                strict=True,
+            )
+        )[:ring]
 
     @classmethod
     def enter(
-        cls, far: State, k: torch.Tensor, v: torch.Tensor, *, ring: int, shared: bool = False, fold_every: int = 0
+        cls,
+        far: State,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        ring: int,
+        shared: bool = False,
+        fold_every: int = 0,
+        live: torch.Tensor | None = None,
     ) -> LeanState:
         """From exact_step's far state (B, H, ...) and the raw keys and values of the slots
         k (B, K, n, D), v (B, K, n, Dv) (copies: the caller's tensors are not kept). With
         ``shared`` the far state of each group's first head is kept (the group's heads hold
         the same one: LeanConstants.shared). ``fold_every`` P pending slots (default
-        FOLD_EVERY)."""
+        FOLD_EVERY). ``live`` (n,) bool, None for all: before the ring is full, the slots
+        that hold a key (at least one); the others get the first live slot's key and a zero
+        value row (the unwrapped branch of ``fused_step``)."""
         b, h, m, dv = far.kv.shape
         kv_heads, n = k.shape[1], k.shape[2]
         g = h // kv_heads
@@ -256,6 +309,10 @@ class LeanState:
         vals = v.new_zeros(b * kv_heads, p + n + (m if shared else 0), dv + 1)
         vals[:, p : p + n, :dv] = v.reshape(b * kv_heads, n, dv)
         vals[:, p : p + n, dv] = 1.0
+        if live is not None:  # dead slots: a live key (the near max stands), zero values
+            first = int(live.nonzero()[0, 0])  # host sync: once, entering
+            k = torch.where(live[:, None], k, k[:, :, first : first + 1])
+            vals[:, p : p + n].mul_(live[:, None].to(vals.dtype))
         if shared:
             vals[:, p + n :] = kvz.reshape(b * kv_heads, m, dv + 1)
             kvz = vals[:, p + n :]
@@ -316,43 +373,45 @@ def fused_step(
     state: LeanState, consts: LeanConstants, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, t: int
 ) -> torch.Tensor:
     """One token at position ``t``: query (B, H, 1, D), key (B, K, 1, D), value (B, K, 1, Dv)
-    in the constants' dtype -> out (B, H, 1, Dv); the state is updated where it is. As
-    exact_step_lean, the caller vouches for ``lean_eligible(terms, t, built)`` and a state
-    without padding: the key at position t - R leaves slot t mod R for the far state (a
-    pending slot, folded every P keys) and the new key takes the slot; every slot is live.
-    A state kept per key/value head needs ``consts.shared(K)``."""
+    in the constants' dtype -> out (B, H, 1, Dv); the state is updated where it is. The
+    caller vouches for ``fused_eligible(terms, t, built)`` and a state without padding. From
+    position W + S + 1 on (``state.steady``) the key at position t - R leaves slot t mod R
+    for the far state (a pending slot, folded every P keys) and the new key takes the slot;
+    before, no key leaves (``_unwrapped``). A state kept per key/value head needs
+    ``consts.shared(K)``."""
     sc = state.sc
     if state.of is not consts:  # new constants (or a new state): their buffers, and c in them
         sc = consts.scratch(state)
         state.retarget(sc)
         state.of = consts
-    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[t % state.ring]
+    i = t % state.ring
+    if t < state.steady:
+        return _unwrapped(state, sc, query, key, value, i)
+    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i]
     if state.count == state.fold_every:
         state.fold()
     j = state.count
     shared = state.shared
     q_rows = query.reshape(sc.bh, 1, -1)
     # the leaving key's features s = (x g) P^T log2(e) + bias and the query's, x = k root
-    if shared:  # once per key/value head, root folded into the projection
+    if sc.simple:  # once per key/value head, root folded into the projection
         torch.mm(k_row, sc.proj_root, out=sc.sk)
         torch.mm(q_rows.view(sc.bh, -1), sc.proj_root, out=sc.sq)
         torch.baddbmm(state.ck2, k_in, k_in_t2, alpha=sc.a_nk, out=sc.nk2)
-    else:  # per query head (its maps), both rows in one GEMM
+    else:  # per query head (its maps), the key per head or per group (shared), one GEMM
         if sc.mq is None:
             torch.mul(query, consts.root, out=sc.xq4)
         else:
             torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
         if consts.mk is None:
-            torch.mul(k_in_g, consts.root, out=sc.xk_g)
+            torch.mul(k_in if shared else k_in_g, consts.root, out=sc.xk_g)
         else:
             torch.baddbmm(sc.bk_map, k_in, sc.mk, out=sc.xk_flat)
-        x2 = sc.x2d
-        if sc.gain is not None:
-            x2 = torch.mul(x2, sc.gain, out=sc.xb)
+        x2 = _gained(sc)
         if sc.bias_s is None:
-            torch.mm(x2, consts.proj_t, out=sc.s)
+            torch.mm(x2, sc.proj, out=sc.s)
         else:
-            torch.addmm(sc.bias_s, x2, consts.proj_t, out=sc.s)
+            torch.addmm(sc.bias_s, x2, sc.proj, out=sc.s)
         torch.baddbmm(state.ck2, sc.xk_d, sc.xk_dt2, alpha=-0.5, out=sc.nk2)
     # its features times exp(l - c), l its log scale (max s - HEADROOM) ln 2 - |x'|^2 / 2 -
     # log(M) / 2 (row_features): s + log2(e) (ck - c - |x'|^2 / 2), the shift cancels. The
@@ -369,7 +428,7 @@ def fused_step(
     v_put.copy_(value)
     # the query's offset of the near logits (log2 units), less c log2(e):
     # Cq - log2(e) root^2 q.c + log2(e) |x_q|^2 / 2 - c log2(e)
-    if shared:
+    if sc.simple:
         torch.baddbmm(state.qoff, q_rows, q_rows.mT, alpha=sc.a_off, out=sc.off)
     else:
         off_in = state.qoff if sc.mq is None else sc.xq_last
@@ -388,15 +447,49 @@ def fused_step(
     return torch.div(sc.num, sc.den)
 
 
+def _unwrapped(state: LeanState, sc: _Scratch, query, key, value, i: int) -> torch.Tensor:
+    """A token before the ring is full (positions S .. W + S): no key leaves, the far state
+    is empty, so the output is softmax over the live slots of the logits root^2 q.k (the
+    reference's root^2 q.(k - c) + log_const - l_q less per-row constants, which cancel).
+    The new key takes ring slot i, its value row gets its ones column; dead slots weigh
+    nothing (``LeanState.enter``)."""
+    k_put, v_put = state.slot[i][5:]
+    k_put.copy_(key)
+    v_put.copy_(value)
+    state.v1[:, i, state.dv].fill_(1.0)
+    # beta = 0: the input is ignored (no offset: per-row constants cancel)
+    torch.baddbmm(sc.off_g, query.reshape(sc.bk, sc.g, -1), state.kt, beta=0.0, alpha=sc.a_near, out=sc.near_g)
+    near = sc.near
+    near.sub_(near.amax(-1, keepdim=True)).exp2_()
+    torch.bmm(sc.near_g, state.v1, out=sc.acc_g)
+    return torch.div(sc.num, sc.den)
+
+
+def _gained(sc: _Scratch) -> torch.Tensor:
+    """Both rows' feature inputs x g (2 B H, D), with an e column (LeanConstants.proj_e)
+    [x g, e] (2 B H, D + 1), e = sqrt(max(|x rest|^2, 1e-20)) as the adapter's augmented
+    input (|x|^2 - |x g|^2 there, the same sum)."""
+    x2 = sc.x2d
+    if sc.gain is None:
+        return x2
+    if sc.rest is None:
+        return torch.mul(x2, sc.gain, out=sc.xb)
+    torch.mul(x2, sc.gain, out=sc.xb_d)
+    torch.mul(x2, sc.rest, out=sc.xr)
+    torch.bmm(sc.xr_row, sc.xr_col, out=sc.e2)
+    torch.sqrt(sc.e2.view_as(sc.e_col).clamp_min_(1e-20), out=sc.e_col)
+    return sc.xb
+
+
 def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Tensor, q_rows: torch.Tensor) -> None:
     """The far scale follows a leaving key with a larger log scale l: c = max(c, l) per row
     (as exact_step), kvz and the pending keys times exp(c_old - c), the constants that carry
     c remade, and the key's row s + log2(e) (ck - c - |x'|^2 / 2) made again from s."""
     # s again (its row now holds s + log2(e) w, and w may be inf: c = -inf)
-    if state.shared:
+    if sc.simple:
         s = torch.mm(k_row, sc.proj_root).view_as(sc.sk_f)
     else:
-        s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ consts.proj_t
+        s = (sc.x2d if sc.gain is None else sc.xb)[sc.bh :] @ sc.proj
         s = (s if sc.bias_s is None else s + sc.bias_s[sc.bh :]).view_as(sc.sk_f)
     c = state.c
     lk = torch.add(sc.nk_log, s.amax(-1, keepdim=True), alpha=LN2)
@@ -409,7 +502,7 @@ def _grow(state: LeanState, sc: _Scratch, consts: LeanConstants, k_row: torch.Te
     torch.sub(sc.nk_log, new_c - HEADROOM * LN2, out=sc.nk_weight)
     c.copy_(new_c)
     state.retarget(sc)
-    if not state.shared and sc.mq is not None:  # x_q's last column carries c
+    if sc.mq is not None:  # x_q's last column carries c
         torch.baddbmm(state.qoff, q_rows, sc.mq, out=sc.xq)
     torch.add(s, sc.nk_weight, alpha=LOG2E, out=sc.sk_f)
 
@@ -420,4 +513,15 @@ def ring_positions(t: int, ring: int, sinks: int, mark: int, *, device) -> torch
     j = torch.arange(ring, device=device)
     first = t - ring
     ring_pos = first + (j - first) % ring
+    ring_pos = torch.where(ring_pos >= sinks, ring_pos, -1)  # before the ring is full: empty slots
     return torch.cat([ring_pos, torch.arange(sinks, device=device) + mark])
+
+
+def fused_eligible(terms, t: int, built: int) -> bool:
+    """Whether ``fused_step`` may take the token at position ``t`` of a state with no
+    padding last made from a whole sequence of ``built`` tokens: the steady state
+    (recurrent.lean_eligible: every slot live, one key leaving per token) or, before the
+    ring is full, any position from S on (the sinks all in, the new key a ring key; no key
+    leaves until W + S + 1, so the prompt's state needs no step first)."""
+    last = terms.window + terms.sinks  # the last position before the steady state
+    return terms.block == 1 and (t > last and t > built or max(terms.sinks, 1) <= t <= last)

@@ -16,8 +16,8 @@ import torch
 import favor
 import favor.ops.local.fused as fused
 from favor.ops.local.dispatch import exact_attention
-from favor.ops.local.fused import LeanConstants, LeanState, fused_step, ring_positions
-from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step, lean_eligible
+from favor.ops.local.fused import LeanConstants, LeanState, fused_eligible, fused_step, ring_positions
+from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step
 from favor.ops.row_features import LOG2E
 from favor.ops.step_features import step_features
 
@@ -25,10 +25,11 @@ B, H, KV, D, M, L = 2, 4, 2, 8, 16, 40
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def _problem(dtype, maps: bool, log_const):
+def _problem(dtype, maps: bool | str, log_const):
     """Raw q, k, v (B, H|KV, L, D), the feature map and the constants; the reference's
     inputs: features of q A and (k - c) B (scale folded into the features, as the
-    adapter's), logits from q root and (k - c) root."""
+    adapter's), logits from q root and (k - c) root. ``maps="tied"``: B and c the same for
+    the query heads of a key/value head (A per head)."""
     g = torch.Generator().manual_seed(3)
     fm = favor.FeatureMap("positive", dim=D, num_features=M, generator=torch.Generator().manual_seed(1)).to(dtype)
     q = torch.randn(B, H, L, D, dtype=dtype, generator=g)
@@ -39,6 +40,8 @@ def _problem(dtype, maps: bool, log_const):
         a = torch.eye(D, dtype=f64) + 0.2 * torch.randn(H, D, D, generator=g, dtype=f64)
         bm = torch.eye(D, dtype=f64) + 0.2 * torch.randn(H, D, D, generator=g, dtype=f64)  # not A^-T: drifted
         c = 0.3 * torch.randn(H, D, generator=g, dtype=f64)
+        if maps == "tied":  # one key map and shift per key/value head
+            bm, c = (x[:: H // KV].repeat_interleave(H // KV, 0) for x in (bm, c))
     else:
         a = bm = torch.eye(D, dtype=f64).expand(H, D, D)
         c = torch.zeros(H, D, dtype=f64)
@@ -81,22 +84,39 @@ def _problem(dtype, maps: bool, log_const):
     return fm, q, k, v, consts, ref, root
 
 
+def _enter(state: ExactState, k, v, t: int, terms, **kwargs) -> LeanState:
+    """The fused layout of the reference's state before position t: the raw keys and values
+    of the slots' positions (empty slots: -1, as the reference keeps them)."""
+    pos = ring_positions(t, terms.ring(), terms.sinks, SINK_MARK, device="cpu")
+    assert torch.equal(pos, state.pos[0, 0])
+    raw = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos).clamp(min=0)
+    live = None if bool((pos >= 0).all()) else pos >= 0
+    return LeanState.enter(state.far, k[:, :, raw], v[:, :, raw], ring=terms.ring(), live=live, **kwargs)
+
+
 @pytest.mark.parametrize(
     "terms",
-    [favor.ExactTerms(4, 2, 1), favor.ExactTerms(0, 0, 1), favor.ExactTerms(0, 3, 1), favor.ExactTerms(7, 0, 1)],
+    [
+        favor.ExactTerms(4, 2, 1),
+        favor.ExactTerms(0, 0, 1),
+        favor.ExactTerms(0, 3, 1),
+        favor.ExactTerms(7, 0, 1),
+        favor.ExactTerms(16, 3, 1),  # the prompt's state before the ring is full
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("maps", [False, True], ids=["identity", "maps"])
+@pytest.mark.parametrize("maps", [False, True, "tied"], ids=["identity", "maps", "tied"])
 @pytest.mark.parametrize("prompt", [0, 12], ids=lambda p: f"prompt{p}")
 @pytest.mark.parametrize("fold", [1, 3, 8], ids=lambda p: f"fold{p}")
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
 def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold, shared, monkeypatch):
     """Every token's output, with the pending keys folded every ``fold`` tokens (L - prompt
     steps: the tokens before, at and after several folds, on either side of the ring's
-    wrap-around), the far state kept per query head or once per key/value head."""
-    if shared and maps:
-        pytest.skip("a far state per key/value head needs identity maps (LeanConstants.shared)")
+    wrap-around), the far state kept per query head or once per key/value head; from position
+    S on, so before the ring is full too (no key leaving, empty slots) where W + S allows."""
+    if shared and maps is True:
+        pytest.skip("a far state per key/value head needs the key side tied per group (LeanConstants.shared)")
     log_const = torch.linspace(-0.5, 0.5, H) if maps else None
     fm, q, k, v, consts, ref, root = _problem(dtype, maps, log_const)
     rows = {name: t for name, t in ref.items() if name != "log_const"}
@@ -115,17 +135,17 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
     for t in range(prompt, L):
         feat, a = step_features(fm, root, rows["q"][..., t : t + 1, :], rows["k"][..., t : t + 1, :])
         step = [rows[x][..., t, :] for x in ("q", "k", "qx", "kx", "v")]
-        if lean is None and lean_eligible(terms, t, prompt):  # the fused layout of the reference's state
-            pos = ring_positions(t, r, terms.sinks, 0, device="cpu")
-            pos = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos)
-            lean = LeanState.enter(state.far, k[:, :, pos], v[:, :, pos], ring=r, shared=shared, fold_every=fold)
+        if lean is None and fused_eligible(terms, t, prompt):  # the fused layout of the reference's state
+            lean = _enter(state, k, v, t, terms, shared=shared, fold_every=fold)
         o_ref, state = exact_step(state, terms, feat, a, *step, ref["log_const"], None, inplace=True)
         if lean is not None:
             o = fused_step(lean, consts, q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], t)
             torch.testing.assert_close(o[..., 0, :], o_ref, rtol=TOL[dtype], atol=TOL[dtype])
             taken += 1
-    assert taken >= L - max(prompt + 1, terms.window + terms.sinks + 1)
-    assert consts.shared(KV) == (not maps) and lean.shared == shared
+    # the steady state skips the prompt's first step (its leaving key is in the far state)
+    first = prompt + 1 if prompt > terms.window + terms.sinks else max(prompt, terms.sinks, 1)
+    assert taken == L - first
+    assert consts.shared(KV) == (maps is not True) and lean.shared == shared
     assert grew or prompt  # an empty far state (c = -inf) grows with its first key
     far = lean.far_state()
     for a, b in zip(state.far, far, strict=True):
@@ -147,21 +167,19 @@ def test_the_far_state_read_between_folds_is_the_references_and_steps_go_on(shar
     fm, q, k, v, consts, ref, root = _problem(dtype, False, None)
     rows = {name: t for name, t in ref.items() if name != "log_const"}
     state = ExactState.empty((B, H), terms, D, D, M, D, dtype=dtype, device="cpu")
-    lean, r, tol = None, terms.ring(), TOL[dtype]
+    lean, tol = None, TOL[dtype]
     for t in range(L):
         feat, a = step_features(fm, root, rows["q"][..., t : t + 1, :], rows["k"][..., t : t + 1, :])
         step = [rows[x][..., t, :] for x in ("q", "k", "qx", "kx", "v")]
-        if lean is None and lean_eligible(terms, t, 0):
-            pos = ring_positions(t, r, terms.sinks, 0, device="cpu")
-            pos = torch.where(pos >= SINK_MARK, pos - SINK_MARK, pos)
-            lean = LeanState.enter(state.far, k[:, :, pos], v[:, :, pos], ring=r, shared=shared, fold_every=4)
+        if lean is None and fused_eligible(terms, t, 0):
+            lean = _enter(state, k, v, t, terms, shared=shared, fold_every=4)
         o_ref, state = exact_step(state, terms, feat, a, *step, 0.0, None, inplace=True)
         if lean is None:
             continue
         o = fused_step(lean, consts, q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], t)
         torch.testing.assert_close(o[..., 0, :], o_ref, rtol=tol, atol=tol)
-        if t % 3:  # reads at pending counts 1, 2, 3, 4 and right after a fold
-            assert 0 < lean.count <= 4
+        if t % 3:  # reads at pending counts 1, 2, 3, 4 and right after a fold (none pending before W + S + 1)
+            assert 0 < lean.count <= 4 if t >= lean.steady else lean.count == 0
             for a, b in zip(state.far, lean.far_state(), strict=True):
                 torch.testing.assert_close(b, a, rtol=tol, atol=tol * max(float(a.abs().max()), 1.0))
             assert lean.count == 0
