@@ -13,6 +13,16 @@ def padded_batch(batch: int, length: int, *, seed: int, pad_row: int, pad_from: 
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def unpadded_batches(count: int, batch: int, length: int, *, seed: int) -> list[dict]:
+    """``count`` batches of random token ids (batch, length) from one generator, no padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, 64, (batch, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)})
+    return out
+
+
 def decoded_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits of ``ids`` (1, L) from a cached decoder: the first ``prompt`` tokens in one call,
     then one token per call with the cache; (1, L, vocab), to compare with teacher forcing."""

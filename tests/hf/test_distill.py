@@ -7,15 +7,11 @@ import torch
 
 import favor.hf as fh
 from favor.hf.distill import DistillConfig, distill
+from tests.hf._batches import unpadded_batches
 
 
 def _batches():
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(2):
-        ids = torch.randint(1, 64, (2, 10), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones(2, 10, dtype=torch.long)})
-    return out
+    return unpadded_batches(2, 2, 10, seed=3)
 
 
 def test_query_key_training_leaves_other_weights_alone(tiny_bert):

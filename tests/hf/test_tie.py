@@ -15,15 +15,11 @@ import favor.hf as fh
 from favor.hf.distill import DistillConfig, distill
 from favor.hf.fit import fit_adapters
 from favor.hf.tie import key_groups, keys_tied, tie_keys_
+from tests.hf._batches import unpadded_batches
 
 
 def _batches():
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(2):
-        ids = torch.randint(1, 64, (2, 12), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long)})
-    return out
+    return unpadded_batches(2, 2, 12, seed=3)
 
 
 def _adapters(model):
