@@ -240,6 +240,7 @@ def markdown(
     model: str | None = None,
     names: tuple[str, ...] = ("favor",),
     like_distilled: bool = False,
+    distilled: str | None = None,
 ) -> str:
     end = info.get("load_avg_end")
     lines = [
@@ -269,6 +270,8 @@ def markdown(
             (
                 ") calibrated on two random 256-token passages, e column nonzero (a distilled model's decode path)"
                 if like_distilled
+                else f") as `favor distill` trained it ({distilled})"
+                if distilled
                 else ") zero-shot"
             )
             + (", key side per query head (untied) and tied per key/value group (tied)" if "tied" in names else "")
@@ -404,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     data.update(local, distilled=args.distilled, variants=names, like_distilled=args.like_distilled)
     path = args.out / f"{name}.json"
     path.write_text(json.dumps({**data, "rows": rows}, indent=2, default=str))
-    (args.out / f"{name}.md").write_text(markdown(rows, info, command, local, args.model, names, args.like_distilled))
+    (args.out / f"{name}.md").write_text(
+        markdown(rows, info, command, local, args.model, names, args.like_distilled, args.distilled)
+    )
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     for i, n in enumerate(names):
