@@ -101,7 +101,10 @@ def test_lean_decoding_equals_the_general_step_and_teacher_forcing(
     assert none == 0 and taken == len(eligible) * len(model.model.layers)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     for a, b in zip(_state(slow_cache), _state(fast_cache), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+        # relative to the tensor's scale, as in float32 below: an entry of kv that cancels
+        # keeps round-off of the size of its terms (the compiled step's exp2 and sums differ
+        # from the general step's by an ulp)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * max(float(a.abs().max()), 1.0))
     with torch.no_grad():
         torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 

@@ -53,6 +53,7 @@ import torch
 
 from ..row_features import HEADROOM, LN2, LOG2E
 from ..state import State
+from . import native
 
 __all__ = ["LeanConstants", "LeanState", "fused_eligible", "fused_step", "ring_positions"]
 
@@ -114,6 +115,7 @@ class LeanConstants:
         hit = self._scratch.get(key)
         if hit is None:
             hit = self._scratch[key] = _Scratch(self, *key)
+            hit.native = _native_constants(self, hit)
         return hit
 
 
@@ -168,6 +170,7 @@ class _Scratch:
         self.bh, self.bk, self.g = bh, bk, g
         r2 = c.root * c.root
         self.a_nk, self.a_off, self.a_near = -0.5 * r2, 0.5 * LOG2E * r2, LOG2E * r2
+        self.native_f = [c.root, self.a_nk, self.a_off, self.a_near, HEADROOM]  # fused_native.cpp's scalars
         self.mq = self.bias_s = self.gain = self.rest = None
         # a state per key/value head with identity maps and plain features: raw rows
         # against the projection times root, no scaled copies
@@ -217,11 +220,32 @@ class _Scratch:
         self.bias_s = both(c.bias_s)
 
 
+def _native_constants(c: LeanConstants, sc: _Scratch) -> list[torch.Tensor] | None:
+    """fused_native.cpp's constants of ``sc`` (empty tensors for absent ones): [projection,
+    query maps, key maps, key map rows, gain, rest, feature bias, row buffer]; None off the
+    CPU."""
+    if c.proj_t.device.type != "cpu":
+        return None
+    none = c.proj_t.new_empty(0)
+
+    def pack(t):
+        return none if t is None else t.contiguous()
+
+    if sc.simple:
+        return [pack(sc.proj_root), none, none, none, none, none, none, sc.rows]
+    maps = [getattr(sc, name, None) for name in ("mq", "mk", "bk_map", "gain", "rest", "bias_s")]
+    return [pack(sc.proj), *map(pack, maps), sc.rows]
+
+
 #: keys leaving the window wait in the state's pending slots and are folded into kvz this
 #: many at a time (one rank-P GEMM): kvz is then read once per token and written once per
 #: P tokens, not read and written every token (in a model the weights evict it between
 #: tokens, so that pass costs memory bandwidth); the P pending rows cost a (P x M) GEMM
 FOLD_EVERY = 16
+
+#: the steady state's tokens by the compiled step (favor.ops.local.native) where it builds;
+#: False: PyTorch ops only (tests hold the two to each other)
+NATIVE = True
 
 
 class LeanState:
@@ -247,6 +271,7 @@ class LeanState:
         # constant less c log2(e), made for the scratch ``sc`` of the constants ``of``
         # (``retarget``): kept here, not looked up per token
         self.ck2, self.qoff, self.sc, self.of = None, None, None, None
+        self.stepper = None  # the compiled step for these constants (``retarget``)
         bk, n, d = k.shape
         p = pend.shape[-1]
         self.kv_heads, self.groups = bk // batch, heads // (bk // batch)
@@ -367,6 +392,13 @@ class LeanState:
             self.qoff = sc.qoff_base.clone()
             self.qoff[..., -1:] -= LOG2E * finite
         self.sc = sc
+        # the compiled step (fused_native.cpp) holds the constants that carry c: made again
+        nat = native.load() if NATIVE and sc.native is not None else None
+        self.stepper = None
+        if nat is not None:
+            tensors = [self.k, self.vals, self.kvz, self.pend, self.ck2, self.qoff, self.c]
+            tensors += [sc.ck2.contiguous(), sc.qoff_base.expand_as(self.qoff).contiguous()]
+            self.stepper = nat.Stepper(sc.native, tensors, self.batch, self.shared, sc.simple, sc.native_f)
 
 
 def fused_step(
@@ -387,9 +419,15 @@ def fused_step(
     i = t % state.ring
     if t < state.steady:
         return _unwrapped(state, sc, query, key, value, i)
-    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i]
     if state.count == state.fold_every:
         state.fold()
+    stepper = state.stepper
+    if stepper is not None:
+        out = stepper.step(query, key, value, i, state.count)
+        if out is not None:  # None: the far scale grows (below)
+            state.count += 1
+            return out
+    k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i]
     j = state.count
     shared = state.shared
     q_rows = query.reshape(sc.bh, 1, -1)

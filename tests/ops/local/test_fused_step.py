@@ -15,6 +15,7 @@ import torch
 
 import favor
 import favor.ops.local.fused as fused
+import favor.ops.local.native
 from favor.ops.local.dispatch import exact_attention
 from favor.ops.local.fused import LeanConstants, LeanState, fused_eligible, fused_step, ring_positions
 from favor.ops.local.recurrent import SINK_MARK, ExactState, exact_step
@@ -22,6 +23,19 @@ from favor.ops.row_features import LOG2E
 from favor.ops.step_features import step_features
 
 B, H, KV, D, M, L = 2, 4, 2, 8, 16, 40
+
+
+@pytest.fixture(params=[False, True], ids=["torch-ops", "compiled"])
+def native(request, monkeypatch):
+    """fused_step by its PyTorch ops, or with its steady-state tokens by the compiled step
+    (favor.ops.local.native: it must build here, a C++ compiler and ninja being test
+    dependencies)."""
+    monkeypatch.setattr(fused, "NATIVE", request.param)
+    if request.param:
+        assert favor.ops.local.native.load() is not None, "the compiled decoding step did not build"
+    return request.param
+
+
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -110,7 +124,7 @@ def _enter(state: ExactState, k, v, t: int, terms, **kwargs) -> LeanState:
 @pytest.mark.parametrize("prompt", [0, 12], ids=lambda p: f"prompt{p}")
 @pytest.mark.parametrize("fold", [1, 3, 8], ids=lambda p: f"fold{p}")
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
-def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold, shared, monkeypatch):
+def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold, shared, native, monkeypatch):
     """Every token's output, with the pending keys folded every ``fold`` tokens (L - prompt
     steps: the tokens before, at and after several folds, on either side of the ring's
     wrap-around), the far state kept per query head or once per key/value head; from position
@@ -146,7 +160,9 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
     first = prompt + 1 if prompt > terms.window + terms.sinks else max(prompt, terms.sinks, 1)
     assert taken == L - first
     assert consts.shared(KV) == (maps is not True) and lean.shared == shared
-    assert grew or prompt  # an empty far state (c = -inf) grows with its first key
+    # an empty far state (c = -inf) grows with its first key (the compiled step grows it itself)
+    assert grew or prompt or native
+    assert bool(torch.isfinite(lean.c).all())
     far = lean.far_state()
     for a, b in zip(state.far, far, strict=True):
         torch.testing.assert_close(b, a, rtol=TOL[dtype], atol=TOL[dtype] * max(float(a.abs().max()), 1.0))
@@ -160,7 +176,7 @@ def test_fused_steps_equal_the_reference_steps(terms, dtype, maps, prompt, fold,
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_the_far_state_read_between_folds_is_the_references_and_steps_go_on(shared, dtype):
+def test_the_far_state_read_between_folds_is_the_references_and_steps_go_on(shared, dtype, native):
     """far_state() after every token (0 .. P pending keys: it folds them) equals exact_step's,
     and the steps after it still give the reference's outputs."""
     terms = favor.ExactTerms(3, 2, 1)
