@@ -74,3 +74,33 @@ def test_probe_train_step_runs_in_a_fresh_process():
 
     peak, seconds = probe_train_step(PerformerConfig(vocab_size=28, dim=16, depth=1, heads=2), 256)
     assert peak >= 0 and 0 < seconds < 30
+
+
+def test_lm_demo_trains_both_models_alike_from_the_byte_frequencies(tmp_path, monkeypatch):
+    """Both LMs get the demo's schedule and a logit bias that starts at the training bytes'
+    log frequencies: their first loss sits at about the byte-frequency baseline (a bias-free
+    model starts at log2(256) = 8 bits)."""
+    import favor.training.demo as lm
+    from favor.training.loop import LN2, load_lm, read_log
+
+    monkeypatch.setattr(lm, "CONTEXTS", (64,))
+    monkeypatch.setattr(lm, "probe_train_step", lambda cfg, context: (1.0, 0.05))  # no fresh processes here
+    res = lm.lm_demo(tmp_path, seconds=1, context=32, threads=1)
+    configs = {}
+    for name in ("hybrid", "softmax"):
+        model, config = load_lm(tmp_path / name)
+        configs[name] = config
+        assert model.logit_bias is not None and config["train"]["output_bias_init"] == "unigram"
+        for key in ("lr", "warmup", "min_lr_ratio", "batch_size"):
+            assert config["train"][key] == lm.DEMO_TRAIN[key], key
+        first = read_log(tmp_path / name / "log.jsonl")[0]["loss"] / LN2
+        # one training window of 32 bytes scored by a model near the unigram: within 1 bit
+        # of the held-out baseline (4.4), far from the 8 bits of a bias-free start
+        assert abs(first - res["unigram_bpr"]) < 1.0, (name, first)
+    assert configs["hybrid"]["model"]["exact"] is not None and configs["softmax"]["model"]["attention"] == "softmax"
+    same = {k: v for k, v in configs["hybrid"]["model"].items() if k not in ("exact", "attention")}
+    assert same == {k: v for k, v in configs["softmax"]["model"].items() if k not in ("exact", "attention")}
+    per_run = ("steps", "eval_every", "checkpoint_every")  # each model's cap from its own probe
+    train_cfgs = [{k: v for k, v in configs[n]["train"].items() if k not in per_run} for n in configs]
+    assert train_cfgs[0] == train_cfgs[1]
+    assert 3.5 < res["unigram_bpr"] < 5.0  # 4 windows of 32 bytes of English

@@ -77,6 +77,7 @@ def test_model_config_defaults():
         "seed": 0,
         "exact": None,
         "far_gain": None,
+        "output_bias": False,
     }
 
 

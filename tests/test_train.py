@@ -1,5 +1,6 @@
 """Training loop, CLI, and exact resume (including after SIGKILL)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -69,6 +70,42 @@ def test_resume_with_other_config_or_no_checkpoint_fails_clearly(tmp_path, one_t
     m2, _ = resolve_config(preset="tiny", kernel="relu", **SMALL)
     with pytest.raises(CheckpointError, match=r"config\.json does not match.*model\.kernel"):
         train(tmp_path, m2, t, resume=True)
+
+
+def test_unigram_output_bias_starts_at_the_token_frequencies(tmp_path, one_thread):
+    from favor.training.loop import load_data, token_log_frequencies
+
+    m, t = resolve_config(preset="tiny", output_bias=True, output_bias_init="unigram", **{**SMALL, "steps": 1})
+    # a learning rate too small to move it: the bias the model starts with
+    res = train(tmp_path / "u", m, dataclasses.replace(t, lr=1e-12), write_plot=False)
+    logp = token_log_frequencies(load_data(t).train.tokens, m.vocab_size)
+    torch.testing.assert_close(res["model"].logit_bias.detach(), logp.float(), rtol=0, atol=1e-6)
+    assert torch.allclose(logp.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+    # with zero embeddings the model predicts exactly the frequencies; with small random ones
+    # (std 0.02) its first loss is close to the unigram cross-entropy, far below chance
+    x, _ = load_data(t).train.batch(4, 32, torch.Generator().manual_seed(0))
+    unigram_bits = float(-logp[x].mean()) / 0.6931471805599453
+    first = _log(tmp_path / "u")[0]["loss"] / 0.6931471805599453
+    assert abs(first - unigram_bits) < 0.5 < 4.8 - first  # log2(28) = 4.8 bits at chance
+    # the default: zeros, the same run as before the option
+    m0, t0 = resolve_config(preset="tiny", output_bias=True, **SMALL)
+    assert t0.output_bias_init == "zeros"
+    with pytest.raises(ValueError, match="needs a model with a logit bias"):
+        train(tmp_path / "n", m0.replace(output_bias=False), t, write_plot=False)
+    with pytest.raises(ValueError, match="output_bias_init must be one of"):
+        resolve_config(preset="tiny", output_bias_init="uniform")
+
+
+def test_a_checkpoint_from_before_the_output_bias_resumes(tmp_path, one_thread):
+    m, t = resolve_config(preset="tiny", **SMALL)
+    a = train(tmp_path / "a", m, t, write_plot=False)
+    train(tmp_path / "b", m, t, stop_at=4, write_plot=False)
+    cfg_path = tmp_path / "b" / "checkpoints" / "step_00000004" / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    del saved["model"]["output_bias"], saved["train"]["output_bias_init"]  # written before the options
+    cfg_path.write_text(json.dumps(saved))
+    b = train(tmp_path / "b", m, t, resume=True, write_plot=False)
+    assert b["start_step"] == 4 and a["loss"] == b["loss"]
 
 
 def test_config_file_and_bad_keys(tmp_path):

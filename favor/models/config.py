@@ -46,6 +46,10 @@ class PerformerConfig:
     #: with ``exact``: a learnable per-head log weight on the far keys' FAVOR estimate,
     #: initialised to this value (FavorAttention's ``far_gain``); None: no such parameter
     far_gain: float | None = None
+    #: a learnable per-token bias on the logits (``logit_bias``, zeros at first; training
+    #: can start it at the data's log token frequencies, TrainConfig.output_bias_init).
+    #: False, the default, keeps the bias-free tied head and its state dict
+    output_bias: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exact", ExactTerms.coerce(self.exact))
@@ -70,6 +74,8 @@ class PerformerConfig:
             _positive_int("chunk_size", self.chunk_size)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.output_bias, bool):
+            raise ValueError(f"output_bias must be a bool, got {self.output_bias!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
 

@@ -28,6 +28,9 @@ class _Trunk(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal=causal) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
+        # (vocab,): added to every position's logits; zeros, so a new model's outputs do not
+        # depend on whether it has one
+        self.logit_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.output_bias else None
         self._init_weights()
         redraw_features(self, config.seed, 0)
 
@@ -104,7 +107,8 @@ class PerformerEncoder(_Trunk):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token logits through the (tied) embedding, for masked-LM heads."""
-        return hidden @ self.embed.weight.T
+        logits = hidden @ self.embed.weight.T
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
 
 class PerformerLM(_Trunk):
@@ -134,6 +138,8 @@ class PerformerLM(_Trunk):
         stateful = state is not None or return_state
         h, new = self.hidden(idx, states=state, return_state=stateful, _check_range=_check_range)
         logits = h @ self.embed.weight.T if self.head is None else self.head(h)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         return (logits, new) if stateful else logits
 
     @torch.no_grad()

@@ -56,6 +56,8 @@ __all__ = [
     "load_data",
     "Split",
     "read_log",
+    "token_log_frequencies",
+    "OUTPUT_BIAS_INITS",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class TrainConfig:
     eval_data: str | None = None
     tokenizer: str | None = None
     objective: str = "causal"
+    #: how a model with ``output_bias`` starts its logit bias (OUTPUT_BIAS_INITS): "zeros",
+    #: or "unigram", the log of the training tokens' frequencies (add-one), so that step 0
+    #: already predicts them and the first updates go to what the context adds
+    output_bias_init: str = "zeros"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "log_every", "checkpoint_every"):
@@ -103,6 +109,10 @@ class TrainConfig:
             raise ValueError(f"train.seq_len (the context, --context) must be >= 2, got {self.seq_len}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.output_bias_init not in OUTPUT_BIAS_INITS:
+            raise ValueError(
+                f"train.output_bias_init must be one of {sorted(OUTPUT_BIAS_INITS)}, got {self.output_bias_init!r}"
+            )
         for name in ("data", "eval_data", "tokenizer"):  # kept as str: the config goes to JSON
             val = getattr(self, name)
             if val is not None and not isinstance(val, str):
@@ -303,6 +313,33 @@ def make_model(model_cfg: PerformerConfig, train_cfg: TrainConfig) -> PerformerL
     return PerformerEncoder(model_cfg) if train_cfg.objective == "masked" else PerformerLM(model_cfg)
 
 
+def token_log_frequencies(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) natural log of each token's frequency in ``tokens``, add-one smoothed
+    (a token never seen gets a count of 1): the byte-frequency (unigram) model."""
+    counts = torch.bincount(tokens.flatten(), minlength=vocab_size).double()[:vocab_size]
+    return ((counts + 1) / (counts + 1).sum()).log()
+
+
+#: TrainConfig.output_bias_init -> the logit bias a new model starts with, from (data, model)
+OUTPUT_BIAS_INITS: dict[str, Callable[[TrainingData, PerformerLM | PerformerEncoder], torch.Tensor]] = {
+    "zeros": lambda data, model: torch.zeros(model.config.vocab_size),
+    "unigram": lambda data, model: token_log_frequencies(data.train.tokens, model.config.vocab_size),
+}
+
+
+def init_output_bias(model: PerformerLM | PerformerEncoder, data: TrainingData, how: str) -> None:
+    """Set a new model's logit bias as ``how`` (OUTPUT_BIAS_INITS) says; a model without one
+    accepts only "zeros" (what it computes already)."""
+    if how not in OUTPUT_BIAS_INITS:
+        raise ValueError(f"output_bias_init must be one of {sorted(OUTPUT_BIAS_INITS)}, got {how!r}")
+    if model.logit_bias is None:
+        if how != "zeros":
+            raise ValueError(f"train.output_bias_init={how!r} needs a model with a logit bias (model.output_bias=True)")
+        return
+    with torch.no_grad():
+        model.logit_bias.copy_(OUTPUT_BIAS_INITS[how](data, model).to(model.logit_bias))
+
+
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -342,6 +379,9 @@ def restore_run(
     saved = {sec: dict(ckpt.config.get(sec, {})) for sec in ("model", "train")}
     for f in dataclasses.fields(TrainConfig):  # fields added since the checkpoint was written
         saved["train"].setdefault(f.name, f.default)
+    for f in dataclasses.fields(PerformerConfig):
+        if f.default is not dataclasses.MISSING:
+            saved["model"].setdefault(f.name, f.default)
     if saved != {sec: config.get(sec) for sec in ("model", "train")} or set(ckpt.config) - {"model", "train"}:
         diff = sorted(
             f"{sec}.{k}"
@@ -463,7 +503,9 @@ def train(
     if split.writes:
         heldout = data.heldout_windows(train_cfg.seq_len, train_cfg.eval_windows, seed=train_cfg.seed)
         val_x, val_y = (t.to(split.device) for t in heldout)
-    model = make_model(model_cfg, train_cfg).to(split.device)
+    model = make_model(model_cfg, train_cfg)
+    init_output_bias(model, data, train_cfg.output_bias_init)  # a resumed run then loads its own
+    model = model.to(split.device)
     optimizer = _make_optimizer(model, train_cfg)
     start = 0
     if resume:
