@@ -14,7 +14,6 @@ the teacher, passkey accuracy at --passkey-length tokens (default 1,024 and 4,09
 from __future__ import annotations
 
 import argparse
-
 import json
 import resource
 import time

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["load", "enabled"]
+__all__ = ["load", "enabled", "buildable"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,15 @@ def _build():
     except Exception as err:  # no compiler, no ninja, a failed build: the PyTorch step stays
         log.warning("favor: the compiled decoding step is unavailable, using PyTorch ops (%s)", err)
         return None
+
+
+def buildable() -> bool:
+    """Whether this machine has what the build needs: Python's headers and a C++ compiler
+    (ninja comes from PyPI). Where it does, a failed build is a defect, not the machine."""
+    import sysconfig
+
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return headers.exists() and (shutil.which(os.environ.get("CXX", "c++")) is not None)
 
 
 def load():

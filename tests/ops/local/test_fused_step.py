@@ -28,11 +28,13 @@ B, H, KV, D, M, L = 2, 4, 2, 8, 16, 40
 @pytest.fixture(params=[False, True], ids=["torch-ops", "compiled"])
 def native(request, monkeypatch):
     """fused_step by its PyTorch ops, or with its steady-state tokens by the compiled step
-    (favor.ops.local.native: it must build here, a C++ compiler and ninja being test
-    dependencies)."""
+    (favor.ops.local.native: it must build wherever a compiler and Python's headers are,
+    ninja being a test dependency)."""
     monkeypatch.setattr(fused, "NATIVE", request.param)
-    if request.param:
-        assert favor.ops.local.native.load() is not None, "the compiled decoding step did not build"
+    if request.param and favor.ops.local.native.load() is None:
+        if favor.ops.local.native.buildable():
+            pytest.fail("the compiled decoding step did not build on a machine that has a compiler and Python.h")
+        pytest.skip("no C++ compiler or Python headers here: fused_step keeps its PyTorch ops")
     return request.param
 
 

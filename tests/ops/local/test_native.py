@@ -24,7 +24,10 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 @pytest.fixture
 def built():
     module = native.load()
-    assert module is not None, "the compiled decoding step did not build (a C++ compiler and ninja are test deps)"
+    if module is None:
+        if native.buildable():
+            pytest.fail("the compiled decoding step did not build on a machine that has a compiler and Python.h")
+        pytest.skip("no C++ compiler or Python headers here: fused_step keeps its PyTorch ops")
     return module
 
 
@@ -113,3 +116,11 @@ def test_a_nan_key_is_handed_back_to_the_torch_ops(tiny_llama, built):
     after = lean.tensors()
     # c, vals, pend (and kvz) untouched; the keys hold the NaN put there
     assert all(torch.equal(x, y) for i, (x, y) in enumerate(zip(before, after, strict=True)) if i != 1)
+
+
+def test_a_machine_with_a_compiler_and_headers_builds_it():
+    """Where the build has what it needs (CI's machine: gcc, Python's headers, ninja from the
+    dev extras) a failed build is a defect, not a reason to skip."""
+    if not native.buildable():
+        pytest.skip("no C++ compiler or Python headers here")
+    assert native.load() is not None
