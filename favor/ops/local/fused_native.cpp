@@ -22,6 +22,9 @@
 #include <immintrin.h>
 #define FAVOR_AVX2 1
 #endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
@@ -219,6 +222,18 @@ inline const T* ptr(const at::Tensor& t) {
   return t.numel() ? t.data_ptr<T>() : nullptr;
 }
 
+// Subnormal floats flushed to zero (and read as zero) for the step's duration: the far
+// state and the weights of keys far below the running max reach the subnormal range, where
+// x86 arithmetic slows down many times; what is lost is below 2^-126 against a row whose
+// largest weight is 2^HEADROOM (row_features)
+struct FlushSubnormals {
+#if defined(__SSE__)
+  unsigned int saved = _mm_getcsr();
+  FlushSubnormals() { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~FlushSubnormals() { _mm_setcsr(saved); }
+#endif
+};
+
 inline at::Tensor need(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "fused_native: ", name, " must be contiguous");
   return t;
@@ -247,7 +262,10 @@ class Stepper {
                 "fused_native: query, key and value in the state's dtype");
     TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
                 "fused_native: query, key and value rows must be contiguous");
-    if (query.scalar_type() == at::kFloat) return run<float>(query, key, value, i, j);
+    if (query.scalar_type() == at::kFloat) {
+      FlushSubnormals flush;
+      return run<float>(query, key, value, i, j);
+    }
     TORCH_CHECK(query.scalar_type() == at::kDouble, "fused_native: float32 or float64 only");
     return run<double>(query, key, value, i, j);
   }

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 __all__ = ["load", "enabled", "buildable"]
@@ -41,7 +42,7 @@ def _cpu_flags() -> bytes:
 @functools.cache
 def _build():
     try:
-        from torch.utils import cpp_extension
+        import torch.utils.cpp_extension as cpp_extension
 
         if shutil.which("ninja") is None:  # PyPI's ninja, its binary off PATH (a venv not activated)
             import ninja
@@ -62,8 +63,6 @@ def _build():
 def buildable() -> bool:
     """Whether this machine has what the build needs: Python's headers and a C++ compiler
     (ninja comes from PyPI). Where it does, a failed build is a defect, not the machine."""
-    import sysconfig
-
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     return headers.exists() and (shutil.which(os.environ.get("CXX", "c++")) is not None)
 
