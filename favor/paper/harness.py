@@ -92,6 +92,8 @@ class ModelSize:
     max_len: int = 2048
     dropout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: a learnable logit bias (PerformerConfig.output_bias); train_run(logit_bias=...) starts it
+    output_bias: bool = False
 
 
 PEERS = {"linformer": "linformer", "reformer": "reformer_pytorch"}
@@ -123,6 +125,7 @@ def build_model(variant: Variant, size: ModelSize, *, vocab_size: int, causal: b
         seed=seed,
         exact=ExactTerms(variant.window, sinks=variant.sinks) if variant.window else None,
         far_gain=variant.far_gain,
+        output_bias=size.output_bias,
     )
     model = (PerformerLM if causal else PerformerEncoder)(cfg)
     if variant.norm != "chi":
@@ -148,6 +151,7 @@ def train_run(
     model=None,
     time_limit: float | None = None,
     progress: Callable[[int], None] | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train ``variant`` for ``steps`` steps (Adam, the paper's fixed lr after a linear
     warm-up, clip 0.5, weight decay 0.1); evaluate at step 0 and every ``eval_every`` steps.
@@ -159,10 +163,22 @@ def train_run(
     stops the run and is recorded as ``diverged_at`` (the paper's trig features NaN).
     ``model`` continues from given weights instead of building one (transfer).
     ``time_limit`` (training seconds) stops the run early, with a final evaluation.
+    ``logit_bias`` (vocab_size,) starts a new model's logit bias (``size.output_bias``), e.g.
+    at the training tokens' log frequencies (``task.log_frequencies()``), so that the first
+    steps need not learn the unigram model.
     """
     torch.manual_seed(seed)
     if model is None:
         model = build_model(variant, size, vocab_size=task.vocab_size, causal=task.causal, seed=seed)
+        if logit_bias is not None:
+            if getattr(model, "logit_bias", None) is None:
+                raise ValueError(
+                    f"logit_bias needs a model with a logit bias (ModelSize.output_bias); {variant.name!r} has none"
+                )
+            with torch.no_grad():
+                model.logit_bias.copy_(logit_bias.to(model.logit_bias))
+    elif logit_bias is not None:
+        raise ValueError("logit_bias starts a new model; a given model keeps its own")
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]

@@ -142,11 +142,17 @@ class _Task:
         model.train(was)
         return metrics_from(loss_sum, correct, count)
 
-    def unigram(self) -> dict[str, float]:
-        """The empirical baseline: training-token frequencies (add-one), scored on the eval set."""
+    def log_frequencies(self) -> torch.Tensor:
+        """(vocab_size,) float64 natural log of each token's frequency in the training data,
+        add-one smoothed: the unigram model, and where a logit bias can start
+        (``train_run(logit_bias=...)``)."""
         tokens = self.train.tokens if hasattr(self.train, "tokens") else torch.cat(self.train.seqs)
         counts = torch.bincount(tokens, minlength=self.vocab_size).double() + 1.0
-        logp = (counts / counts.sum()).log()
+        return (counts / counts.sum()).log()
+
+    def unigram(self) -> dict[str, float]:
+        """The empirical baseline: training-token frequencies (add-one), scored on the eval set."""
+        logp = self.log_frequencies()
         loss_sum, correct, count = 0.0, 0, 0
         for b in self.eval_set:
             y = b.targets[b.weight]

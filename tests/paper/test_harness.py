@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -144,6 +145,31 @@ def test_train_run_learns_a_repeating_stream_and_records_its_curve():
     assert sum(ticks) == 30 and r["diverged_at"] is None
     # 0 1 2 ... 9 repeated: the next token is determined; chance is 10 %
     assert r["curve"][-1]["accuracy"] > 0.9 > r["curve"][0]["accuracy"] + 0.5
+
+
+def test_a_logit_bias_started_at_the_token_frequencies_scores_the_unigram_baseline_at_step_0():
+    # a skewed stream: token 0 is half of it, so the unigram model is far from uniform
+    stream = torch.cat([torch.zeros(3000, dtype=torch.long), _stream(3000, vocab=10)])
+    stream = stream[torch.randperm(6000, generator=torch.Generator().manual_seed(1))]
+    src = StreamSource(stream, 32)
+    task = CausalLM(src, src, vocab_size=10, batch_size=2, eval_rows=4)
+    log_p = task.log_frequencies()
+    assert float(log_p.exp().sum()) == pytest.approx(1.0)
+    size = replace(TINY, output_bias=True)
+    r = train_run(task, Variant("s", attention="softmax"), size, seed=0, steps=0, eval_every=1, logit_bias=log_p)
+    assert torch.allclose(r["model"].logit_bias, log_p.float())
+    # the other logits of a new model are ~N(0, 0.02) x 4 (N(0, 0.02) head weights over a
+    # layer-normed 16-dim hidden state), ~0.1: the loss is the unigram's within ~0.01
+    assert r["curve"][0]["loss"] == pytest.approx(task.unigram()["loss"], abs=0.03)
+    plain = train_run(task, Variant("s", attention="softmax"), TINY, seed=0, steps=0, eval_every=1)
+    assert plain["curve"][0]["loss"] > r["curve"][0]["loss"] + 0.2  # about log 10 = 2.30 against ~1.9
+    # the bias trains without weight decay (a parameter of one dimension), like the others' biases
+    moved = train_run(task, Variant("s", attention="softmax"), size, seed=0, steps=3, eval_every=3, logit_bias=log_p)
+    assert not torch.equal(moved["model"].logit_bias, r["model"].logit_bias)
+    with pytest.raises(ValueError, match="ModelSize.output_bias"):
+        train_run(task, Variant("s", attention="softmax"), TINY, seed=0, steps=0, eval_every=1, logit_bias=log_p)
+    with pytest.raises(ValueError, match="a given model keeps its own"):
+        train_run(task, Variant("s"), size, seed=0, steps=0, eval_every=1, model=r["model"], logit_bias=log_p)
 
 
 class _NaNTask:

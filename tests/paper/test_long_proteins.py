@@ -48,3 +48,20 @@ def test_family_split_holds_relatives_and_keeps_them_apart():
     assert sum(map(len, everything)) == len(records)
     with pytest.raises(ValueError, match="proteins must be one of"):
         lp.protein_split(records, "some", quick=True)
+
+
+def test_a_unigram_bias_starts_every_model_at_the_unigram_model():
+    res = lp.experiment(quick=True, seconds=0.5, lr=1e-2, warmup=5, output_bias_init="unigram")
+    c = res["config"]
+    assert (c["lr"], c["warmup"], c["output_bias_init"]) == (1e-2, 5, "unigram")
+    assert len(res["runs"]) == 3
+    for r in res["runs"]:
+        # a logit bias at the log frequencies plus a new model's ~0.1 logits: the unigram's
+        # loss within a few hundredths at step 0 (without the bias: ~log 28 = 3.3)
+        assert r["curve"][0]["loss"] == pytest.approx(res["unigram"]["loss"], abs=0.05), r["variant"]["name"]
+    for init in ("zeros", "none"):  # a zero bias and no bias compute the same logits at step 0
+        other = lp.experiment(quick=True, seconds=0.2, output_bias_init=init)
+        assert all(r["curve"][0]["loss"] > res["unigram"]["loss"] + 0.1 for r in other["runs"])
+        assert other["config"]["output_bias_init"] == init and other["config"]["warmup"] == lp.WARMUP
+    with pytest.raises(ValueError, match="output_bias_init must be one of"):
+        lp.experiment(quick=True, seconds=0.2, output_bias_init="bigram")
