@@ -418,6 +418,9 @@ def fused_step(
         state.of = consts
     i = t % state.ring
     if t < state.steady:
+        stepper = state.stepper
+        if stepper is not None:
+            return stepper.unwrapped(query, key, value, i)
         return _unwrapped(state, sc, query, key, value, i)
     if state.count == state.fold_every:
         state.fold()

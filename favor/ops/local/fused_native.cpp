@@ -256,21 +256,92 @@ class Stepper {
     TORCH_CHECK(kvz.stride(2) == 1 && kvz.stride(1) == kvz.size(2), "fused_native: kvz rows must be contiguous");
   }
 
+  // A token before the ring is full (fused._unwrapped): no key leaves and the far state is
+  // empty, so softmax (base 2) over the slots' logits root^2 q.k; dead slots hold a live key
+  // and a zero value row. The new key and value take slot i.
+  at::Tensor unwrapped(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t i) {
+    check(query, key, value);
+    if (query.scalar_type() == at::kFloat) {
+      FlushSubnormals flush;
+      return run_unwrapped<float>(query, key, value, i);
+    }
+    return run_unwrapped<double>(query, key, value, i);
+  }
+
   at::Tensor step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t i, int64_t j) {
+    check(query, key, value);
+    if (query.scalar_type() == at::kFloat) {
+      FlushSubnormals flush;
+      return run<float>(query, key, value, i, j);
+    }
+    return run<double>(query, key, value, i, j);
+  }
+
+ private:
+  void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) const {
     TORCH_CHECK(query.scalar_type() == state_[0].scalar_type() && key.scalar_type() == query.scalar_type() &&
                     value.scalar_type() == query.scalar_type(),
                 "fused_native: query, key and value in the state's dtype");
     TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
                 "fused_native: query, key and value rows must be contiguous");
-    if (query.scalar_type() == at::kFloat) {
-      FlushSubnormals flush;
-      return run<float>(query, key, value, i, j);
-    }
-    TORCH_CHECK(query.scalar_type() == at::kDouble, "fused_native: float32 or float64 only");
-    return run<double>(query, key, value, i, j);
+    TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
+                "fused_native: float32 or float64 only");
   }
 
- private:
+  template <typename T>
+  at::Tensor run_unwrapped(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t i) {
+    const at::Tensor &k_t = state_[0], &vals_t = state_[1], &pend_t = state_[3], &rows_t = consts_[7];
+    const int64_t BK = k_t.size(0), n = k_t.size(1), D = k_t.size(2);
+    const int64_t P = pend_t.size(2), Dv = vals_t.size(2) - 1, W = Dv + 1, vrows = vals_t.size(1);
+    const int64_t H = query.size(1), K = BK / batch_, G = H / K, width = rows_t.size(1);
+    const T a_near = f_[3];
+    T* rows = rows_t.data_ptr<T>();
+    T* kbuf = k_t.data_ptr<T>();
+    T* vals = vals_t.data_ptr<T>();
+    const T* qd = query.data_ptr<T>();
+    const T* kd = key.data_ptr<T>();
+    const T* vd = value.data_ptr<T>();
+    if (work_.size() * sizeof(double) < (G * W + G) * sizeof(T)) work_.resize(G * W + G);
+    T* acc = reinterpret_cast<T*>(work_.data());
+    T* zero = acc + G * W;
+    for (int64_t g = 0; g < G; ++g) zero[g] = 0;
+    at::Tensor out = at::empty({batch_, H, 1, Dv}, query.options());
+    T* od = out.data_ptr<T>();
+    for (int64_t bk = 0; bk < BK; ++bk) {
+      const int64_t b = bk / K, kh = bk % K;
+      T* vrow = vals + bk * vrows * W + P * W;  // the slots' value rows
+      const T* kn = kd + b * key.stride(0) + kh * key.stride(1);
+      const T* vn = vd + b * value.stride(0) + kh * value.stride(1);
+      for (int64_t c = 0; c < D; ++c) kbuf[(bk * n + i) * D + c] = kn[c];
+      for (int64_t c = 0; c < Dv; ++c) vrow[i * W + c] = vn[c];
+      vrow[i * W + Dv] = 1;
+      const T* qg = qd + b * query.stride(0) + kh * G * query.stride(1);
+      T* near = rows + bk * G * width + P;
+      near_logits<T>(qg, query.stride(1), kbuf + bk * n * D, n, D, G, zero, a_near, near, width);
+      for (int64_t g = 0; g < G; ++g) {
+        T* live = near + g * width;
+        T mx = -INFINITY;
+        for (int64_t c = 0; c < n; ++c) mx = std::max(mx, live[c]);
+        for (int64_t c = 0; c < n; ++c) live[c] -= mx;
+        exp2_rows(live, n, live);
+      }
+      for (int64_t c = 0; c < G * W; ++c) acc[c] = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        const T* vr = vrow + r * W;
+        for (int64_t g = 0; g < G; ++g) {
+          const T wgt = near[g * width + r];
+          T* ag = acc + g * W;
+          for (int64_t c = 0; c < W; ++c) ag[c] += wgt * vr[c];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const T* ag = acc + g * W;
+        for (int64_t c = 0; c < Dv; ++c) od[(bk * G + g) * Dv + c] = ag[c] / ag[Dv];
+      }
+    }
+    return out;
+  }
+
   int64_t batch_;
   bool shared_, simple_;
   std::vector<double> f_;
@@ -514,5 +585,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Stepper>(m, "Stepper")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, int64_t, bool, bool,
                           const std::vector<double>&>())
-      .def("step", &Stepper::step, "fused_step's steady-state token, or None where the far scale must grow");
+      .def("step", &Stepper::step, "fused_step's steady-state token, or None where the far scale must grow")
+      .def("unwrapped", &Stepper::unwrapped, "fused_step's token before the ring is full (fused._unwrapped)");
 }

@@ -45,7 +45,7 @@ def test_the_compiled_step_equals_the_torch_ops_step(tiny_llama, built, monkeypa
     model = _layer(tiny_llama, calibrated, dtype)
     ids = torch.randint(1, 50, (2, 40), generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(fused, "FOLD_EVERY", 3)
-    runs, steps = {}, []
+    runs, steps, unwrapped = {}, [], []
     real = built.Stepper
 
     class Counted:  # the compiled path must run (and not hand every token back)
@@ -57,6 +57,10 @@ def test_the_compiled_step_equals_the_torch_ops_step(tiny_llama, built, monkeypa
             steps.append(out is not None)
             return out
 
+        def unwrapped(self, *a):  # before the ring is full
+            unwrapped.append(1)
+            return self.s.unwrapped(*a)
+
     for compiled in (False, True):
         monkeypatch.setattr(fused, "NATIVE", compiled)
         monkeypatch.setattr(native, "load", lambda: type("M", (), {"Stepper": Counted}))
@@ -67,6 +71,7 @@ def test_the_compiled_step_equals_the_torch_ops_step(tiny_llama, built, monkeypa
                 out.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
         runs[compiled] = (torch.cat(out, 1), [copy.deepcopy(layer.state) for layer in cache.layers])
     assert sum(steps) > len(steps) // 2  # the first token of each layer's far state grows in C++ too
+    assert unwrapped  # positions S .. W + S
     tol = TOL[dtype]
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=tol, atol=tol)
     for a, b in zip(runs[False][1], runs[True][1], strict=True):
