@@ -8,6 +8,7 @@ FavorCache."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from ..data import ProteinTokenizer, load_tokenizer
 from ..data.models import load_causal_lm
 from ..models import PerformerLM
+from ..ops.local import native
 from ..training.checkpoint import CheckpointError, load_checkpoint
 from ..training.loop import load_lm
 
@@ -70,6 +72,10 @@ def _run_hf(args: argparse.Namespace) -> int:
         return 2
     sample = args.temperature is not None and args.temperature > 0
     options = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or 0) if sample else {}
+    if (directory / "favor.json").is_file() and native.enabled():
+        # built on first use (~25 s, then cached): said here, not left as a silent pause
+        print("favor generate: loading the compiled decoding step (built once, ~25 s)", file=sys.stderr, flush=True)
+        native.load()
     torch.manual_seed(args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
