@@ -38,7 +38,7 @@ and a zero value row, ones column included (their weights add nothing).
 On CPU both branches run as one compiled call per layer where favor.ops.local.native
 builds (fused_native.cpp: the same arithmetic as these ops, each byte of the state read
 once, no op dispatched per term; ``LeanState.stepper``); these ops are its reference and
-its fallback (``NATIVE = False``, no compiler, a far scale the compiled step hands back).
+its fallback (``NATIVE = False``, no compiler, a NaN the compiled step hands back).
 
 The state here (``LeanState``) is a different layout of exact_step's ExactState (ring and
 sink slots, far state); ``LeanState.enter`` and ``LeanState.far_state`` convert, and the
