@@ -432,7 +432,7 @@ def fused_step(
     stepper = state.stepper
     if stepper is not None:
         out = stepper.step(query, key, value, i, state.count)
-        if out is not None:  # None: the far scale grows (below)
+        if out is not None:  # None: a NaN in the leaving key's features, left to the ops below
             state.count += 1
             return out
     k_row, k_in, k_in_t2, k_in_g, v_out, k_put, v_put = state.slot[i]

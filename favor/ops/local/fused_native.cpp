@@ -407,11 +407,11 @@ class Stepper {
     std::vector<T*> sp(G);
 
     // 1. the leaving keys' features s + log2(e) (ck - c - |x|^2 / 2), in the key rows of
-    // ``rows`` (their far columns); the far scale grows if one exceeds 2^HEADROOM: then
-    // nothing is changed and the caller takes fused.py's path (it rescales the far state)
+    // ``rows`` (their far columns); the far scale grows where one exceeds 2^HEADROOM (below);
+    // a NaN anywhere: nothing is changed and the caller takes fused.py's ops
     const int64_t F = shared_ ? BK : BH;
-    T* nrm = tmp + M;  // per key row: its -|x|^2 / 2 (log2 units: no), then its row max
-    T* rmax = nrm + F;
+    T* nrm = tmp + M;  // per key row: its -|x|^2 / 2 (or root^2's: a_nk |k|^2), natural log
+    T* rmax = nrm + F;  // per key row: its raw features' max
     bool nan = false, grow = false;
     TORCH_CHECK(state_[6].is_contiguous() && state_[6].numel() == F, "fused_native: c must hold one scale per far row");
     for (int64_t bk = 0; bk < BK; ++bk) {
@@ -585,6 +585,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Stepper>(m, "Stepper")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, int64_t, bool, bool,
                           const std::vector<double>&>())
-      .def("step", &Stepper::step, "fused_step's steady-state token, or None where the far scale must grow")
+      .def("step", &Stepper::step, "fused_step's steady-state token, or None for a NaN in the leaving key's features")
       .def("unwrapped", &Stepper::unwrapped, "fused_step's token before the ring is full (fused._unwrapped)");
 }
