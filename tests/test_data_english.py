@@ -86,3 +86,13 @@ def test_lines_are_a_domains_paragraphs_in_order():
         assert " ".join(got).split() == domain_text(domain).split(), domain
     with pytest.raises(ValueError, match="domain must be one of"):
         lines("news")
+
+
+def test_a_text_file_that_is_not_utf8_is_refused_by_name(tmp_path):
+    # news text in Latin-1 (a pound sign) used to fail deep inside with a bare UnicodeDecodeError
+    f = tmp_path / "news.txt"
+    f.write_bytes("Prices rose to \u00a3300 today.\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"news.txt.*not UTF-8 \(byte 0xa3 at offset 15\).*iconv"):
+        load_text(f)
+    f.write_text("Prices rose to \u00a3300 today.\n", encoding="utf-8")
+    assert load_text(f) == ["Prices rose to \u00a3300 today."]

@@ -26,7 +26,14 @@ def load_text(split: str | Path) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"text must be one of {SPLITS} or a file, got {str(split)!r}")
         raw = path.read_bytes()
-        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"text file {str(split)!r} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); convert it, "
+                f"e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`"
+            ) from None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"no text in {split!r}")
