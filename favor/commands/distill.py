@@ -66,7 +66,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--text",
         help="training text instead of --corpus's: 'english' (the mix), 'train' (KJV passages), a domain of "
-        "favor.data.english (austen, dictionary, ...) or a file",
+        "favor.data.english (austen, dictionary, ...), a file, or several joined with '+' (english+python-docs, "
+        "english+notes.txt: one line of each in turn, passages packed within each)",
     )
     parser.add_argument(
         "--heldout",

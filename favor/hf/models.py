@@ -99,9 +99,19 @@ CORPORA = {
 }
 
 
+#: joins several texts into one mix: "english+python-docs", "english+notes.txt"
+MIX = "+"
+
+
 def builtin_documents(split: str | Path, kind: str) -> list[list[str]]:
     """``builtin_texts`` as documents: lists of consecutive lines that may be packed together
-    into one passage (one per domain of the "english" mix, else one), in order."""
+    into one passage (one per domain of the "english" mix, one per part of a ``MIX``-joined
+    mix such as "english+python-docs", else one), in order."""
+    parts = str(split).split(MIX)
+    if len(parts) > 1 and not Path(split).is_file():
+        if not all(parts):
+            raise ValueError(f"a mix of texts joins names or files with {MIX!r}, got {str(split)!r}")
+        return [doc for part in parts for doc in builtin_documents(part, kind)]
     if kind != "masked-lm" and str(split) == ENGLISH:
         return [english.lines(d) for d in english.TRAIN_DOMAINS]
     if kind != "masked-lm" and str(split) in english.DOMAINS:
@@ -115,7 +125,8 @@ def builtin_texts(split: str | Path, kind: str) -> list[str]:
     """The built-in "train"/"heldout" split for a model kind (KJV passages for a sentence
     encoder, Swiss-Prot antibody V regions for a protein masked LM), a built-in English text
     (``ENGLISH``, the training mix: one line of each domain in turn while each has one left,
-    then the rest; or a domain's name), or a text file's lines."""
+    then the rest; or a domain's name), a text file's lines, or several of these joined with
+    ``MIX`` (one line of each document in turn)."""
     return interleave(builtin_documents(split, kind))
 
 

@@ -3,6 +3,7 @@
 import json
 import string
 
+import pytest
 import torch
 
 import favor.hf as fh
@@ -169,6 +170,20 @@ def test_the_default_training_text_is_the_mix_and_the_held_out_text_another_doma
     # --corpus kjv: the KJV splits, as before the mixed corpus
     assert CORPORA["kjv"][0] == "train" and CORPORA["kjv"][1][0] == "heldout"
     assert builtin_texts("train", "encoder") == lines("bible")
+
+
+def test_texts_joined_with_a_plus_are_one_mix_of_their_documents(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("first note\nsecond note\n")
+    docs = builtin_documents(f"english+python-docs+{notes}", "encoder")
+    assert docs == [*(lines(d) for d in TRAIN_DOMAINS), lines("python-docs"), ["first note", "second note"]]
+    mix = builtin_texts(f"austen+{notes}", "encoder")
+    assert mix[:4] == [lines("austen")[0], "first note", lines("austen")[1], "second note"]
+    plus = tmp_path / "a+b.txt"  # a file whose name holds the separator is still that file
+    plus.write_text("only line\n")
+    assert builtin_texts(str(plus), "encoder") == ["only line"]
+    with pytest.raises(ValueError, match="joins names or files"):
+        builtin_documents("english+", "encoder")
 
 
 def test_distill_command_takes_the_kjv_corpus_and_files(tiny_bert, tmp_path):
