@@ -1,5 +1,5 @@
 """Held-out news text for fidelity measurements, from a registry package: the Lee corpus
-(348 short Australian news articles; Lee, Pincombe and Welsh, 2005) that gensim's wheel
+(350 short Australian news articles; Lee, Pincombe and Welsh, 2005) that gensim's wheel
 carries as test data. Nothing is installed: the wheel is downloaded with pip (or given) and
 the two corpus files are read out of it, Latin-1 converted to UTF-8, one article per line.
 favor does not ship this text; it is measurement data, as a reviewer's own held-out text would be.
@@ -24,8 +24,10 @@ FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.
 def news_lines(wheel: str | Path) -> list[str]:
     """The Lee corpus's articles (background set, then the 50-article test set), one per line."""
     with zipfile.ZipFile(wheel) as z:
-        text = "".join(z.read(name).decode("latin-1") for name in FILES)
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+        texts = [z.read(name).decode("latin-1") for name in FILES]
+    # split each file on its own: the background set has no final newline, and joined its last
+    # article would run into the test set's first
+    return [ln.strip() for text in texts for ln in text.splitlines() if ln.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
