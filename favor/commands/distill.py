@@ -72,7 +72,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--heldout",
         action="append",
-        help="held-out text instead of --corpus's: 'python-docs', 'heldout' (KJV), a domain or a file; repeat for "
+        help="held-out text instead of --corpus's: 'python-docs', 'heldout' (KJV), a domain, a file or several joined "
+        "with '+'; repeat for "
         "several (the first gives the cosine curve, the others are measured before and after training)",
     )
     parser.add_argument("--steps", type=int, help="training steps (encoder default 3000, or until --minutes)")
