@@ -6,7 +6,16 @@ from importlib import resources
 import pytest
 import torch
 
-from favor.data.english import DOMAINS, HELDOUT_DOMAIN, LINE_CHARS, TRAIN_DOMAINS, domain_text, lines, passages
+from favor.data.english import (
+    DOMAINS,
+    HELDOUT_DOMAIN,
+    LINE_CHARS,
+    TRAIN_DOMAINS,
+    domain_text,
+    lines,
+    passages,
+    text_passages,
+)
 from favor.data.kjv import load_text
 
 
@@ -96,3 +105,27 @@ def test_a_text_file_that_is_not_utf8_is_refused_by_name(tmp_path):
         load_text(f)
     f.write_text("Prices rose to \u00a3300 today.\n", encoding="utf-8")
     assert load_text(f) == ["Prices rose to \u00a3300 today."]
+
+
+def test_text_passages_cut_each_text_and_take_them_in_turn():
+    tok = Bytes()
+    got = text_passages(tok, ["a" * 25, "b" * 10, "c" * 3], length=5)
+    assert [bytes(r.tolist()).decode() for r in got] == ["aaaaa", "bbbbb", "aaaaa", "bbbbb"] + ["aaaaa"] * 3
+    assert len(text_passages(tok, ["a" * 25, "b" * 10], length=5, count=3)) == 3
+    with pytest.raises(ValueError, match="news.txt is shorter than one passage of 4 tokens"):
+        text_passages(tok, ["abc"], length=4, name="news.txt")
+
+
+def test_causal_texts_keep_layout_and_mix_with_plus(tmp_path):
+    from favor.hf.models import causal_texts
+
+    assert causal_texts("python-docs") == [domain_text("python-docs")]  # line breaks and code kept
+    assert causal_texts("english") == [domain_text(d) for d in TRAIN_DOMAINS]
+    news = tmp_path / "news.txt"
+    news.write_text("First article.\n\nSecond article.\n", encoding="utf-8")
+    assert causal_texts(news) == ["First article.\nSecond article.\n"]
+    assert causal_texts(f"austen+{news}") == [domain_text("austen"), "First article.\nSecond article.\n"]
+    with pytest.raises(FileNotFoundError, match="text must be 'english'.*got 'nosuch.txt'"):
+        causal_texts("nosuch.txt")
+    with pytest.raises(ValueError, match="joins names or files with '\\+'"):
+        causal_texts("austen+")

@@ -74,7 +74,8 @@ def add_arguments(parser) -> None:
         action="append",
         help="held-out text instead of --corpus's: 'python-docs', 'heldout' (KJV), a domain, a file or several joined "
         "with '+'; repeat for "
-        "several (the first gives the cosine curve, the others are measured before and after training)",
+        "several (the first gives the cosine curve, the others are measured before and after training); a decoder "
+        "takes one, for its perplexity, KL and agreement (default python-docs)",
     )
     parser.add_argument("--steps", type=int, help="training steps (encoder default 3000, or until --minutes)")
     parser.add_argument(
@@ -124,7 +125,10 @@ def add_arguments(parser) -> None:
         "dips at 128 tokens early and ends lower; decoder 1e-4)",
     )
     parser.add_argument(
-        "--samples", type=int, help="held-out passages per length for the cosine (default 32; a masked LM: 64)"
+        "--samples",
+        type=int,
+        help="held-out passages per length for the cosine (default 32; a masked LM: 64); a decoder's per "
+        "--eval-length for perplexity (default 4, 2, then 1 at longer lengths)",
     )
     parser.add_argument(
         "--eval-every",

@@ -3,10 +3,11 @@
 ``favor distill --model smollm2 --out DIR`` (or ``--gguf FILE``, a local causal-LM directory,
 ``--quick`` for a tiny random decoder): performerize (derf, M=256, exact window 512 + 4 sinks),
 attention transfer per layer, fine-tuning of FAVOR's adapters (far gain at its own rate) on the teacher's
-next-token distribution over packed 1,024-token passages of favor.data.english's training mix,
-all within --minutes (default 30, evaluations included). Writes the model
-(favor.hf.from_pretrained), its tokenizer, distill.json and distill.png into --out: held-out
-perplexity (python-docs, never trained on) at --eval-length tokens (default 512 and 2,048;
+next-token distribution over packed 1,024-token passages of favor.data.english's training mix
+(or --text: a domain, a file, several joined with '+'), all within --minutes (default 30,
+evaluations included). Writes the model (favor.hf.from_pretrained), its tokenizer,
+distill.json and distill.png into --out: held-out perplexity (python-docs, never trained on,
+or --heldout; --samples passages per length) at --eval-length tokens (default 512 and 2,048;
 8,192 too from --minutes 60) for softmax, zero-shot and distilled, KL and top-1 agreement with
 the teacher, passkey accuracy at --passkey-length tokens (default 1,024 and 4,096).
 """
@@ -117,22 +118,26 @@ def _config(args):
         minutes = args.minutes or LinearizeConfig.minutes
         long = (LONG_EVAL_LENGTH,) if minutes >= LONG_EVAL_MINUTES else ()
         given["eval_lengths"] = DECODER_EVAL_LENGTHS + long
+    if args.samples is not None:
+        given["eval_passages"] = (args.samples,)
     if args.passkey_length:
         given["passkey_lengths"] = tuple(n for n in args.passkey_length if n)
     return LinearizeConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
 
 
-def _text_ids(tok, path: str, length: int):
-    """Passages of ``length`` tokens of a text file, or None for the built-in mix (no --text,
-    "english", or "train" as before)."""
-    if path in (None, "train", "english"):
-        return None
-    text = Path(path).read_text(encoding="utf-8")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n = len(ids) // length
-    if n < 1:
-        raise ValueError(f"{path} gives {len(ids)} tokens, fewer than one passage of {length}")
-    return torch.tensor(ids[: n * length], dtype=torch.long).reshape(n, length)
+def _texts(tok, args, length: int):
+    """(training ids or None for the built-in mix, its name, held-out texts or None for the
+    default python-docs, their name), from --text and --heldout (names, files, '+' mixes)."""
+    from favor.data.english import text_passages
+    from favor.hf.models import causal_texts
+
+    ids = None
+    if args.text not in (None, "train", "english"):
+        ids = text_passages(tok, causal_texts(args.text), length=length, name=f"--text {args.text}")
+    if args.heldout and len(args.heldout) > 1:
+        raise ValueError(f"a decoder takes one --heldout text (a name, a file, or a '+' mix), got {list(args.heldout)}")
+    heldout = causal_texts(args.heldout[0]) if args.heldout else None
+    return ids, args.text, heldout, (args.heldout[0] if args.heldout else None)
 
 
 def run(args) -> int:
@@ -154,7 +159,7 @@ def run(args) -> int:
         print("favor distill: a decoder trains on the english mix (--corpus english) or --text FILE")
         return 2
     try:
-        text_ids = _text_ids(tok, args.text, config.length)
+        text_ids, text_name, heldout, heldout_name = _texts(tok, args, config.length)
     except (OSError, ValueError) as e:
         print(f"favor distill: {e}")
         return 2
@@ -168,7 +173,17 @@ def run(args) -> int:
             print(f"[{time.perf_counter() - t0:6.0f} s] step {step}: KL {loss:.4f}", flush=True)
 
     try:
-        student, report = linearize(teacher, tok, config, text_ids=text_ids, on_step=on_step, stage=stage)
+        student, report = linearize(
+            teacher,
+            tok,
+            config,
+            text_ids=text_ids,
+            text_name=text_name,
+            heldout=heldout,
+            heldout_name=heldout_name,
+            on_step=on_step,
+            stage=stage,
+        )
     except ValueError as e:
         print(f"favor distill: {e}")
         return 2

@@ -43,6 +43,7 @@ __all__ = [
     "HELDOUT_DOMAIN",
     "LINE_CHARS",
     "domain_text",
+    "text_passages",
     "lines",
     "passages",
     "build_extracts",
@@ -98,10 +99,24 @@ def lines(domain: str) -> list[str]:
     return out
 
 
-def _cut(tokenizer, text: str, length: int) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    n = len(ids) // length
-    return torch.tensor(ids[: n * length], dtype=torch.long).reshape(n, length)
+def text_passages(
+    tokenizer, texts: list[str], *, length: int, count: int | None = None, name: str = "the text"
+) -> torch.Tensor:
+    """(P, length) token ids: each text cut into consecutive ``length``-token passages (its last
+    partial passage dropped), one passage of each text in turn while every text has one left,
+    then the rest of the longer ones; at most ``count``. Fewer than one passage is a ValueError
+    naming ``name``."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    cut = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = len(ids) // length
+        cut.append(torch.tensor(ids[: n * length], dtype=torch.long).reshape(n, length))
+    order = [c[i] for i in range(max((len(c) for c in cut), default=0)) for c in cut if i < len(c)]
+    if not order:
+        raise ValueError(f"{name} is shorter than one passage of {length} tokens")
+    return torch.stack(order[:count] if count is not None else order)
 
 
 def passages(
@@ -112,7 +127,8 @@ def passages(
     count: int | None = None,
     domains: tuple[str, ...] | None = None,
 ) -> torch.Tensor:
-    """(P, length) token ids: consecutive ``length``-token passages of the domains' texts.
+    """(P, length) token ids: consecutive ``length``-token passages of the domains' texts
+    (``text_passages``).
 
     ``split`` "train": ``TRAIN_DOMAINS`` (bible, austen, dictionary), one passage of each in
     turn while every domain has one left, then the rest of the longer ones; "heldout":
@@ -121,14 +137,9 @@ def passages(
     last partial passage is dropped. Fewer than one passage is a ValueError."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an int >= 2, got {length!r}")
     names = domains if domains is not None else (TRAIN_DOMAINS if split == "train" else (HELDOUT_DOMAIN,))
-    cut = [_cut(tokenizer, domain_text(d), length) for d in names]
-    order = [c[i] for i in range(max(len(c) for c in cut)) for c in cut if i < len(c)]
-    if not order:
-        raise ValueError(f"the {split} text ({', '.join(names)}) is shorter than one passage of {length} tokens")
-    return torch.stack(order[:count] if count is not None else order)
+    texts = [domain_text(d) for d in names]
+    return text_passages(tokenizer, texts, length=length, count=count, name=f"the {split} text ({', '.join(names)})")
 
 
 # -- rebuilding the shipped extracts (Debian packages; needs apt-get and dpkg) ----------------

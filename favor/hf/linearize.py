@@ -15,7 +15,7 @@ In the spirit of LoLCATs (Zhang et al. 2024), sized for a CPU and a time budget:
    only target (KL).
 
 ``linearize`` evaluates before and after on held-out text of a domain never trained on
-(favor.data.english's python-docs): perplexity at several lengths for the softmax model, the
+(favor.data.english's python-docs, or the caller's text): perplexity at several lengths for the softmax model, the
 zero-shot and the distilled one, KL and top-1 agreement with the teacher, and passkey
 retrieval (favor.hf.evaluate). The evaluations are timed against the budget too: the
 fine-tuning gets what is left of ``minutes`` after the zero-shot evaluation, the transfer and
@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ..data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, passages
+from ..data.english import HELDOUT_DOMAIN, TRAIN_DOMAINS, domain_text, passages, text_passages
 from .distill import SCHEDULES, TRAINABLE, DistillConfig, distill
 from .evaluate import compare, passkey_accuracy, perplexity
 from .fit import fit_adapters
@@ -192,13 +192,18 @@ def linearize(
     config: LinearizeConfig = LinearizeConfig(),
     *,
     text_ids: torch.Tensor | None = None,
+    text_name: str | None = None,
+    heldout: Sequence[str] | None = None,
+    heldout_name: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
     stage: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """(student, report): a linearized copy of the causal LM ``teacher`` and what was measured.
 
     ``text_ids`` (P, config.length): the training passages (default favor.data.english's
-    training mix cut to ``config.length`` tokens). ``on_step(step, loss)`` after every
+    training mix cut to ``config.length`` tokens), reported as ``text_name``. ``heldout``: the held-out texts, cut into
+    passages at each evaluation length (favor.data.english.text_passages; default the
+    python-docs domain), reported as ``heldout_name``. ``on_step(step, loss)`` after every
     fine-tuning step, ``stage(name)`` as each stage starts (the command prints them).
     The report holds the configuration, per-stage seconds, held-out perplexity at every
     length for softmax / zero-shot / after transfer (first length only) / distilled, KL and
@@ -207,6 +212,7 @@ def linearize(
     say = stage or (lambda name: None)
     clock = _Clock(60.0 * config.minutes)
     teacher.eval()
+    domains = list(TRAIN_DOMAINS) if text_ids is None else [text_name or "the caller's passages"]
     if text_ids is None:
         text_ids = passages(tokenizer, "train", length=config.length)
     if text_ids.dim() != 2 or text_ids.shape[1] < 2:
@@ -215,8 +221,11 @@ def linearize(
     if len(text_ids) < need:
         raise ValueError(f"the training text gives {len(text_ids)} passages of {text_ids.shape[1]}; need {need}")
     batches = train_batches(text_ids, config.batch_size)
+    if heldout is None:
+        heldout, heldout_name = [domain_text(HELDOUT_DOMAIN)], HELDOUT_DOMAIN
+    heldout_name = heldout_name or "the held-out text"
     held = {
-        n: passages(tokenizer, "heldout", length=n, count=config.passages_at(i))
+        n: text_passages(tokenizer, list(heldout), length=n, count=config.passages_at(i), name=heldout_name)
         for i, n in enumerate(config.eval_lengths)
     }
     seconds: dict[str, float] = {}
@@ -301,8 +310,8 @@ def linearize(
 
     report = {
         "config": asdict(config),
-        "training_domains": list(TRAIN_DOMAINS),
-        "heldout_domain": HELDOUT_DOMAIN,
+        "training_domains": domains,
+        "heldout_domain": heldout_name,
         "training_passages": len(text_ids),
         "training_tokens_seen": len(losses) * config.batch_size * text_ids.shape[1],
         "steps": len(losses),

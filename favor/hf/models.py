@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertTokenizer
 
 from ..data import english
-from ..data.kjv import load_text
+from ..data.kjv import SPLITS, load_text
 from ..data.models import package_dir
 from .antibodies import load_antibodies
 from .io import from_pretrained
@@ -26,6 +26,7 @@ __all__ = [
     "model_texts",
     "builtin_texts",
     "builtin_documents",
+    "causal_texts",
     "interleave",
     "CORPORA",
     "NAMED",
@@ -119,6 +120,29 @@ def builtin_documents(split: str | Path, kind: str) -> list[list[str]]:
     if kind == "masked-lm" and str(split) in ("train", "heldout"):
         return [load_antibodies(str(split))]
     return [load_text(split)]
+
+
+def causal_texts(spec: str | Path) -> list[str]:
+    """A causal LM's texts for ``spec``, each kept whole (line breaks and code layout as they
+    are) to be cut into passages of tokens (favor.data.english.text_passages): ``ENGLISH``, the
+    training mix's domains; a domain of favor.data.english; KJV's "train" / "heldout" split; a text file (UTF-8, or .gz); or
+    several of these joined with ``MIX`` (a file whose name holds ``MIX`` is that file)."""
+    parts = str(spec).split(MIX)
+    if len(parts) > 1 and not Path(spec).is_file():
+        if not all(parts):
+            raise ValueError(f"a mix of texts joins names or files with {MIX!r}, got {str(spec)!r}")
+        return [text for part in parts for text in causal_texts(part)]
+    if str(spec) == ENGLISH:
+        return [english.domain_text(d) for d in english.TRAIN_DOMAINS]
+    if str(spec) in english.DOMAINS:
+        return [english.domain_text(str(spec))]
+    if not Path(spec).is_file() and str(spec) not in SPLITS:
+        raise FileNotFoundError(
+            f"text must be {ENGLISH!r}, one of {sorted(english.DOMAINS)}, KJV's {' / '.join(SPLITS)}, a file, "
+            f"or several joined with {MIX!r}; "
+            f"got {str(spec)!r}"
+        )
+    return ["\n".join(load_text(spec)) + "\n"]
 
 
 def builtin_texts(split: str | Path, kind: str) -> list[str]:

@@ -199,3 +199,23 @@ def test_smollm2_short_run_keeps_its_perplexity_near_softmax(tmp_path):
     row = json.loads((out / "distill.json").read_text())["perplexity"]["64"]
     assert row["distilled"] < 1.5 * row["softmax"]
     assert main(["generate", "--model", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4"]) == 0
+
+
+def test_decoder_trains_and_is_held_out_on_the_users_texts(tmp_path, capsys):
+    # --text and --heldout were encoder-only: a decoder silently trained on the built-in mix
+    # and measured on python-docs whatever was given
+    train, news = tmp_path / "train.txt", tmp_path / "news.txt"
+    train.write_text("the quick brown fox jumps over the lazy dog.\n" * 60, encoding="utf-8")
+    news.write_text("Sydney news: rain fell on the city today.\n" * 40, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["distill", "--quick", "--out", str(out), "--text", str(train), "--heldout", str(news), "--samples", "1"]
+    assert main(argv) == 0
+    report = json.loads((out / "distill.json").read_text())
+    assert report["heldout_domain"] == str(news) and report["training_domains"] == [str(train)]
+    assert all(row["passages"] == 1 for row in report["perplexity"].values())
+    assert report["training_passages"] == len(train.read_bytes()) // QUICK["length"]
+    capsys.readouterr()
+    assert main(["distill", "--quick", "--out", str(out), "--heldout", str(news), "--heldout", "python-docs"]) == 2
+    assert "a decoder takes one --heldout text" in capsys.readouterr().out
+    assert main(["distill", "--quick", "--out", str(out), "--heldout", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().out
