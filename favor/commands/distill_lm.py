@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from favor.data.english import text_passages
 from favor.data.models import CAUSAL_LMS, load_causal_lm, tiny_causal_lm
 
 #: held-out lengths reported by default, and the one added when the budget allows
@@ -128,7 +129,6 @@ def _config(args):
 def _texts(tok, args, length: int):
     """(training ids or None for the built-in mix, its name, held-out texts or None for the
     default python-docs, their name), from --text and --heldout (names, files, '+' mixes)."""
-    from favor.data.english import text_passages
     from favor.hf.models import causal_texts
 
     ids = None

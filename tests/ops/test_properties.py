@@ -202,6 +202,10 @@ def test_streaming_in_random_pieces_equals_one_pass(device, data):
     fm = data.draw(feature_maps(q.shape[-1], streaming=True))
     sizes = _pieces(data.draw, q.shape[-2])
     chunk = data.draw(chunks())
+    # trig rows whose normaliser nearly cancels amplify the round-off of either order of
+    # summation by their condition number (1 for the positive kernels)
+    cond = condition(q, k, fm, causal=True, mask=None)
+    assume(cond < 1e3)
     q, k, v = to(device, q, k, v)
     fm = fm.to(device)
     for t in (q, k, v):
@@ -215,7 +219,7 @@ def test_streaming_in_random_pieces_equals_one_pass(device, data):
         outs.append(out)
     pieces = torch.cat(outs, -2)
     tol = TOL[q.dtype]
-    assert rel(pieces, whole) < tol
+    assert rel(pieces, whole) < tol * cond
     # the same state: the sums kv exp(log_scale), z exp(log_scale) agree to round-off (the log
     # scales are maxima over the same keys, equal up to the round-off of each key's features,
     # which a matmul over a different number of rows may change in the last bit)
@@ -229,7 +233,7 @@ def test_streaming_in_random_pieces_equals_one_pass(device, data):
     g_whole = torch.autograd.grad((whole * w).sum() + final.kv.sum(), (q, k, v))
     unit = grad_unit(q, k, v, w)
     for a, b in zip(g_pieces, g_whole, strict=True):
-        assert rel(a, b, unit) < tol * max(1, q.shape[-2]) ** 0.5
+        assert rel(a, b, unit) < tol * max(1, q.shape[-2]) ** 0.5 * cond
 
 
 @given(data=st.data())
