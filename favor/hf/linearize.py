@@ -15,9 +15,9 @@ In the spirit of LoLCATs (Zhang et al. 2024), sized for a CPU and a time budget:
    only target (KL).
 
 ``linearize`` evaluates before and after on held-out text of a domain never trained on
-(favor.data.english's python-docs, or the caller's text): perplexity at several lengths for the softmax model, the
-zero-shot and the distilled one, KL and top-1 agreement with the teacher, and passkey
-retrieval (favor.hf.evaluate). The evaluations are timed against the budget too: the
+(favor.data.english's python-docs, or the caller's text): perplexity at several lengths for
+the softmax model, the zero-shot and the distilled one, KL and top-1 agreement with the
+teacher, and passkey retrieval (favor.hf.evaluate). The evaluations are timed against the budget too: the
 fine-tuning gets what is left of ``minutes`` after the zero-shot evaluation, the transfer and
 the final evaluation (estimated from the zero-shot one).
 """
@@ -201,9 +201,10 @@ def linearize(
     """(student, report): a linearized copy of the causal LM ``teacher`` and what was measured.
 
     ``text_ids`` (P, config.length): the training passages (default favor.data.english's
-    training mix cut to ``config.length`` tokens), reported as ``text_name``. ``heldout``: the held-out texts, cut into
-    passages at each evaluation length (favor.data.english.text_passages; default the
-    python-docs domain), reported as ``heldout_name``. ``on_step(step, loss)`` after every
+    training mix cut to ``config.length`` tokens), reported as ``text_name``. ``heldout``: the
+    held-out texts, cut into passages at each evaluation length
+    (favor.data.english.text_passages; default the python-docs domain), reported as
+    ``heldout_name``. ``on_step(step, loss)`` after every
     fine-tuning step, ``stage(name)`` as each stage starts (the command prints them).
     The report holds the configuration, per-stage seconds, held-out perplexity at every
     length for softmax / zero-shot / after transfer (first length only) / distilled, KL and

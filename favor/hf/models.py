@@ -27,6 +27,7 @@ __all__ = [
     "builtin_texts",
     "builtin_documents",
     "causal_texts",
+    "mix_parts",
     "interleave",
     "CORPORA",
     "NAMED",
@@ -104,14 +105,23 @@ CORPORA = {
 MIX = "+"
 
 
+def mix_parts(spec: str | Path) -> list[str] | None:
+    """The parts of a ``MIX``-joined text spec ("english+notes.txt"), or None for a single text
+    (a file whose name holds ``MIX`` is one text); an empty part is a ValueError."""
+    parts = str(spec).split(MIX)
+    if len(parts) == 1 or Path(spec).is_file():
+        return None
+    if not all(parts):
+        raise ValueError(f"a mix of texts joins names or files with {MIX!r}, got {str(spec)!r}")
+    return parts
+
+
 def builtin_documents(split: str | Path, kind: str) -> list[list[str]]:
     """``builtin_texts`` as documents: lists of consecutive lines that may be packed together
     into one passage (one per domain of the "english" mix, one per part of a ``MIX``-joined
     mix such as "english+python-docs", else one), in order."""
-    parts = str(split).split(MIX)
-    if len(parts) > 1 and not Path(split).is_file():
-        if not all(parts):
-            raise ValueError(f"a mix of texts joins names or files with {MIX!r}, got {str(split)!r}")
+    parts = mix_parts(split)
+    if parts:
         return [doc for part in parts for doc in builtin_documents(part, kind)]
     if kind != "masked-lm" and str(split) == ENGLISH:
         return [english.lines(d) for d in english.TRAIN_DOMAINS]
@@ -125,12 +135,10 @@ def builtin_documents(split: str | Path, kind: str) -> list[list[str]]:
 def causal_texts(spec: str | Path) -> list[str]:
     """A causal LM's texts for ``spec``, each kept whole (line breaks and code layout as they
     are) to be cut into passages of tokens (favor.data.english.text_passages): ``ENGLISH``, the
-    training mix's domains; a domain of favor.data.english; KJV's "train" / "heldout" split; a text file (UTF-8, or .gz); or
-    several of these joined with ``MIX`` (a file whose name holds ``MIX`` is that file)."""
-    parts = str(spec).split(MIX)
-    if len(parts) > 1 and not Path(spec).is_file():
-        if not all(parts):
-            raise ValueError(f"a mix of texts joins names or files with {MIX!r}, got {str(spec)!r}")
+    training mix's domains; a domain of favor.data.english; KJV's "train" / "heldout" split; a
+    text file (UTF-8, or .gz); or several of these joined with ``MIX`` (``mix_parts``)."""
+    parts = mix_parts(spec)
+    if parts:
         return [text for part in parts for text in causal_texts(part)]
     if str(spec) == ENGLISH:
         return [english.domain_text(d) for d in english.TRAIN_DOMAINS]
@@ -139,8 +147,7 @@ def causal_texts(spec: str | Path) -> list[str]:
     if not Path(spec).is_file() and str(spec) not in SPLITS:
         raise FileNotFoundError(
             f"text must be {ENGLISH!r}, one of {sorted(english.DOMAINS)}, KJV's {' / '.join(SPLITS)}, a file, "
-            f"or several joined with {MIX!r}; "
-            f"got {str(spec)!r}"
+            f"or several joined with {MIX!r}; got {str(spec)!r}"
         )
     return ["\n".join(load_text(spec)) + "\n"]
 
