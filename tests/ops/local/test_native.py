@@ -43,8 +43,48 @@ def _layer(tiny_llama, calibrated, dtype, window=6, sinks=2):
 @pytest.mark.parametrize("calibrated", [False, True, "distilled", "tied"], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_the_compiled_step_equals_the_torch_ops_step(tiny_llama, built, monkeypatch, calibrated, dtype):
-    model = _layer(tiny_llama, calibrated, dtype)
-    ids = torch.randint(1, 50, (2, 40), generator=torch.Generator().manual_seed(4))
+    _compare(_layer(tiny_llama, calibrated, dtype), built, monkeypatch, dtype)
+
+
+def _wide_llama(heads: int, kv_heads: int, head_dim: int = 40):
+    """A tiny Llama with SmolLM2's kind of head: value rows of head_dim + 1 = 41 columns, so
+    the compiled step's register blocks of value columns (32 floats, 16 doubles) run with a
+    remainder; ``heads / kv_heads`` query heads per key/value head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=64,
+            hidden_size=heads * head_dim,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=64,
+            initializer_range=0.1,
+            pad_token_id=0,
+        )
+        return LlamaForCausalLM(cfg).double().eval()
+
+    return make
+
+
+# query heads per key/value head 1, 2, 3 and 4 (blocked per count) and 6 (the plain loop)
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2), (3, 1), (4, 1), (6, 1)], ids=str)
+@pytest.mark.parametrize("calibrated", ["distilled", "tied"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_the_compiled_step_equals_the_torch_ops_step_with_wide_heads(
+    built, monkeypatch, heads, kv_heads, calibrated, dtype
+):
+    model = _layer(_wide_llama(heads, kv_heads), calibrated, dtype, window=20, sinks=2)
+    _compare(model, built, monkeypatch, dtype, length=36)
+
+
+def _compare(model, built, monkeypatch, dtype, length: int = 40) -> None:
+    """Greedy tokens of ``model`` through the compiled step and through fused_step's ops:
+    logits and the states after them equal to TOL."""
+    ids = torch.randint(1, 50, (2, length), generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(fused, "FOLD_EVERY", 3)
     runs, steps, unwrapped = {}, [], []
     real = built.Stepper
