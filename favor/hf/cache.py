@@ -228,6 +228,7 @@ class FavorCache(Cache):
         super().__init__(layer_class_to_replicate=FavorLayer)
         self._config = None
         self._last: FavorLayer | None = None
+        self._last_idx = -1
         if model is not None:
             config = getattr(model, "config", None)
             if config is None:
@@ -237,7 +238,11 @@ class FavorCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not isinstance(layer_idx, int):
             raise ValueError(f"FavorCache needs the attention module's layer_idx (an int), got {layer_idx!r}")
-        if self._config is not None:
+        # the first update of a forward (the layer index does not rise) asks the config; the
+        # later layers of the same forward cannot have switched (and reading the config costs
+        # a few microseconds per layer and token)
+        last = self._last
+        if self._config is not None and (last is None or layer_idx <= self._last_idx):
             implementation = getattr(self._config, "_attn_implementation", None)
             if implementation not in FAVOR_IMPLEMENTATIONS:
                 raise RuntimeError(
@@ -247,7 +252,6 @@ class FavorCache(Cache):
                 )
         # only the layer updated last can still be pending (every update checks it, and
         # favor's attention function clears it): one check, not one per layer per layer
-        last = self._last
         if last is not None and last.pending is not None:
             i = next((j for j, x in enumerate(self.layers) if x is last), "?")
             raise RuntimeError(
@@ -256,7 +260,7 @@ class FavorCache(Cache):
             )
         while len(self.layers) <= layer_idx:
             self.layers.append(FavorLayer())
-        self._last = self.layers[layer_idx]
+        self._last, self._last_idx = self.layers[layer_idx], layer_idx
         return self._last.update(key_states, value_states, *args, **kwargs)
 
     @property
