@@ -95,6 +95,14 @@ def _models(
     return softmax, {"favor": performer}
 
 
+def _described(softmax, model: str | None) -> dict:
+    """The timed model's name (None: the random Llama) and shape, from its config."""
+    cfg = softmax.config
+    keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    keys += ("intermediate_size", "vocab_size")
+    return {"name": model, **{k: getattr(cfg, k, None) for k in keys}}
+
+
 def _shared_copy(model):
     """A deep copy of ``model`` that shares its parameters (one copy of the weights in memory)."""
     return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
@@ -351,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     info = header(
-        f"hf_generate: {args.model or f'Llama {MODEL}'}, M={NUM_FEATURES}, float32, B=1, {tokens} new tokens per context, "
+        f"hf_generate: {args.model or f'Llama {MODEL}, M={NUM_FEATURES}'}, float32, B=1, {tokens} new tokens per context, "
         f"transformers {transformers.__version__}"
     )
     local = {"exact_window": args.exact_window, "exact_sinks": args.exact_sinks}
@@ -403,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         name += f"_w{args.exact_window}_s{args.exact_sinks}"
         command += f" --exact-window {args.exact_window} --exact-sinks {args.exact_sinks}"
     name += args.suffix
-    data = {"machine": info, "model": MODEL, "num_features": NUM_FEATURES, "tokens": tokens, "check_max_abs": err}
+    data = {"machine": info, "model": _described(softmax, args.model), "tokens": tokens, "check_max_abs": err}
+    if not args.model:  # the random Llama's performer; a real model's features are its own
+        data["num_features"] = NUM_FEATURES
     data.update(local, distilled=args.distilled, variants=names, like_distilled=args.like_distilled)
     path = args.out / f"{name}.json"
     path.write_text(json.dumps({**data, "rows": rows}, indent=2, default=str))
