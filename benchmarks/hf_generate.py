@@ -18,7 +18,9 @@ K/V cache at 32k is 1.5 GB for SmolLM2).
 One prefill of each model per context (timed), then ``--tokens`` new tokens taken
 round-robin over every (context, model) pair (forwards, then backwards), so that all see
 the same machine load (a shared machine drifts by several x over minutes); median per token.
-Ratios (sdpa / favor, favor at L / favor at the first L) come from the same run. The
+Ratios come from the same run: favor / floor and sdpa / favor as the median over rounds of
+the two tokens' ratio (the JSON keeps the ratio of the medians too, ``*_of_medians``),
+favor at L / favor at the first L likewise. The
 favor path is checked first: its cached logits must equal its teacher-forced ones.
 """
 
@@ -230,14 +232,25 @@ def measure(softmax, performers: dict, contexts: list[int], tokens: int, *, sdpa
             r[f"{m}_token_all_s"] = ts
             r[f"{m}_token_s"] = statistics.median(ts[warm:])
         for name in performers:
-            r[f"{name}_over_floor"] = r[f"{name}_token_s"] / r["floor_token_s"]
+            # ratios per round (the two tokens ran moments apart), then their median: a shared
+            # machine switches between fast and slow phases for several rounds, and a ratio
+            # of the two medians can pair one model's fast phase with the other's slow one
+            r[f"{name}_over_floor"] = _paired(times[name][warm:], times["floor"][warm:])
+            r[f"{name}_over_floor_of_medians"] = r[f"{name}_token_s"] / r["floor_token_s"]
+            first = rows[0] if rows else r  # favor at this context against the first, per round too
+            r[f"{name}_vs_first"] = _paired(times[name][warm:], first[f"{name}_token_all_s"][warm:])
             r[f"{name}_cache_bytes"] = caches[name][1].nbytes
             if "sdpa" in times:
-                r[f"sdpa_over_{name}"] = r["sdpa_token_s"] / r[f"{name}_token_s"]
+                r[f"sdpa_over_{name}"] = _paired(times["sdpa"][warm:], times[name][warm:])
         if "sdpa" in times:
             r["sdpa_cache_bytes"] = _kv_bytes(caches["sdpa"][1])
         rows.append(r)
     return rows
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a[t] / b[t]."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def markdown(
@@ -260,7 +273,8 @@ def markdown(
         f"load average at start {', '.join(f'{x:.1f}' for x in info['load_avg'])}"
         + (f", at the end {', '.join(f'{x:.1f}' for x in end)}" if end else "")
         + " (a machine shared with other jobs: absolute times are noisy, "
-        "the ratios come from one run, new tokens taken round-robin over every context and model).",
+        "the ratios come from one run, new tokens taken round-robin over every context and model; "
+        "favor/floor and sdpa/favor are medians of the ratios per round).",
         "",
         (
             f"Model: {model} (favor.data.models), float32; favor: performerize(<defaults>"
@@ -300,7 +314,7 @@ def markdown(
             sdpa = r.get(f"sdpa_over_{n}")
             cells += [
                 f"{1e3 * r[f'{n}_token_s']:.2f}",
-                f"{r[f'{n}_token_s'] / rows[0][f'{n}_token_s']:.2f}x",
+                f"{r.get(f'{n}_vs_first', r[f'{n}_token_s'] / rows[0][f'{n}_token_s']):.2f}x",
                 f"{r[f'{n}_over_floor']:.2f}x",
                 "-" if sdpa is None else f"{sdpa:.2f}x",
                 f"{r[f'{n}_cache_bytes'] / 1e6:.1f}",
@@ -387,8 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", sdpa {r['sdpa_cache_bytes']:,}" if "sdpa_cache_bytes" in r else "")
             )
     for n in names:
-        base = rows[0][f"{n}_token_s"]
-        print(f"{n} per-token time at {contexts[-1]} / at {contexts[0]}: {rows[-1][f'{n}_token_s'] / base:.2f}x")
+        print(f"{n} per-token time at {contexts[-1]} / at {contexts[0]}: {rows[-1][f'{n}_vs_first']:.2f}x")
         print(f"{n} cache bytes identical at every context: {len({r[f'{n}_cache_bytes'] for r in rows}) == 1}")
     print(f"load average at the end: {info['load_avg_end']}")
     policy = os.environ.get("OMP_WAIT_POLICY")
