@@ -24,17 +24,16 @@ def _tiny_bert(seed: int = 0):
     return BertModel(cfg).double().eval()
 
 
-def _tiny_llama(seed: int = 0):
+def _tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     cfg = LlamaConfig(
         vocab_size=64,
-        hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention: k/v heads are repeated
+        # grouped-query attention by default: k/v heads are repeated
+        **{**shape, **overrides},
         max_position_embeddings=64,
         initializer_range=0.1,
         pad_token_id=0,

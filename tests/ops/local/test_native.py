@@ -50,22 +50,12 @@ def _wide_llama(heads: int, kv_heads: int, head_dim: int = 40):
     """A tiny Llama with SmolLM2's kind of head: value rows of head_dim + 1 = 41 columns, so
     the compiled step's register blocks of value columns (32 floats, 16 doubles) run with a
     remainder; ``heads / kv_heads`` query heads per key/value head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.hf.conftest import _tiny_llama
 
     def make():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=64,
-            hidden_size=heads * head_dim,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=64,
-            initializer_range=0.1,
-            pad_token_id=0,
+        return _tiny_llama(
+            hidden_size=heads * head_dim, num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads
         )
-        return LlamaForCausalLM(cfg).double().eval()
 
     return make
 
