@@ -2,7 +2,8 @@
 one model and one process: two FavorCaches of the same performerized SmolLM2 after the same
 prompt, one made with the compiled step and one without, and the no-attention floor
 (benchmarks.hf_generate.floor_model), taking their tokens round-robin (forwards, then
-backwards) so that all three see the same machine load; median per token.
+backwards) so that all three see the same machine load; median per token, and each
+model's ratio to the floor as the median of its per-round ratios.
 
     python -m benchmarks.hf_decode_compiled [--variant tied|untied] [--contexts 200,600] [--tokens 40]
 
@@ -21,6 +22,7 @@ import time
 import torch
 
 from ._common import header, write_json
+from .hf_generate import _paired
 
 
 @torch.no_grad()
@@ -59,7 +61,10 @@ def measure(performer, floor, contexts: list[int], tokens: int) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts[2:]) for name, ts in times.items()}
         row = {"context": context, "tokens": tokens, **{f"{n}_token_s": v for n, v in med.items()}}
-        row.update({f"{n}_over_floor": med[n] / med["floor"] for n in caches})
+        # per-round ratios (hf_generate._paired: the machine's phases change between rounds)
+        row.update({f"{n}_over_floor": _paired(times[n][2:], times["floor"][2:]) for n in caches})
+        row.update({f"{n}_over_floor_of_medians": med[n] / med["floor"] for n in caches})
+        row.update({f"{n}_token_all_s": ts for n, ts in times.items()})
         rows.append(row)
         print(
             f"context {context:>6}: floor {1e3 * med['floor']:.2f} ms, ops {1e3 * med['ops']:.2f} ms "
