@@ -274,7 +274,7 @@ def markdown(
         + (f", at the end {', '.join(f'{x:.1f}' for x in end)}" if end else "")
         + " (a machine shared with other jobs: absolute times are noisy, "
         "the ratios come from one run, new tokens taken round-robin over every context and model; "
-        "favor/floor and sdpa/favor are medians of the ratios per round).",
+        "favor/floor, sdpa/favor and favor vs @first are medians of the ratios per round).",
         "",
         (
             f"Model: {model} (favor.data.models), float32; favor: performerize(<defaults>"
@@ -314,7 +314,7 @@ def markdown(
             sdpa = r.get(f"sdpa_over_{n}")
             cells += [
                 f"{1e3 * r[f'{n}_token_s']:.2f}",
-                f"{r.get(f'{n}_vs_first', r[f'{n}_token_s'] / rows[0][f'{n}_token_s']):.2f}x",
+                f"{r[f'{n}_vs_first']:.2f}x",
                 f"{r[f'{n}_over_floor']:.2f}x",
                 "-" if sdpa is None else f"{sdpa:.2f}x",
                 f"{r[f'{n}_cache_bytes'] / 1e6:.1f}",
