@@ -24,6 +24,8 @@ TERMS = [
     favor.ExactTerms(3, 1, 4),  # blocks, ragged last block (37 = 9 * 4 + 1)
     favor.ExactTerms(64, 4, 1),  # W >= L: softmax
     favor.ExactTerms(2, 9, 3),  # sinks past the window
+    favor.ExactTerms(12, 2, 1),  # W a multiple of chunks 4 and 6: far keys in the span's first chunk only
+    favor.ExactTerms(8, 1, 4),  # blocks, W = chunk 8: likewise
 ]
 
 
