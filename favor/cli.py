@@ -35,6 +35,12 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="favor", description="Performer (FAVOR+) attention for PyTorch")
     parser.add_argument("--version", action="version", version=f"favor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="keep subnormal floats (by default a command flushes them to zero on CPU: sharp softmax rows make "
+        "millions of them, each ~100x slower to compute on x86)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
@@ -52,7 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     module = importlib.import_module(f"favor.commands.{COMMANDS[args.command][0]}")
-    return int(module.run(args) or 0)
+    flush = not args.keep_denormals
+    if flush:
+        import torch
+
+        # exp of logits more than ~87 below a row's maximum lands in float32's subnormal range;
+        # as an exact model's attention sharpens in training, its CPU step slowed ~4x on them
+        # (docs/paper.md, "Subnormal floats"). Flushed, those weights are 0 instead of < 1.2e-38.
+        flush = torch.set_flush_denormal(True)
+    try:
+        return int(module.run(args) or 0)
+    finally:
+        if flush:  # an in-process caller gets torch's default back
+            torch.set_flush_denormal(False)
 
 
 if __name__ == "__main__":
