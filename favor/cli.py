@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+import torch
+
 from . import __version__
 
 #: subcommand -> (module under favor.commands, one-line help)
@@ -60,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"favor.commands.{COMMANDS[args.command][0]}")
     flush = not args.keep_denormals
     if flush:
-        import torch
-
         # exp of logits more than ~87 below a row's maximum lands in float32's subnormal range;
         # as an exact model's attention sharpens in training, its CPU step slowed ~4x on them
         # (docs/paper.md, "Subnormal floats"). Flushed, those weights are 0 instead of < 1.2e-38.
