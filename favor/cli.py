@@ -41,7 +41,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         "--keep-denormals",
         action="store_true",
         help="keep subnormal floats (by default a command flushes them to zero on CPU: sharp softmax rows make "
-        "millions of them, each ~100x slower to compute on x86)",
+        "millions of them, and x86 computes each one far slower)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

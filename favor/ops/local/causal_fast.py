@@ -72,8 +72,8 @@ class Geometry:
         self.far = j < start
         # far keys lie in the span's first lag + T - C - W columns (query T - 1's exact set starts
         # at T - C - W): when that is at most T, the far products take one chunk's keys (the
-        # short form: 8x fewer for W = 512, T = 64); else the chunk's own keys are all exact
-        # or in the future when T <= C + W: no products there
+        # short form: 8x fewer for W = 512, T = 64); else, when T <= C + W, the chunk's own keys
+        # are all exact or in the future (the first lag columns); else the whole span
         need = self.lag + t - c - terms.window
         self.far_cols = t if need <= t else self.lag if t <= c + terms.window else self.span
         # the same masks as additive biases (0 or -inf), for chunks without padding or sinks
